@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sets up everything `make demo` and `make test` need on a machine with no ROS and no GPU:
+# a virtual environment with pinned ROS 2 Kilted wheels and the CPU ML stack, the wheels'
+# CMake exports patched for this Python, and a colcon build of this package into install/.
+# Idempotent and quick when nothing changed (requirements are hashed, colcon is incremental).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+venv="${VLSI_VENV:-.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -e "$venv/bin/python" ]; then
+  if [ "$venv" = ".venv" ]; then
+    # CMake refuses exported include directories that lie inside the source tree, and the
+    # repository root is the ROS package; so the environment lives outside and .venv links it.
+    key="$(printf '%s' "$repo" | sha256sum | cut -c1-12)"
+    real="${XDG_CACHE_HOME:-$HOME/.cache}/vlsi_ros/venv-$key"
+    rm -rf "$real" .venv
+    mkdir -p "$(dirname "$real")"
+    echo "[setup] creating virtual environment $real (linked as .venv)"
+    "$python" -m venv "$real"
+    ln -s "$real" .venv
+  else
+    echo "[setup] creating virtual environment $venv"
+    "$python" -m venv "$venv"
+  fi
+fi
+venv_real="$(realpath "$venv")"
+
+want="$(cat requirements/*.txt setup.py | sha256sum | cut -c1-64)"
+stamp="$venv_real/.vlsi_requirements.sha256"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "[setup] installing pinned requirements (ROS 2 Kilted wheels, torch CPU, ML stack)"
+  "$venv_real/bin/python" -m pip install -q --upgrade "pip==26.3"
+  "$venv_real/bin/python" -m pip install -q -r requirements/ros.txt -r requirements/ml.txt -r requirements/dev.txt
+  "$venv_real/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+  "$venv_real/bin/python" scripts/patch_ros_wheel_cmake.py "$venv_real"
+  touch "$venv_real/COLCON_IGNORE"
+  echo "$want" > "$stamp"
+fi
+
+export VIRTUAL_ENV="$venv_real" PATH="$venv_real/bin:$PATH" AMENT_PREFIX_PATH="$venv_real"
+if ! colcon build --paths . --event-handlers console_cohesion- summary- status- \
+    --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$venv_real/bin/python" \
+    > log/colcon_build_last.txt 2>&1 < /dev/null; then
+  cat log/colcon_build_last.txt
+  echo "[setup] colcon build failed" >&2
+  exit 1
+fi

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny Qwen2-VL / Qwen2.5-VL model directories built locally (no model hub).
+
+Models are random-weight and tiny (~0.4M parameters, images capped at 112x112 = 16 image
+tokens) so that every test that needs a real model runs in milliseconds per answer on CPU.
+torch is imported inside the fixtures so test modules that never use a model stay cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TEST_THREADS = 2  # the CI/dev machines have 2 shared cores
+TINY_MAX_PIXELS = 112 * 112
+
+
+@pytest.fixture(scope="session")
+def torch_threads() -> int:
+    """Limit torch to TEST_THREADS intra-op threads for the whole session."""
+    import torch
+
+    torch.set_num_threads(TEST_THREADS)
+    return TEST_THREADS
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A BPE tokenizer with Qwen2-VL's specials trained on the synthetic-scene corpus."""
+    from vlsi_model.scenes import corpus_texts
+    from vlsi_model.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(corpus_texts(60, seed=0), vocab_size=400)
+
+
+def _build_dir(root: Path, config_factory, tokenizer, seed: int) -> Path:
+    from vlsi_model.models import build_model, make_image_processor, save_model_dir
+
+    model = build_model(config_factory(tokenizer=tokenizer), seed=seed)
+    processor = make_image_processor(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)
+    return save_model_dir(model, tokenizer, processor, root / "model", metadata={"placeholder": False, "test": True})
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
+    """Directory of a tiny random Qwen2-VL (text 64 x 2 layers, vision depth 2), HF layout."""
+    from vlsi_model.models import tiny_qwen2vl_config
+
+    return _build_dir(tmp_path_factory.mktemp("tiny_qwen2vl"), tiny_qwen2vl_config, tiny_tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25vl_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
+    """Directory of a tiny random Qwen2.5-VL (windowed + full-attention vision blocks), HF layout."""
+    from vlsi_model.models import tiny_qwen25vl_config
+
+    return _build_dir(tmp_path_factory.mktemp("tiny_qwen25vl"), tiny_qwen25vl_config, tiny_tokenizer, seed=2)
+
+
+@pytest.fixture(scope="session")
+def yes_model_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
+    """A tiny Qwen2-VL trained in the fixture to answer "yes" to anything.
+
+    Alert topics publish only on a yes; a random-weight model never says it, so the alert
+    path needs a model whose answer is known. A few dozen real optimiser steps suffice.
+    """
+    import torch
+
+    from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen2vl_config
+    from vlsi_model.prompting import build_inputs, collate
+    from vlsi_model.scenes import SceneConfig, generate_scene, make_questions, render_scene
+
+    model = build_model(tiny_qwen2vl_config(tokenizer=tiny_tokenizer), seed=3)
+    processor = make_image_processor(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)
+    samples = []
+    for seed in range(8):
+        scene = generate_scene(seed, SceneConfig(width=96, height=80))
+        for qa in make_questions(scene, seed)[:3]:
+            samples.append(build_inputs(tiny_tokenizer, processor, render_scene(scene), qa.question, "yes"))
+    batch = collate(samples, tiny_tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval()
+    return save_model_dir(model, tiny_tokenizer, processor, tmp_path_factory.mktemp("yes_model") / "model",
+                          metadata={"placeholder": False, "test": True, "trained_to_answer": "yes"})
+
+
+@pytest.fixture(scope="session")
+def ros_context():
+    """rclpy initialised once per test session, discovery kept on this machine.
+
+    The domain id is random per session unless the environment sets one, so test runs that
+    share the machine (parallel sessions, CI) never see each other's nodes. It is set at
+    import time below so node processes started by tests inherit it.
+    """
+    import rclpy
+
+    rclpy.init()
+    yield rclpy.get_default_context()
+    rclpy.try_shutdown()
+
+
+def _isolate_ros_discovery() -> None:
+    import os
+    import random
+
+    os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+
+
+_isolate_ros_discovery()

@@ -1,0 +1,352 @@
+"""TorchEngine: token-for-token parity with HF generate, streaming, cancel, timings, errors;
+load_engine's registry, the default (placeholder) model and `vlsi ask`."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlsi_model import defaults
+from vlsi_model.checkpoint import load_model_dir
+from vlsi_model.cli import main as cli_main
+from vlsi_model.engine import backend_names, load_engine
+from vlsi_model.engine.base import EngineError, ModelLoadError
+from vlsi_model.engine.torch_engine import TorchEngine
+from vlsi_model.prompting import build_inputs
+
+QUESTIONS = [
+    "What colour is the circle?",
+    "How many objects are there?",
+    "Is there a large blue star left of the small red square?",
+    "x",
+]
+MAX_NEW = 12
+
+
+def rand_image(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(24, 200, size=2)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen2vl_dir", "tiny_qwen25vl_dir"])
+def loaded(request):
+    model, tok, proc = load_model_dir(request.getfixturevalue(request.param))
+    return model, tok, proc
+
+
+def hf_greedy(model, tok, proc, image, question, max_new_tokens=MAX_NEW):
+    inputs = build_inputs(tok, proc, image, question)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def strip_stop(tokens, stop_ids):
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i], True
+    return tokens, False
+
+
+# ------------------------------------------------------------------------ parity
+def test_parity_with_generate_without_eos(loaded):
+    model, tok, proc = loaded
+    engine = TorchEngine(model, tok, proc)
+    for i, q in enumerate(QUESTIONS):
+        img = rand_image(i)
+        expected, hit = strip_stop(hf_greedy(model, tok, proc, img, q), engine.stop_token_ids)
+        result = engine.answer(img, q, max_new_tokens=MAX_NEW)
+        assert result.token_ids == expected, f"question {i}"
+        assert not result.cancelled
+        assert result.text == tok.decode(expected, skip_special_tokens=True).strip()
+        if not hit:
+            assert result.num_tokens == MAX_NEW
+
+
+def test_parity_with_generate_when_eos_is_hit(loaded):
+    """Make a token the model really produces mid-answer a stop token: both must stop there."""
+    model, tok, proc = loaded
+    img, q = rand_image(10), QUESTIONS[0]
+    free = hf_greedy(model, tok, proc, img, q)
+    stop = free[3]
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [stop, tok.convert_tokens_to_ids("<|im_end|>")]
+    try:
+        engine = TorchEngine(model, tok, proc)
+        assert stop in engine.stop_token_ids
+        hits = 0
+        for i, question in enumerate(QUESTIONS):
+            image = img if i == 0 else rand_image(20 + i)
+            generated = hf_greedy(model, tok, proc, image, question)
+            expected, hit = strip_stop(generated, engine.stop_token_ids)
+            hits += hit
+            if hit:  # generate stops right after the stop token
+                assert len(generated) == len(expected) + 1
+            result = engine.answer(image, question, max_new_tokens=MAX_NEW)
+            assert result.token_ids == expected, f"question {i}"
+        assert hits >= 1
+    finally:
+        model.generation_config.eos_token_id = original
+
+
+def test_answers_depend_on_the_image(loaded):
+    model, tok, proc = loaded
+    engine = TorchEngine(model, tok, proc)
+    answers = {tuple(engine.answer(rand_image(50 + i), QUESTIONS[1], max_new_tokens=6).token_ids) for i in range(4)}
+    assert len(answers) > 1
+
+
+def test_max_new_tokens_bounds_the_answer(loaded):
+    model, tok, proc = loaded
+    engine = TorchEngine(model, tok, proc)
+    img = rand_image(3)
+    long = engine.answer(img, QUESTIONS[1], max_new_tokens=MAX_NEW)
+    short = engine.answer(img, QUESTIONS[1], max_new_tokens=3)
+    assert short.token_ids == long.token_ids[:3]
+    assert engine.answer(img, QUESTIONS[1], max_new_tokens=1).num_tokens <= 1
+    with pytest.raises(EngineError, match="max_new_tokens"):
+        engine.answer(img, QUESTIONS[1], max_new_tokens=0)
+
+
+# ------------------------------------------------------------------------ streaming / cancel
+@pytest.fixture(scope="module")
+def engine(tiny_qwen2vl_dir):
+    eng = load_engine(tiny_qwen2vl_dir, backend="torch")
+    yield eng
+    eng.close()
+
+
+def never_stopping(engine):
+    """An (image, question) whose answer runs to max_new_tokens without a stop token."""
+    for seed in range(40):
+        img = rand_image(100 + seed)
+        r = engine.answer(img, QUESTIONS[0], max_new_tokens=8)
+        if r.num_tokens == 8:
+            return img, r
+    pytest.skip("tiny model stops early on every probe image")
+
+
+def test_streaming_callback_sequence(engine):
+    img, reference = never_stopping(engine)
+    calls: list[tuple[str, int]] = []
+    result = engine.answer(img, QUESTIONS[0], max_new_tokens=8, on_token=lambda t, n: calls.append((t, n)))
+    assert [n for _, n in calls] == list(range(1, 9))
+    assert result.token_ids == reference.token_ids and not result.cancelled
+    for text, n in calls:
+        expected = engine.tokenizer.decode(result.token_ids[:n], skip_special_tokens=True)
+        assert text == expected.rstrip("\ufffd").strip()
+    assert calls[-1][0] == result.text.rstrip("\ufffd")
+
+
+def test_cancel_by_callback_returning_false(engine):
+    img, reference = never_stopping(engine)
+    seen = []
+
+    def stop_at_three(text, n):
+        seen.append(n)
+        return n < 3
+
+    result = engine.answer(img, QUESTIONS[0], max_new_tokens=8, on_token=stop_at_three)
+    assert result.cancelled and seen == [1, 2, 3]
+    assert result.token_ids == reference.token_ids[:3]
+
+
+def test_cancel_by_event(engine):
+    img, reference = never_stopping(engine)
+    cancel = threading.Event()
+
+    def set_at_two(text, n):
+        if n == 2:
+            cancel.set()
+
+    result = engine.answer(img, QUESTIONS[0], max_new_tokens=8, on_token=set_at_two, cancel=cancel)
+    assert result.cancelled and result.token_ids == reference.token_ids[:2]
+
+    result = engine.answer(img, QUESTIONS[0], max_new_tokens=8, cancel=cancel)  # already set
+    assert result.cancelled and result.token_ids == [] and result.text == ""
+
+    result = engine.answer(img, QUESTIONS[0], max_new_tokens=8, cancel=threading.Event())
+    assert not result.cancelled and result.token_ids == reference.token_ids
+
+
+def test_cancel_from_another_thread(engine):
+    img, _ = never_stopping(engine)
+    cancel = threading.Event()
+    started = threading.Event()
+
+    def slow(text, n):
+        started.set()
+        cancel.wait(5)  # generation blocks here until the other thread cancels
+
+    timer = threading.Thread(target=lambda: (started.wait(5), cancel.set()))
+    timer.start()
+    result = engine.answer(img, QUESTIONS[0], max_new_tokens=8, on_token=slow, cancel=cancel)
+    timer.join()
+    assert result.cancelled and result.num_tokens == 1
+
+
+# ------------------------------------------------------------------------ timings / errors
+def test_timings(engine):
+    img, _ = never_stopping(engine)
+    r = engine.answer(img, QUESTIONS[2], max_new_tokens=8)
+    assert r.vision_ms > 0 and r.prefill_ms > 0 and r.decode_ms > 0
+    assert r.total_ms >= r.vision_ms + r.prefill_ms + r.decode_ms
+    assert r.tokens_per_s > 0
+
+
+@pytest.mark.parametrize(
+    ("image", "question", "message"),
+    [
+        (np.zeros((10, 10, 3), np.float32), "q?", "uint8"),
+        (np.zeros((0, 5, 3), np.uint8), "q?", "empty"),
+        (np.zeros((5, 5, 4), np.uint8), "q?", "H x W x 3"),
+        (np.zeros((20, 20, 3), np.uint8), "", "empty"),
+        (np.zeros((20, 20, 3), np.uint8), "   ", "empty"),
+        (np.zeros((20, 20, 3), np.uint8), "why " * 500, "too long"),
+    ],
+)
+def test_bad_requests_raise_and_engine_keeps_working(engine, image, question, message):
+    with pytest.raises(EngineError, match=message):
+        engine.answer(image, question)
+    assert engine.answer(rand_image(1), QUESTIONS[0], max_new_tokens=2).num_tokens <= 2
+
+
+def test_grey_image_answers_like_rgb(engine):
+    grey = rand_image(2)[:, :, 0]
+    a = engine.answer(grey, QUESTIONS[0], max_new_tokens=6)
+    b = engine.answer(np.stack([grey] * 3, -1), QUESTIONS[0], max_new_tokens=6)
+    assert a.token_ids == b.token_ids
+
+
+def test_close_makes_engine_unusable(tiny_qwen25vl_dir):
+    eng = load_engine(tiny_qwen25vl_dir, backend="torch", num_threads=2)
+    assert eng.backend == "torch" and eng.model_name == Path(tiny_qwen25vl_dir).name
+    assert eng.warmup().num_tokens <= 2
+    eng.close()
+    eng.close()  # idempotent
+    with pytest.raises(EngineError, match="closed"):
+        eng.answer(rand_image(0), QUESTIONS[0])
+
+
+# ------------------------------------------------------------------------ load_engine / defaults
+def test_load_engine_backends(tiny_qwen2vl_dir):
+    assert "torch" in backend_names()
+    with pytest.raises(ValueError, match="valid: auto, torch"):
+        load_engine(tiny_qwen2vl_dir, backend="tensorflow")
+    with pytest.raises(ValueError, match="does not take option.*engine_dir"):
+        load_engine(tiny_qwen2vl_dir, backend="torch", engine_dir="/x")
+    eng = load_engine(tiny_qwen2vl_dir, backend="auto")
+    assert eng.backend == "torch" and not eng.is_placeholder
+    eng.close()
+
+
+def test_load_engine_bad_dir(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_engine(tmp_path / "missing")
+
+
+def test_default_model_prefers_shipped_student(monkeypatch, tmp_path, tiny_qwen2vl_dir):
+    monkeypatch.setattr(defaults, "shipped_student_path", lambda: Path(tiny_qwen2vl_dir))
+    assert defaults.default_model_path() == Path(tiny_qwen2vl_dir)
+    assert not defaults.default_model_is_placeholder()
+    monkeypatch.setattr(defaults, "shipped_student_path", lambda: tmp_path / "not_shipped")
+    assert defaults.default_model_is_placeholder()
+
+
+def test_placeholder_is_built_once_and_loads(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLSI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(defaults, "shipped_student_path", lambda: tmp_path / "not_shipped")
+    # Two concurrent first uses: both get the same complete directory.
+    paths: list[Path] = []
+    errors: list[BaseException] = []
+
+    def first_use():
+        try:
+            paths.append(defaults.default_model_path())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1
+    path = paths[0]
+    assert path == tmp_path / "cache" / "models" / defaults.PLACEHOLDER_NAME
+    assert sorted(p.name for p in path.parent.iterdir()) == [defaults.PLACEHOLDER_NAME]
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert defaults.default_model_path() == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
+
+    eng = load_engine(None)
+    try:
+        assert eng.is_placeholder and eng.model_name == defaults.PLACEHOLDER_NAME
+        r = eng.answer(rand_image(5), "How many circles are there?", max_new_tokens=4)
+        assert r.vision_ms > 0 and r.prefill_ms > 0
+    finally:
+        eng.close()
+
+
+def test_placeholder_build_is_deterministic(tmp_path):
+    a = defaults.build_placeholder(tmp_path / "a")
+    b = defaults.build_placeholder(tmp_path / "b")
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "preprocessor_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------ vlsi ask
+@pytest.fixture
+def png(tmp_path) -> Path:
+    path = tmp_path / "frame.png"
+    Image.fromarray(rand_image(7)).save(path)
+    return path
+
+
+def test_cli_ask_json(tiny_qwen2vl_dir, png, capsys):
+    rc = cli_main(["ask", "--image", str(png), "--question", QUESTIONS[0], "--model", str(tiny_qwen2vl_dir),
+                   "--max-new-tokens", "5", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backend"] == "torch" and out["num_tokens"] <= 5
+    assert out["vision_ms"] > 0 and out["total_ms"] >= out["vision_ms"]
+    with Image.open(png) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    eng = load_engine(tiny_qwen2vl_dir)
+    assert out["token_ids"] == eng.answer(rgb, QUESTIONS[0], max_new_tokens=5).token_ids
+    eng.close()
+
+
+def test_cli_ask_plain_and_stream(tiny_qwen2vl_dir, png, capsys):
+    args = ["ask", "--image", str(png), "--question", QUESTIONS[1], "--model", str(tiny_qwen2vl_dir),
+            "--max-new-tokens", "6"]
+    assert cli_main(args) == 0
+    plain = capsys.readouterr()
+    assert "vision" in plain.err and "prefill" in plain.err and "decode" in plain.err
+    assert cli_main([*args, "--stream"]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out.strip() == plain.out.strip()
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not an image at all"])
+def test_cli_ask_bad_image_file(tiny_qwen2vl_dir, tmp_path, capsys, content):
+    path = tmp_path / "bad.png"
+    if content is not None:
+        path.write_bytes(content)
+    rc = cli_main(["ask", "--image", str(path), "--question", "q?", "--model", str(tiny_qwen2vl_dir)])
+    assert rc == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_ask_bad_model_and_question(tmp_path, png, tiny_qwen2vl_dir, capsys):
+    assert cli_main(["ask", "--image", str(png), "--question", "q?", "--model", str(tmp_path / "nope")]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert cli_main(["ask", "--image", str(png), "--question", "  ", "--model", str(tiny_qwen2vl_dir)]) == 1
+    assert "question is empty" in capsys.readouterr().err

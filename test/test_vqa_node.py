@@ -1,0 +1,393 @@
+"""vqa_node end to end: the installed executable in its own process, real rclpy + Fast DDS.
+
+Answers are checked against the same model run in the test process on the exact pixels of
+the frame the node reports in `image_header`, so a test fails if the node answers about the
+wrong frame, mangles an encoding, or loses the header.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from action_msgs.msg import GoalStatus
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from ros_harness import ClientHarness, NodeProcess, wait_for
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header, String
+
+from vlsi_model.engine import load_engine
+from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
+from vlsi_ros.image_conversion import image_msg_to_rgb, rgb_to_compressed_msg, rgb_to_image_msg
+from vlsi_ros.msg import Answer
+from vlsi_ros.srv import Ask
+
+pytestmark = pytest.mark.ros
+
+QUESTION = "How many objects are there?"
+RELIABLE = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def scene_image(seed: int, width: int = 160, height: int = 120) -> np.ndarray:
+    return render_scene(generate_scene(seed, SceneConfig(width=width, height=height)))
+
+
+def header(sec: int, nanosec: int = 0, frame_id: str = "camera") -> Header:
+    h = Header(frame_id=frame_id)
+    h.stamp.sec, h.stamp.nanosec = sec, nanosec
+    return h
+
+
+def now_header(node, frame_id: str = "camera", age_s: float = 0.0) -> Header:
+    ns = node.get_clock().now().nanoseconds - int(age_s * 1e9)
+    return header(ns // 1_000_000_000, ns % 1_000_000_000, frame_id)
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tiny_qwen2vl_dir):
+    engine = load_engine(tiny_qwen2vl_dir, backend="torch")
+    yield engine
+    engine.close()
+
+
+def expected_answer(engine, rgb: np.ndarray, question: str = QUESTION, max_new_tokens: int = 8) -> str:
+    return engine.answer(rgb, question, max_new_tokens=max_new_tokens).text
+
+
+@pytest.fixture(scope="module")
+def raw_node(ros_context, tiny_qwen2vl_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vqa_raw.log"
+    proc = NodeProcess("vqa_node", {"model_path": str(tiny_qwen2vl_dir), "max_new_tokens": 8,
+                                    "queue_size": 2, "max_frame_age_s": 5.0, "diagnostics_period_s": 0.2,
+                                    "max_question_chars": 200}, log_path=log)
+    harness = ClientHarness("raw_client")
+    try:
+        harness.client.wait_until_ready(60)
+        harness.publisher = harness.node.create_publisher(Image, "image", RELIABLE)
+        yield proc, harness
+    finally:
+        harness.close()
+        code = proc.stop()
+        assert code == 0, proc.log_text()
+
+
+def publish_until_answered(harness, msg, question: str = QUESTION, **kw) -> Ask.Response:
+    """Publish `msg` until the node answers about it (discovery may drop the first frames)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        harness.publisher.publish(msg)
+        time.sleep(0.05)
+        response = harness.client.ask(question, **kw)
+        if response.success and response.image_header == msg.header:
+            return response
+    raise AssertionError(f"node never answered about frame {msg.header}: last {response}")
+
+
+def test_answers_newest_frame_with_its_header(raw_node, reference_engine):
+    proc, harness = raw_node
+    old, new = scene_image(1), scene_image(2)
+    harness.publisher.publish(rgb_to_image_msg(old, "rgb8", now_header(harness.node, "cam_old")))
+    newest = rgb_to_image_msg(new, "rgb8", now_header(harness.node, "cam_new"))
+    response = publish_until_answered(harness, newest)
+    assert response.image_header.frame_id == "cam_new"
+    assert response.answer == expected_answer(reference_engine, new)
+    assert response.num_tokens > 0
+    assert response.vision_ms > 0 and response.prefill_ms > 0 and response.decode_ms >= 0
+    assert proc.alive()
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16"])
+def test_every_encoding_is_answered_about_the_right_pixels(raw_node, reference_engine, encoding):
+    _, harness = raw_node
+    rgb = scene_image(10 + len(encoding))
+    msg = rgb_to_image_msg(rgb, encoding, now_header(harness.node, f"enc_{encoding}"))
+    response = publish_until_answered(harness, msg)
+    assert response.answer == expected_answer(reference_engine, image_msg_to_rgb(msg))
+
+
+def test_row_padding_is_handled(raw_node, reference_engine):
+    _, harness = raw_node
+    rgb = scene_image(33, width=101, height=77)
+    padded = np.zeros((77, 101 * 3 + 13), np.uint8)
+    padded[:, : 101 * 3] = rgb.reshape(77, -1)
+    msg = Image(header=now_header(harness.node, "padded"), height=77, width=101, encoding="rgb8",
+                step=101 * 3 + 13, data=padded.tobytes())
+    response = publish_until_answered(harness, msg)
+    assert response.answer == expected_answer(reference_engine, rgb)
+
+
+def test_request_image_is_answered_instead_of_camera(raw_node, reference_engine):
+    _, harness = raw_node
+    rgb = scene_image(44)
+    request = Ask.Request(question=QUESTION, image=rgb_to_image_msg(rgb, "bgr8", header(123, 456, "request_frame")))
+    future = harness.client.service.call_async(request)
+    response = wait_for(lambda: future.result() if future.done() else None, 30, what="service reply")
+    assert response.success, response.error
+    assert response.image_header.frame_id == "request_frame"
+    assert (response.image_header.stamp.sec, response.image_header.stamp.nanosec) == (123, 456)
+    assert response.answer == expected_answer(reference_engine, rgb)
+
+
+@pytest.mark.parametrize("question,fragment", [
+    ("", "question is empty"),
+    ("   ", "question is empty"),
+    ("why " * 100, "question is too long"),
+])
+def test_bad_questions_are_refused_clearly(raw_node, question, fragment):
+    proc, harness = raw_node
+    response = harness.client.ask(question)
+    assert not response.success and fragment in response.error
+    assert proc.alive()
+
+
+def test_unknown_camera_and_stale_frames_are_refused(raw_node):
+    proc, harness = raw_node
+    response = harness.client.ask(QUESTION, camera="nope")
+    assert not response.success and "unknown camera 'nope'" in response.error
+    stale = rgb_to_image_msg(scene_image(5), "rgb8", now_header(harness.node, "stale", age_s=30.0))
+    for _ in range(5):
+        harness.publisher.publish(stale)
+        time.sleep(0.05)
+    response = harness.client.ask(QUESTION)
+    assert not response.success and "s old (max_frame_age_s" in response.error
+    # A per-request age limit applies too: a 2 s old frame is fine by default but not at 0.5 s.
+    recent = rgb_to_image_msg(scene_image(6), "rgb8", now_header(harness.node, "recent", age_s=2.0))
+    ok = publish_until_answered(harness, recent)
+    assert ok.success
+    response = harness.client.ask(QUESTION, max_frame_age_s=0.5)
+    assert not response.success and "max_frame_age_s 0.50" in response.error
+    assert proc.alive()
+
+
+@pytest.mark.parametrize("mutate,fragment", [
+    (lambda m: setattr(m, "encoding", "yuv444_made_up"), "unsupported image encoding"),
+    (lambda m: setattr(m, "data", bytes(m.data)[: len(m.data) // 2]), "truncated"),
+    (lambda m: setattr(m, "step", 3), "step"),
+])
+def test_bad_frames_are_reported_and_node_keeps_serving(raw_node, reference_engine, mutate, fragment):
+    proc, harness = raw_node
+    bad = rgb_to_image_msg(scene_image(7), "rgb8", now_header(harness.node, "bad"))
+    mutate(bad)
+
+    def refused_with_fragment():
+        harness.publisher.publish(bad)
+        time.sleep(0.05)
+        response = harness.client.ask(QUESTION)
+        return response if (not response.success and "could not be decoded" in response.error) else None
+
+    response = wait_for(refused_with_fragment, 20, interval_s=0.0, what="bad frame refusal")
+    assert fragment in response.error.lower()
+    good = rgb_to_image_msg(scene_image(8), "rgb8", now_header(harness.node, "good_again"))
+    assert publish_until_answered(harness, good).answer == expected_answer(reference_engine, scene_image(8))
+    assert proc.alive()
+
+
+def test_full_queue_refuses_with_clear_error(raw_node):
+    proc, harness = raw_node
+    publish_until_answered(harness, rgb_to_image_msg(scene_image(9), "rgb8", now_header(harness.node)))
+    requests = [Ask.Request(question=QUESTION, max_new_tokens=200) for _ in range(8)]
+    futures = [harness.client.service.call_async(r) for r in requests]
+    responses = [wait_for(lambda f=f: f.result() if f.done() else None, 120, what="reply") for f in futures]
+    refused = [r for r in responses if not r.success]
+    assert any("request queue full" in r.error for r in refused), [r.error for r in responses]
+    assert any(r.success for r in responses)
+    assert proc.alive()
+
+
+def test_action_streams_tokens_and_matches_service(raw_node, reference_engine):
+    _, harness = raw_node
+    rgb = scene_image(11)
+    msg = rgb_to_image_msg(rgb, "rgb8", now_header(harness.node, "stream"))
+    publish_until_answered(harness, msg)
+    feedback: list[tuple[str, int]] = []
+    result, status = harness.client.ask_stream(QUESTION, max_new_tokens=8,
+                                               on_feedback=lambda text, n: feedback.append((text, n)))
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
+    assert result.image_header == msg.header
+    assert result.answer == expected_answer(reference_engine, rgb)
+    assert [n for _, n in feedback] == list(range(1, len(feedback) + 1))
+    assert feedback and feedback[-1][0].strip() == result.answer
+    assert result.total_ms > 0
+
+
+def test_action_cancel_stops_generation(raw_node):
+    _, harness = raw_node
+    publish_until_answered(harness, rgb_to_image_msg(scene_image(12), "rgb8", now_header(harness.node)))
+    feedback: list[int] = []
+    result, status = harness.client.ask_stream(QUESTION, max_new_tokens=250, cancel_after_tokens=2,
+                                               on_feedback=lambda text, n: feedback.append(n))
+    assert status == GoalStatus.STATUS_CANCELED
+    assert not result.success and result.error == "cancelled"
+    assert 2 <= len(feedback) < 250
+
+
+def test_questions_topic_publishes_answers_tied_to_frame(raw_node, reference_engine):
+    _, harness = raw_node
+    received: list[Answer] = []
+    sub = harness.node.create_subscription(Answer, "answers", received.append, 10)
+    pub = harness.node.create_publisher(String, "questions", 10)
+    rgb = scene_image(13)
+    msg = rgb_to_image_msg(rgb, "rgb8", now_header(harness.node, "topic_frame"))
+    publish_until_answered(harness, msg)
+    wait_for(lambda: pub.get_subscription_count() > 0 and sub.get_publisher_count() > 0, 10, what="discovery")
+    pub.publish(String(data=QUESTION))
+    answer = wait_for(lambda: next((a for a in received if a.header == msg.header), None), 30, what="answer")
+    assert answer.question == QUESTION and answer.camera == "default"
+    assert answer.answer == expected_answer(reference_engine, rgb)
+    assert answer.total_ms > 0 and answer.model
+    harness.node.destroy_subscription(sub)
+    harness.node.destroy_publisher(pub)
+
+
+def test_diagnostics_report_model_queue_and_frame_age(raw_node):
+    _, harness = raw_node
+    arrays: list[DiagnosticArray] = []
+    sub = harness.node.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 10)
+    publish_until_answered(harness, rgb_to_image_msg(scene_image(14), "rgb8", now_header(harness.node)))
+    array = wait_for(lambda: arrays[-1] if arrays else None, 15, what="diagnostics")
+    status = array.status[0]
+    values = {kv.key: kv.value for kv in status.values}
+    assert values["backend"] == "torch"
+    assert values["queue_capacity"] == "2"
+    assert float(values["frame_age_s.default"]) < 5.0
+    assert int(values["answered"]) >= 1
+    assert float(values["latency_p50_ms"]) > 0
+    harness.node.destroy_subscription(sub)
+
+
+# ------------------------------------------------------------------ compressed + several cameras
+
+
+@pytest.fixture(scope="module")
+def multi_camera_node(ros_context, yes_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vqa_multi.log"
+    proc = NodeProcess("vqa_node", {
+        "model_path": str(yes_model_dir), "transport": "compressed", "cameras": ["front", "back"],
+        "default_camera": "back", "max_new_tokens": 4, "max_frame_age_s": 10.0,
+        "standing_questions": ["How many objects are there?"], "standing_rate_hz": 5.0,
+        "alert_questions": ["Is there a red circle?"], "alert_rate_hz": 5.0, "alert_cooldown_s": 1.0,
+    }, log_path=log)
+    harness = ClientHarness("multi_client")
+    try:
+        harness.client.wait_until_ready(60)
+        yield proc, harness
+    finally:
+        harness.close()
+        assert proc.stop() == 0, proc.log_text()
+
+
+def test_compressed_cameras_by_name_standing_questions_and_alerts(multi_camera_node, yes_model_dir):
+    proc, harness = multi_camera_node
+    node = harness.node
+    pubs = {cam: node.create_publisher(CompressedImage, f"{cam}/image/compressed", RELIABLE)
+            for cam in ("front", "back")}
+    answers: list[Answer] = []
+    alerts: list[Answer] = []
+    node.create_subscription(Answer, "answers", answers.append, 50)
+    node.create_subscription(Answer, "alerts", alerts.append, 50)
+    frames = {cam: rgb_to_compressed_msg(scene_image(20 + i), "png", header=now_header(node, f"{cam}_frame"))
+              for i, cam in enumerate(pubs)}
+    stop = threading.Event()
+
+    def keep_publishing():
+        while not stop.is_set():
+            for cam, pub in pubs.items():
+                frames[cam].header = now_header(node, f"{cam}_frame")
+                pub.publish(frames[cam])
+            time.sleep(0.1)
+
+    publisher = threading.Thread(target=keep_publishing, daemon=True)
+    publisher.start()
+    try:
+        response = wait_for(lambda: (lambda r: r if r.success else None)(harness.client.ask(QUESTION, camera="front")),
+                            30, what="front answer")
+        assert response.image_header.frame_id == "front_frame"
+        response = harness.client.ask(QUESTION)  # default camera: back
+        assert response.success and response.image_header.frame_id == "back_frame"
+        assert response.answer == "yes"  # the fixture model was trained to say yes
+        wait_for(lambda: {a.camera for a in answers} >= {"front", "back"}, 20, what="standing answers")
+        assert all(a.question == "How many objects are there?" for a in answers)
+        assert all(a.header.frame_id == f"{a.camera}_frame" for a in answers)
+        wait_for(lambda: {a.camera for a in alerts} >= {"front", "back"}, 20, what="alerts")
+        time.sleep(1.5)
+        per_camera = {cam: sorted(a.header.stamp.sec + a.header.stamp.nanosec * 1e-9 for a in alerts if a.camera == cam)
+                      for cam in ("front", "back")}
+        for stamps in per_camera.values():  # cooldown 1 s between alerts of one camera/question
+            assert all(b - a >= 0.8 for a, b in zip(stamps, stamps[1:], strict=False)), stamps
+    finally:
+        stop.set()
+        publisher.join(2)
+    assert proc.alive()
+
+
+# ------------------------------------------------------------------ lifecycle (in process)
+
+
+def count_entities(node) -> dict[str, int]:
+    return {"publishers": len(list(node.publishers)), "subscriptions": len(list(node.subscriptions)),
+            "services": len(list(node.services)), "timers": len(list(node.timers)),
+            "threads": threading.active_count()}
+
+
+def test_lifecycle_transitions_leak_nothing(ros_context, tiny_qwen2vl_dir):
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlsi_ros.vqa_node import VqaNode
+
+    node = VqaNode(parameter_overrides=[
+        Parameter("autostart", value=False), Parameter("model_path", value=str(tiny_qwen2vl_dir)),
+        Parameter("standing_questions", value=["What is there?"]), Parameter("standing_rate_hz", value=2.0)])
+    try:
+        before = count_entities(node)
+        for _ in range(2):
+            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+            configured = count_entities(node)
+            assert configured["services"] > before["services"] and configured["threads"] == before["threads"] + 1
+            assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+            assert count_entities(node)["timers"] == configured["timers"] + 1  # the standing-question timer
+            assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+            assert count_entities(node) == configured
+            assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+            wait_for(lambda: count_entities(node) == before, 5, what="entities released")
+    finally:
+        node.destroy_node()
+
+
+def test_unloadable_model_fails_configure_without_crashing(ros_context, tmp_path):
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlsi_ros.vqa_node import VqaNode
+
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    node = VqaNode(parameter_overrides=[Parameter("autostart", value=False),
+                                        Parameter("model_path", value=str(broken))])
+    try:
+        before = count_entities(node)
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert count_entities(node) == before
+    finally:
+        node.destroy_node()
+
+
+def test_bad_parameters_fail_configure(ros_context, tiny_qwen2vl_dir):
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlsi_ros.vqa_node import VqaNode
+
+    node = VqaNode(parameter_overrides=[Parameter("autostart", value=False),
+                                        Parameter("model_path", value=str(tiny_qwen2vl_dir)),
+                                        Parameter("transport", value="carrier_pigeon")])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    finally:
+        node.destroy_node()
+

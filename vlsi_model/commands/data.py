@@ -1,0 +1,138 @@
+"""`vlsi data ...`: build datasets. `vlsi data scenes` writes synthetic VQA data.
+
+The scenes are the same ones the ROS `image_source` node publishes, so a model trained on
+this data is evaluated on frames drawn by the same generator (see vlsi_model/scenes.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from vlsi_model import scenes
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'112' -> (112, 112); '640x480' -> (640, 480) as width x height."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT with sides >= 16, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _families(text: str) -> tuple[str, ...]:
+    try:
+        return scenes.parse_families(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _word_list(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        words = tuple(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+        bad = [w for w in words if w not in allowed]
+        if bad or not words:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}"
+            )
+        return words
+
+    return parse
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `data` and its dataset sub-commands to the `vlsi` parser."""
+    data = subparsers.add_parser("data", help="generate datasets", description=__doc__)
+    kinds = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    p = kinds.add_parser(
+        "scenes",
+        help="synthetic VQA scenes (images + LLaVA conversation JSON)",
+        description="Render seeded synthetic scenes to DIR/images/<split>_<index>.png and write "
+        "DIR/<split>.json (LLaVA conversations, one record per question) and "
+        "DIR/<split>_scenes.jsonl (full ground truth per image). Train, val and test seeds never overlap.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--num", required=True, type=_non_negative, help="number of images")
+    p.add_argument("--seed", type=_non_negative, default=0, help="run seed (default 0)")
+    p.add_argument("--split", choices=scenes.SPLITS, default="train")
+    p.add_argument("--size", type=_size, default=(112, 112), help="N or WIDTHxHEIGHT (default 112)")
+    p.add_argument(
+        "--min-objects", type=_non_negative, default=1, help="objects per image, at least (default 1)"
+    )
+    p.add_argument(
+        "--max-objects", type=_non_negative, default=5, help="objects per image, at most (default 5)"
+    )
+    p.add_argument(
+        "--families", type=_families, default=scenes.FAMILIES, help="comma-separated list (default: all)"
+    )
+    p.add_argument("--per-family", type=_non_negative, default=1, help="questions per family per image")
+    p.add_argument(
+        "--shapes",
+        type=_word_list(scenes.ALL_SHAPES),
+        default=scenes.SHAPES,
+        help=f"comma-separated subset of {','.join(scenes.ALL_SHAPES)} (default: {','.join(scenes.SHAPES)})",
+    )
+    p.add_argument(
+        "--colors",
+        type=_word_list(tuple(scenes.COLOR_RGB)),
+        default=scenes.COLORS,
+        help=f"comma-separated subset of {','.join(scenes.COLOR_RGB)} (default: all)",
+    )
+    p.add_argument(
+        "--background", choices=("plain", "gradient"), default="gradient", help="grey, or grey with a ramp"
+    )
+    p.add_argument("--noise", type=float, default=0.0, help="std of pixel noise in grey levels (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_scenes)
+
+
+def run_scenes(args: argparse.Namespace) -> int:
+    """Write the dataset and print a per-family summary; 2 with a message on bad settings."""
+    width, height = args.size
+    config = scenes.SceneConfig(
+        width=width,
+        height=height,
+        min_objects=args.min_objects,
+        max_objects=args.max_objects,
+        shapes=args.shapes,
+        colors=args.colors,
+        background=args.background,
+        noise=args.noise,
+    )
+    try:
+        config.validate()
+        json_path = scenes.write_dataset(
+            args.out,
+            args.num,
+            args.seed,
+            split=args.split,
+            config=config,
+            families=args.families,
+            per_family=args.per_family,
+            progress=args.num >= 500 and not args.no_progress,
+        )
+    except ValueError as exc:
+        print(f"vlsi data scenes: error: {exc}", file=sys.stderr)
+        return 2
+    records = json.loads(json_path.read_text())
+    per_family = Counter(r["family"] for r in records)
+    print(f"wrote {args.num} images ({width}x{height}) and {len(records)} questions to {json_path}")
+    for family in scenes.FAMILIES:
+        if family in per_family:
+            print(f"  {family:<10} {per_family[family]}")
+    return 0

@@ -1,0 +1,74 @@
+"""The one inference interface every backend implements (torch, onnxruntime, tensorrt).
+
+The ROS node and the CLI only ever see `Engine.answer`; backends differ in how they run the
+vision tower, the prefill and the decode loop, never in what they return. Timings are split
+the same way on every backend so latency can be compared stage by stage.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+# on_token(text_so_far, num_tokens) is called after every generated token. Returning False
+# stops generation early (the result is marked cancelled), as does setting `cancel`.
+TokenCallback = Callable[[str, int], "bool | None"]
+
+
+class EngineError(RuntimeError):
+    """A request the engine cannot serve (bad image, empty question, ...); message is user-facing."""
+
+
+class ModelLoadError(EngineError):
+    """A model directory that is missing, incomplete or corrupt; message says which file and why."""
+
+
+@dataclass
+class AnswerResult:
+    """What one answer cost and produced. Times are wall-clock milliseconds."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 * self.num_tokens / self.decode_ms if self.decode_ms > 0 else 0.0
+
+
+class Engine(Protocol):
+    """A loaded model that answers questions about images.
+
+    Implementations are not required to be thread-safe: callers serialise `answer` calls
+    (the ROS node runs them on one worker thread).
+    """
+
+    backend: str
+    model_name: str
+
+    def answer(
+        self,
+        image: np.ndarray,
+        question: str,
+        max_new_tokens: int = 32,
+        on_token: TokenCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AnswerResult:
+        """Greedy answer about `image` (H x W x 3 uint8 RGB) to `question`."""
+        ...
+
+    def close(self) -> None:
+        """Free the model's memory; the engine is unusable afterwards."""
+        ...

@@ -1,0 +1,202 @@
+"""(image, question[, answer]) -> Qwen2-VL model inputs, in one place.
+
+Inference engines, SFT and distillation must all build exactly the same token layout, or a
+model trained by one answers garbage in another. `transformers.Qwen2VLProcessor` does this
+job upstream but does not work with the PIL image processor in this environment, so the
+same steps are written out here, on token ids rather than strings:
+
+1. render the tokenizer's chat template for a user turn holding one image and the question
+   (control tokens typed *inside* the question are encoded as plain text, so a question
+   cannot smuggle in an extra `<|image_pad|>` or end the turn early);
+2. replace the single `<|image_pad|>` by one per merged image token
+   (`image_grid_thw.prod() // merge_size**2`), as Qwen2VLProcessor does;
+3. add `attention_mask` and `mm_token_type_ids` (1 on image tokens: transformers 5 needs
+   it for M-RoPE), and for training the answer + `<|im_end|>` with `labels` that score
+   only those response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from vlsi_model.engine.base import EngineError
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<|image_pad|>"
+END_OF_TURN_TOKEN = "<|im_end|>"
+DEFAULT_MAX_QUESTION_CHARS = 1000
+# Bounds on the raw image before resizing: beyond these the request is almost certainly a
+# mistake and resizing alone would cost seconds.
+MAX_IMAGE_SIDE = 16384
+MAX_ASPECT_RATIO = 200  # smart_resize's own limit, checked here for a clear message
+
+
+def validate_image(image: Any) -> np.ndarray:
+    """Return `image` as a contiguous H x W x 3 uint8 array, or raise EngineError saying what is wrong.
+
+    H x W (grey) and H x W x 1 are accepted and replicated to three channels.
+    """
+    if not isinstance(image, np.ndarray):
+        raise EngineError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise EngineError(f"image must be uint8, got dtype {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise EngineError(f"image must be H x W x 3 (RGB) or H x W (grey), got shape {tuple(image.shape)}")
+    h, w = image.shape[:2]
+    if h == 0 or w == 0:
+        raise EngineError(f"image is empty (shape {tuple(image.shape)})")
+    if max(h, w) > MAX_IMAGE_SIDE:
+        raise EngineError(f"image is too large ({w}x{h}); the longest side may be at most {MAX_IMAGE_SIDE}")
+    if max(h, w) / min(h, w) > MAX_ASPECT_RATIO:
+        raise EngineError(f"image aspect ratio {w}x{h} is too extreme (at most {MAX_ASPECT_RATIO}:1)")
+    return np.ascontiguousarray(image)
+
+
+def validate_question(question: Any, max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS) -> str:
+    """Return the stripped question, or raise EngineError if it is not a non-empty, bounded string."""
+    if not isinstance(question, str):
+        raise EngineError(f"question must be a string, got {type(question).__name__}")
+    q = question.strip()
+    if not q:
+        raise EngineError("question is empty")
+    if len(q) > max_question_chars:
+        raise EngineError(f"question is too long ({len(q)} characters, at most {max_question_chars})")
+    return q
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise EngineError(f"tokenizer has no {token} token; it is not a Qwen2-VL tokenizer")
+    return int(tid)
+
+
+def preprocess_image(image_processor: Any, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values [patches, C*T*P*P], image_grid_thw [1, 3]) for one validated H x W x 3 image.
+
+    `input_data_format` is given explicitly: left to guess, the processor reads a 3 x W x 3
+    image as channels-first.
+    """
+    try:
+        out = image_processor(images=[image], return_tensors="pt", input_data_format="channels_last")
+    except ValueError as exc:
+        raise EngineError(f"image cannot be preprocessed: {exc}") from exc
+    return out["pixel_values"], out["image_grid_thw"].to(torch.long)
+
+
+def build_inputs(
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Any,
+    image: np.ndarray,
+    question: str,
+    answer: str | None = None,
+    max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS,
+) -> dict[str, torch.Tensor]:
+    """Model inputs (batch of one) for a user turn with `image` and `question`.
+
+    Returns input_ids, attention_mask, mm_token_type_ids ([1, L] each), pixel_values
+    ([patches, dim]), image_grid_thw ([1, 3]). Without `answer` the sequence ends with the
+    generation prompt `<|im_start|>assistant\\n`, ready for greedy decoding. With `answer`
+    the (stripped) answer and `<|im_end|>` are appended and `labels` is -100 everywhere
+    except on those response tokens, for teacher forcing.
+    Raises EngineError for a bad image or question (message is user-facing).
+    """
+    image = validate_image(image)
+    question = validate_question(question, max_question_chars)
+    image_token_id = _token_id(tokenizer, IMAGE_TOKEN)
+    merge_size = int(getattr(image_processor, "merge_size", 2))
+
+    pixel_values, grid_thw = preprocess_image(image_processor, image)
+    num_image_tokens = int(grid_thw[0].prod().item()) // merge_size**2
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt_ids = list(
+        tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            sanitize_control_tokens=True,
+            return_dict=False,
+        )
+    )
+    positions = [i for i, t in enumerate(prompt_ids) if t == image_token_id]
+    if len(positions) != 1:
+        raise EngineError(
+            f"the tokenizer's chat template produced {len(positions)} {IMAGE_TOKEN} tokens for one image, "
+            "expected exactly 1"
+        )
+    p = positions[0]
+    ids = prompt_ids[:p] + [image_token_id] * num_image_tokens + prompt_ids[p + 1 :]
+
+    labels: list[int] | None = None
+    if answer is not None:
+        if not isinstance(answer, str) or not answer.strip():
+            raise EngineError("answer must be a non-empty string")
+        # Tokenized on its own: the prompt ends with a newline token and the byte-level
+        # pre-tokenizer never merges across it, so this equals tokenizing the whole text,
+        # and the answer tokens are exactly what greedy decoding after the prompt produces.
+        answer_ids = tokenizer.encode(answer.strip(), add_special_tokens=False, split_special_tokens=True)
+        response = list(answer_ids) + [_token_id(tokenizer, END_OF_TURN_TOKEN)]
+        labels = [IGNORE_INDEX] * len(ids) + response
+        ids = ids + response
+
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == image_token_id).to(torch.long),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid_thw,
+    }
+    if labels is not None:
+        out["labels"] = torch.tensor([labels], dtype=torch.long)
+    return out
+
+
+# Per-token keys and the value that pads each on the right.
+_PAD_VALUES = {"attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
+# Per-image keys, concatenated along dim 0 (the vision tower takes all images' patches flat).
+_CONCAT_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def collate(batch: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack `build_inputs` outputs into one batch: right padding, labels padded with -100.
+
+    input_ids is padded with `pad_id`, attention_mask and mm_token_type_ids with 0;
+    pixel_values and image_grid_thw are concatenated in batch order, which is the order
+    the model scatters image features into the image tokens. Right padding suits training
+    (get_rope_index skips padding through attention_mask); batched *generation* would need
+    left padding, which the engines do not use (they answer one request at a time).
+    """
+    if not batch:
+        raise ValueError("empty batch")
+    keys = set(batch[0])
+    for item in batch:
+        if set(item) != keys:
+            raise ValueError(f"batch items have different keys: {sorted(keys)} vs {sorted(item)}")
+    max_len = max(int(item["input_ids"].shape[1]) for item in batch)
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if key in _CONCAT_KEYS:
+            out[key] = torch.cat([item[key] for item in batch], dim=0)
+            continue
+        pad_value = pad_id if key == "input_ids" else _PAD_VALUES.get(key)
+        if pad_value is None:
+            raise ValueError(f"don't know how to pad {key!r}")
+        rows = []
+        for item in batch:
+            t = item[key]
+            if t.ndim != 2 or t.shape[0] != 1:
+                raise ValueError(f"{key} must have shape [1, L], got {tuple(t.shape)}")
+            rows.append(torch.nn.functional.pad(t, (0, max_len - t.shape[1]), value=pad_value))
+        out[key] = torch.cat(rows, dim=0)
+    return out

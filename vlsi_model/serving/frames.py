@@ -1,0 +1,96 @@
+"""Newest frame per camera, converted only when a request actually uses it.
+
+Why: cameras publish at 30 Hz while answers take tens to hundreds of milliseconds, so
+converting every frame wastes CPU and a backlog answers old frames. The store keeps one
+raw frame per camera (the newest) and a converter; a request takes the newest frame at the
+moment its inference starts and refuses it when it is older than the allowed age.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class FrameError(RuntimeError):
+    """No usable frame (unknown camera, none received yet, too old, undecodable)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One received frame. `stamp_s` is the capture time (seconds, the publisher's clock);
+    `received_s` the time it arrived (seconds, the same clock as `now` in `age_s`)."""
+
+    camera: str
+    raw: Any
+    stamp_s: float
+    received_s: float
+    frame_id: str
+    header: Any = None
+
+    def age_s(self, now_s: float) -> float:
+        """Age from the capture stamp, or from arrival when the publisher left the stamp zero."""
+        reference = self.stamp_s if self.stamp_s > 0 else self.received_s
+        return max(0.0, now_s - reference)
+
+
+class FrameStore:
+    """Thread-safe newest-frame-per-camera store.
+
+    `convert(raw) -> np.ndarray` turns a stored raw frame into H x W x 3 uint8 RGB and may
+    raise (bad encoding, truncated data); the error is reported to the request, never lost.
+    """
+
+    def __init__(self, cameras: list[str], convert: Callable[[Any], np.ndarray],
+                 clock: Callable[[], float] = time.time) -> None:
+        if not cameras:
+            raise ValueError("at least one camera name is needed")
+        self._cameras = list(cameras)
+        self._convert = convert
+        self._clock = clock
+        self._frames: dict[str, Frame] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self._cameras)
+
+    def put(self, camera: str, raw: Any, stamp_s: float, frame_id: str = "", header: Any = None) -> None:
+        frame = Frame(camera, raw, stamp_s, self._clock(), frame_id, header)
+        with self._lock:
+            self._frames[camera] = frame
+
+    def latest(self, camera: str) -> Frame | None:
+        with self._lock:
+            return self._frames.get(camera)
+
+    def ages(self) -> dict[str, float | None]:
+        """Age in seconds of the newest frame per camera (None: nothing received yet)."""
+        now = self._clock()
+        with self._lock:
+            return {c: (self._frames[c].age_s(now) if c in self._frames else None) for c in self._cameras}
+
+    def check_camera(self, camera: str) -> None:
+        if camera not in self._cameras:
+            raise FrameError(f"unknown camera '{camera}' (known: {', '.join(self._cameras)})")
+
+    def take(self, camera: str, max_age_s: float) -> tuple[Frame, np.ndarray]:
+        """The newest frame of `camera` and its RGB pixels, or FrameError saying why not."""
+        self.check_camera(camera)
+        frame = self.latest(camera)
+        if frame is None:
+            raise FrameError(f"no frame received yet on camera '{camera}'")
+        age = frame.age_s(self._clock())
+        if max_age_s > 0 and age > max_age_s:
+            raise FrameError(
+                f"newest frame on camera '{camera}' is {age:.2f} s old (max_frame_age_s {max_age_s:.2f})")
+        try:
+            rgb = self._convert(frame.raw)
+        except Exception as exc:  # any converter failure is a bad frame, not a crash
+            raise FrameError(f"frame on camera '{camera}' could not be decoded: {exc}") from exc
+        return frame, rgb

@@ -1,0 +1,136 @@
+"""A small client for vqa_node's `ask` service and `ask_stream` action (no ros2cli needed).
+
+    ask_client "How many objects are there?"            # service, newest camera frame
+    ask_client "What is in front?" --stream             # action, prints tokens as they come
+    ask_client "What color is the circle?" --image photo.png
+
+Also the library the demo and the tests use to talk to the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import rclpy
+from rclpy.action import ActionClient
+from rclpy.node import Node
+
+from vlsi_ros.action import Ask as AskAction
+from vlsi_ros.image_conversion import rgb_to_image_msg
+from vlsi_ros.srv import Ask
+
+
+class AskClient:
+    """Blocking helpers over the service and the action.
+
+    With `spin=True` the calls spin `node` while they wait; pass `spin=False` when an
+    executor thread already spins it (the calls then just wait for the futures).
+    """
+
+    def __init__(self, node: Node, namespace: str = "", spin: bool = True) -> None:
+        prefix = f"{namespace.rstrip('/')}/" if namespace else ""
+        self.node = node
+        self.spin = spin
+        self.service = node.create_client(Ask, f"{prefix}ask")
+        self.action = ActionClient(node, AskAction, f"{prefix}ask_stream")
+
+    def wait_until_ready(self, timeout_s: float = 30.0) -> None:
+        if not self.service.wait_for_service(timeout_sec=timeout_s):
+            raise TimeoutError(f"service {self.service.srv_name} not available after {timeout_s:.0f} s")
+        if not self.action.wait_for_server(timeout_sec=timeout_s):
+            raise TimeoutError(f"action ask_stream not available after {timeout_s:.0f} s")
+
+    def _spin_until(self, future, timeout_s: float):
+        if self.spin:
+            rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout_s)
+        else:
+            deadline = time.monotonic() + timeout_s
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.002)
+        if not future.done():
+            raise TimeoutError(f"no reply after {timeout_s:.0f} s")
+        return future.result()
+
+    def ask(self, question: str, camera: str = "", image: np.ndarray | None = None, max_new_tokens: int = 0,
+            max_frame_age_s: float = 0.0, timeout_s: float = 60.0) -> Ask.Response:
+        request = Ask.Request(question=question, camera=camera, max_new_tokens=max_new_tokens,
+                              max_frame_age_s=max_frame_age_s)
+        if image is not None:
+            request.image = rgb_to_image_msg(image, "rgb8")
+        return self._spin_until(self.service.call_async(request), timeout_s)
+
+    def ask_stream(self, question: str, camera: str = "", max_new_tokens: int = 0,
+                   on_feedback: Callable[[str, int], None] | None = None,
+                   cancel_after_tokens: int | None = None, timeout_s: float = 60.0):
+        """Send a goal; returns (result, status). Cancels once `cancel_after_tokens` arrived."""
+        goal_handle_holder = {}
+
+        def feedback_cb(msg) -> None:
+            fb = msg.feedback
+            if on_feedback is not None:
+                on_feedback(fb.partial_answer, fb.num_tokens)
+            handle = goal_handle_holder.get("handle")
+            if (cancel_after_tokens is not None and fb.num_tokens >= cancel_after_tokens
+                    and handle is not None and "cancel" not in goal_handle_holder):
+                goal_handle_holder["cancel"] = handle.cancel_goal_async()
+
+        goal = AskAction.Goal(question=question, camera=camera, max_new_tokens=max_new_tokens)
+        handle = self._spin_until(self.action.send_goal_async(goal, feedback_callback=feedback_cb), timeout_s)
+        if not handle.accepted:
+            raise RuntimeError("goal rejected")
+        goal_handle_holder["handle"] = handle
+        wrapped = self._spin_until(handle.get_result_async(), timeout_s)
+        return wrapped.result, wrapped.status
+
+
+def load_image(path: str) -> np.ndarray:
+    import cv2
+
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot read image '{path}'")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ask_client", description="Ask vqa_node a question.")
+    parser.add_argument("question")
+    parser.add_argument("--camera", default="")
+    parser.add_argument("--image", default=None, help="answer about this image file instead of a camera")
+    parser.add_argument("--stream", action="store_true", help="use the ask_stream action")
+    parser.add_argument("--max-new-tokens", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args, ros_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    rclpy.init(args=["ask_client", *ros_args])
+    node = rclpy.create_node("ask_client")
+    try:
+        client = AskClient(node)
+        client.wait_until_ready(args.timeout)
+        started = time.perf_counter()
+        if args.stream:
+            result, _ = client.ask_stream(
+                args.question, args.camera, args.max_new_tokens, timeout_s=args.timeout,
+                on_feedback=lambda text, n: print(f"\r[{n:3d}] {text}", end="", flush=True))
+            print()
+            ok, answer, error, header = result.success, result.answer, result.error, result.image_header
+        else:
+            image = load_image(args.image) if args.image else None
+            r = client.ask(args.question, args.camera, image, args.max_new_tokens, timeout_s=args.timeout)
+            ok, answer, error, header = r.success, r.answer, r.error, r.image_header
+        elapsed = 1000 * (time.perf_counter() - started)
+        if not ok:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        stamp = header.stamp.sec + header.stamp.nanosec * 1e-9
+        print(f"answer: {answer}\nframe: {header.frame_id} @ {stamp:.3f}  round trip {elapsed:.0f} ms")
+        return 0
+    except (TimeoutError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()

@@ -1,0 +1,90 @@
+"""ROS-free bringup: image_source and vqa_node in one process, from the launch file's YAML.
+
+`ros2 launch` needs the `launch` packages, which a ROS 2 installed from pip wheels lacks.
+This runs the same two nodes with the same parameter file and the same overrides as
+vqa.launch.py (model_path, backend, engine_dir, image_topic, transport, start_image_source),
+on one MultiThreadedExecutor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+import rclpy
+from ament_index_python.packages import get_package_share_directory
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+from vlsi_ros.image_source import ImageSource, ImageSourceError
+from vlsi_ros.vqa_node import VqaNode, executor_threads
+
+
+def default_params_file() -> Path:
+    return Path(get_package_share_directory("vlsi_ros")) / "config" / "vqa.yaml"
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="bringup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params-file", type=Path, default=None, help="default: share/vlsi_ros/config/vqa.yaml")
+    parser.add_argument("--model-path", default=None)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--engine-dir", default=None)
+    parser.add_argument("--image-topic", default=None)
+    parser.add_argument("--transport", choices=("raw", "compressed"), default=None)
+    parser.add_argument("--no-image-source", action="store_true", help="only vqa_node (a real camera publishes)")
+    parser.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: run)")
+    return parser.parse_known_args(argv)
+
+
+def ros_arguments(args: argparse.Namespace) -> list[str]:
+    """The --ros-args that make both nodes see what vqa.launch.py would give them."""
+    params_file = args.params_file or default_params_file()
+    if not params_file.is_file():
+        raise FileNotFoundError(f"parameter file not found: {params_file}")
+    ros_args = ["--ros-args", "--params-file", str(params_file)]
+    for name, value in (("model_path", args.model_path), ("backend", args.backend),
+                        ("engine_dir", args.engine_dir), ("transport", args.transport)):
+        if value is not None:
+            ros_args += ["-p", f"vqa_node:{name}:={value}"]
+    if args.transport is not None:
+        ros_args += ["-p", f"image_source:compressed:={str(args.transport == 'compressed').lower()}"]
+    if args.image_topic:
+        ros_args += ["-r", f"image:={args.image_topic}", "-r", f"image/compressed:={args.image_topic}/compressed"]
+    return ros_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        ros_args = ros_arguments(args)
+    except FileNotFoundError as exc:
+        print(f"bringup: {exc}", file=sys.stderr)
+        return 2
+    # Extra --ros-args from the command line come last and win, as with ros2 run.
+    rclpy.init(args=["bringup", *ros_args, *extra])
+    nodes = []
+    try:
+        vqa = VqaNode()
+        nodes.append(vqa)
+        if not args.no_image_source:
+            nodes.append(ImageSource())
+        executor = MultiThreadedExecutor(num_threads=executor_threads(vqa) + 2)
+        for node in nodes:
+            executor.add_node(node)
+        if args.duration > 0:
+            threading.Timer(args.duration, executor.shutdown).start()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ImageSourceError as exc:
+        print(f"bringup: image_source: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for node in nodes:
+            if isinstance(node, VqaNode):
+                node.release()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
