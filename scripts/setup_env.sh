@@ -31,9 +31,12 @@ want="$(cat requirements/*.txt setup.py | sha256sum | cut -c1-64)"
 stamp="$venv_real/.vlsi_requirements.sha256"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[setup] installing pinned requirements (ROS 2 Kilted wheels, torch CPU, ML stack)"
-  "$venv_real/bin/python" -m pip install -q --upgrade "pip==26.3"
-  "$venv_real/bin/python" -m pip install -q -r requirements/ros.txt -r requirements/ml.txt -r requirements/dev.txt
-  "$venv_real/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+  pip_quiet() {  # this machine's pip.conf names local package folders that may be absent: drop that noise
+    "$venv_real/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  }
+  pip_quiet install -q --upgrade "pip==26.3"
+  pip_quiet install -q -r requirements/ros.txt -r requirements/ml.txt -r requirements/dev.txt
+  pip_quiet install -q --no-deps --no-build-isolation -e .
   "$venv_real/bin/python" scripts/patch_ros_wheel_cmake.py "$venv_real"
   touch "$venv_real/COLCON_IGNORE"
   echo "$want" > "$stamp"

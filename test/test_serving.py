@@ -1,0 +1,138 @@
+"""The serving layer the ROS node stands on: newest-frame store and the inference worker,
+with a real tiny model (no ROS)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vlsi_model.engine import load_engine
+from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
+from vlsi_model.serving import AnswerJob, AnswerWorker, FrameError, FrameStore, JobCancelledError, QueueFullError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def image(seed: int) -> np.ndarray:
+    return render_scene(generate_scene(seed, SceneConfig(width=96, height=80)))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen2vl_dir):
+    eng = load_engine(tiny_qwen2vl_dir, backend="torch")
+    yield eng
+    eng.close()
+
+
+def test_frame_store_keeps_newest_and_refuses_stale_unknown_missing():
+    clock = Clock()
+    store = FrameStore(["front", "back"], convert=lambda raw: raw, clock=clock)
+    with pytest.raises(FrameError, match="no frame received yet on camera 'front'"):
+        store.take("front", 1.0)
+    with pytest.raises(FrameError, match="unknown camera 'side'"):
+        store.take("side", 1.0)
+    store.put("front", image(1), stamp_s=999.5)
+    store.put("front", image(2), stamp_s=999.9)
+    frame, rgb = store.take("front", 1.0)
+    assert frame.stamp_s == 999.9 and np.array_equal(rgb, image(2))
+    clock.now = 1001.5
+    with pytest.raises(FrameError, match="1.60 s old"):
+        store.take("front", 1.0)
+    assert store.take("front", 0.0)[0].stamp_s == 999.9  # 0: no limit
+    assert store.ages() == {"front": pytest.approx(1.6), "back": None}
+
+
+def test_frame_store_uses_arrival_time_when_stamp_is_zero_and_reports_bad_frames():
+    clock = Clock()
+
+    def convert(raw):
+        if raw == "garbage":
+            raise ValueError("truncated data")
+        return raw
+
+    store = FrameStore(["cam"], convert=convert, clock=clock)
+    store.put("cam", "garbage", stamp_s=0.0)
+    clock.now += 0.2
+    assert store.ages()["cam"] == pytest.approx(0.2)
+    with pytest.raises(FrameError, match="could not be decoded: truncated data"):
+        store.take("cam", 1.0)
+
+
+def test_worker_answers_like_the_engine_and_records_stats(engine):
+    worker = AnswerWorker(engine, capacity=2)
+    try:
+        rgb = image(3)
+        job = AnswerJob("How many objects are there?", lambda: (rgb, "src"), max_new_tokens=6)
+        outcome = worker.submit(job).result(timeout=30)
+        assert outcome.source == "src"
+        assert outcome.result.text == engine.answer(rgb, "How many objects are there?", max_new_tokens=6).text
+        stats = worker.stats()
+        assert stats["succeeded"] == 1 and stats["latency_p50_ms"] > 0
+    finally:
+        worker.stop()
+    assert not worker.alive
+
+
+def test_worker_queue_is_bounded_and_failures_do_not_stop_it(engine):
+    worker = AnswerWorker(engine, capacity=1)
+    gate = threading.Event()
+
+    def slow_image():
+        gate.wait(10)
+        return image(4), None
+
+    try:
+        running = worker.submit(AnswerJob("q?", slow_image, max_new_tokens=2))
+        time.sleep(0.1)  # the worker picks the first job up and blocks in resolve_image
+        waiting = worker.submit(AnswerJob("q?", lambda: (image(5), None), max_new_tokens=2))
+        with pytest.raises(QueueFullError, match="request queue full"):
+            worker.submit(AnswerJob("q?", lambda: (image(6), None), max_new_tokens=2))
+        assert worker.depth == 2
+        gate.set()
+        running.result(timeout=30)
+        waiting.result(timeout=30)
+
+        def broken():
+            raise FrameError("no frame received yet on camera 'x'")
+
+        failed = worker.submit(AnswerJob("q?", broken, max_new_tokens=2))
+        with pytest.raises(FrameError):
+            failed.result(timeout=30)
+        after = worker.submit(AnswerJob("q?", lambda: (image(7), None), max_new_tokens=2))
+        assert after.result(timeout=30).result.num_tokens > 0
+        assert worker.stats()["failed"] == 1
+    finally:
+        gate.set()
+        worker.stop()
+
+
+def test_cancelled_jobs_are_skipped_or_stopped(engine):
+    worker = AnswerWorker(engine, capacity=2)
+    gate = threading.Event()
+    try:
+        first = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(8), None))[1], max_new_tokens=2))
+        time.sleep(0.1)
+        queued = AnswerJob("q?", lambda: (image(9), None), max_new_tokens=2)
+        worker.submit(queued)
+        queued.cancel.set()
+        gate.set()
+        first.result(timeout=30)
+        with pytest.raises(JobCancelledError):
+            queued.future.result(timeout=30)
+        tokens: list[int] = []
+        streaming = AnswerJob("q?", lambda: (image(10), None), max_new_tokens=50,
+                              on_token=lambda text, n: tokens.append(n) or n < 3)
+        result = worker.submit(streaming).result(timeout=30).result
+        assert result.cancelled and tokens == [1, 2, 3]
+    finally:
+        gate.set()
+        worker.stop()
