@@ -15,10 +15,13 @@ if [ ! -e "$venv/bin/python" ]; then
     # repository root is the ROS package; so the environment lives outside and .venv links it.
     key="$(printf '%s' "$repo" | sha256sum | cut -c1-12)"
     real="${XDG_CACHE_HOME:-$HOME/.cache}/vlsi_ros/venv-$key"
-    rm -rf "$real" .venv
-    mkdir -p "$(dirname "$real")"
-    echo "[setup] creating virtual environment $real (linked as .venv)"
-    "$python" -m venv "$real"
+    rm -f .venv
+    if [ ! -x "$real/bin/python" ]; then
+      rm -rf "$real"
+      mkdir -p "$(dirname "$real")"
+      echo "[setup] creating virtual environment $real (linked as .venv)"
+      "$python" -m venv "$real"
+    fi
     ln -s "$real" .venv
   else
     echo "[setup] creating virtual environment $venv"

@@ -136,3 +136,34 @@ def test_cancelled_jobs_are_skipped_or_stopped(engine):
     finally:
         gate.set()
         worker.stop()
+
+
+def test_requests_run_before_background_work_and_are_never_refused_because_of_it(engine):
+    worker = AnswerWorker(engine, capacity=1, background_capacity=2)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def resolver(name: str, wait: bool = False):
+        def resolve():
+            if wait:
+                gate.wait(10)
+            order.append(name)
+            return image(11), name
+        return resolve
+
+    try:
+        first = worker.submit(AnswerJob("q?", resolver("first", wait=True), max_new_tokens=1))
+        time.sleep(0.1)
+        backgrounds = [worker.submit(AnswerJob("q?", resolver(f"bg{i}"), max_new_tokens=1), background=True)
+                       for i in range(2)]
+        with pytest.raises(QueueFullError, match="background queue full"):
+            worker.submit(AnswerJob("q?", resolver("bg_extra"), max_new_tokens=1), background=True)
+        request = worker.submit(AnswerJob("q?", resolver("request"), max_new_tokens=1))
+        assert worker.depth == 2 and worker.background_depth == 2
+        gate.set()
+        for fut in (first, request, *backgrounds):
+            fut.result(timeout=30)
+        assert order == ["first", "request", "bg0", "bg1"]
+    finally:
+        gate.set()
+        worker.stop()

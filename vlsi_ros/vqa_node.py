@@ -314,11 +314,11 @@ class VqaNode(LifecycleNode):
         return AnswerJob(question=self._validate_question(question), resolve_image=resolve,
                          max_new_tokens=self._resolve_tokens(max_new_tokens), on_token=on_token)
 
-    def _submit(self, job: AnswerJob):
+    def _submit(self, job: AnswerJob, background: bool = False):
         worker = self._worker
         if worker is None:
             raise EngineError(f"vqa_node is not active (state: {self._state_label()})")
-        return worker.submit(job)
+        return worker.submit(job, background=background)
 
     def _wait(self, job: AnswerJob, timeout_s: float, cancelled=lambda: False) -> JobOutcome:
         """Block this executor thread until the worker finishes `job`, or cancel it."""
@@ -447,7 +447,7 @@ class VqaNode(LifecycleNode):
                 return  # the previous round for this question is still waiting
         try:
             job = self._camera_job(question, camera, 0, self._settings.max_frame_age_s)
-            future = self._submit(job)
+            future = self._submit(job, background=periodic)
         except (EngineError, FrameError, QueueFullError) as exc:
             self._rejections += 1
             self.get_logger().warn(f"question '{question[:60]}' rejected: {exc}", throttle_duration_sec=5.0)
@@ -500,6 +500,7 @@ class VqaNode(LifecycleNode):
             "state": self._state_label(),
             "queue_depth": str(worker.depth),
             "queue_capacity": str(worker.capacity),
+            "background_queue_depth": str(worker.background_depth),
             "latency_p50_ms": f"{stats['latency_p50_ms']:.1f}",
             "latency_p95_ms": f"{stats['latency_p95_ms']:.1f}",
             "tokens_per_s": f"{stats['tokens_per_s']:.1f}",

@@ -10,7 +10,6 @@ the newest frame at that moment, not the frame that was newest when the request 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -58,17 +57,26 @@ class JobOutcome:
 
 
 class AnswerWorker:
-    """Runs AnswerJobs one at a time on a background thread; `submit` never blocks."""
+    """Runs AnswerJobs one at a time on a background thread; `submit` never blocks.
 
-    _STOP = object()
+    Two queues: requests (service, action, `questions` topic) and background work
+    (standing questions, alerts). The worker always takes a waiting request first, and
+    background jobs have their own bound, so periodic questions can never fill the queue and
+    get a user's request refused; they run when no request waits.
+    """
 
-    def __init__(self, engine: Engine, capacity: int, stats_window: int = 100) -> None:
+    def __init__(self, engine: Engine, capacity: int, stats_window: int = 100,
+                 background_capacity: int = 64) -> None:
         if capacity < 1:
             raise ValueError("queue capacity must be at least 1")
         self.engine = engine
         self.capacity = capacity
-        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
-        self._busy = threading.Event()
+        self.background_capacity = background_capacity
+        self._requests: deque[AnswerJob] = deque()
+        self._background: deque[AnswerJob] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._current: AnswerJob | None = None
         self._latencies_ms: deque[float] = deque(maxlen=stats_window)
         self._token_rates: deque[float] = deque(maxlen=stats_window)
         self._stats_lock = threading.Lock()
@@ -77,26 +85,39 @@ class AnswerWorker:
         self._thread = threading.Thread(target=self._run, name="vlsi-answer-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, job: AnswerJob) -> Future:
-        """Queue a job; raises QueueFullError when `capacity` jobs are already waiting."""
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFullError(
-                f"request queue full ({self.capacity} waiting); try again later") from None
+    def submit(self, job: AnswerJob, background: bool = False) -> Future:
+        """Queue a job; raises QueueFullError when its queue is at capacity."""
+        with self._wakeup:
+            if self._stopping:
+                raise QueueFullError("worker is shutting down")
+            pending, limit = (self._background, self.background_capacity) if background else \
+                (self._requests, self.capacity)
+            if len(pending) >= limit:
+                kind = "background queue" if background else "request queue"
+                raise QueueFullError(f"{kind} full ({limit} waiting); try again later")
+            pending.append(job)
+            self._wakeup.notify()
         return job.future
 
     @property
     def depth(self) -> int:
-        """Jobs waiting plus the one running."""
-        return self._queue.qsize() + (1 if self._busy.is_set() else 0)
+        """Requests waiting plus the job running (background jobs not counted)."""
+        with self._wakeup:
+            return len(self._requests) + (1 if self._current is not None else 0)
+
+    @property
+    def background_depth(self) -> int:
+        with self._wakeup:
+            return len(self._background)
 
     def stats(self) -> dict[str, float]:
         with self._stats_lock:
             lat = sorted(self._latencies_ms)
             rates = list(self._token_rates)
+
         def pct(p: float) -> float:
             return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0
+
         return {
             "latency_p50_ms": pct(0.5),
             "latency_p95_ms": pct(0.95),
@@ -106,44 +127,54 @@ class AnswerWorker:
         }
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Cancel waiting jobs, let the running one see its cancel flag, join the thread."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not self._STOP:
-                job.cancel.set()
-                if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(JobCancelledError("shutting down"))
-        self._queue.put(self._STOP)
+        """Fail waiting jobs, cancel the running one, join the thread."""
+        with self._wakeup:
+            self._stopping = True
+            waiting = [*self._requests, *self._background]
+            self._requests.clear()
+            self._background.clear()
+            if self._current is not None:
+                self._current.cancel.set()
+            self._wakeup.notify()
+        for job in waiting:
+            job.cancel.set()
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(JobCancelledError("shutting down"))
         self._thread.join(timeout_s)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def _next_job(self) -> AnswerJob | None:
+        with self._wakeup:
+            while not (self._stopping or self._requests or self._background):
+                self._wakeup.wait()
+            if self._stopping:
+                return None
+            job = self._requests.popleft() if self._requests else self._background.popleft()
+            self._current = job
+            return job
+
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is self._STOP:
-                return
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            if job.cancel.is_set():
-                job.future.set_exception(JobCancelledError("cancelled before it started"))
-                continue
-            self._busy.set()
+        while (job := self._next_job()) is not None:
             try:
-                outcome = self._execute(job)
-            except Exception as exc:  # reported to the requester; the worker keeps serving
-                self.failed += 1
-                job.future.set_exception(exc)
-            else:
-                self.succeeded += 1
-                job.future.set_result(outcome)
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                if job.cancel.is_set():
+                    job.future.set_exception(JobCancelledError("cancelled before it started"))
+                    continue
+                try:
+                    outcome = self._execute(job)
+                except Exception as exc:  # reported to the requester; the worker keeps serving
+                    self.failed += 1
+                    job.future.set_exception(exc)
+                else:
+                    self.succeeded += 1
+                    job.future.set_result(outcome)
             finally:
-                self._busy.clear()
+                with self._wakeup:
+                    self._current = None
 
     def _execute(self, job: AnswerJob) -> JobOutcome:
         queued_ms = 1000.0 * (time.perf_counter() - job.submitted_s)
