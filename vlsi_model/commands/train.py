@@ -2,7 +2,9 @@
 
 See vlsi_model/training/sft.py for the config format and configs/sft_tiny.yaml for an
 example. Several processes / GPUs: run the same command under accelerate, e.g.
-`accelerate launch --num_processes 8 -m vlsi_model.cli train --config X.yaml`.
+`accelerate launch --num_processes 8 -m vlsi_model.cli train --config X.yaml` (CPU only:
+`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m vlsi_model.cli train ...`,
+or torchrun). The global batch is per_device_batch_size x grad_accum_steps x processes.
 Exit status: 0 done, 2 bad config or data, 1 other errors.
 """
 
