@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # (module in vlsi_model.commands) in the order `vlsi --help` lists them.
-COMMAND_MODULES = ("data", "train", "ask")
+COMMAND_MODULES = ("data", "train", "distill", "ask")
 
 
 def build_parser() -> argparse.ArgumentParser:
