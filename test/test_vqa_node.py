@@ -392,3 +392,40 @@ def test_bad_parameters_fail_configure(ros_context, tiny_qwen2vl_dir):
     finally:
         node.destroy_node()
 
+
+
+def test_request_timeout_gives_clear_error_and_node_keeps_serving(ros_context, tiny_qwen2vl_dir):
+    """In process: a request that cannot finish within request_timeout_s fails with a timeout."""
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from vlsi_ros.vqa_node import VqaNode
+
+    node = VqaNode(parameter_overrides=[
+        Parameter("model_path", value=str(tiny_qwen2vl_dir)), Parameter("request_timeout_s", value=0.02),
+        Parameter("max_new_tokens_limit", value=2000), Parameter("image_qos", value="reliable")])
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    harness = ClientHarness("timeout_client")
+    try:
+        harness.client.wait_until_ready(30)
+        harness.publisher = harness.node.create_publisher(Image, "image", RELIABLE)
+        msg = rgb_to_image_msg(scene_image(50), "rgb8", now_header(harness.node, "timeout_frame"))
+
+        def timed_out():
+            harness.publisher.publish(msg)
+            response = harness.client.ask(QUESTION, max_new_tokens=2000)
+            return response if "timed out after 0.02 s" in response.error else None
+
+        response = wait_for(timed_out, 30, what="timeout error")
+        assert not response.success and "request_timeout_s" in response.error
+        # The timed-out generation is cancelled, so the worker is free again at once.
+        wait_for(lambda: node._worker.depth == 0, 5, what="worker idle after cancel")
+    finally:
+        harness.close()
+        executor.shutdown()
+        spinner.join(5)
+        node.release()
+        node.destroy_node()

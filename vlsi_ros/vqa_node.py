@@ -327,7 +327,7 @@ class VqaNode(LifecycleNode):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 job.cancel.set()
-                raise TimeoutError(f"timed out after {timeout_s:.1f} s (request_timeout_s)")
+                raise TimeoutError(f"timed out after {timeout_s:g} s (request_timeout_s)")
             if cancelled():
                 job.cancel.set()
             try:
