@@ -97,6 +97,8 @@ def test_answers_newest_frame_with_its_header(raw_node, reference_engine):
     assert response.answer == expected_answer(reference_engine, new)
     assert response.num_tokens > 0
     assert response.vision_ms > 0 and response.prefill_ms > 0 and response.decode_ms >= 0
+    assert response.engine_ms >= response.vision_ms + response.prefill_ms + response.decode_ms
+    assert 0 <= response.frame_age_s < 5.0 and response.queue_ms >= 0
     assert proc.alive()
 
 

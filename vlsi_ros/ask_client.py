@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -47,10 +48,10 @@ class AskClient:
     def _spin_until(self, future, timeout_s: float):
         if self.spin:
             rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout_s)
-        else:
-            deadline = time.monotonic() + timeout_s
-            while not future.done() and time.monotonic() < deadline:
-                time.sleep(0.002)
+        else:  # an executor thread already spins the node: wait for its done callback
+            done = threading.Event()
+            future.add_done_callback(lambda _: done.set())
+            done.wait(timeout_s)
         if not future.done():
             raise TimeoutError(f"no reply after {timeout_s:.0f} s")
         return future.result()

@@ -309,7 +309,7 @@ class VqaNode(LifecycleNode):
 
         def resolve() -> tuple[Any, Any]:
             frame, rgb = frames.take(camera, max_age_s)
-            return rgb, (camera, frame.header)
+            return rgb, (camera, frame.header, frame.age_s(self._now_s()))
 
         return AnswerJob(question=self._validate_question(question), resolve_image=resolve,
                          max_new_tokens=self._resolve_tokens(max_new_tokens), on_token=on_token)
@@ -356,8 +356,9 @@ class VqaNode(LifecycleNode):
             self.get_logger().warn(f"ask refused: {exc}")
             return response
         result = outcome.result
-        _, header = outcome.source
+        _, header, age_s = outcome.source
         response.success = True
+        response.frame_age_s = float(age_s)
         response.answer = result.text
         response.image_header = header
         response.vision_ms = float(result.vision_ms)
@@ -376,7 +377,7 @@ class VqaNode(LifecycleNode):
             rgb = image_msg_to_rgb(request.image)
         except ValueError as exc:
             raise EngineError(f"request image could not be decoded: {exc}") from exc
-        source = (request.camera or "request", request.image.header)
+        source = (request.camera or "request", request.image.header, 0.0)
         return AnswerJob(question=self._validate_question(request.question),
                          resolve_image=lambda: (rgb, source),
                          max_new_tokens=self._resolve_tokens(request.max_new_tokens))
@@ -407,7 +408,7 @@ class VqaNode(LifecycleNode):
             else:
                 goal_handle.abort()
             return result
-        _, header = outcome.source
+        _, header, _ = outcome.source
         result.image_header = header
         result.answer = outcome.result.text
         result.total_ms = 1000.0 * (time.perf_counter() - started)
@@ -478,7 +479,7 @@ class VqaNode(LifecycleNode):
         publisher = self._entities.get(publisher_key)
         if publisher is None:
             return
-        camera, header = outcome.source
+        camera, header, _ = outcome.source
         r = outcome.result
         publisher.publish(Answer(
             header=header, camera=camera, question=question, answer=r.text,
