@@ -62,12 +62,17 @@ def _load_torch(
     )
 
 
+# Cheap to import: both modules import onnxruntime / tensorrt only when an engine is loaded.
+from vlsi_model.engine import onnxruntime_engine as _ort  # noqa: E402
+from vlsi_model.engine import tensorrt_engine as _trt  # noqa: E402
+
 _BACKENDS: dict[str, _Backend] = {
     "torch": _Backend(available=_torch_available, load=_load_torch),
+    "onnxruntime": _Backend(available=_ort.available, load=_ort.load),  # needs an export (vlsi export)
+    "tensorrt": _Backend(available=_trt.available, load=_trt.load),  # needs engines (vlsi build-engine)
 }
-# Best first. onnxruntime / tensorrt go in front of torch once they exist (when their
-# artefacts for the model are present).
-AUTO_ORDER: tuple[str, ...] = ("torch",)
+# Best first: each is available only when its artefacts for the model are present.
+AUTO_ORDER: tuple[str, ...] = ("tensorrt", "onnxruntime", "torch")
 
 
 def backend_names() -> list[str]:

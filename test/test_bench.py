@@ -1,0 +1,88 @@
+"""`vlsi bench`: a quick real run on a tiny model produces the table and JSON with every column
+(no timing assertions: the machines are shared), each backend measured in its own process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from onnx_helpers import export_once
+
+from vlsi_model.bench import BASELINE, COLUMNS, bench_inputs, format_table, summarize
+from vlsi_model.cli import main as cli_main
+from vlsi_model.engine.tensorrt_engine import tensorrt_available
+
+
+def test_bench_inputs_are_deterministic_camera_frames():
+    a, b = bench_inputs(3, seed=0), bench_inputs(3, seed=0)
+    assert [q for _, q in a] == [q for _, q in b]
+    assert all(img.shape == (480, 640, 3) for img, _ in a)
+    assert len({q for _, q in bench_inputs(6)}) > 1
+
+
+def test_summarize_and_table_from_runs():
+    base = {"load_s": 1.0, "peak_rss_mb": 300.0, "torch_imported": True, "threads": 1,
+            "runs": [{"total_ms": 100.0, "token_ids": [1, 2, 3]}, {"total_ms": 120.0, "token_ids": [4]}]}
+    eng = {"load_s": 0.5, "peak_rss_mb": 100.0, "torch_imported": False, "threads": 1,
+           "runs": [{"vision_ms": 2.0, "prefill_ms": 3.0, "decode_ms": 10.0, "total_ms": 20.0, "token_ids": [1, 2, 3]},
+                    {"vision_ms": 2.0, "prefill_ms": 3.0, "decode_ms": 0.0, "total_ms": 24.0, "token_ids": [5]}]}
+    s = summarize(eng, base["runs"])
+    assert s["speedup_vs_generate"] == 5.0 and s["same_tokens_as_generate"] == 1
+    assert s["decode_tokens_per_s"] == 200.0  # 2 decode tokens (the first comes from prefill) in 10 ms
+    report = {"results": {BASELINE: summarize(base, base["runs"]), "onnxruntime": s,
+                          "tensorrt": {"skipped": "TensorRT is not installed here"}}}
+    table = format_table(report).splitlines()
+    assert all(title in table[0] for _, title, _ in COLUMNS)
+    assert table[2].startswith("onnxruntime") and "5.00x" in table[2] and "1/2" in table[2]
+    assert "(TensorRT is not installed here)" in table[3]
+
+
+def test_bench_cli_quick_run(tiny_qwen2vl_dir, tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    rc = cli_main(["bench", "--model", str(tiny_qwen2vl_dir), "--backends", "torch,onnxruntime,tensorrt",
+                   "--questions", "2", "--max-new-tokens", "4", "--threads", "1",
+                   "--onnx", str(export_once(tiny_qwen2vl_dir)), "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    table = captured.out
+    for _, title, _ in COLUMNS:
+        assert title in table
+    for name in (BASELINE, "torch", "onnxruntime", "tensorrt"):
+        assert name in table
+    report = json.loads(out_json.read_text())
+    results = report["results"]
+    for name in (BASELINE, "torch", "onnxruntime"):
+        r = results[name]
+        assert "error" not in r, r
+        for key in ("total_ms_mean", "total_ms_p50", "total_ms_p90", "peak_rss_mb", "load_s", "tokens_mean",
+                    "questions"):
+            assert r[key] is not None and r[key] >= 0, (name, key)
+        assert r["questions"] == 2
+        assert len(report["raw"][name]["runs"]) == 2
+    for name in ("torch", "onnxruntime"):
+        r = results[name]
+        for key in ("vision_ms_p50", "prefill_ms_p50", "decode_tokens_per_s", "speedup_vs_generate",
+                    "same_tokens_as_generate"):
+            assert key in r, (name, key)
+        assert r["same_tokens_as_generate"] == 2  # greedy: identical answers to generate
+    assert results["onnxruntime"]["torch_imported"] is False  # measured without the PyTorch model
+    assert results["torch"]["torch_imported"] is True
+    if not tensorrt_available():
+        assert "skipped" in results["tensorrt"]
+    assert report["config"]["max_new_tokens"] == 4
+
+
+def test_bench_cli_rejects_unknown_backend():
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--backends", "torch,jax"])
+
+
+def test_rounds_are_merged():
+    from vlsi_model.bench import _merge_rounds
+
+    a = {"load_s": 1.0, "peak_rss_mb": 100.0, "torch_imported": False, "threads": 1, "runs": [{"total_ms": 1.0}]}
+    b = {"load_s": 3.0, "peak_rss_mb": 150.0, "torch_imported": True, "threads": 1, "runs": [{"total_ms": 2.0}]}
+    merged = _merge_rounds([a, b])
+    assert merged["runs"] == [{"total_ms": 1.0}, {"total_ms": 2.0}] and merged["rounds"] == 2
+    assert merged["load_s"] == 2.0 and merged["peak_rss_mb"] == 150.0 and merged["torch_imported"] is True
+    assert _merge_rounds([a, {"error": "boom"}]) == {"error": "boom"}

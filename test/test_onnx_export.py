@@ -1,0 +1,238 @@
+"""`vlsi export`: graphs pass onnx.checker and TensorRT 10's operator set, match PyTorch through
+ONNX Runtime (Qwen2-VL, Qwen2.5-VL with real windowing, fixed size, fp16), manifest contents,
+option errors and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx_helpers import build_windowed_qwen25vl, export_once
+
+from vlsi_model.cli import main as cli_main
+from vlsi_model.export import manifest as mf
+from vlsi_model.export import trt_ops
+from vlsi_model.export.onnx_export import ExportOptions, ExportOptionsError, export_model, parse_hw
+
+FP32_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def windowed_qwen25vl_dir(tmp_path_factory, tiny_tokenizer, torch_threads):
+    return build_windowed_qwen25vl(tmp_path_factory.mktemp("q25w"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def qwen2vl_export(tiny_qwen2vl_dir):
+    return export_once(tiny_qwen2vl_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen25vl_export(windowed_qwen25vl_dir):
+    return export_once(windowed_qwen25vl_dir)
+
+
+def _manifest(export_dir):
+    return json.loads((export_dir / mf.MANIFEST_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("which", ["qwen2vl_export", "qwen25vl_export"])
+def test_export_matches_pytorch(request, which):
+    export_dir = request.getfixturevalue(which)
+    m = _manifest(export_dir)
+    parity = m["parity"]
+    assert parity["pixel_values_max_abs_diff"] == 0.0  # numpy preprocessing == the image processor
+    for key in ("vision_max_abs_diff", "prefill_logits_max_abs_diff", "decode_logits_max_abs_diff"):
+        assert parity[key] < FP32_TOL, (key, parity[key])
+    assert parity["same_argmax"] == 1.0
+
+
+def test_qwen25vl_example_really_uses_several_windows(windowed_qwen25vl_dir, qwen25vl_export):
+    """The parity above is only meaningful for windowed attention if the example spans windows."""
+    from vlsi_model import scenes
+    from vlsi_model.engine.np_inputs import ImageConfig, VisionSpec, preprocess_image, vision_aux_inputs
+
+    m = _manifest(qwen25vl_export)
+    assert m["model_type"] == "qwen2_5_vl" and m["vision"]["window_size"] == 56
+    image = scenes.render_scene(scenes.generate_scene(7, scenes.SceneConfig(width=200, height=150)))
+    _, grid = preprocess_image(image, ImageConfig.from_json(windowed_qwen25vl_dir / "preprocessor_config.json"))
+    aux = vision_aux_inputs(grid, VisionSpec("qwen2_5_vl", 2, 14, 56), np.ones(4, np.float32))
+    assert len(set(aux["window_segments"].tolist())) >= 4
+    assert not np.array_equal(aux["window_index"], np.arange(len(aux["window_index"])))
+
+
+def test_manifest_contents(tiny_qwen2vl_dir, qwen2vl_export):
+    m = _manifest(qwen2vl_export)
+    assert m["format"] == mf.FORMAT and m["format_version"] == mf.FORMAT_VERSION
+    assert m["model_type"] == "qwen2_vl" and m["opset"] == 17 and m["dtype"] == "fp32"
+    assert m["source_weights_sha256"] == {"model.safetensors": mf.sha256_file(tiny_qwen2vl_dir / "model.safetensors")}
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "config.json"):
+        assert name in m["files"]["copied"] and (qwen2vl_export / name).is_file()
+    dec = m["graphs"]["decoder"]
+    assert dec["inputs"]["inputs_embeds"]["shape"] == [1, "seq", m["text"]["hidden_size"]]
+    assert dec["inputs"]["attention_bias"]["shape"] == [1, 1, "seq", "total"]
+    assert dec["inputs"]["past_key_0"]["shape"][2] == "past"
+    assert dec["outputs"]["present_value_1"]["shape"][2] == "total"
+    assert dec["outputs"]["logits"]["shape"] == [1, m["text"]["vocab_size"]]
+    vis = m["graphs"]["vision"]
+    assert vis["inputs"]["pixel_values"]["shape"] == ["patches", m["vision"]["patch_dim"]]
+    assert vis["outputs"]["image_embeds"]["shape"][0] == "image_tokens"
+    # no int64 and no float64 anywhere in the graph interfaces (TensorRT-friendly)
+    for g in (vis, dec):
+        for spec in [*g["inputs"].values(), *g["outputs"].values()]:
+            assert spec["dtype"] in ("float32", "int32"), spec
+    assert m["image"]["mode"] == "bounded" and m["image"]["max_pixels"] == 112 * 112
+    assert m["text"]["stop_token_ids"]
+    embed = np.load(qwen2vl_export / mf.EMBED_FILE)
+    assert embed.shape == (m["text"]["vocab_size"], m["text"]["hidden_size"])
+    assert mf.load_manifest(qwen2vl_export)["model_type"] == "qwen2_vl"
+
+
+def test_checker_and_tensorrt_ops_on_every_graph(qwen2vl_export, qwen25vl_export):
+    for export_dir in (qwen2vl_export, qwen25vl_export):
+        for name in (mf.VISION_FILE, mf.DECODER_FILE):
+            path = export_dir / name
+            onnx.checker.check_model(str(path), full_check=True)
+            report = trt_ops.check_model(path)
+            assert report.ok, report.summary()
+            assert not report.warnings, report.summary()  # no int64 graph inputs/outputs
+            assert report.op_counts["MatMul"] > 0
+            assert set(report.op_counts) <= trt_ops.TENSORRT10_SUPPORTED_OPS
+
+
+# ------------------------------------------------------------------------------------- trt_ops
+def _tiny_graph(nodes, inputs=None, outputs=None, functions=(), opset=17):
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])]
+    outputs = outputs or [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("local", 1)] if functions else [])
+    return helper.make_model(graph, opset_imports=opsets, functions=list(functions))
+
+
+def test_trt_ops_flags_unsupported_ops_in_functions_and_subgraphs():
+    # an unsupported op (Unique) hidden inside a local function ...
+    fn = helper.make_function("local", "MyFn", ["a"], ["b"], [helper.make_node("Unique", ["a"], ["b"])],
+                              [helper.make_opsetid("", 17)])
+    model = _tiny_graph([helper.make_node("MyFn", ["x"], ["y"], domain="local")], functions=[fn])
+    report = trt_ops.check_model(model)
+    assert not report.ok and report.unsupported_ops == {"Unique": 1}
+    # ... and one inside an If branch
+    then_g = helper.make_graph([helper.make_node("StringNormalizer", ["x"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    model = _tiny_graph([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+                        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]), cond])
+    report = trt_ops.check_model(model)
+    assert report.unsupported_ops == {"StringNormalizer": 1}
+    assert report.op_counts["Identity"] == 1  # the walk reached the else branch too
+    # custom-domain ops (e.g. ONNX Runtime contrib ops) are not TensorRT ops
+    model = _tiny_graph([helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")])
+    assert trt_ops.check_model(model).unsupported_ops == {"com.microsoft.FusedMatMul": 1}
+
+
+def test_trt_ops_flags_double_and_warns_int64():
+    model = _tiny_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)],
+                        outputs=[helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2])])
+    report = trt_ops.check_model(model)
+    assert not report.ok and any("DOUBLE" in e for e in report.errors)
+    model = _tiny_graph([helper.make_node("Identity", ["x"], ["y"])],
+                        inputs=[helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+                        outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, [2])])
+    report = trt_ops.check_model(model)
+    assert report.ok and len(report.warnings) == 2 and "INT64" in report.warnings[0]
+
+
+
+def test_trt_ops_requires_constant_axes():
+    """onnx-tensorrt: Slice/Squeeze/Unsqueeze/Reduce* `axes` must be initializers (or Constant outputs)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    ax = helper.make_tensor_value_info("ax", TensorProto.INT64, [1])
+    computed = _tiny_graph([helper.make_node("ReduceMean", ["x", "ax"], ["y"])], inputs=[x, ax], opset=18)
+    report = trt_ops.check_model(computed)
+    assert not report.ok and "ReduceMean" in report.errors[0] and "constant" in report.errors[0]
+    const = _tiny_graph([helper.make_node("Constant", [], ["ax"], value=helper.make_tensor("v", TensorProto.INT64,
+                                                                                              [1], [1])),
+                         helper.make_node("ReduceMean", ["x", "ax"], ["y"])], inputs=[x], opset=18)
+    assert trt_ops.check_model(const).ok
+
+# ------------------------------------------------------------------------------------- options
+def test_fixed_image_size_export_is_static(tiny_qwen2vl_dir):
+    export_dir = export_once(tiny_qwen2vl_dir, image_size=(56, 84))
+    m = _manifest(export_dir)
+    assert m["image"]["mode"] == "fixed" and m["image"]["fixed_size"] == [56, 84]
+    vis = onnx.load(str(export_dir / mf.VISION_FILE))
+    for value in list(vis.graph.input) + list(vis.graph.output):
+        assert all(not d.dim_param for d in value.type.tensor_type.shape.dim), value.name
+    assert m["graphs"]["vision"]["inputs"]["pixel_values"]["shape"][0] == (56 // 14) * (84 // 14)
+    assert m["parity"]["prefill_logits_max_abs_diff"] < FP32_TOL
+
+
+def test_fp16_export(tiny_qwen2vl_dir):
+    export_dir = export_once(tiny_qwen2vl_dir, dtype="fp16", opset=18)
+    m = _manifest(export_dir)
+    assert m["dtype"] == "fp16" and m["opset"] == 18
+    assert m["graphs"]["decoder"]["inputs"]["inputs_embeds"]["dtype"] == "float16"
+    assert m["graphs"]["decoder"]["outputs"]["logits"]["dtype"] == "float32"  # argmax in fp32, like generate
+    assert np.load(export_dir / mf.EMBED_FILE).dtype == np.float16
+    assert m["parity"]["decode_logits_max_abs_diff"] < 5e-2
+    assert trt_ops.check_model(export_dir / mf.DECODER_FILE).ok
+
+
+def test_large_models_are_written_with_external_data(tiny_qwen2vl_dir, tmp_path, monkeypatch):
+    """Beyond the threshold (2 GB protobuf limit) graphs are graph + one .data file; the checks,
+    ONNX Runtime and the parity run all read that layout."""
+    from vlsi_model.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1)
+    out = tmp_path / "big"
+    m = export_model(tiny_qwen2vl_dir, out, ExportOptions())
+    for name in (mf.VISION_FILE, mf.DECODER_FILE):
+        assert (out / (name + ".data")).is_file()
+        assert (out / name).stat().st_size < (out / (name + ".data")).stat().st_size
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no scratch left behind
+    assert m["parity"]["decode_logits_max_abs_diff"] < FP32_TOL
+
+def test_bad_options(tiny_qwen2vl_dir, qwen2vl_export, tmp_path):
+    with pytest.raises(ExportOptionsError, match="multiple of 28"):
+        export_model(tiny_qwen2vl_dir, tmp_path / "a", ExportOptions(image_size=(100, 100)))
+    with pytest.raises(ExportOptionsError, match="opset"):
+        export_model(tiny_qwen2vl_dir, tmp_path / "b", ExportOptions(opset=13))
+    with pytest.raises(ExportOptionsError, match="already exists"):
+        export_model(tiny_qwen2vl_dir, qwen2vl_export, ExportOptions())
+    assert parse_hw("448x336") == (448, 336)
+    with pytest.raises(ValueError):
+        parse_hw("448")
+
+
+def test_cli_export(tiny_qwen2vl_dir, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    assert cli_main(["export", "--model", str(tiny_qwen2vl_dir), "--out", str(out), "--max-image-size", "84x84",
+                     "--no-parity"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["out"] == str(out) and summary["parity"] is None
+    m = _manifest(out)
+    assert m["image"]["max_pixels"] == 84 * 84 and "parity" not in m
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # not left private by mkdtemp
+    # exists -> 2; bad size -> argparse error (2); missing model -> 2
+    assert cli_main(["export", "--model", str(tiny_qwen2vl_dir), "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["export", "--model", str(tiny_qwen2vl_dir), "--image-size", "abc"])
+    assert exc.value.code == 2
+    assert cli_main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VLSI_SLOW_TESTS"), reason="dynamo export takes ~30 s; set VLSI_SLOW_TESTS=1")
+def test_dynamo_exporter(windowed_qwen25vl_dir):
+    export_dir = export_once(windowed_qwen25vl_dir, exporter="dynamo", opset=18)
+    m = _manifest(export_dir)
+    assert m["exporter"] == "dynamo"
+    assert m["graphs"]["decoder"]["inputs"]["past_key_0"]["shape"][2] == "past"
+    assert max(v for k, v in m["parity"].items() if k.endswith("diff")) < FP32_TOL

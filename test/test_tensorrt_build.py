@@ -1,0 +1,265 @@
+"""TensorRT: the pure parts everywhere (engine-manifest checks, optimisation profiles, trtexec
+command text, Q/DQ detection, the absent-TensorRT exit status, Jetson memory arithmetic); a real
+build + run + parity with ONNX Runtime only where TensorRT and a CUDA GPU exist."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+from onnx_helpers import export_once
+
+from vlsi_model.cli import main as cli_main
+from vlsi_model.engine.tensorrt_engine import (
+    ENGINE_FORMAT,
+    ENGINE_FORMAT_VERSION,
+    EngineMismatchError,
+    check_engine_manifest,
+    find_engine_dir,
+    tensorrt_available,
+)
+from vlsi_model.export import manifest as mf
+from vlsi_model.export import memory
+from vlsi_model.export.tensorrt_build import (
+    EXIT_BAD_INPUT,
+    EXIT_NO_TENSORRT,
+    BuildError,
+    ShapeRanges,
+    compute_profiles,
+    default_ranges,
+    has_qdq,
+    trtexec_commands,
+)
+
+ORIN = {"name": "Orin", "compute_capability": "8.7"}
+
+
+def engine_manifest(**over):
+    m = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "tensorrt_version": "10.3.0",
+         "gpu": dict(ORIN), "precision": "fp16", "source_export": {"dir": "/data/student/onnx"}}
+    m.update(over)
+    return m
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_qwen2vl_dir):
+    return export_once(tiny_qwen2vl_dir)
+
+
+@pytest.fixture(scope="module")
+def export_manifest(export_dir):
+    return json.loads((export_dir / mf.MANIFEST_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------ manifest check (pure)
+def test_manifest_check_accepts_the_same_system():
+    check_engine_manifest(engine_manifest(), "10.3.0", ORIN)
+    # same compute capability, other board name (Orin Nano vs AGX Orin): TensorRT accepts it
+    check_engine_manifest(engine_manifest(), "10.3.0", {"name": "Orin Nano", "compute_capability": "8.7"})
+
+
+@pytest.mark.parametrize("version,gpu,words", [
+    ("10.7.0", ORIN, ["TensorRT 10.3.0", "TensorRT 10.7.0"]),
+    ("10.3.0", {"name": "NVIDIA RTX 4090", "compute_capability": "8.9"}, ["8.7", "8.9", "RTX 4090"]),
+])
+def test_manifest_check_refuses_other_version_or_gpu(version, gpu, words):
+    with pytest.raises(EngineMismatchError) as exc:
+        check_engine_manifest(engine_manifest(), version, gpu, "trt_engines/student")
+    msg = str(exc.value)
+    for w in words:
+        assert w in msg
+    assert "vlsi build-engine --onnx /data/student/onnx --out trt_engines/student --fp16" in msg
+
+
+def test_manifest_check_refuses_foreign_or_old_manifests():
+    with pytest.raises(EngineMismatchError, match="not a vlsi TensorRT"):
+        check_engine_manifest({"format": "something"}, "10.3.0", ORIN)
+    with pytest.raises(EngineMismatchError, match="version 0"):
+        check_engine_manifest(engine_manifest(format_version=0), "10.3.0", ORIN)
+    with pytest.raises(EngineMismatchError, match="--int8"):
+        check_engine_manifest(engine_manifest(precision="int8"), "10.8.0", ORIN)
+
+
+def test_find_engine_dir(tmp_path):
+    assert find_engine_dir(tmp_path) is None
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "manifest.json").write_text(json.dumps(engine_manifest()))
+    assert find_engine_dir(tmp_path) == tmp_path / "tensorrt"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"format": "not ours"}')
+    assert find_engine_dir(tmp_path, engine_dir=tmp_path / "other") is None
+
+
+# ------------------------------------------------------------------------------ profiles (pure)
+def test_default_profiles_cover_the_export(export_manifest):
+    ranges = default_ranges(export_manifest)
+    image = export_manifest["image"]
+    assert ranges.image_tokens == (image["min_patches"] // 4, image["max_patches"] // 4, image["max_patches"] // 4)
+    profiles = compute_profiles(export_manifest, ranges)
+    (vision,) = profiles["vision"]
+    pv = vision["pixel_values"]
+    assert pv["max"] == [image["max_patches"], export_manifest["vision"]["patch_dim"]]
+    assert vision["rotary_cos"]["opt"][0] == pv["opt"][0] == vision["full_segments"]["opt"][0]
+    prefill, decode = profiles["decoder"]
+    n_layers = export_manifest["text"]["num_layers"]
+    assert len(prefill) == len(decode) == 4 + 2 * n_layers
+    for key in ("min", "opt", "max"):
+        seq = prefill["inputs_embeds"][key][1]
+        assert prefill["past_key_0"][key][2] == 1  # the masked pad slot: never an empty tensor
+        assert prefill["attention_bias"][key][2:] == [seq, seq + 1]
+        assert decode["inputs_embeds"][key][1] == 1
+        past = decode["past_value_1"][key][2]
+        assert decode["attention_bias"][key][2:] == [1, past + 1]
+    assert decode["past_key_0"]["max"][2] == ranges.max_context
+    for prof in [vision, prefill, decode]:
+        for shapes in prof.values():
+            assert all(a <= b <= c for a, b, c in zip(shapes["min"], shapes["opt"], shapes["max"], strict=True))
+
+
+def test_profiles_for_fixed_size_and_bad_ranges(tiny_qwen2vl_dir, export_manifest):
+    fixed = json.loads((export_once(tiny_qwen2vl_dir, image_size=(56, 84)) / mf.MANIFEST_FILE).read_text())
+    profiles = compute_profiles(fixed, default_ranges(fixed))
+    assert profiles["vision"] == []  # static graph: no profile
+    assert len(profiles["decoder"]) == 2
+    with pytest.raises(BuildError, match="min <= opt <= max"):
+        compute_profiles(export_manifest, ShapeRanges((4, 2, 8), (10, 20, 30), 100))
+    with pytest.raises(BuildError, match="max_context"):
+        compute_profiles(export_manifest, ShapeRanges((4, 4, 8), (10, 20, 30), 30))
+
+
+def test_trtexec_commands(export_dir, export_manifest):
+    profiles = compute_profiles(export_manifest, default_ranges(export_manifest))
+    vision, decoder = trtexec_commands(export_dir, "trt_engines/tiny", profiles, workspace_mb=1024, dla_core=0,
+                                       timing_cache="cache.bin")
+    for cmd, graph in ((vision, "vision"), (decoder, "decoder")):
+        assert cmd.startswith("trtexec ") and f"--onnx={export_dir}/{graph}.onnx" in cmd
+        assert f"--saveEngine=trt_engines/tiny/{graph}.plan" in cmd
+        assert "--fp16" in cmd and "--memPoolSize=workspace:1024M" in cmd
+        assert "--useDLACore=0 --allowGPUFallback" in cmd and "--timingCacheFile=cache.bin" in cmd
+    assert vision.count("--minShapes=") == 1 and "pixel_values:" in vision
+    assert decoder.count("--minShapes=") == decoder.count("--maxShapes=") == 2  # prefill + decode profiles
+    assert decoder.index("--profile=0 --minShapes=") < decoder.index("--profile=1 --minShapes=")  # trtexec syntax
+    assert "--profile=" not in vision  # a single profile needs no index
+    h = export_manifest["text"]["hidden_size"]
+    assert f"--minShapes=inputs_embeds:1x1x{h}," in decoder  # decode profile: one token
+    strongly = trtexec_commands(export_dir, "out", profiles, strongly_typed=True)[1]
+    assert "--stronglyTyped" in strongly and "--fp16" not in strongly
+
+
+def test_has_qdq(export_dir, tmp_path):
+    assert not has_qdq(export_dir / mf.DECODER_FILE)
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zp = helper.make_tensor("z", TensorProto.INT8, [], [0])
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], initializer=[scale, zp])
+    path = tmp_path / "qdq.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    assert has_qdq(path)
+
+
+# ------------------------------------------------------------------------------ CLI without TensorRT
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed: the build would run")
+def test_build_engine_without_tensorrt_exits_3(export_dir, tmp_path, capsys):
+    out = tmp_path / "engines"
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--out", str(out), "--workspace-mb", "512"]) \
+        == EXIT_NO_TENSORRT == 3
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith("trtexec ")]
+    assert len(lines) == 2 and "--memPoolSize=workspace:512M" in lines[0]
+    assert "TensorRT is not installed" in captured.err and "exit status 3" in captured.err
+    assert not out.exists()  # nothing half-built
+
+
+def test_build_engine_bad_input(export_dir, tmp_path, capsys):
+    assert cli_main(["build-engine", "--onnx", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "vlsi export" in capsys.readouterr().err
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--prefill-tokens", "10,20,30",
+                     "--max-context", "20"]) == EXIT_BAD_INPUT
+    with pytest.raises(SystemExit):
+        cli_main(["build-engine", "--onnx", str(export_dir), "--image-tokens", "5,2,9"])
+    with pytest.raises(SystemExit):
+        cli_main(["build-engine", "--onnx", str(export_dir), "--fp16", "--int8"])
+
+
+def test_int8_needs_qdq_export(export_dir, tmp_path, capsys):
+    from vlsi_model.export.tensorrt_build import build_engines
+
+    with pytest.raises(BuildError, match="Q/DQ"):
+        build_engines(export_dir, tmp_path / "e", precision="int8")
+
+
+# ------------------------------------------------------------------------------ memory arithmetic
+@pytest.mark.parametrize("fixture", ["tiny_qwen2vl_dir", "tiny_qwen25vl_dir"])
+def test_param_counts_equal_real_models(request, fixture):
+    from vlsi_model.checkpoint import load_model_dir
+
+    path = request.getfixturevalue(fixture)
+    model, _, _ = load_model_dir(path)
+    counts = memory.param_counts(memory.ModelDims.from_config(json.loads((path / "config.json").read_text())))
+    lm = model.model.language_model
+    assert counts["vision"] == sum(p.numel() for p in model.model.visual.parameters())
+    assert counts["embed"] == lm.embed_tokens.weight.numel()
+    assert counts["decoder_layers"] == sum(p.numel() for p in lm.parameters()) - counts["embed"]
+    assert counts["lm_head"] == model.lm_head.weight.numel()
+
+
+def test_qwen2vl_2b_memory():
+    d = memory.ModelDims.from_config(memory.QWEN2_VL_2B_CONFIG)
+    counts = memory.param_counts(d)
+    total = counts["vision"] + counts["decoder_layers"] + counts["embed"]  # lm_head tied in the checkpoint
+    assert abs(total / 2.209e9 - 1) < 0.005  # Qwen2-VL-2B: 2.21B parameters
+    assert memory.kv_bytes_per_token(d) == 2 * 28 * 2 * 128 * 2 == 28672
+    est = memory.estimate_memory(d, image_hw=(448, 448), max_context=1024)
+    assert est.image_tokens == 256
+    assert est.kv_cache == 2 * 1024 * 28672
+    assert est.vision_weights == counts["vision"] * 2
+    assert est.decoder_weights == (counts["decoder_layers"] + counts["lm_head"]) * 2
+    assert 4.5 * memory.GB < est.total < 6 * memory.GB  # fits an 8 GB Orin with room for OS + ROS
+    big = memory.estimate_memory(d, image_hw=(1008, 1008), max_context=2048)
+    assert big.activations > 10 * est.activations  # attention over patches is quadratic in image area
+    assert big.total > 8 * memory.GB  # why 8 GB boards must bound the image size
+    build16 = memory.estimate_build_memory(d, onnx_dtype_bytes=2, workspace_mb=512)
+    build32 = memory.estimate_build_memory(d, onnx_dtype_bytes=4, workspace_mb=512)
+    assert build32["total_mb"] - build16["total_mb"] == pytest.approx(build16["parsed_onnx_mb"], rel=1e-3)
+    assert "total" in memory.format_estimate(est)
+
+
+# ------------------------------------------------------------------------------ real TensorRT (device only)
+def _cuda_device_present() -> bool:
+    try:
+        from vlsi_model.export.tensorrt_build import gpu_info
+
+        return bool(gpu_info().get("compute_capability", "?") != "?")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_build_and_run_engines_match_onnxruntime(tiny_qwen2vl_dir, tmp_path):
+    pytest.importorskip("tensorrt")
+    if not _cuda_device_present():
+        pytest.skip("no CUDA device")
+    from vlsi_model.engine.onnxruntime_engine import OnnxRuntimeEngine
+    from vlsi_model.engine.tensorrt_engine import TensorRTEngine
+    from vlsi_model.export.tensorrt_build import build_engines
+
+    export = export_once(tiny_qwen2vl_dir)
+    out = tmp_path / "engines"
+    manifest = build_engines(export, out, precision="fp32", workspace_mb=512)
+    assert (out / "vision.plan").is_file() and (out / "decoder.plan").is_file()
+    assert manifest["source_export"]["onnx_sha256"]["decoder.onnx"] == mf.sha256_file(export / "decoder.onnx")
+    trt_engine = TensorRTEngine(out)
+    ort_engine = OnnxRuntimeEngine(export, num_threads=1)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image = rng.integers(0, 256, (60 + 10 * i, 90, 3), dtype=np.uint8)
+        a = ort_engine.answer(image, "How many objects are there?", max_new_tokens=8)
+        b = trt_engine.answer(image, "How many objects are there?", max_new_tokens=8)
+        assert b.token_ids == a.token_ids
+    trt_engine.close()
+    shutil.rmtree(out)

@@ -1,0 +1,89 @@
+"""`vlsi bench`: latency / throughput per inference backend, side by side with Hugging Face `generate`.
+
+Each backend and the `generate` baseline runs in a fresh process on the same questions about
+the same synthetic 640x480 camera frames; the table gives vision / prefill ms, decode tok/s,
+end-to-end ms, peak RSS, token agreement with `generate` and the speed-up over it. Without an
+ONNX export next to the model (<model>/onnx) one is made in a temporary directory for the run.
+Backends that cannot run here (tensorrt without TensorRT) are listed as skipped.
+Exit status: 0 measured, 2 bad options, 1 a backend failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _backends(text: str) -> list[str]:
+    from vlsi_model.bench import ENGINE_BACKENDS
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in names if b not in ENGINE_BACKENDS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(ENGINE_BACKENDS)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `bench` to the `vlsi` parser."""
+    p = subparsers.add_parser("bench", help="benchmark backends against Hugging Face generate",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None,
+                   help="Hugging Face model directory (default: the shipped student, or the placeholder)")
+    p.add_argument("--backends", type=_backends, default=["torch", "onnxruntime", "tensorrt"],
+                   help="comma-separated (default torch,onnxruntime,tensorrt)")
+    p.add_argument("--questions", type=_positive, default=8, help="questions (one frame each), default 8")
+    p.add_argument("--max-new-tokens", type=_positive, default=32)
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for every backend (default: each library's own default)")
+    p.add_argument("--device", default="cpu", help="torch / onnxruntime device (tensorrt always uses cuda)")
+    p.add_argument("--onnx", type=Path, default=None, help="ONNX export to use (default: <model>/onnx or a fresh one)")
+    p.add_argument("--engine-dir", type=Path, default=None, help="TensorRT engine directory")
+    p.add_argument("--seed", type=int, default=0, help="scene seed of the questions")
+    p.add_argument("--rounds", type=_positive, default=1,
+                   help="run the backends round-robin this many times (steadier figures on a busy machine)")
+    p.add_argument("--json", type=Path, default=None, help="also write the full report (per-question runs) here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlsi_model.bench import BenchConfig, format_table, run_bench
+    from vlsi_model.defaults import default_model_is_placeholder, default_model_path
+
+    model = args.model if args.model is not None else default_model_path()
+    cfg = BenchConfig(model_dir=str(model), backends=args.backends, questions=args.questions,
+                      max_new_tokens=args.max_new_tokens, threads=args.threads, device=args.device,
+                      onnx_dir=str(args.onnx) if args.onnx else None,
+                      engine_dir=str(args.engine_dir) if args.engine_dir else None, seed=args.seed,
+                      rounds=args.rounds)
+    try:
+        report = run_bench(cfg, progress=lambda msg: print(msg, file=sys.stderr))
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    if args.model is None and default_model_is_placeholder():
+        print("note: the default model is the untrained PLACEHOLDER (timings are real, answers are not)",
+              file=sys.stderr)
+    print(f"model: {model}  questions: {cfg.questions}  max_new_tokens: {cfg.max_new_tokens}  "
+          f"threads: {cfg.threads or 'default'}  rounds: {cfg.rounds}  "
+          f"load avg: {report['machine']['load_avg_1min']}")
+    print(format_table(report))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    failed = [name for name, res in report["results"].items() if "error" in res]
+    return 1 if failed else 0

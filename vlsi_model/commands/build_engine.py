@@ -1,0 +1,143 @@
+"""`vlsi build-engine`: TensorRT 10 engines from an ONNX export (`vlsi export`), on the target device.
+
+Builds vision.plan and decoder.plan (two optimisation profiles: prefill and decode) into --out
+with manifest.json (TensorRT version, GPU and compute capability, precision, profile shapes,
+sha256 of the ONNX inputs) and the export's tokenizer/embedding files, so --out is all the
+`tensorrt` backend needs (`ros2 launch vlsi_ros vqa.launch.py backend:=tensorrt engine_dir:=OUT`).
+The equivalent `trtexec` commands are printed first.
+
+Exit status: 0 built; 3 TensorRT is not installed here (the export was checked and the
+trtexec commands printed: build on the Jetson); 2 bad options or export directory; 1 the
+build failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlsi_model.export.tensorrt_build import (
+    DEFAULT_WORKSPACE_MB,
+    EXIT_BAD_INPUT,
+    EXIT_ERROR,
+    EXIT_NO_TENSORRT,
+    EXIT_OK,
+)
+
+
+def _range(text: str) -> tuple[int, int, int]:
+    try:
+        parts = [int(p) for p in text.replace(":", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def _nonneg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `build-engine` to the `vlsi` parser."""
+    p = subparsers.add_parser("build-engine", help="build TensorRT engines from an ONNX export",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--onnx", required=True, type=Path, help="export directory written by `vlsi export`")
+    p.add_argument("--out", type=Path, default=None, help="engine directory (default: trt_engines/<model name>)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                      help="half precision (default; norms and softmax kept in fp32)")
+    prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                      help="INT8 from an explicitly quantized (Q/DQ) export only; see tensorrt_build.py")
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="full precision")
+    p.set_defaults(precision="fp16")
+    p.add_argument("--workspace-mb", type=_nonneg, default=DEFAULT_WORKSPACE_MB,
+                   help=f"builder workspace memory pool (default {DEFAULT_WORKSPACE_MB} MB)")
+    p.add_argument("--dla-core", type=_nonneg, default=None,
+                   help="build for this DLA core with GPU fallback (Jetson Orin AGX/NX)")
+    p.add_argument("--timing-cache", type=Path, default=None,
+                   help="timing cache file: loaded if it exists, saved after the build (faster rebuilds)")
+    p.add_argument("--image-tokens", type=_range, default=None, metavar="MIN,OPT,MAX",
+                   help="merged image tokens per image (default: the export's image limits)")
+    p.add_argument("--prefill-tokens", type=_range, default=None, metavar="MIN,OPT,MAX",
+                   help="prompt length in tokens (default: image tokens + up to 512)")
+    p.add_argument("--max-context", type=_nonneg, default=None,
+                   help="prompt + answer tokens (default: largest prompt + 256)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from vlsi_model.engine.base import ModelLoadError
+    from vlsi_model.engine.tensorrt_engine import TensorRTUnavailable, tensorrt_available
+    from vlsi_model.export import manifest as mf
+    from vlsi_model.export.tensorrt_build import (
+        BuildError,
+        build_engines,
+        compute_profiles,
+        default_ranges,
+        trtexec_commands,
+    )
+
+    try:
+        em = mf.load_manifest(args.onnx)
+        ranges = default_ranges(em)
+        if args.image_tokens:
+            ranges = replace(ranges, image_tokens=args.image_tokens)
+        if args.prefill_tokens:
+            ranges = replace(ranges, prefill_tokens=args.prefill_tokens)
+        if args.max_context:
+            ranges = replace(ranges, max_context=args.max_context)
+        elif args.prefill_tokens:
+            ranges = replace(ranges, max_context=ranges.prefill_tokens[2] + 256)
+        profiles = compute_profiles(em, ranges)
+    except (ModelLoadError, BuildError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = args.out if args.out is not None else Path("trt_engines") / str(em.get("model_name") or args.onnx.name)
+
+    try:  # the export must be sound before anyone spends an hour building on a Jetson
+        from vlsi_model.export.onnx_export import check_graphs
+
+        check_graphs(args.onnx)
+    except ImportError:
+        pass  # onnx not installed on a TensorRT-only device: TensorRT's parser checks instead
+    except Exception as exc:  # ExportError (checker/op set)
+        print(f"error: the export in {args.onnx} fails its checks: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    strongly_typed = em.get("dtype") == "fp16" and args.precision != "int8"
+    print("# equivalent trtexec commands:")
+    for cmd in trtexec_commands(args.onnx, out, profiles, args.precision, args.workspace_mb, args.dla_core,
+                                args.timing_cache, strongly_typed):
+        print(cmd)
+    sys.stdout.flush()
+
+    if not tensorrt_available():
+        print(f"TensorRT is not installed here: the export in {args.onnx} is valid, engines were NOT built. "
+              f"Run this command on the target (Jetson, JetPack 6.1+ / TensorRT 10) to build them "
+              f"(exit status {EXIT_NO_TENSORRT}).", file=sys.stderr)
+        return EXIT_NO_TENSORRT
+    try:
+        manifest = build_engines(args.onnx, out, precision=args.precision, workspace_mb=args.workspace_mb,
+                                 dla_core=args.dla_core, timing_cache=args.timing_cache, ranges=ranges,
+                                 progress=lambda msg: print(msg, file=sys.stderr))
+    except TensorRTUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_TENSORRT
+    except (BuildError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps({"out": str(out), "tensorrt": manifest["tensorrt_version"], "gpu": manifest["gpu"],
+                      "precision": manifest["precision"], "seconds": manifest["build_seconds"]}))
+    return EXIT_OK

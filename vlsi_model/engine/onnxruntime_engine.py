@@ -1,0 +1,366 @@
+"""ONNX Runtime backend: answers from an export directory (`vlsi export`) with numpy + onnxruntime only.
+
+Why: the PyTorch model costs hundreds of MB of RAM before it answers anything and every
+decode step pays PyTorch's per-op dispatch; the exported graphs run as two ONNX Runtime
+sessions with fused kernels, and the process never imports torch (tested), so it fits
+next to a ROS stack on a small board and is the CPU reference for the TensorRT engines
+(same graphs, same inputs, built by `vlsi_model.engine.np_inputs`).
+
+The loop mirrors `TorchEngine` stage by stage (same timings, same tokens, tested):
+- vision: numpy patchify + rotary/segment inputs -> `vision.onnx` -> image embeddings;
+- prefill: embedding-table lookup with image embeddings scattered at `<|image_pad|>`,
+  M-RoPE cos/sin from the 3-D positions, causal bias, `decoder.onnx` with an empty past;
+- decode: one token per step with the previous step's present KV as past; the position is
+  (tokens so far + rope_delta) on all three M-RoPE axes.
+The KV cache stays inside ONNX Runtime between steps (IO binding: present outputs are kept
+as OrtValues and bound as the next step's past inputs, never copied to numpy).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback
+from vlsi_model.engine.np_inputs import (
+    ImageConfig,
+    PromptBuilder,
+    VisionSpec,
+    causal_bias,
+    mrope_cos_sin,
+    preprocess_image,
+    rope_index,
+    validate_image,
+    validate_question,
+    vision_aux_inputs,
+)
+
+DEFAULT_MAX_QUESTION_CHARS = 1000  # = vlsi_model.prompting.DEFAULT_MAX_QUESTION_CHARS (which imports torch)
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+              "tensor(int64)": np.int64}
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+class OnnxRuntimeEngine:
+    """`Engine` on ONNX Runtime sessions of an export directory. Not thread-safe (see `Engine`)."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        num_threads: int | None = None,
+        providers: list[str] | None = None,
+        max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS,
+        is_placeholder: bool | None = None,
+    ) -> None:
+        """Open `export_dir`. `num_threads`: ONNX Runtime intra-op threads per session (default: ORT's)."""
+        import onnxruntime as ort
+
+        # Imported here, not at module level: vlsi_model.engine imports this module for its
+        # registry, and export.manifest imports vlsi_model.engine.base (an import cycle).
+        from vlsi_model.export.manifest import load_manifest, read_metadata_json
+
+        if num_threads is not None and num_threads < 1:
+            raise ValueError("num_threads must be >= 1")
+        self.export_dir = Path(export_dir)
+        self.manifest = m = load_manifest(self.export_dir)
+        self.model_name = str(m.get("model_name") or self.export_dir.name)
+        self.max_question_chars = max_question_chars
+        meta = read_metadata_json(self.export_dir)
+        self.is_placeholder = bool(meta.get("placeholder", False)) if is_placeholder is None else is_placeholder
+
+        text, vision, image = m["text"], m["vision"], m["image"]
+        self.num_layers = int(text["num_layers"])
+        self.num_kv_heads = int(text["num_kv_heads"])
+        self.head_dim = int(text["head_dim"])
+        self.mrope_section = [int(s) for s in text["mrope_section"]]
+        self.stop_token_ids = frozenset(int(t) for t in text["stop_token_ids"])
+        self.mask_value = float(text["mask_value"])
+        self.vision_spec = VisionSpec(
+            model_type=m["model_type"],
+            merge_size=int(vision["merge_size"]),
+            patch_size=int(vision["patch_size"]),
+            window_size=int(vision.get("window_size") or 0),
+        )
+        base_cfg = ImageConfig.from_json(self.export_dir / "preprocessor_config.json")
+        self.image_config = _image_config_with_limits(base_cfg, image)
+
+        self.prompts = PromptBuilder.from_dir(self.export_dir)
+        self.image_token_id = self.prompts.image_token_id
+        if self.image_token_id != int(text["image_token_id"]):
+            raise ModelLoadError(
+                f"{self.export_dir}: tokenizer's <|image_pad|> is id {self.image_token_id} but the export says "
+                f"{text['image_token_id']}"
+            )
+        files = m["files"]
+        try:
+            # Memory-mapped: only the rows of tokens actually used are paged in (a 2B model's
+            # table is ~450 MB in fp16). np.asarray drops the np.memmap subclass, whose Python
+            # __getitem__ costs ~0.1 ms per lookup, without copying.
+            self.embed_tokens = np.asarray(np.load(self.export_dir / files["embed_tokens"], mmap_mode="r"))
+            with np.load(self.export_dir / files["rope"]) as rope:
+                self.text_inv_freq = np.array(rope["text_inv_freq"], dtype=np.float32)
+                self.vision_inv_freq = np.array(rope["vision_inv_freq"], dtype=np.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{self.export_dir}: cannot read embeddings / rotary tables ({exc})") from exc
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if num_threads is not None:
+            opts.intra_op_num_threads = num_threads
+        opts.log_severity_level = 3
+        self.providers = providers or ["CPUExecutionProvider"]
+        try:
+            self._vision = ort.InferenceSession(str(self.export_dir / files["vision"]), opts, providers=self.providers)
+            self._decoder = ort.InferenceSession(str(self.export_dir / files["decoder"]), opts,
+                                                 providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+            raise ModelLoadError(
+                f"{self.export_dir}: cannot open the ONNX graphs ({type(exc).__name__}: {exc})"
+            ) from exc
+        self._vision_inputs = {i.name: _NP_DTYPES.get(i.type, np.float32) for i in self._vision.get_inputs()}
+        self._dec_inputs = {i.name: _NP_DTYPES.get(i.type, np.float32) for i in self._decoder.get_inputs()}
+        self._dec_outputs = [o.name for o in self._decoder.get_outputs()]
+        self.float_dtype = self._dec_inputs["inputs_embeds"]
+        self._kv_names = [f"past_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self._present_names = [f"present_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self._closed = False
+        self._decode_bias = np.zeros((1, 1, 1, 0), dtype=self.float_dtype)
+        self._rope_cache = np.zeros((2, 0, self.head_dim), dtype=np.float32)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **kw: Any) -> OnnxRuntimeEngine:
+        return cls(path, **kw)
+
+    # ------------------------------------------------------------------ stages
+    def prepare(self, image: np.ndarray, question: str) -> dict[str, Any]:
+        """Validate and preprocess: prompt ids, pixel patches and the image grid."""
+        image = validate_image(image)
+        question = validate_question(question, self.max_question_chars)
+        pixel_values, grid = preprocess_image(image, self.image_config)
+        n_img = grid[0] * grid[1] * grid[2] // self.vision_spec.merge_size**2
+        ids = self.prompts.prompt_ids(question, n_img)
+        return {"input_ids": ids, "pixel_values": pixel_values, "grid_thw": grid}
+
+    def run_vision(self, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> np.ndarray:
+        """Merged image embeddings [tokens, hidden] from the vision graph."""
+        feeds = vision_aux_inputs(grid_thw, self.vision_spec, self.vision_inv_freq)
+        feeds["pixel_values"] = pixel_values
+        feeds = {k: np.ascontiguousarray(v, dtype=self._vision_inputs[k]) for k, v in feeds.items()
+                 if k in self._vision_inputs}
+        return self._vision.run(None, feeds)[0]
+
+    def embed(self, input_ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """inputs_embeds [1, L, hidden]: table lookup with image embeddings at the image tokens."""
+        x = np.array(self.embed_tokens[input_ids], dtype=self.float_dtype)
+        if image_embeds is not None:
+            mask = input_ids == self.image_token_id
+            if int(mask.sum()) != image_embeds.shape[0]:
+                raise EngineError(f"{int(mask.sum())} image tokens but {image_embeds.shape[0]} image embeddings")
+            x[mask] = image_embeds.astype(self.float_dtype)
+        return x[None]
+
+    def _rope_rows(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode-step rotary rows: all three M-RoPE axes equal `position`, so a 1-D table suffices."""
+        if position >= self._rope_cache.shape[1]:
+            n = max(2 * self._rope_cache.shape[1], position + 64)
+            pos = np.broadcast_to(np.arange(n, dtype=np.int64), (3, n))
+            cos, sin = mrope_cos_sin(pos, self.text_inv_freq, self.mrope_section)
+            self._rope_cache = np.stack([cos[0], sin[0]])  # [2, n, head_dim]
+        return (self._rope_cache[0, position][None, None].astype(self.float_dtype),
+                self._rope_cache[1, position][None, None].astype(self.float_dtype))
+
+    def prefill(self, input_ids: np.ndarray, inputs_embeds: np.ndarray,
+                grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, Any, int]:
+        """(last logits [vocab], ORT IO binding holding the present KV, rope_delta)."""
+        positions, rope_delta = rope_index(input_ids, self.image_token_id, grid_thw, self.vision_spec.merge_size)
+        cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype)
+        seq = inputs_embeds.shape[1]
+        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.float_dtype)
+        binding = self._decoder.io_binding()
+        feeds = {"inputs_embeds": inputs_embeds, "rotary_cos": cos, "rotary_sin": sin,
+                 "attention_bias": causal_bias(seq, 0, self.float_dtype, self.mask_value)}
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._kv_names:
+            binding.bind_cpu_input(name, empty)
+        for name in self._dec_outputs:
+            binding.bind_output(name, "cpu")
+        self._decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy()[0], outputs, rope_delta
+
+    def decode_step(self, token_id: int, position: int, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One token at M-RoPE `position` (all axes) with `past` (the previous outputs) -> (logits, outputs)."""
+        embeds = np.array(self.embed_tokens[[token_id]], dtype=self.float_dtype)[None]
+        cos, sin = self._rope_rows(position)
+        total = past[1].shape()[2] + 1
+        if self._decode_bias.shape[3] < total:
+            self._decode_bias = np.zeros((1, 1, 1, max(2 * total, 256)), dtype=self.float_dtype)
+        binding = self._decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("rotary_cos", cos)
+        binding.bind_cpu_input("rotary_sin", sin)
+        binding.bind_cpu_input("attention_bias", np.ascontiguousarray(self._decode_bias[..., :total]))
+        for name, value in zip(self._kv_names, past[1:], strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in self._dec_outputs:
+            binding.bind_output(name, "cpu")
+        self._decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy()[0], outputs
+
+    # ------------------------------------------------------------------ Engine
+    def answer(
+        self,
+        image: np.ndarray,
+        question: str,
+        max_new_tokens: int = 32,
+        on_token: TokenCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AnswerResult:
+        """Greedy answer about `image` (H x W x 3 uint8 RGB) to `question` (same contract as TorchEngine)."""
+        t_start = time.perf_counter()
+        if self._closed:
+            raise EngineError("engine is closed")
+        if max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        inputs = self.prepare(image, question)
+        result = AnswerResult(text="")
+        if cancel is not None and cancel.is_set():
+            result.cancelled = True
+            result.total_ms = _ms(t_start)
+            return result
+        try:
+            t0 = time.perf_counter()
+            image_embeds = self.run_vision(inputs["pixel_values"], inputs["grid_thw"])
+            result.vision_ms = _ms(t0)
+
+            t0 = time.perf_counter()
+            ids = inputs["input_ids"]
+            logits, past, rope_delta = self.prefill(ids, self.embed(ids, image_embeds), inputs["grid_thw"])
+            next_id = int(np.argmax(logits))
+            result.prefill_ms = _ms(t0)
+
+            t0 = time.perf_counter()
+            seq_len = len(ids)
+            tokens: list[int] = []
+            while True:
+                if next_id in self.stop_token_ids:
+                    break
+                tokens.append(next_id)
+                stop = False
+                if on_token is not None:
+                    stop = on_token(self._stream_text(tokens), len(tokens)) is False
+                if stop or (cancel is not None and cancel.is_set()):
+                    result.cancelled = True
+                    break
+                if len(tokens) >= max_new_tokens:
+                    break
+                logits, past = self.decode_step(next_id, seq_len + len(tokens) - 1 + rope_delta, past)
+                next_id = int(np.argmax(logits))
+            result.decode_ms = _ms(t0)
+        except EngineError:
+            raise
+        except Exception as exc:  # an onnxruntime failure mid-request must not look like a crash of the caller
+            raise EngineError(f"onnxruntime failed: {type(exc).__name__}: {exc}") from exc
+        result.token_ids = tokens
+        result.text = self.prompts.decode(tokens).strip()
+        result.total_ms = _ms(t_start)
+        return result
+
+    def _stream_text(self, token_ids: list[int]) -> str:
+        return self.prompts.decode(token_ids).rstrip("\ufffd").strip()
+
+    def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:
+        """One throw-away answer so the first real request does not pay session warm-up."""
+        return self.answer(np.full((height, width, 3), 128, dtype=np.uint8), "What is in the image?",
+                           max_new_tokens=max_new_tokens)
+
+    def close(self) -> None:
+        """Drop the sessions; `answer` raises EngineError afterwards."""
+        self._closed = True
+        self._vision = None  # type: ignore[assignment]
+        self._decoder = None  # type: ignore[assignment]
+        self.embed_tokens = None  # type: ignore[assignment]
+
+
+def _image_config_with_limits(cfg: ImageConfig, image: dict[str, Any]) -> ImageConfig:
+    """The processor's settings narrowed to what the export was built for (bounded or fixed size)."""
+    from dataclasses import replace
+
+    fixed = image.get("fixed_size")
+    return replace(
+        cfg,
+        min_pixels=int(image.get("min_pixels", cfg.min_pixels)),
+        max_pixels=int(image.get("max_pixels", cfg.max_pixels)),
+        fixed_size=(int(fixed[0]), int(fixed[1])) if fixed else None,
+    )
+
+
+# ----------------------------------------------------------------------------- registry hooks
+def available(model_path: str | Path, device: str = "cpu") -> bool:
+    """Backend registry check: onnxruntime installed and an export next to the model
+    (`model_path` itself or `<model_path>/onnx`, see `manifest.find_export_dir`)."""
+    import importlib.util
+
+    from vlsi_model.export.manifest import find_export_dir
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    if device != "cpu" and not device.startswith("cuda"):
+        return False
+    return find_export_dir(model_path) is not None
+
+
+def _providers(device: str) -> list[Any]:
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ModelLoadError(
+                f"device {device!r} needs onnxruntime-gpu (CUDAExecutionProvider); this onnxruntime has "
+                f"{', '.join(ort.get_available_providers())}"
+            )
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise ModelLoadError(f"onnxruntime backend: unsupported device {device!r} (cpu, cuda, cuda:N)")
+
+
+def load(
+    model_path: str | Path,
+    device: str = "cpu",
+    engine_dir: str | Path | None = None,
+    num_threads: int | None = None,
+    max_question_chars: int | None = None,
+    is_placeholder: bool | None = None,
+) -> OnnxRuntimeEngine:
+    """Backend registry loader: the export in `engine_dir`, or found next to `model_path`."""
+    from vlsi_model.export.manifest import find_export_dir
+
+    export_dir = find_export_dir(model_path, engine_dir)
+    if export_dir is None:
+        where = engine_dir if engine_dir is not None else f"{model_path} or {Path(model_path) / 'onnx'}"
+        raise ModelLoadError(
+            f"no ONNX export found in {where}; create one with `vlsi export --model {model_path} "
+            f"--out {Path(model_path) / 'onnx'}`"
+        )
+    return OnnxRuntimeEngine(
+        export_dir,
+        num_threads=num_threads,
+        providers=_providers(device),
+        max_question_chars=max_question_chars or DEFAULT_MAX_QUESTION_CHARS,
+        is_placeholder=is_placeholder,
+    )

@@ -1,0 +1,497 @@
+"""TensorRT backend (Jetson / CUDA hosts): the ONNX export's graphs as serialized TensorRT 10 engines.
+
+This module is the ONLY place that imports `tensorrt` (`load_tensorrt`; `tensorrt_build`
+uses it too), and it does so lazily, so everything else (including the pure functions below:
+engine-directory manifest checks) imports and is tested where TensorRT is absent.
+
+Why engines are refused instead of "tried": a serialized TensorRT engine is only valid for
+the TensorRT version and the GPU (compute capability) it was built on; deserializing it
+elsewhere fails with an obscure error or, across minor versions, not at all until results
+go wrong. `check_engine_manifest` compares the engine directory's `manifest.json` (written
+by `vlsi build-engine`) with the running TensorRT and GPU and says how to rebuild.
+
+Runtime design (TensorRT 10 name-based API, documented in the TensorRT Python API reference):
+- `trt.Runtime(logger).deserialize_cuda_engine(bytes)` per graph; one execution context
+  for the vision engine and TWO for the decoder engine, one per optimisation profile
+  (profile 0 "prefill": many tokens, profile 1 "decode": one token, built by
+  `tensorrt_build`), each selected once with `set_optimization_profile_async`.
+- Per call: `context.set_input_shape(name, shape)` for every input, `set_tensor_address`
+  for every input and output, `execute_async_v3(stream)`.
+- Device memory and copies via NVIDIA's cuda-python (`cuda.bindings.runtime`, or the older
+  `cuda.cudart` import path): cudaMalloc/cudaMemcpyAsync/cudaStreamCreate. Chosen over
+  `torch.cuda` so that the Jetson runtime needs no PyTorch (JetPack's torch wheels are a
+  separate, version-locked install); `pip install cuda-python` matching the CUDA of JetPack.
+- KV cache: two preallocated device buffer sets (max context) used ping-pong: a step reads
+  past from one set and writes present into the other, then they swap: the cache never
+  leaves the GPU and is never copied.
+- Prefill uses one masked "pad" slot as its past (a zero key/value whose attention bias is
+  the mask value, in prefill and every decode step), so no engine input ever has a zero
+  length: empty tensors in optimisation profiles are poorly supported across 10.x releases.
+  The masked slot gets exactly zero attention weight, so results are unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback
+
+ENGINE_MANIFEST = "manifest.json"
+ENGINE_FORMAT = "vlsi-tensorrt-engines"
+ENGINE_FORMAT_VERSION = 1
+PAD_SLOTS = 1  # masked past slots in front of the real KV cache (see module docstring)
+PREFILL_PROFILE, DECODE_PROFILE = 0, 1
+
+
+class TensorRTUnavailable(ModelLoadError):
+    """TensorRT (or cuda-python) is not installed here; the message says what to install."""
+
+
+class EngineMismatchError(ModelLoadError):
+    """An engine directory built for another TensorRT version or GPU; the message says how to rebuild."""
+
+
+def load_tensorrt() -> Any:
+    """`import tensorrt`, or TensorRTUnavailable with what to do. The one TensorRT import of the project."""
+    try:
+        import tensorrt as trt  # noqa: PLC0415 - deliberately lazy
+    except ImportError as exc:
+        raise TensorRTUnavailable(
+            "TensorRT is not installed in this Python environment. On a Jetson it comes with JetPack 6.1+ "
+            "(TensorRT 10.x: `sudo apt install python3-libnvinfer`; in a venv use --system-site-packages); "
+            "on an x86 CUDA host `pip install tensorrt` (NVIDIA's index). The ONNX export runs without it "
+            "(backend onnxruntime)."
+        ) from exc
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} found, but 10.x is required (JetPack 6.1+)")
+    return trt
+
+
+def tensorrt_available() -> bool:
+    """Cheap check (no import) for the backend registry and tests."""
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+# ----------------------------------------------------------------------------- manifest (pure)
+def check_engine_manifest(manifest: dict[str, Any], tensorrt_version: str, gpu: dict[str, Any],
+                          engine_dir: str | Path = "<engine dir>") -> None:
+    """Raise EngineMismatchError unless `manifest` was built by this TensorRT version for this GPU.
+
+    Pure function (no TensorRT needed): `tensorrt_version` is `trt.__version__`, `gpu` is
+    {"name": ..., "compute_capability": "8.7"} of the device that will run the engines.
+    The TensorRT version must match exactly (engines are not compatible across versions
+    unless built version-compatible, which we do not, for speed); the compute capability
+    must match (an engine holds kernels for one SM architecture); a different GPU name with
+    the same compute capability is accepted (e.g. Orin NX vs AGX Orin share sm_87) because
+    TensorRT accepts it, but it may run with kernels tuned for the other board.
+    """
+    if manifest.get("format") != ENGINE_FORMAT:
+        raise EngineMismatchError(f"{engine_dir}: {ENGINE_MANIFEST} is not a vlsi TensorRT engine manifest")
+    if manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise EngineMismatchError(
+            f"{engine_dir}: engine manifest version {manifest.get('format_version')}, this vlsi_model reads "
+            f"{ENGINE_FORMAT_VERSION}; {rebuild_hint(manifest, engine_dir)}"
+        )
+    built_trt = str(manifest.get("tensorrt_version", "?"))
+    built_gpu = manifest.get("gpu") or {}
+    problems = []
+    if built_trt != str(tensorrt_version):
+        problems.append(f"built with TensorRT {built_trt}, running TensorRT {tensorrt_version}")
+    built_cc, run_cc = str(built_gpu.get("compute_capability", "?")), str(gpu.get("compute_capability", "?"))
+    if built_cc != run_cc:
+        problems.append(
+            f"built for {built_gpu.get('name', '?')} (compute capability {built_cc}), running on "
+            f"{gpu.get('name', '?')} (compute capability {run_cc})"
+        )
+    if problems:
+        raise EngineMismatchError(
+            f"{engine_dir}: TensorRT engines do not match this system: {'; '.join(problems)}. "
+            f"{rebuild_hint(manifest, engine_dir)}"
+        )
+
+
+def rebuild_hint(manifest: dict[str, Any], engine_dir: str | Path) -> str:
+    """The command that rebuilds `engine_dir` here from its ONNX export."""
+    onnx_dir = (manifest.get("source_export") or {}).get("dir") or "<onnx export dir>"
+    precision = manifest.get("precision", "fp16")
+    flag = "--int8" if precision == "int8" else "--fp16"
+    return f"Rebuild them on this device: vlsi build-engine --onnx {onnx_dir} --out {engine_dir} {flag}"
+
+
+def load_engine_manifest(engine_dir: str | Path) -> dict[str, Any]:
+    """Read `manifest.json` of an engine directory; ModelLoadError saying what is wrong."""
+    path = Path(engine_dir) / ENGINE_MANIFEST
+    if not path.is_file():
+        raise ModelLoadError(f"{engine_dir}: no {ENGINE_MANIFEST}; build engines with `vlsi build-engine`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: corrupt JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: not a JSON object")
+    return data
+
+
+def find_engine_dir(model_path: str | Path, engine_dir: str | Path | None = None) -> Path | None:
+    """`engine_dir`, or `model_path` itself, or `<model_path>/tensorrt`, whichever holds an engine manifest."""
+    candidates = [Path(engine_dir)] if engine_dir is not None else [Path(model_path), Path(model_path) / "tensorrt"]
+    for cand in candidates:
+        path = cand / ENGINE_MANIFEST
+        if path.is_file():
+            try:
+                if json.loads(path.read_text(encoding="utf-8")).get("format") == ENGINE_FORMAT:
+                    return cand
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+# ----------------------------------------------------------------------------- CUDA (cuda-python)
+class _Cuda:
+    """The few CUDA runtime calls the engine needs, through cuda-python."""
+
+    def __init__(self, device_index: int = 0) -> None:
+        try:
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        except ImportError:
+            try:
+                from cuda import cudart  # older cuda-python
+            except ImportError as exc:
+                raise TensorRTUnavailable(
+                    "the TensorRT backend needs cuda-python for device memory: `pip install cuda-python` "
+                    "(the version matching your CUDA / JetPack)"
+                ) from exc
+        self.rt = cudart
+        self._call(cudart.cudaSetDevice(device_index))
+        self.device_index = device_index
+        self.stream = self._call(cudart.cudaStreamCreate())
+        self.stream_handle = int(self.stream)
+        self._allocs: list[int] = []
+
+    def _call(self, result: Any) -> Any:
+        err = result[0] if isinstance(result, tuple) else result
+        if int(err) != int(self.rt.cudaError_t.cudaSuccess):
+            raise EngineError(f"CUDA error {err}")
+        if isinstance(result, tuple) and len(result) > 1:
+            return result[1] if len(result) == 2 else result[1:]
+        return None
+
+    def gpu_info(self) -> dict[str, Any]:
+        prop = self._call(self.rt.cudaGetDeviceProperties(self.device_index))
+        name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+        return {"name": name, "compute_capability": f"{prop.major}.{prop.minor}",
+                "total_memory_mb": int(prop.totalGlobalMem) >> 20}
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = int(self._call(self.rt.cudaMalloc(max(int(nbytes), 1))))
+        self._allocs.append(ptr)
+        return ptr
+
+    def memset(self, ptr: int, nbytes: int) -> None:
+        self._call(self.rt.cudaMemsetAsync(ptr, 0, nbytes, self.stream))
+
+    def h2d(self, ptr: int, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self._call(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
+                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+
+    def d2h(self, array: np.ndarray, ptr: int) -> np.ndarray:
+        self._call(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes,
+                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        return array
+
+    def sync(self) -> None:
+        self._call(self.rt.cudaStreamSynchronize(self.stream))
+
+    def close(self) -> None:
+        for ptr in self._allocs:
+            self.rt.cudaFree(ptr)
+        self._allocs.clear()
+        self.rt.cudaStreamDestroy(self.stream)
+
+
+# ----------------------------------------------------------------------------- the engine
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+class TensorRTEngine:
+    """`Engine` on TensorRT 10 engines built by `vlsi build-engine`. Not thread-safe (see `Engine`)."""
+
+    backend = "tensorrt"
+
+    def __init__(self, engine_dir: str | Path, device: str = "cuda", max_question_chars: int = 1000,
+                 is_placeholder: bool | None = None) -> None:
+        from vlsi_model.engine.np_inputs import ImageConfig, PromptBuilder, VisionSpec
+        from vlsi_model.engine.onnxruntime_engine import _image_config_with_limits
+        from vlsi_model.export.manifest import load_manifest, read_metadata_json
+
+        trt = load_tensorrt()
+        self.trt = trt
+        self.engine_dir = Path(engine_dir)
+        self.manifest = load_engine_manifest(self.engine_dir)
+        index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+        if not device.startswith("cuda"):
+            raise ModelLoadError(f"the tensorrt backend runs on a CUDA device (cuda, cuda:N), not {device!r}")
+        self.cuda = _Cuda(index)
+        check_engine_manifest(self.manifest, trt.__version__, self.cuda.gpu_info(), self.engine_dir)
+        self.export = em = load_manifest(self.engine_dir)  # the export's files are copied beside the engines
+        self.model_name = str(self.manifest.get("model_name") or em.get("model_name") or self.engine_dir.name)
+        meta = read_metadata_json(self.engine_dir)
+        self.is_placeholder = bool(meta.get("placeholder", False)) if is_placeholder is None else is_placeholder
+        self.max_question_chars = max_question_chars
+        text, vision = em["text"], em["vision"]
+        self.num_layers, self.num_kv_heads = int(text["num_layers"]), int(text["num_kv_heads"])
+        self.head_dim, self.hidden = int(text["head_dim"]), int(text["hidden_size"])
+        self.mrope_section = [int(s) for s in text["mrope_section"]]
+        self.stop_token_ids = frozenset(int(t) for t in text["stop_token_ids"])
+        self.mask_value = float(text["mask_value"])
+        self.vision_spec = VisionSpec(em["model_type"], int(vision["merge_size"]), int(vision["patch_size"]),
+                                      int(vision.get("window_size") or 0))
+        self.image_config = _image_config_with_limits(
+            ImageConfig.from_json(self.engine_dir / "preprocessor_config.json"), em["image"])
+        self.prompts = PromptBuilder.from_dir(self.engine_dir)
+        self.image_token_id = self.prompts.image_token_id
+        self.embed_tokens = np.asarray(np.load(self.engine_dir / em["files"]["embed_tokens"], mmap_mode="r"))
+        with np.load(self.engine_dir / em["files"]["rope"]) as rope:
+            self.text_inv_freq = np.array(rope["text_inv_freq"], dtype=np.float32)
+            self.vision_inv_freq = np.array(rope["vision_inv_freq"], dtype=np.float32)
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        engines = self.manifest["engines"]
+        self._vision_engine = self._deserialize(engines["vision"]["file"])
+        self._decoder_engine = self._deserialize(engines["decoder"]["file"])
+        self._vision_ctx = self._vision_engine.create_execution_context()
+        self._prefill_ctx = self._decoder_engine.create_execution_context()
+        self._decode_ctx = self._decoder_engine.create_execution_context()
+        self._prefill_ctx.set_optimization_profile_async(PREFILL_PROFILE, self.cuda.stream_handle)
+        self._decode_ctx.set_optimization_profile_async(DECODE_PROFILE, self.cuda.stream_handle)
+        self.cuda.sync()
+        self._allocate()
+        self._closed = False
+
+    def _deserialize(self, name: str) -> Any:
+        data = (self.engine_dir / name).read_bytes()
+        engine = self._runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise EngineMismatchError(f"{self.engine_dir / name}: TensorRT could not deserialize it. "
+                                      f"{rebuild_hint(self.manifest, self.engine_dir)}")
+        return engine
+
+    def _dtype(self, engine: Any, name: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(engine.get_tensor_dtype(name)))
+
+    def _max_shape(self, engine: Any, name: str, profile: int) -> tuple[int, ...]:
+        static = tuple(engine.get_tensor_shape(name))
+        if all(d >= 0 for d in static):  # e.g. a fixed-image-size vision engine: no profile
+            return static
+        return tuple(engine.get_tensor_profile_shape(name, profile)[2])
+
+    def _allocate(self) -> None:
+        """Device buffers at the profiles' maximum shapes, allocated once."""
+        ve, de = self._vision_engine, self._decoder_engine
+        self._vbuf: dict[str, int] = {}
+        for i in range(ve.num_io_tensors):
+            name = ve.get_tensor_name(i)
+            if ve.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT:
+                shape = self._max_shape(ve, name, 0)
+            else:  # image_embeds [M, hidden]: M at most the patches / merge_size**2
+                patches = self._max_shape(ve, "pixel_values", 0)[0]
+                shape = (patches // self.vision_spec.merge_size**2, self.hidden)
+            self._vbuf[name] = self.cuda.malloc(int(np.prod(shape)) * self._dtype(ve, name).itemsize)
+        self.max_patches = self._max_shape(ve, "pixel_values", 0)[0]
+        self.max_prefill = self._max_shape(de, "inputs_embeds", PREFILL_PROFILE)[1]
+        self.max_total = self._max_shape(de, "attention_bias", DECODE_PROFILE)[3]
+        self.kv_dtype = self._dtype(de, "past_key_0")
+        self.float_dtype = self._dtype(de, "inputs_embeds")
+        kv_bytes = self.num_kv_heads * self.max_total * self.head_dim * self.kv_dtype.itemsize
+        self._kv = [[self.cuda.malloc(kv_bytes) for _ in range(2 * self.num_layers)] for _ in range(2)]
+        s = self.max_prefill
+        fsize = self.float_dtype.itemsize
+        self._dbuf = {
+            "inputs_embeds": self.cuda.malloc(s * self.hidden * fsize),
+            "rotary_cos": self.cuda.malloc(s * self.head_dim * fsize),
+            "rotary_sin": self.cuda.malloc(s * self.head_dim * fsize),
+            "attention_bias": self.cuda.malloc(s * max(self.max_total, s + PAD_SLOTS) * fsize),
+            "logits": self.cuda.malloc(int(self.export["text"]["vocab_size"]) * 4),
+        }
+        self._logits = np.empty((1, int(self.export["text"]["vocab_size"])), dtype=np.float32)
+
+    # ------------------------------------------------------------------ stages
+    def _run_vision(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+        from vlsi_model.engine.np_inputs import vision_aux_inputs
+
+        n = pixel_values.shape[0]
+        if n > self.max_patches:
+            raise EngineError(f"the image needs {n} patches but the vision engine was built for at most "
+                              f"{self.max_patches}; rebuild with a larger --image-tokens range or send smaller images")
+        feeds = vision_aux_inputs(grid, self.vision_spec, self.vision_inv_freq)
+        feeds["pixel_values"] = pixel_values
+        ctx, ve = self._vision_ctx, self._vision_engine
+        for name, value in feeds.items():
+            if name not in self._vbuf:
+                continue
+            value = np.ascontiguousarray(value, dtype=self._dtype(ve, name))
+            ctx.set_input_shape(name, value.shape)
+            self.cuda.h2d(self._vbuf[name], value)
+            ctx.set_tensor_address(name, self._vbuf[name])
+        ctx.set_tensor_address("image_embeds", self._vbuf["image_embeds"])
+        if not ctx.execute_async_v3(self.cuda.stream_handle):
+            raise EngineError("TensorRT vision engine failed to run")
+        out = np.empty(tuple(ctx.get_tensor_shape("image_embeds")), dtype=self._dtype(ve, "image_embeds"))
+        self.cuda.d2h(out, self._vbuf["image_embeds"])
+        self.cuda.sync()
+        return out
+
+    def _run_decoder(self, ctx: Any, embeds: np.ndarray, cos: np.ndarray, sin: np.ndarray, bias: np.ndarray,
+                     past_len: int, src: int) -> np.ndarray:
+        """One decoder call reading KV set `src` (length past_len), writing set 1 - src."""
+        seq = embeds.shape[1]
+        for name, value in (("inputs_embeds", embeds), ("rotary_cos", cos), ("rotary_sin", sin),
+                            ("attention_bias", bias)):
+            value = np.ascontiguousarray(value, dtype=self.float_dtype)
+            ctx.set_input_shape(name, value.shape)
+            self.cuda.h2d(self._dbuf[name], value)
+            ctx.set_tensor_address(name, self._dbuf[name])
+        kv_shape = (1, self.num_kv_heads, past_len, self.head_dim)
+        for i in range(self.num_layers):
+            for j, kv in enumerate(("key", "value")):
+                slot = 2 * i + j
+                ctx.set_input_shape(f"past_{kv}_{i}", kv_shape)
+                ctx.set_tensor_address(f"past_{kv}_{i}", self._kv[src][slot])
+                ctx.set_tensor_address(f"present_{kv}_{i}", self._kv[1 - src][slot])
+        ctx.set_tensor_address("logits", self._dbuf["logits"])
+        if seq + past_len > self.max_total:
+            raise EngineError(f"context of {seq + past_len} tokens exceeds the engine's {self.max_total}")
+        if not ctx.execute_async_v3(self.cuda.stream_handle):
+            raise EngineError("TensorRT decoder engine failed to run")
+        self.cuda.d2h(self._logits, self._dbuf["logits"])
+        self.cuda.sync()
+        return self._logits[0]
+
+    # ------------------------------------------------------------------ Engine
+    def answer(self, image: np.ndarray, question: str, max_new_tokens: int = 32,
+               on_token: TokenCallback | None = None, cancel: threading.Event | None = None) -> AnswerResult:
+        """Greedy answer about `image` (H x W x 3 uint8 RGB) to `question` (same contract as TorchEngine).
+
+        Generation also stops when the engine's maximum context (built into its profiles) is reached.
+        """
+        from vlsi_model.engine.np_inputs import (
+            causal_bias,
+            mrope_cos_sin,
+            preprocess_image,
+            rope_index,
+            validate_image,
+            validate_question,
+        )
+
+        t_start = time.perf_counter()
+        if self._closed:
+            raise EngineError("engine is closed")
+        if max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        image = validate_image(image)
+        question = validate_question(question, self.max_question_chars)
+        pixel_values, grid = preprocess_image(image, self.image_config)
+        ids = self.prompts.prompt_ids(question, int(np.prod(grid)) // self.vision_spec.merge_size**2)
+        if len(ids) > self.max_prefill:
+            raise EngineError(f"prompt of {len(ids)} tokens exceeds the engine's prefill maximum {self.max_prefill}; "
+                              "rebuild with a larger --prefill-tokens range")
+        result = AnswerResult(text="")
+        if cancel is not None and cancel.is_set():
+            result.cancelled = True
+            result.total_ms = _ms(t_start)
+            return result
+
+        t0 = time.perf_counter()
+        image_embeds = self._run_vision(pixel_values, grid)
+        result.vision_ms = _ms(t0)
+
+        t0 = time.perf_counter()
+        x = np.array(self.embed_tokens[ids], dtype=self.float_dtype)
+        x[ids == self.image_token_id] = image_embeds.astype(self.float_dtype)
+        positions, rope_delta = rope_index(ids, self.image_token_id, grid, self.vision_spec.merge_size)
+        cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype)
+        bias = causal_bias(len(ids), PAD_SLOTS, self.float_dtype, self.mask_value)
+        bias[..., :PAD_SLOTS] = self.mask_value
+        for slot in range(2 * self.num_layers):  # the pad slot's key/value: zeros
+            self.cuda.memset(self._kv[0][slot], self.num_kv_heads * PAD_SLOTS * self.head_dim * self.kv_dtype.itemsize)
+        logits = self._run_decoder(self._prefill_ctx, x[None], cos, sin, bias, PAD_SLOTS, src=0)
+        next_id = int(np.argmax(logits))
+        src = 1
+        result.prefill_ms = _ms(t0)
+
+        t0 = time.perf_counter()
+        seq_len = len(ids)
+        past_len = seq_len + PAD_SLOTS
+        tokens: list[int] = []
+        while True:
+            if next_id in self.stop_token_ids:
+                break
+            tokens.append(next_id)
+            stop = False
+            if on_token is not None:
+                text = self.prompts.decode(tokens).rstrip("\ufffd").strip()
+                stop = on_token(text, len(tokens)) is False
+            if stop or (cancel is not None and cancel.is_set()):
+                result.cancelled = True
+                break
+            if len(tokens) >= max_new_tokens or past_len + 1 > self.max_total:
+                break
+            pos = np.full((3, 1), seq_len + len(tokens) - 1 + rope_delta, dtype=np.int64)
+            cos, sin = mrope_cos_sin(pos, self.text_inv_freq, self.mrope_section, self.float_dtype)
+            bias = np.zeros((1, 1, 1, past_len + 1), dtype=self.float_dtype)
+            bias[..., :PAD_SLOTS] = self.mask_value
+            emb = np.array(self.embed_tokens[[next_id]], dtype=self.float_dtype)[None]
+            logits = self._run_decoder(self._decode_ctx, emb, cos, sin, bias, past_len, src=src)
+            src = 1 - src
+            past_len += 1
+            next_id = int(np.argmax(logits))
+        result.decode_ms = _ms(t0)
+        result.token_ids = tokens
+        result.text = self.prompts.decode(tokens).strip()
+        result.total_ms = _ms(t_start)
+        return result
+
+    def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:
+        """One throw-away answer: the first execution of each context pays lazy initialisation."""
+        return self.answer(np.full((height, width, 3), 128, dtype=np.uint8), "What is in the image?",
+                           max_new_tokens=max_new_tokens)
+
+    def close(self) -> None:
+        """Free device memory and the engines; `answer` raises EngineError afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self._vision_ctx = self._prefill_ctx = self._decode_ctx = None
+        self._vision_engine = self._decoder_engine = None
+        self.cuda.close()
+
+
+# ----------------------------------------------------------------------------- registry hooks
+def available(model_path: str | Path, device: str = "cuda") -> bool:
+    """Backend registry check: TensorRT installed, a CUDA device asked for, engines next to the model."""
+    return tensorrt_available() and device.startswith("cuda") and find_engine_dir(model_path) is not None
+
+
+def load(model_path: str | Path, device: str = "cuda", engine_dir: str | Path | None = None,
+         max_question_chars: int | None = None, is_placeholder: bool | None = None) -> TensorRTEngine:
+    """Backend registry loader: engines in `engine_dir`, `model_path` or `<model_path>/tensorrt`."""
+    found = find_engine_dir(model_path, engine_dir)
+    if found is None:
+        where = engine_dir if engine_dir is not None else f"{model_path} or {Path(model_path) / 'tensorrt'}"
+        raise ModelLoadError(f"no TensorRT engines found in {where}; build them with "
+                             "`vlsi build-engine --onnx ONNX_DIR --out ENGINE_DIR`")
+    if device == "cpu":
+        device = "cuda"  # the node's default device; TensorRT only runs on the GPU
+    return TensorRTEngine(found, device=device, max_question_chars=max_question_chars or 1000,
+                          is_placeholder=is_placeholder)

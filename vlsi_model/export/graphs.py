@@ -1,0 +1,210 @@
+"""Export-friendly forward passes of Qwen2-VL / Qwen2.5-VL built from the Hugging Face modules' weights.
+
+Why not export the Hugging Face modules as they are: their forwards compute vision position
+ids, `cu_seqlens` and the window index with `.tolist()` loops and `repeat_interleave`, split
+attention into per-image chunks by Python lists, build causal masks through
+`masking_utils` and keep the KV cache in a `DynamicCache` object; none of it traces into a
+static ONNX graph (ENVIRONMENT.md: the vision tower exports only when those are computed
+outside). The wrappers below run the *same* parameters through the same arithmetic, with
+every data-dependent index computed outside the graph and fed in as an input:
+
+- `VisionGraph`: pixel patches + rotary cos/sin + attention segment ids (+ Qwen2.5-VL's
+  window permutation) -> merged image embeddings. Attention is one masked softmax over all
+  patches; the mask comes from segment ids (`cu_seqlens` expressed per patch), so a
+  dynamic patch count needs no loop.
+- `DecoderGraph`: one graph for prefill *and* decode (inputs_embeds, M-RoPE cos/sin, an
+  additive attention bias, past KV of any length including 0 -> last-position logits +
+  present KV). One graph means the weights exist once: in ONNX Runtime one session, in
+  TensorRT one engine with a prefill and a decode optimisation profile. Two graphs would
+  double the decoder's weights, which an 8 GB Jetson cannot afford for a 2B model.
+
+Only plain tensor arithmetic is used (MatMul, Softmax, Concat, Gather by int32 indices, ...)
+so every op is in TensorRT 10's ONNX operator set (checked by `trt_ops`). Parity with the
+Hugging Face forward is tested (`test/test_onnx_export.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Additive mask value for "may not attend". Finite (not -inf) so fp16 graphs never compute
+# inf - inf; every query row keeps at least itself unmasked, so softmax stays well defined.
+_MASK_VALUE_FP32 = -1e9
+_MASK_VALUE_FP16 = -3e4
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """The additive "masked" bias for `dtype` (see _MASK_VALUE_*)."""
+    return _MASK_VALUE_FP16 if dtype == torch.float16 else _MASK_VALUE_FP32
+
+
+def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    """HF's rotate_half with the half width as a Python int: a constant Slice in the graph
+    (x.shape[-1] // 2 would trace into Shape -> Gather -> Div -> Slice per use)."""
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class VisionGraph(nn.Module):
+    """Vision tower of a Qwen2-VL or Qwen2.5-VL model with all index math fed in as inputs.
+
+    Inputs (N patches, M = N / merge_size**2 merged tokens):
+      pixel_values   [N, C*T*P*P]  the image processor's flattened patches (natural order)
+      rotary_cos/sin [N, head_dim] vision rotary tables for the patches' (h, w) positions
+      full_segments  [N] int32     image id of each patch: full-attention blocks attend
+                                   within one image (`cu_seqlens` per patch)
+    Qwen2.5-VL only:
+      window_segments [N] int32    window id of each patch *in window order*
+      window_index    [M] int32    merged-token permutation into window order
+      reverse_index   [M] int32    its inverse (argsort), restoring natural order at the end
+    Output: image_embeds [M, text_hidden] in natural order, as `get_image_features` returns.
+    """
+
+    def __init__(self, visual: nn.Module, model_type: str) -> None:
+        super().__init__()
+        self.visual = visual
+        self.windowed = model_type == "qwen2_5_vl"
+        cfg = visual.config
+        self.merge_unit = cfg.spatial_merge_size**2
+        pe = visual.patch_embed
+        # Conv3d with stride == kernel over one patch is a dot product: a MatMul is exactly the
+        # same sum, faster on CPU, and avoids 5-D convolution in TensorRT.
+        self.register_buffer(
+            "patch_weight", pe.proj.weight.detach().reshape(pe.proj.weight.shape[0], -1).t().contiguous(),
+            persistent=False,
+        )
+        self.full_blocks = set(getattr(cfg, "fullatt_block_indexes", None) or []) if self.windowed else None
+
+    def _attention(self, blk: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+        # Shapes use -1 for the one dynamic size, so each reshape exports as a single Reshape
+        # with a constant shape (no Shape/Gather/Concat chains per layer).
+        attn = blk.attn
+        heads, head_dim = attn.num_heads, attn.head_dim
+        qkv = attn.qkv(x).reshape(-1, 3, heads, head_dim).permute(1, 0, 2, 3)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, head_dim]
+        dtype = q.dtype
+        c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+        qf, kf = q.float(), k.float()
+        q = (qf * c + _rotate_half(qf, head_dim // 2) * s).to(dtype)
+        k = (kf * c + _rotate_half(kf, head_dim // 2) * s).to(dtype)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, head_dim]
+        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(dtype)
+        out = torch.matmul(probs, v).transpose(0, 1).reshape(-1, heads * head_dim)
+        return attn.proj(out)
+
+    @staticmethod
+    def _segment_bias(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        same = segments.unsqueeze(1) == segments.unsqueeze(0)
+        zero = torch.zeros((), dtype=dtype)
+        return torch.where(same, zero, torch.full((), mask_value(dtype), dtype=dtype)).unsqueeze(0)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        rotary_cos: torch.Tensor,
+        rotary_sin: torch.Tensor,
+        full_segments: torch.Tensor,
+        window_segments: torch.Tensor | None = None,
+        window_index: torch.Tensor | None = None,
+        reverse_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dtype = self.patch_weight.dtype
+        x = torch.matmul(pixel_values.to(dtype), self.patch_weight)
+        width = x.shape[1]
+        cos, sin = rotary_cos, rotary_sin
+        full_bias = self._segment_bias(full_segments, dtype)
+        window_bias = full_bias
+        if self.windowed:
+            assert window_segments is not None and window_index is not None and reverse_index is not None
+            # Reorder merged-token groups into window order (HF: permute_input_for_window_attn).
+            u = self.merge_unit
+            hd = self.visual.blocks[0].attn.head_dim
+            x = torch.index_select(x.reshape(-1, u * width), 0, window_index).reshape(-1, width)
+            cos = torch.index_select(cos.reshape(-1, u * hd), 0, window_index).reshape(-1, hd)
+            sin = torch.index_select(sin.reshape(-1, u * hd), 0, window_index).reshape(-1, hd)
+            full_segments_w = torch.index_select(full_segments.reshape(-1, u), 0, window_index).reshape(-1)
+            full_bias = self._segment_bias(full_segments_w, dtype)
+            window_bias = self._segment_bias(window_segments, dtype)
+        for i, blk in enumerate(self.visual.blocks):
+            bias = full_bias if (not self.windowed or i in self.full_blocks) else window_bias
+            x = x + self._attention(blk, blk.norm1(x), cos, sin, bias)
+            x = x + blk.mlp(blk.norm2(x))
+        merged = self.visual.merger(x)
+        if self.windowed:
+            merged = torch.index_select(merged, 0, reverse_index)
+        return merged
+
+
+class DecoderGraph(nn.Module):
+    """Text decoder + lm_head of a Qwen2-VL / Qwen2.5-VL model with an explicit KV cache.
+
+    Inputs (S new tokens, P cached tokens, T = P + S):
+      inputs_embeds  [1, S, hidden]   token embeddings, image embeddings already scattered in
+      rotary_cos/sin [1, S, head_dim] M-RoPE tables of the new tokens' 3-D positions
+      attention_bias [1, 1, S, T]     additive: 0 = may attend, large negative = masked
+                                      (prefill: causal; decode: all zeros)
+      past_key_i / past_value_i [1, kv_heads, P, head_dim] for each layer i (P may be 0)
+    Outputs: logits [1, vocab] (float32, last position only: all greedy decoding needs),
+      present_key_i / present_value_i [1, kv_heads, T, head_dim].
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        cfg = self.lm.config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.vocab_size = self.lm_head.out_features
+
+    def _attention(
+        self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+        past_k: torch.Tensor, past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Batch is always 1 and every reshape has at most one unknown size (-1), so each is a
+        # single Reshape with a constant shape in the graph. Grouped-query attention broadcasts
+        # K/V over the query heads of their group ([1, kv, g, S, d] x [1, kv, 1, d, T]) instead
+        # of materialising repeated K/V.
+        attn = layer.self_attn
+        nh, kvh, hd, g = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
+        q = attn.q_proj(x).reshape(1, -1, nh, hd).transpose(1, 2)
+        k = attn.k_proj(x).reshape(1, -1, kvh, hd).transpose(1, 2)
+        v = attn.v_proj(x).reshape(1, -1, kvh, hd).transpose(1, 2)
+        c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * c + _rotate_half(q, hd // 2) * sn
+        k = k * c + _rotate_half(k, hd // 2) * sn
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        qg = q.reshape(1, kvh, g, -1, hd)
+        scores = torch.matmul(qg, k.unsqueeze(2).transpose(3, 4)) * self.scaling + bias.unsqueeze(2)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v.unsqueeze(2))  # [1, kv, g, S, d]
+        out = out.reshape(1, nh, -1, hd).transpose(1, 2).reshape(1, -1, nh * hd)
+        return attn.o_proj(out), k, v
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        rotary_cos: torch.Tensor,
+        rotary_sin: torch.Tensor,
+        attention_bias: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        x = inputs_embeds
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.lm.layers):
+            h, k, v = self._attention(
+                layer, layer.input_layernorm(x), rotary_cos, rotary_sin, attention_bias, past[2 * i], past[2 * i + 1]
+            )
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            presents += [k, v]
+        last = self.lm.norm(x[:, -1, :])
+        logits = self.lm_head(last).float().reshape(1, self.vocab_size)  # static [1, vocab] in the graph
+        return (logits, *presents)

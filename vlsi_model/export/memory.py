@@ -1,0 +1,228 @@
+"""How much memory a Qwen2-VL / Qwen2.5-VL deployment needs on a Jetson, computed from config numbers.
+
+8 GB boards (Orin Nano / Orin NX 8GB) share that memory between the OS, ROS, the CPU-side
+runtime and the GPU, so "does it fit?" has to be answered before building engines (a
+TensorRT build that runs out of memory on a Jetson takes the whole board down). Everything
+here is arithmetic on config.json values (no torch, no TensorRT), tested against the real
+parameter counts of models built from the same configs.
+
+Components, for the deployment `vlsi build-engine` produces:
+- vision engine weights: patch embedding + blocks + merger;
+- decoder engine weights: decoder layers + final norm + lm_head (the engine holds its own
+  lm_head copy even when the checkpoint ties it to the embeddings);
+- embedding table: host numpy array, memory-mapped: only rows of tokens actually used are
+  paged in, so it costs almost nothing resident (listed separately, not in the total);
+- KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per token, times the
+  context, times 2 buffer sets (the runtime ping-pongs between two, see tensorrt_engine);
+- activations: the largest live tensors of one vision pass or one prefill (TensorRT reuses
+  activation memory across layers, so the peak of one layer is what counts): attention
+  scores (heads x N x N in fp32: quadratic in the image's patch count, which is why the
+  image size must be bounded on 8 GB boards), MLP intermediates, hidden states, logits;
+- runtime overhead: CUDA context + cuBLAS/TensorRT libraries + the Python process; an
+  assumption (~0.8 GB observed on JetPack 6 Orin for TensorRT apps), overridable.
+Building needs more than running: the ONNX weights (parsed into host memory), the engine
+being built and the builder workspace at once; see `estimate_build_memory`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MB = 1 << 20
+GB = 1 << 30
+RUNTIME_OVERHEAD_BYTES = 800 * MB  # CUDA context + cuBLAS + TensorRT + Python/numpy/tokenizer (assumption)
+
+# Published config.json numbers of Qwen/Qwen2-VL-2B-Instruct (text + vision_config).
+QWEN2_VL_2B_CONFIG: dict[str, Any] = {
+    "model_type": "qwen2_vl",
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "vision_config": {
+        "depth": 32,
+        "embed_dim": 1280,
+        "hidden_size": 1536,
+        "mlp_ratio": 4,
+        "num_heads": 16,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes that decide memory, read from a config.json dict (`from_config`)."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool
+    vision_width: int  # embed_dim (qwen2_vl) / hidden_size (qwen2_5_vl)
+    vision_mlp: int  # vision MLP hidden width
+    vision_depth: int
+    vision_heads: int
+    vision_out: int  # merger output = text hidden
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
+        """From a Hugging Face config.json dict (flat or with `text_config`)."""
+        text = {**cfg, **(cfg.get("text_config") or {})}
+        v = cfg["vision_config"]
+        model_type = cfg.get("model_type", "qwen2_vl")
+        if model_type == "qwen2_5_vl":
+            width, mlp, out = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["out_hidden_size"])
+        else:
+            width = int(v["embed_dim"])
+            mlp, out = int(width * v.get("mlp_ratio", 4)), int(v.get("hidden_size", text["hidden_size"]))
+        return cls(
+            model_type=model_type,
+            hidden=int(text["hidden_size"]),
+            intermediate=int(text["intermediate_size"]),
+            layers=int(text["num_hidden_layers"]),
+            heads=int(text["num_attention_heads"]),
+            kv_heads=int(text["num_key_value_heads"]),
+            vocab=int(text["vocab_size"]),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            vision_width=width,
+            vision_mlp=mlp,
+            vision_depth=int(v["depth"]),
+            vision_heads=int(v["num_heads"]),
+            vision_out=out,
+            patch_size=int(v.get("patch_size", 14)),
+            merge_size=int(v.get("spatial_merge_size", 2)),
+            temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+            in_channels=int(v.get("in_channels", 3)),
+        )
+
+
+def param_counts(d: ModelDims) -> dict[str, int]:
+    """Parameters per component: vision, decoder_layers (+ final norm), embed, lm_head."""
+    e = d.vision_width
+    patch = d.in_channels * d.temporal_patch_size * d.patch_size**2 * e  # Conv3d, no bias
+    attn = e * 3 * e + 3 * e + e * e + e  # qkv + proj (with biases)
+    if d.model_type == "qwen2_5_vl":
+        norms, mlp = 2 * e, 3 * e * d.vision_mlp + 2 * d.vision_mlp + e  # RMSNorm x2; gated MLP with biases
+        merger_norm = e
+    else:
+        norms, mlp = 4 * e, 2 * e * d.vision_mlp + d.vision_mlp + e  # LayerNorm x2; fc1 + fc2 with biases
+        merger_norm = 2 * e
+    m = e * d.merge_size**2
+    merger = merger_norm + m * m + m + m * d.vision_out + d.vision_out
+    vision = patch + d.vision_depth * (norms + attn + mlp) + merger
+
+    h, kv = d.hidden, d.kv_heads * d.head_dim
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * d.intermediate + 2 * h
+    return {"vision": vision, "decoder_layers": d.layers * layer + h, "embed": d.vocab * h, "lm_head": d.vocab * h}
+
+
+def kv_bytes_per_token(d: ModelDims, dtype_bytes: int = 2) -> int:
+    """KV cache per token: 2 (K, V) x layers x kv_heads x head_dim x bytes."""
+    return 2 * d.layers * d.kv_heads * d.head_dim * dtype_bytes
+
+
+def image_patches(height: int, width: int, d: ModelDims) -> int:
+    """Vision patches of an image already resized to multiples of patch_size * merge_size."""
+    return (height // d.patch_size) * (width // d.patch_size)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component of a running deployment (`estimate_memory`)."""
+
+    vision_weights: int
+    decoder_weights: int
+    embed_table_host: int  # memory-mapped; resident only for rows in use (not in total)
+    kv_cache: int
+    activations: int
+    runtime_overhead: int
+    image_tokens: int
+    max_context: int
+
+    @property
+    def total(self) -> int:
+        return (self.vision_weights + self.decoder_weights + self.kv_cache + self.activations
+                + self.runtime_overhead)
+
+    def as_mb(self) -> dict[str, float]:
+        out = {k: round(v / MB, 1) for k, v in asdict(self).items() if k not in ("image_tokens", "max_context")}
+        out["total"] = round(self.total / MB, 1)
+        return out
+
+
+def _activation_bytes(d: ModelDims, patches: int, prefill_tokens: int, dtype_bytes: int) -> int:
+    """Peak live activations of one vision pass or one prefill, whichever is larger (see module doc)."""
+    n, e = patches, d.vision_width
+    vision = (d.vision_heads * n * n * 4 * 2  # scores + softmax in fp32
+              + n * n * 4  # segment mask
+              + n * (3 * e + d.vision_mlp + 3 * e) * dtype_bytes)  # qkv, mlp hidden, residual streams
+    s, h = prefill_tokens, d.hidden
+    text = (d.heads * s * s * 4 * 2  # scores + softmax in fp32
+            + s * s * dtype_bytes  # attention bias input
+            + s * (3 * d.intermediate + 4 * h) * dtype_bytes  # gate, up, act; residual/norm streams
+            + d.vocab * 4)  # last-position logits in fp32
+    return max(vision, text)
+
+
+def estimate_memory(d: ModelDims, image_hw: tuple[int, int] = (448, 448), max_context: int = 1024,
+                    prefill_tokens: int | None = None, dtype_bytes: int = 2, kv_sets: int = 2,
+                    runtime_overhead: int = RUNTIME_OVERHEAD_BYTES) -> MemoryEstimate:
+    """Memory of the TensorRT deployment for images of `image_hw` (H, W, multiples of 28) and
+    `max_context` tokens (prompt + answer). `prefill_tokens` defaults to the image tokens + 64."""
+    p = param_counts(d)
+    patches = image_patches(*image_hw, d)
+    image_tokens = patches // d.merge_size**2
+    prefill = prefill_tokens if prefill_tokens is not None else image_tokens + 64
+    return MemoryEstimate(
+        vision_weights=p["vision"] * dtype_bytes,
+        decoder_weights=(p["decoder_layers"] + p["lm_head"]) * dtype_bytes,
+        embed_table_host=p["embed"] * dtype_bytes,
+        kv_cache=kv_sets * max_context * kv_bytes_per_token(d, dtype_bytes),
+        activations=_activation_bytes(d, patches, prefill, dtype_bytes),
+        runtime_overhead=runtime_overhead,
+        image_tokens=image_tokens,
+        max_context=max_context,
+    )
+
+
+def estimate_build_memory(d: ModelDims, onnx_dtype_bytes: int = 4, engine_dtype_bytes: int = 2,
+                          workspace_mb: int = 2048) -> dict[str, float]:
+    """Peak host+device MB while building the larger (decoder) engine: parsed ONNX weights +
+    the engine's weights + builder workspace + overhead. An fp32 export doubles the first term,
+    which is why 8 GB boards should build from `vlsi export --dtype fp16`."""
+    p = param_counts(d)
+    weights = p["decoder_layers"] + p["lm_head"]
+    parsed = weights * onnx_dtype_bytes
+    built = weights * engine_dtype_bytes
+    total = parsed + built + workspace_mb * MB + RUNTIME_OVERHEAD_BYTES
+    return {"parsed_onnx_mb": round(parsed / MB, 1), "engine_mb": round(built / MB, 1),
+            "workspace_mb": float(workspace_mb), "overhead_mb": round(RUNTIME_OVERHEAD_BYTES / MB, 1),
+            "total_mb": round(total / MB, 1)}
+
+
+def format_estimate(est: MemoryEstimate) -> str:
+    """A short table of `est` in MB."""
+    mb = est.as_mb()
+    rows = [(k.replace("_", " "), v) for k, v in mb.items()]
+    width = max(len(k) for k, _ in rows)
+    head = f"image tokens {est.image_tokens}, max context {est.max_context}"
+    return head + "\n" + "\n".join(f"{k:<{width}}  {v:>9.1f} MB" for k, v in rows)
