@@ -50,7 +50,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "backend": ("auto", "inference backend: auto, torch, onnxruntime, tensorrt"),
     "engine_dir": ("", "TensorRT engine / ONNX directory for the tensorrt and onnxruntime backends"),
     "device": ("cpu", "torch device for the torch backend"),
-    "num_threads": (0, "CPU threads for inference; 0: library default"),
+    "num_threads": (0, "CPU threads of the torch and onnxruntime backends; 0: library default"),
     "model_label": ("", "name reported in answers and diagnostics; empty: the model directory name"),
     "transport": ("raw", "raw (sensor_msgs/Image on <camera>/image) or compressed (<...>/image/compressed)"),
     "cameras": ([], "camera names; each subscribes <name>/image. Empty: one camera on `image`"),
@@ -133,10 +133,12 @@ class VqaNode(LifecycleNode):
             self.get_logger().error(f"invalid parameters: {exc}")
             return TransitionCallbackReturn.FAILURE
         s = self._settings
+        # Pass each option only to backends that take it (load_engine refuses the others, so
+        # a parameter is never silently ignored); "auto" takes them all and uses what applies.
         options = {"device": s.device, "max_question_chars": s.max_question_chars}
-        if s.engine_dir and s.backend in ("onnxruntime", "tensorrt"):
+        if s.engine_dir and s.backend in ("onnxruntime", "tensorrt", "auto"):
             options["engine_dir"] = s.engine_dir
-        if s.num_threads > 0:
+        if s.num_threads > 0 and s.backend in ("torch", "onnxruntime", "auto"):
             options["num_threads"] = s.num_threads
         try:
             self._engine = load_engine(s.model_path or None, backend=s.backend, **options)
