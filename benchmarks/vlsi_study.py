@@ -1,0 +1,425 @@
+"""The VLsI paper's claims reproduced in miniature on the nano family (teacher -> student).
+
+    python benchmarks/vlsi_study.py --teacher runs/nano/teacher/final \\
+        --train-data runs/nano/data/train_mix.json --test-data runs/nano/test/test.json \\
+        --out runs/vlsi_study --seeds 0,1,2 --budget 2000
+    python benchmarks/vlsi_study.py --smoke --out /tmp/study     # every row, tiny models, 1-2 steps
+
+Rows (each a `vlsi distill` config generated from the row's overrides, or plain SFT):
+
+* teacher: the teacher itself (evaluated once);
+* student_sft: the student fine-tuned with plain SFT only (the paper's "SFT" baseline);
+* final_kl_only: classic distillation (final-output KL, no verbalized layers) + step 3;
+* vlsi_full: the full method (adaptive temperature, order-preserving window, KLD/KLD, step 3);
+* match_*: the matching ablation (random, uniform, bottom1, bottom3, multinomial, window,
+  order; "full" is vlsi_full);
+* ops_ce_none, ops_kld_none: intermediate / last-layer operation ablation (KLD/KLD = full);
+* no_step3: steps 1-2 only (the paper: worse than the baseline under greedy decoding);
+* cached_teacher: as vlsi_full, with the teacher's top-k distributions precomputed.
+
+Equal student compute: every trained row spends `--budget` optimizer steps on the student
+backbone (distillation rows: interaction + SFT = budget; no_step3: interaction = budget;
+student_sft: SFT = budget), at the same batch size. The verbalization step (step 1) trains
+only the verb-FFN heads on frozen backbones; it is identical for every row of one seed, so it
+runs once per seed (out/shared/seed<k>/) and is copied into each row.
+
+Resumable: a (row, seed) whose eval.json exists is skipped; an unfinished one resumes (its
+completed pipeline steps are skipped, its running step continues from its newest trainer
+checkpoint). Device-agnostic: training runs on CUDA when available (accelerate picks it),
+evaluation too. Output: out/results.md (table: mean +- std over seeds of overall and
+per-family exact-match accuracy on the test split), out/results.json, out/matching_heatmap.png
+(the full method's early/late matches, paper Fig. 5) and out/matching_variants.png (the
+match frequencies of every matching variant over its whole run, side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("vlsi_study")
+
+MATCH_VARIANTS = ("random", "uniform", "bottom1", "bottom3", "multinomial", "window", "order")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: how the student is trained (kind) and the distill-config overrides."""
+
+    name: str
+    kind: str  # "teacher" | "sft" | "distill"
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[str, ...] = ("verbalize", "interact", "sft")
+    group: str = "main"
+
+
+def study_rows() -> list[Row]:
+    """Every row of the study, in table order (paper's tables: main, matching, ops, steps, cost)."""
+    rows = [
+        Row("teacher", "teacher", "teacher"),
+        Row("student_sft", "sft", "student: SFT only"),
+        Row("final_kl_only", "distill", "student: final-layer KL + SFT",
+            {"loss": {"intermediate_weight": 0.0, "last_op": "kld"}}),
+        Row("vlsi_full", "distill", "student: VLsI (full)"),
+    ]
+    rows += [Row(f"match_{v}", "distill", f"matching: {v}", {"matching": {"variant": v}}, group="matching")
+             for v in MATCH_VARIANTS]
+    rows += [
+        Row("ops_ce_none", "distill", "ops: CE / none", {"loss": {"intermediate_op": "ce", "last_op": "none"}},
+            group="ops"),
+        Row("ops_kld_none", "distill", "ops: KLD / none", {"loss": {"intermediate_op": "kld", "last_op": "none"}},
+            group="ops"),
+        Row("no_step3", "distill", "without step 3 (steps 1-2)", steps=("verbalize", "interact"), group="steps"),
+        Row("cached_teacher", "distill", "cached teacher (top-k)", {"teacher_cache": {"enabled": True}},
+            group="cost"),
+    ]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in changes.items():
+        out[k] = _deep_update(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_smoke_inputs(root: Path) -> dict[str, Any]:
+    """Tiny teacher/student models and data for --smoke: the pipeline wiring, not the claims."""
+    from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen2vl_config
+    from vlsi_model.scenes import SceneConfig, corpus_texts, write_dataset
+    from vlsi_model.tokenizer import train_bpe_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = train_bpe_tokenizer(corpus_texts(30, seed=0), vocab_size=320)
+    proc = make_image_processor(min_pixels=56 * 56, max_pixels=56 * 56)
+    paths: dict[str, Any] = {}
+    for name, kw, seed in (("teacher", {"hidden_size": 64, "num_layers": 4}, 1),
+                           ("student", {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+                                        "vision_embed_dim": 32, "vision_heads": 2}, 2)):
+        dest = root / name
+        if not (dest / "config.json").is_file():
+            save_model_dir(build_model(tiny_qwen2vl_config(tokenizer=tok, **kw), seed=seed), tok, proc, dest,
+                           overwrite=True, metadata={"placeholder": False, "smoke": True})
+        paths[name] = dest
+    cfg = SceneConfig(width=56, height=56, max_objects=3)
+    train = root / "data" / "train.json"
+    if not train.is_file():
+        write_dataset(root / "data", 6, seed=0, config=cfg, families=("caption", "count", "exist"))
+    test = root / "data" / "test.json"
+    if not test.is_file():
+        write_dataset(root / "data", 3, seed=0, split="test", config=cfg, families=("count", "exist"))
+    paths.update(train=train, test=test)
+    return paths
+
+
+def make_student_init(out: Path, teacher_dir: Path, seed: int) -> Path:
+    """A freshly initialised nano student (seed `seed`) sharing the teacher's tokenizer and image processor."""
+    from vlsi_model.checkpoint import load_image_processor, load_tokenizer
+    from vlsi_model.models import build_model, save_model_dir
+    from vlsi_model.nano import nano_student_config
+
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(teacher_dir)
+    model = build_model(nano_student_config(tok), seed=seed)
+    return save_model_dir(model, tok, load_image_processor(teacher_dir), out, overwrite=True,
+                          metadata={"placeholder": False, "study_init_seed": seed})
+
+
+# ---------------------------------------------------------------------------------------------
+# Running rows
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StudyArgs:
+    out: Path
+    teacher: Path
+    train_data: Path
+    test_data: Path
+    student_init: str  # "random" or a model directory
+    seeds: list[int]
+    budget: int
+    interact_fraction: float
+    verbalize_steps: int
+    batch_size: int
+    lr: float
+    max_length: int
+    eval_samples: int | None
+    student_targets: dict[str, Any]
+    teacher_targets: dict[str, Any]
+    lora: dict[str, Any]
+
+
+def _student_init(a: StudyArgs, seed: int) -> Path:
+    if a.student_init != "random":
+        return Path(a.student_init)
+    return make_student_init(a.out / "shared" / f"seed{seed}" / "student_init", a.teacher, seed)
+
+
+def base_distill_config(a: StudyArgs, seed: int, output_dir: Path, interact_steps: int, sft_steps: int) -> dict:
+    """The distill config every row starts from (the full method), as `vlsi distill` reads it."""
+    return {
+        "output_dir": str(output_dir),
+        "teacher": {"path": str(a.teacher)},
+        "student": {"path": str(_student_init(a, seed))},
+        "data": {"train": str(a.train_data), "max_length": a.max_length},
+        "verbalizers": {"student": dict(a.student_targets), "teacher": dict(a.teacher_targets)},
+        "matching": {"variant": "full", "seed": seed},
+        "loss": {"intermediate_op": "kld", "last_op": "kld"},
+        "lora": copy.deepcopy(a.lora),
+        "teacher_cache": {"enabled": False},
+        "train": {"per_device_batch_size": a.batch_size, "lr": a.lr, "seed": seed,
+                  "warmup_steps": max(1, min(50, a.budget // 20)), "save_every_steps": max(1, a.budget // 4),
+                  "log_every_steps": max(1, min(25, a.budget // 10))},
+        "steps": {"verbalize": {"max_steps": a.verbalize_steps},
+                  "interact": {"max_steps": max(1, interact_steps)},
+                  "sft": {"max_steps": max(1, sft_steps)}},
+    }
+
+
+def _evaluate(model_dir: Path, a: StudyArgs, dest: Path) -> dict[str, Any]:
+    from vlsi_model.engine import load_engine
+    from vlsi_model.evaluation import evaluate, write_results
+
+    engine = load_engine(model_dir, "torch", device=_device())
+    try:
+        results = evaluate(model_dir, a.test_data, max_samples=a.eval_samples, engine=engine)
+    finally:
+        engine.close()
+    write_results(results, dest)
+    return results
+
+
+def _shared_verbalize(a: StudyArgs, seed: int) -> Path:
+    """Step 1 for one seed (identical for every row): out/shared/seed<k>/distill."""
+    from vlsi_model.distill.pipeline import run_distill
+
+    out = a.out / "shared" / f"seed{seed}" / "distill"
+    interact = round(a.budget * a.interact_fraction)
+    cfg = base_distill_config(a, seed, out, interact, a.budget - interact)
+    run_distill(cfg, steps=["verbalize"], resume=True)
+    return out
+
+
+def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
+    """Train (or resume) and evaluate one (row, seed); returns its eval results (cached on disk)."""
+    from vlsi_model.distill.pipeline import (
+        FINAL_DIR,
+        INTERACTION_DIR,
+        STUDENT_VERBALIZED_DIR,
+        TEACHER_VERBALIZERS_DIR,
+        run_distill,
+    )
+    from vlsi_model.training.sft import run_sft
+
+    row_dir = a.out / "rows" / row.name / ("all" if row.kind == "teacher" else f"seed{seed}")
+    result_file = row_dir / "eval.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    row_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if row.kind == "teacher":
+        model_dir = a.teacher
+    elif row.kind == "sft":
+        cfg = {"model": {"path": str(_student_init(a, seed))},
+               "data": {"train": str(a.train_data), "max_length": a.max_length},
+               "train": {"output_dir": str(row_dir / "sft"), "max_steps": a.budget, "per_device_batch_size":
+                         a.batch_size, "lr": a.lr, "seed": seed, "warmup_steps": max(1, min(50, a.budget // 20)),
+                         "save_every_steps": max(1, a.budget // 4), "log_every_steps": max(1, min(25, a.budget // 10))}}
+        run_sft(cfg, resume=True)
+        model_dir = row_dir / "sft" / "final"
+    else:
+        interact = a.budget if "sft" not in row.steps else round(a.budget * a.interact_fraction)
+        cfg = _deep_update(base_distill_config(a, seed, row_dir / "distill", interact, a.budget - interact),
+                           row.overrides)
+        shared = _shared_verbalize(a, seed)
+        for name in (TEACHER_VERBALIZERS_DIR, STUDENT_VERBALIZED_DIR):
+            if not (row_dir / "distill" / name).is_dir():
+                shutil.copytree(shared / name, row_dir / "distill" / name)
+        run_distill(cfg, steps=list(row.steps), resume=True)
+        model_dir = row_dir / "distill" / (FINAL_DIR if "sft" in row.steps else INTERACTION_DIR)
+    train_s = time.perf_counter() - t0
+    results = _evaluate(model_dir, a, row_dir / ".eval_tmp.json")
+    results["train_seconds"] = train_s
+    results.pop("predictions", None)
+    tmp = row_dir / ".eval.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, result_file)  # written last: its presence marks the row done
+    (row_dir / ".eval_tmp.json").unlink(missing_ok=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Markdown table (mean ± std over seeds) and the same numbers as JSON."""
+    families = sorted({f for rs in results.values() for r in rs for f in r["families"]})
+    header = "| row | seeds | overall | " + " | ".join(families) + " |"
+    lines = [header, "|" + "---|" * (3 + len(families))]
+    summary: dict[str, Any] = {}
+    group = None
+    for row in rows:
+        rs = results.get(row.name, [])
+        if row.group != group:
+            group = row.group
+            if group != "main":
+                lines.append(f"| *{group}* |" + " |" * (2 + len(families)))
+        overall = [r["overall"]["accuracy"] for r in rs]
+        per_family = {f: [r["families"][f]["accuracy"] for r in rs if f in r["families"]] for f in families}
+        lines.append(f"| {row.label} | {len(rs)} | {_mean_std(overall)} | "
+                     + " | ".join(_mean_std(per_family[f]) for f in families) + " |")
+        summary[row.name] = {
+            "label": row.label, "seeds": len(rs), "overall": overall,
+            "overall_mean": statistics.mean(overall) if overall else None,
+            "overall_std": statistics.stdev(overall) if len(overall) > 1 else 0.0,
+            "families": {f: v for f, v in per_family.items()},
+        }
+    priors = {}
+    for rs in results.values():
+        for r in rs:
+            for f, v in r["families"].items():
+                priors.setdefault(f, v["prior"])
+    if priors:
+        cells = " | ".join(f"{priors.get(f, 0):.3f}" for f in families)
+        lines.append(f"| *answer prior (majority)* | | | {cells} |")
+    return "\n".join(lines), summary
+
+
+def plot_matching(a: StudyArgs, rows: Sequence[Row], seed: int) -> Path | None:
+    """Copy the full method's heatmap and draw every matching variant's late-training frequencies."""
+    from matplotlib.figure import Figure
+
+    from vlsi_model.distill.pipeline import INTERACTION_DIR
+
+    stats = {}
+    for row in rows:
+        if row.name == "vlsi_full" or row.name.startswith("match_"):
+            path = a.out / "rows" / row.name / f"seed{seed}" / "distill" / INTERACTION_DIR / "matching_stats.json"
+            if path.is_file():
+                stats[row.name] = json.loads(path.read_text())
+    full_png = a.out / "rows" / "vlsi_full" / f"seed{seed}" / "distill" / INTERACTION_DIR / "matching_heatmap.png"
+    if full_png.is_file():
+        shutil.copyfile(full_png, a.out / "matching_heatmap.png")
+    if not stats:
+        return None
+    fig = Figure(figsize=(3.2 * len(stats), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(stats), squeeze=False)[0]
+    image = None
+    for ax, (name, st) in zip(axes, stats.items(), strict=True):
+        image = ax.imshow(st["overall"]["frequency"], vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_title(name.replace("match_", ""), fontsize=9)
+        ax.set_xticks(range(len(st["teacher_layers"])), [str(x) for x in st["teacher_layers"]], fontsize=7)
+        ax.set_yticks(range(len(st["student_layers"])), [str(x) for x in st["student_layers"]], fontsize=7)
+        ax.set_xlabel("teacher layer", fontsize=8)
+    axes[0].set_ylabel("student layer")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="match frequency (whole run)")
+    out = a.out / "matching_variants.png"
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/vlsi_study"))
+    p.add_argument("--teacher", type=Path, default=Path("runs/nano/teacher/final"))
+    p.add_argument("--train-data", type=Path, default=Path("runs/nano/data/train_mix.json"))
+    p.add_argument("--test-data", type=Path, default=Path("runs/nano/test/test.json"))
+    p.add_argument("--student-init", default="random", help="'random' (a fresh nano student per seed) or a model dir")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budget", type=int, default=2000, help="student optimizer steps per row")
+    p.add_argument("--interact-fraction", type=float, default=0.5, help="share of the budget spent in step 2")
+    p.add_argument("--verbalize-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--eval-samples", type=int, default=None, help="first N test records (default: all)")
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 steps per row, 1 seed: wiring check")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    student_targets = {"stride": 1, "start": 1}  # nano student 4 layers: 1, 2, 3
+    teacher_targets = {"stride": 2, "start": 1}  # nano teacher 8 layers: 1, 3, 5, 7
+    lora = {"enabled": False}  # nano models are tiny: full fine-tuning of the decoder in step 2
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.smoke:
+        paths = build_smoke_inputs(args.out / "smoke_inputs")
+        args.teacher, args.train_data, args.test_data = paths["teacher"], paths["train"], paths["test"]
+        args.student_init = str(paths["student"])
+        seeds, args.budget, args.verbalize_steps, args.batch_size = seeds[:1], 2, 1, 2
+        student_targets, teacher_targets = {"stride": 1, "start": 0}, {"stride": 1, "start": 0}
+        args.max_length = 64
+    a = StudyArgs(args.out, args.teacher, args.train_data, args.test_data, args.student_init, seeds, args.budget,
+                  args.interact_fraction, args.verbalize_steps, args.batch_size, args.lr, args.max_length,
+                  args.eval_samples, student_targets, teacher_targets, lora)
+    for path, what in ((a.teacher, "teacher model"), (a.train_data, "train data"), (a.test_data, "test data")):
+        if not Path(path).exists():
+            p.error(f"{what} not found: {path}")
+    rows = study_rows()
+    if args.rows:
+        wanted = {r.strip() for r in args.rows.split(",")}
+        unknown = wanted - {r.name for r in rows}
+        if unknown:
+            p.error(f"unknown rows {sorted(unknown)}")
+        rows = [r for r in rows if r.name in wanted]
+    a.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        for seed in ([seeds[0]] if row.kind == "teacher" else seeds):
+            log.info("row %s seed %d on %s", row.name, seed, _device())
+            r = run_row(row, a, seed)
+            if r is not None:
+                results.setdefault(row.name, []).append(r)
+                log.info("row %s seed %d: overall %.3f", row.name, seed, r["overall"]["accuracy"])
+    table, summary = summarise(rows, results)
+    plot_matching(a, rows, seeds[0])
+    text = (f"# VLsI study (nano family)\n\nbudget {a.budget} student steps per row, seeds {seeds}, "
+            f"device {_device()}, test {a.test_data}\n\n{table}\n")
+    (a.out / "results.md").write_text(text)
+    (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                    "rows": summary}, indent=1) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

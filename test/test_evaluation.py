@@ -1,0 +1,86 @@
+"""`vlsi eval` / vlsi_model.evaluation: exact match per family, JSON output, data without families,
+and a model whose answers are known (the "yes" model) scoring exactly where it should."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlsi_model.cli import main
+from vlsi_model.evaluation import NO_FAMILY, EvalSample, evaluate, format_table, load_eval_samples, score
+from vlsi_model.scenes import SceneConfig, write_dataset
+
+
+def _sample(i: int, reference: str, family: str = "count") -> EvalSample:
+    return EvalSample(i, f"r{i}", Path("x.png"), "q?", reference, family)
+
+
+def test_score_per_family_with_normalisation():
+    samples = [_sample(0, "2"), _sample(1, "3"), _sample(2, "yes", "exist"), _sample(3, "no", "exist"),
+               _sample(4, "red", "attribute")]
+    preds = ["Two.", "4", "yes", "yes", "The red"]
+    r = score(samples, preds)
+    assert r["families"]["count"] == {"accuracy": 0.5, "n": 2, "correct": 1, "prior": 0.5, "majority_answer": "2"}
+    assert r["families"]["exist"]["accuracy"] == 0.5 and r["families"]["exist"]["n"] == 2
+    assert r["families"]["attribute"]["accuracy"] == 1.0  # "The red" -> "red"
+    assert r["overall"] == {"accuracy": 3 / 5, "n": 5, "correct": 3}
+    assert [row["correct"] for row in r["predictions"]] == [True, False, True, False, True]
+    assert "| **overall** | 5 |" in format_table(r)
+    with pytest.raises(ValueError):
+        score(samples, preds[:-1])
+
+
+@pytest.fixture(scope="module")
+def scenes_json(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval_data")
+    return write_dataset(out, 6, seed=0, split="test", config=SceneConfig(width=112, height=112),
+                         families=("count", "exist", "spatial", "attribute"))
+
+
+def test_user_data_without_family_is_all(tmp_path, scenes_json):
+    records = json.loads(scenes_json.read_text())[:3]
+    for r in records:
+        r.pop("family")
+        r["image"] = str(scenes_json.parent / r["image"])  # absolute paths work too
+    data = tmp_path / "user.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    samples = load_eval_samples(data)
+    assert {s.family for s in samples} == {NO_FAMILY} and len(samples) == 3
+    assert load_eval_samples(data, max_samples=2)[-1].index == 1
+
+
+def test_yes_model_scores_exactly_on_yes_answers(yes_model_dir, scenes_json, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", str(yes_model_dir), "--data", str(scenes_json), "--out", str(out),
+                 "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| family |" in table and "overall" in table
+    results = json.loads(out.read_text())
+    rows = results["predictions"]
+    assert len(rows) == results["overall"]["n"] == len(json.loads(scenes_json.read_text()))
+    assert all(r["prediction"] == "yes" for r in rows)
+    assert all(r["correct"] == (r["reference"] == "yes") for r in rows)
+    fams = results["families"]
+    assert fams["count"]["accuracy"] == 0.0 and fams["attribute"]["accuracy"] == 0.0
+    yes_share = sum(r["reference"] == "yes" for r in rows if r["family"] == "exist") / fams["exist"]["n"]
+    assert fams["exist"]["accuracy"] == pytest.approx(yes_share)
+    assert sum(f["n"] for f in fams.values()) == results["overall"]["n"]
+
+
+def test_evaluate_reuses_a_loaded_engine_and_max_samples(yes_model_dir, scenes_json):
+    from vlsi_model.engine import load_engine
+
+    engine = load_engine(yes_model_dir, "torch")
+    r = evaluate(None, scenes_json, max_samples=4, engine=engine)
+    assert r["overall"]["n"] == 4
+    assert engine.answer  # still open: evaluate closes only engines it loaded itself
+    engine.close()
+
+
+def test_bad_data_is_a_clean_error(tmp_path, capsys, yes_model_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "x.png", "conversations": [{"from": "gpt", "value": "hi"}]}]))
+    assert main(["eval", "--model", str(yes_model_dir), "--data", str(bad), "--no-progress"]) == 1
+    assert "record 0" in capsys.readouterr().err

@@ -1,0 +1,116 @@
+"""The nano family: configs build at the intended sizes and share the family tokenizer's ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vlsi_model.nano import (
+    STUDENT_PARAM_RANGE,
+    TEACHER_PARAM_RANGE,
+    nano_image_processor,
+    nano_student_config,
+    nano_teacher_config,
+    nano_tokenizer,
+    save_nano_tokenizer,
+)
+from vlsi_model.tokenizer import SPECIAL_TOKEN_IDS
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return nano_tokenizer(num_scenes=100)  # smaller corpus than the shipped one: same specials, faster
+
+
+def _params(config) -> int:
+    from vlsi_model.models import build_model
+
+    return sum(p.numel() for p in build_model(config).parameters())
+
+
+def test_tokenizer_has_qwen2vl_specials_first(tokenizer):
+    for token, expected in SPECIAL_TOKEN_IDS.items():
+        assert tokenizer.convert_tokens_to_ids(token) == expected
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    # Scene words are whole tokens (merges learned), not byte soup.
+    assert len(tokenizer.encode("What color is the circle?", add_special_tokens=False)) <= 8
+
+
+def test_tokenizer_round_trips_through_hf_layout(tmp_path):
+    from vlsi_model.checkpoint import load_tokenizer
+
+    out = save_nano_tokenizer(tmp_path / "tok", num_scenes=50)
+    assert (out / "tokenizer.json").is_file()
+    loaded = load_tokenizer(out)
+    assert loaded.encode("red circle blue square") == nano_tokenizer(num_scenes=50).encode("red circle blue square")
+
+
+def test_student_and_teacher_sizes(tokenizer):
+    s_cfg, t_cfg = nano_student_config(tokenizer), nano_teacher_config(tokenizer)
+    student, teacher = _params(s_cfg), _params(t_cfg)
+    assert STUDENT_PARAM_RANGE[0] <= student <= STUDENT_PARAM_RANGE[1]
+    assert TEACHER_PARAM_RANGE[0] <= teacher <= TEACHER_PARAM_RANGE[1]
+    st, tt = s_cfg.get_text_config(), t_cfg.get_text_config()
+    assert tt.hidden_size > st.hidden_size and tt.num_hidden_layers > st.num_hidden_layers  # deeper and wider
+    assert t_cfg.vision_config.depth > s_cfg.vision_config.depth
+    # VLsI needs one vocabulary and identical special ids on both sides.
+    assert st.vocab_size == tt.vocab_size == len(tokenizer)
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert getattr(s_cfg, key) == getattr(t_cfg, key) == SPECIAL_TOKEN_IDS[
+            {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}[key]]
+
+
+def test_images_are_16_merged_tokens(tokenizer):
+    from vlsi_model.prompting import build_inputs
+
+    processor = nano_image_processor()
+    sample = build_inputs(tokenizer, processor, np.zeros((112, 112, 3), np.uint8), "What objects are there?")
+    image_id = SPECIAL_TOKEN_IDS["<|image_pad|>"]
+    assert int((sample["input_ids"] == image_id).sum()) == 16
+    assert sample["input_ids"].shape[1] < 48  # ~40-token samples, as NANO_NOTES measured
+
+
+def test_student_config_matches_the_recipe_yaml(tokenizer):
+    """configs/nano/student.yaml spells out the same architecture as NANO_STUDENT_ARCH."""
+    from pathlib import Path
+
+    import yaml
+
+    from vlsi_model.nano import NANO_STUDENT_ARCH, NANO_TEACHER_ARCH
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "nano"
+    student = yaml.safe_load((root / "student.yaml").read_text())
+    assert student["model"]["from_config"]["architecture"] == NANO_STUDENT_ARCH
+    teacher = yaml.safe_load((root / "teacher.yaml").read_text())
+    assert teacher["model"]["from_config"]["architecture"] == NANO_TEACHER_ARCH
+
+
+def test_write_mix_reaches_the_caption_share(tmp_path):
+    import json
+
+    from vlsi_model.recipes.nano import write_mix
+    from vlsi_model.scenes import SceneConfig, write_dataset
+
+    cfg = SceneConfig(width=56, height=56, max_objects=3)
+    vqa = write_dataset(tmp_path / "vqa", 6, seed=0, config=cfg, families=("count", "exist"))
+    cap = write_dataset(tmp_path / "cap", 3, seed=1, config=cfg, families=("caption",))
+    mix = write_mix(tmp_path / "mix" / "train.json", vqa, cap, caption_share=0.5)
+    records = json.loads(mix.read_text())
+    n_vqa = len(json.loads(vqa.read_text()))
+    assert sum(r["family"] == "caption" for r in records) == n_vqa  # 50%: as many captions as VQA records
+    assert all((mix.parent / r["image"]).is_file() for r in records)  # paths rebased to the mix's folder
+    assert write_mix(tmp_path / "mix" / "again.json", vqa, cap, 0.5).read_text() == mix.read_text()  # seeded
+
+
+def test_freeze_vision_tower_keeps_the_merger_trainable(tokenizer):
+    from vlsi_model.models import build_model
+    from vlsi_model.recipes.nano import freeze_vision_tower
+
+    model = build_model(nano_student_config(tokenizer))
+    frozen = freeze_vision_tower(model)
+    visual = model.model.visual
+    assert frozen == sum(p.numel() for n, p in visual.named_parameters() if not n.startswith("merger."))
+    assert all(p.requires_grad for p in visual.merger.parameters())
+    assert not any(p.requires_grad for p in visual.blocks.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())

@@ -1,0 +1,75 @@
+"""The nano recipe end to end on a tiny model: train with a frozen vision tower (which then
+really stays at its init), export a mid-run checkpoint, evaluate, and ship with a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlsi_model.recipes.nano import main as recipe_main
+from vlsi_model.scenes import SceneConfig, write_dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_export_eval_ship(tmp_path, tiny_tokenizer):
+    cfg_scenes = SceneConfig(width=56, height=56, max_objects=3)
+    train = write_dataset(tmp_path / "data", 6, seed=0, config=cfg_scenes, families=("caption", "exist"))
+    test = write_dataset(tmp_path / "data", 3, seed=0, split="test", config=cfg_scenes, families=("exist",))
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok_dir)
+    config = {
+        "model": {"from_config": {"family": "qwen2_vl", "seed": 0, "tokenizer": str(tok_dir),
+                                  "architecture": {"hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                                                   "num_kv_heads": 1, "vision_embed_dim": 32, "vision_heads": 2},
+                                  "max_pixels": 56 * 56}},
+        "data": {"train": str(train), "max_length": 96},
+        "nano": {"freeze_vision_tower": True},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_batch_size": 2,
+                  "warmup_steps": 1, "save_every_steps": 1, "log_every_steps": 1},
+    }
+    cfg_path = tmp_path / "nano.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    assert recipe_main(["train", "--config", str(cfg_path), "--threads", "1"]) == 0
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file()
+
+    # Frozen: the vision blocks equal a freshly built model's, the merger changed.
+    from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.recipes.nano import build_model_and_processors, load_nano_config
+
+    fresh, _, _ = build_model_and_processors(load_nano_config(cfg_path).sft())
+    trained = load_model_dir(final)[0].state_dict()
+    ref = fresh.state_dict()
+    block = next(k for k in trained if "visual.blocks." in k and k.endswith("weight"))
+    merger = next(k for k in trained if "visual.merger." in k and k.endswith("weight"))
+    assert torch.equal(trained[block], ref[block])
+    assert not torch.equal(trained[merger], ref[merger])
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_2"
+    assert recipe_main(["export", "--config", str(cfg_path), "--checkpoint", str(ckpt), "--out",
+                        str(tmp_path / "exported")]) == 0
+    exported = load_model_dir(tmp_path / "exported")[0].state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+    from vlsi_model.evaluation import evaluate, write_results
+
+    results = write_results(evaluate(final, test), tmp_path / "results.json")
+    dest = tmp_path / "pkg" / "default_student"
+    assert recipe_main(["ship", "--model", str(final), "--results", str(results), "--metrics",
+                        str(tmp_path / "run" / "metrics.jsonl"), "--config", str(cfg_path), "--dest", str(dest)]) == 0
+    card = (dest / "README.md").read_text()
+    assert "| exist |" in card and "2 steps" in card and "vision encoder stays at its random" in card
+    assert (dest / "config.json").is_file() and (dest / "tokenizer.json").is_file()
+    assert "predictions" not in json.loads((dest / "test_results.json").read_text())
+    load_model_dir(Path(dest))

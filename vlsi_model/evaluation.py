@@ -1,0 +1,204 @@
+"""Exact-match VQA evaluation per question family: what `vlsi eval` runs.
+
+Any model an engine can load (the shipped student, a `vlsi train` / `vlsi distill` output, a
+real Qwen2-VL checkpoint) is scored on a LLaVA-format file (the scene generator's test
+split, or a user's own data). Answers are produced by the *serving* engine with greedy
+decoding, one sample at a time, so the accuracy reported is the accuracy the robot gets:
+no separate batched decode path whose padding or position handling could differ from
+`Engine.answer`. (For the nano models a sample costs ~10 ms on CPU; 3,000 samples take
+about a minute.)
+
+Scoring: `answers.exact_match` (normalised: case, punctuation, number words, articles).
+Records carry "family" (the scene generator writes it); records without one are grouped
+under "all". Each family's *answer prior* (share of its most frequent reference answer) is
+reported beside its accuracy, because on yes/no or small closed answer sets a model that
+always says the majority answer already scores 0.5+: accuracy means little without it.
+Multi-turn records are scored on their first turn only (the image-grounded one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlsi_model.answers import exact_match, normalize_answer
+
+NO_FAMILY = "all"
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One scored question: its image (absolute path), question, reference answer and family."""
+
+    index: int
+    record_id: str | None
+    image: Path
+    question: str
+    reference: str
+    family: str
+
+
+@dataclass
+class FamilyScore:
+    n: int = 0
+    correct: int = 0
+    answers: Counter[str] = field(default_factory=Counter)  # normalised reference answers
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def prior(self) -> float:
+        """Accuracy of always giving this family's most frequent reference answer."""
+        return self.answers.most_common(1)[0][1] / self.n if self.n else 0.0
+
+
+def load_eval_samples(data_file: str | os.PathLike[str], max_samples: int | None = None) -> list[EvalSample]:
+    """The first-turn (question, answer) of every record of a LLaVA JSON/JSONL file.
+
+    Image paths are resolved against the file's folder, as in training. A malformed record
+    raises `DatasetError` naming it: an evaluation that silently drops records reports an
+    accuracy over a set nobody chose.
+    """
+    from vlsi_model.training.data import DatasetError, RecordError, parse_conversations, read_records
+
+    path = Path(data_file).expanduser()
+    records = read_records(path)
+    out: list[EvalSample] = []
+    for index, record in enumerate(records):
+        if max_samples is not None and len(out) >= max_samples:
+            break
+        try:
+            image, turns = parse_conversations(record)
+        except RecordError as exc:
+            raise DatasetError(f"{path} record {index}: {exc}") from None
+        image_path = Path(image).expanduser()
+        image_path = image_path if image_path.is_absolute() else path.parent / image_path
+        family = record.get("family") or NO_FAMILY
+        rid = record.get("id")
+        out.append(EvalSample(index, str(rid) if rid is not None else None, image_path, turns[0][0], turns[0][1],
+                              str(family)))
+    if not out:
+        raise DatasetError(f"{path}: no records to evaluate")
+    return out
+
+
+def score(samples: Sequence[EvalSample], predictions: Sequence[str]) -> dict[str, Any]:
+    """Per-family and overall accuracy of `predictions` (aligned with `samples`), plus the rows.
+
+    Pure function of its inputs, so the scoring is testable without any model.
+    """
+    if len(samples) != len(predictions):
+        raise ValueError(f"{len(samples)} samples but {len(predictions)} predictions")
+    families: dict[str, FamilyScore] = {}
+    rows = []
+    for s, pred in zip(samples, predictions, strict=True):
+        ok = exact_match(pred, s.reference)
+        fam = families.setdefault(s.family, FamilyScore())
+        fam.n += 1
+        fam.correct += int(ok)
+        fam.answers[normalize_answer(s.reference)] += 1
+        rows.append({"index": s.index, "id": s.record_id, "family": s.family, "question": s.question,
+                     "reference": s.reference, "prediction": pred, "correct": ok})
+    total = sum(f.n for f in families.values())
+    correct = sum(f.correct for f in families.values())
+    return {
+        "overall": {"accuracy": correct / total if total else 0.0, "n": total, "correct": correct},
+        "families": {
+            name: {"accuracy": f.accuracy, "n": f.n, "correct": f.correct, "prior": f.prior,
+                   "majority_answer": f.answers.most_common(1)[0][0] if f.n else None}
+            for name, f in sorted(families.items())
+        },
+        "predictions": rows,
+    }
+
+
+def evaluate(
+    model_dir: str | os.PathLike[str] | None,
+    data_file: str | os.PathLike[str],
+    max_samples: int | None = None,
+    backend: str = "torch",
+    max_new_tokens: int = 16,
+    progress: bool = False,
+    engine: Any = None,
+    on_sample: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Greedy answers of the model at `model_dir` (None: the default student) on `data_file`, scored.
+
+    Returns `score(...)` plus "model", "data", "backend" and timing. Pass an already loaded
+    `engine` to score without reloading (the study script does so between runs).
+    """
+    from vlsi_model.training.data import load_image
+
+    samples = load_eval_samples(data_file, max_samples)
+    owns_engine = engine is None
+    if engine is None:
+        from vlsi_model.engine import load_engine
+
+        engine = load_engine(model_dir, backend)
+    images: dict[Path, Any] = {}
+    predictions = []
+    t0 = time.perf_counter()
+    iterator: Any = samples
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(samples, desc="eval", unit="q")
+    try:
+        for k, s in enumerate(iterator):
+            if s.image not in images:
+                images = {s.image: load_image(s.image)}  # records of one image are adjacent: cache one
+            predictions.append(engine.answer(images[s.image], s.question, max_new_tokens=max_new_tokens).text)
+            if on_sample is not None:
+                on_sample(k + 1, len(samples))
+    finally:
+        if owns_engine:
+            engine.close()
+    elapsed = time.perf_counter() - t0
+    result = score(samples, predictions)
+    return {
+        "model": str(model_dir) if model_dir is not None else "default",
+        "data": str(data_file),
+        "backend": backend,
+        "max_new_tokens": max_new_tokens,
+        "seconds": elapsed,
+        **result,
+    }
+
+
+def write_results(results: dict[str, Any], out: str | os.PathLike[str]) -> Path:
+    """Write results JSON atomically (a crash never leaves a truncated file that parses)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table: family, n, accuracy, answer prior (majority answer), plus the overall row."""
+    lines = ["| family | n | accuracy | prior (majority answer) |", "|---|---:|---:|---:|"]
+    for name, f in results["families"].items():
+        lines.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['prior']:.3f} ({f['majority_answer']}) |")
+    o = results["overall"]
+    lines.append(f"| **overall** | {o['n']} | **{o['accuracy']:.3f}** | |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "NO_FAMILY",
+    "EvalSample",
+    "evaluate",
+    "format_table",
+    "load_eval_samples",
+    "score",
+    "write_results",
+]

@@ -1,0 +1,1 @@
+"""Recipes that need more than `vlsi train`'s YAML can express (data mixes, partial freezing)."""

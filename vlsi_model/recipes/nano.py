@@ -1,0 +1,414 @@
+"""Recipe of the nano family: data mix, family tokenizer and (partly frozen) SFT from scratch.
+
+Why this module exists next to `vlsi train` (training/sft.py): shared/NANO_NOTES.md found
+that a small Qwen2-VL trained from scratch on VQA alone stays at the answer prior; what gets
+it off chance is a dense caption task ("What objects are there?" -> "red circle blue
+square") making up ~50% of every batch. `vlsi train` reads one train JSON and cannot freeze
+parts of the model, so this recipe adds exactly two things and reuses everything else
+(`build_model_and_processors`, `ConversationDataset`, `SFTObjective`, `trainer.train`):
+
+* `prepare_data`: renders a VQA set and a caption set from disjoint train seeds and writes a
+  mixed JSON with the requested caption share (the trainer's seeded permutation spreads it
+  evenly over batches). The mixed JSON is ordinary LLaVA data, so `vlsi train` can use it.
+* `nano.freeze_vision_tower`: keeps the vision encoder (patch embedding + blocks) at its
+  random initialisation and trains only the merger and the language model. NANO_NOTES: a
+  linear probe reads shape perfectly from the *untrained* tower's tokens, and training the
+  tower erodes it (shape is the bottleneck of the binding families).
+
+Command line (also used by scripts/train_default_student.sh):
+
+    python -m vlsi_model.recipes.nano tokenizer --out runs/nano/tokenizer
+    python -m vlsi_model.recipes.nano data --out runs/nano/data --num 6000 --caption-num 30000
+    python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml [--resume] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from vlsi_model.training.config import (
+    TrainConfig,
+    dataclass_from_dict,
+    dataclass_to_dict,
+    load_yaml_config,
+    save_yaml,
+)
+from vlsi_model.training.sft import (
+    CONFIG_COPY,
+    FINAL_DIR,
+    DataSection,
+    ModelSection,
+    SFTConfig,
+    SFTObjective,
+    build_model_and_processors,
+)
+
+log = logging.getLogger(__name__)
+
+# The question families the default student answers; "caption" is the auxiliary dense task.
+VQA_FAMILIES: tuple[str, ...] = ("attribute", "count", "exist", "spatial", "compare")
+CAPTION_FAMILY = "caption"
+MIX_FILE = "train_mix.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def _rebase(records: Sequence[Mapping[str, Any]], src_dir: Path, dst_dir: Path) -> list[dict[str, Any]]:
+    """Records with `image` made relative to dst_dir (the mixed JSON's folder)."""
+    rel = Path(os.path.relpath(src_dir, dst_dir))
+    out = []
+    for r in records:
+        r = dict(r)
+        r["image"] = str(rel / r["image"])
+        out.append(r)
+    return out
+
+
+def write_mix(
+    out_json: str | Path,
+    vqa_json: str | Path,
+    caption_json: str | Path,
+    caption_share: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """Write a LLaVA JSON holding every VQA record plus caption records making up `caption_share`.
+
+    Caption records are drawn without replacement (cycling if there are too few) with a
+    seeded RNG, so the same inputs always give the same file. A share of 0 gives VQA only.
+    """
+    if not 0.0 <= caption_share < 1.0:
+        raise ValueError(f"caption_share must be in [0, 1), got {caption_share}")
+    out_json, vqa_json, caption_json = Path(out_json), Path(vqa_json), Path(caption_json)
+    vqa = json.loads(vqa_json.read_text())
+    caps = json.loads(caption_json.read_text()) if caption_share > 0 else []
+    want = round(len(vqa) * caption_share / (1.0 - caption_share))
+    if want and not caps:
+        raise ValueError(f"{caption_json} holds no caption records")
+    chosen: list[Any] = []
+    rng = np.random.default_rng(seed)
+    while len(chosen) < want:
+        perm = rng.permutation(len(caps))
+        chosen += [caps[int(i)] for i in perm[: want - len(chosen)]]
+    records = _rebase(vqa, vqa_json.parent, out_json.parent) + _rebase(chosen, caption_json.parent, out_json.parent)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_json.with_name(out_json.name + ".tmp")
+    tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    os.replace(tmp, out_json)
+    return out_json
+
+
+def prepare_data(
+    out_dir: str | Path,
+    num_images: int,
+    caption_images: int,
+    seed: int = 0,
+    caption_share: float = 0.5,
+    families: Sequence[str] = VQA_FAMILIES,
+    progress: bool = False,
+) -> Path:
+    """Render out_dir/vqa (run seed `seed`) and out_dir/caption (run seed `seed + 1`: other scenes),
+    then write out_dir/train_mix.json; returns its path. Skips a part whose JSON already exists,
+    so re-running the reproduction script after a crash does not re-render everything."""
+    from vlsi_model.scenes import write_dataset
+
+    out = Path(out_dir)
+    vqa = out / "vqa" / "train.json"
+    if not vqa.is_file():
+        write_dataset(out / "vqa", num_images, seed, "train", families=families, progress=progress)
+    cap = out / "caption" / "train.json"
+    if caption_share > 0 and not cap.is_file():
+        write_dataset(out / "caption", caption_images, seed + 1, "train", families=[CAPTION_FAMILY], progress=progress)
+    return write_mix(out / MIX_FILE, vqa, cap, caption_share, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class NanoSection:
+    """What this recipe adds to an SFT config."""
+
+    freeze_vision_tower: bool = False  # patch embedding + vision blocks stay at init; merger + LM train
+
+
+@dataclass
+class NanoConfig:
+    """An SFT config (model, data, train) plus the `nano:` section."""
+
+    model: ModelSection
+    data: DataSection
+    train: TrainConfig
+    nano: NanoSection = dataclasses.field(default_factory=NanoSection)
+
+    def sft(self) -> SFTConfig:
+        return SFTConfig(model=self.model, data=self.data, train=self.train)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_to_dict(self)
+
+
+def load_nano_config(source: str | Path | Mapping[str, Any]) -> NanoConfig:
+    """NanoConfig from a YAML file or mapping; unknown keys are errors that name them."""
+    if isinstance(source, Mapping):
+        return dataclass_from_dict(NanoConfig, source, "config")
+    return dataclass_from_dict(NanoConfig, load_yaml_config(source), str(source))
+
+
+def freeze_vision_tower(model: PreTrainedModel) -> int:
+    """Freeze the vision encoder except its merger; returns the number of frozen parameters."""
+    visual = model.model.visual
+    frozen = 0
+    for name, p in visual.named_parameters():
+        if not name.startswith("merger."):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def run_nano(
+    config: str | Path | Mapping[str, Any] | NanoConfig, resume: bool = False, force_resume: bool = False
+) -> Any:
+    """Train as `run_sft` does (same outputs: config.yaml, metrics.jsonl, checkpoints/, final/),
+    honouring the `nano:` section. Resumable exactly like every trainer run."""
+    from vlsi_model.models import save_model_dir
+    from vlsi_model.training.data import ConversationDataset, make_collate_fn
+    from vlsi_model.training.trainer import train
+
+    cfg = config if isinstance(config, NanoConfig) else load_nano_config(config)
+    out = cfg.train.output_path
+    save_yaml(cfg.to_dict(), out / CONFIG_COPY)
+    model, tokenizer, image_processor = build_model_and_processors(cfg.sft())
+    frozen = freeze_vision_tower(model) if cfg.nano.freeze_vision_tower else 0
+    data = cfg.data
+    train_set = ConversationDataset(data.train, tokenizer, image_processor, data.max_length, data.on_error)
+    eval_set = None
+    if data.eval is not None:
+        eval_set = ConversationDataset(data.eval, tokenizer, image_processor, data.max_length, data.on_error)
+    result = train(
+        SFTObjective(model), train_set, make_collate_fn(tokenizer.pad_token_id), cfg.train,
+        resume=resume, progress_desc="nano", eval_dataset=eval_set, force_resume=force_resume,
+    )
+    for p in model.parameters():
+        p.requires_grad_(True)
+    save_model_dir(
+        model.eval(), tokenizer, image_processor, out / FINAL_DIR, overwrite=True,
+        metadata={"placeholder": False, "recipe": "nano", "steps": result.steps, "final_loss": result.final_loss,
+                  "train_records": len(train_set), "frozen_vision_params": frozen,
+                  "freeze_vision_tower": cfg.nano.freeze_vision_tower},
+    )
+    return result
+
+
+def export_checkpoint(config: str | Path | NanoConfig, checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A HF model directory from a mid-run checkpoint (its trainable.safetensors over a fresh model).
+
+    Lets a running job be evaluated at any checkpoint without stopping it: the recipe's
+    model is rebuilt (same seed, same tokenizer) and the trained tensors are loaded over it.
+    """
+    from safetensors.torch import load_file
+
+    from vlsi_model.models import save_model_dir
+
+    cfg = config if isinstance(config, NanoConfig) else load_nano_config(config)
+    model, tokenizer, image_processor = build_model_and_processors(cfg.sft())
+    state = load_file(str(Path(checkpoint) / "trainable.safetensors"))
+    prefix = "model."  # parameters are named from the objective (SFTObjective.model)
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{checkpoint}: unexpected tensors {unexpected[:5]}")
+    return save_model_dir(model.eval(), tokenizer, image_processor, out_dir, overwrite=True,
+                          metadata={"placeholder": False, "recipe": "nano", "checkpoint": str(checkpoint)})
+
+
+MODEL_CARD_COMMANDS = """\
+scripts/train_default_student.sh        # all of the below, resumable
+python -m vlsi_model.recipes.nano tokenizer --out runs/nano/tokenizer
+python -m vlsi_model.recipes.nano data --out runs/nano/data --num 8000 --caption-num 20000
+vlsi data scenes --out runs/nano/test --num 600 --split test --families attribute,count,exist,spatial,compare,caption
+nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml --threads 1 --resume
+vlsi eval --model runs/nano/student/final --data runs/nano/test/test.json --out runs/nano/student/test_results.json \\
+    --max-samples 1400
+python -m vlsi_model.recipes.nano ship --model runs/nano/student/final --results runs/nano/student/test_results.json \\
+    --metrics runs/nano/student/metrics.jsonl --config configs/nano/student.yaml \\
+    --dest vlsi_model/assets/default_student
+"""
+
+
+def _last_metrics(metrics: Path) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                last = rec
+    return last
+
+
+def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, config: Path, notes: str = "") -> str:
+    """README.md of a shipped student: what it is, its test accuracy per family against the
+    answer prior, how it was trained (exact commands), and what it cannot do."""
+    from vlsi_model.evaluation import format_table
+
+    cfg = load_yaml_config(config)
+    from safetensors import safe_open
+
+    tensors = 0
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            tensors += int(np.prod(f.get_slice(k).get_shape()))
+    size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
+    last = _last_metrics(metrics)
+    steps = last.get("step", "?")
+    wall = last.get("elapsed_s")
+    wall_text = f"{wall / 60:.1f} min" if isinstance(wall, (int, float)) else "?"
+    loss, token_acc = float(last.get("loss", float("nan"))), float(last.get("token_acc", float("nan")))
+    model_cfg = json.loads((model_dir / "config.json").read_text())
+    text, vision = model_cfg.get("text_config", model_cfg), model_cfg["vision_config"]
+    frozen_text = (
+        "the vision encoder stays at its random initialisation (nano.freeze_vision_tower), only its merger and "
+        "the language model train"
+        if cfg.get("nano", {}).get("freeze_vision_tower") else "every weight trains"
+    )
+    return f"""# nano student: the default model of vlsi_ros
+
+A {tensors / 1e6:.2f}M-parameter Qwen2-VL (text {text['hidden_size']} x {text['num_hidden_layers']} layers,
+vision {vision['depth']} x {vision['embed_dim']}; {size_mb:.1f} MB of float32 safetensors) trained from
+scratch on the project's synthetic scenes (1-5 objects: circle/square/triangle, 5 colours, 2 sizes, 112x112).
+It is what `vlsi ask`, the ROS node and every backend use when no model is given, so the whole
+pipeline runs on a laptop CPU with answers that are better than chance on scenes of that kind.
+It knows nothing about real images: for a robot, distill your own student (`vlsi distill`).
+
+Load it like any Hugging Face Qwen2-VL directory (`Qwen2VLForConditionalGeneration.from_pretrained`,
+or `vlsi_model.checkpoint.load_model_dir`); it carries its BPE tokenizer (Qwen2-VL specials and chat
+template) and its image processor (images resized to <= 112x112 = 16 image tokens).
+
+## Test accuracy (exact match, greedy, {results['overall']['n']} questions from test seeds never used in training)
+
+"prior" is the accuracy of always giving the family's most frequent answer (the chance level a
+model that ignores the image reaches).
+
+{format_table(results)}
+
+{notes}
+
+## Training
+
+- Recipe: `{config}` (`vlsi_model/recipes/nano.py`): {steps} steps of batch 32, AdamW lr 1e-3
+  (50 warmup steps, cosine to 1e-4), betas (0.9, 0.98), wd 0.01, clip 1.0, fp32; 50% of the training
+  records are the dense caption task "What objects are there?" (shared/NANO_NOTES.md: VQA alone stays
+  at chance); {frozen_text}.
+- Data: 8000 train images x 5 question families + 20000 caption images (train seeds), tokenizer
+  trained on the train-scene corpus. Wall time: {wall_text} on a shared 2-core CPU.
+- Final training loss: {loss:.4f}, response-token accuracy {token_acc:.3f}.
+
+## Reproduce
+
+```
+{MODEL_CARD_COMMANDS}```
+"""
+
+
+def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str | Path, config: str | Path,
+                 dest: str | Path, notes: str = "") -> Path:
+    """Copy a trained model directory into the package with its model card and test results.
+
+    Copied into a temporary sibling and renamed into place, so `defaults.py` never sees a
+    half-copied student (it checks config.json only).
+    """
+    import shutil
+    import tempfile
+
+    model_dir, dest = Path(model_dir), Path(dest)
+    results = json.loads(Path(results_file).read_text())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for f in model_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        summary = {k: v for k, v in results.items() if k != "predictions"}
+        (tmp / "test_results.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / "README.md").write_text(model_card(model_dir, results, Path(metrics), Path(config), notes))
+        # mkdtemp makes 0700 directories: package data must be readable by every user of an install.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlsi_model.recipes.nano", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenizer", help="train and save the family tokenizer")
+    t.add_argument("--out", required=True, type=Path)
+    d = sub.add_parser("data", help="render VQA + caption sets and write the mixed train JSON")
+    d.add_argument("--out", required=True, type=Path)
+    d.add_argument("--num", type=int, default=6000, help="VQA images (one question per family each)")
+    d.add_argument("--caption-num", type=int, default=30000, help="caption-only images")
+    d.add_argument("--caption-share", type=float, default=0.5)
+    d.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("train", help="train from a nano recipe YAML")
+    r.add_argument("--config", required=True, type=Path)
+    r.add_argument("--resume", action="store_true")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--force-resume", action="store_true",
+                   help="resume although max_steps/lr/... changed (e.g. shortening a run; not bit-exact then)")
+    e = sub.add_parser("export", help="HF model directory from a mid-run checkpoint")
+    e.add_argument("--config", required=True, type=Path)
+    e.add_argument("--checkpoint", required=True, type=Path)
+    e.add_argument("--out", required=True, type=Path)
+    s = sub.add_parser("ship", help="copy a trained student into the package with its model card")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--results", required=True, type=Path, help="vlsi eval --out JSON on the test split")
+    s.add_argument("--metrics", required=True, type=Path, help="the run's metrics.jsonl")
+    s.add_argument("--config", required=True, type=Path)
+    s.add_argument("--dest", required=True, type=Path)
+    s.add_argument("--notes", default="", help="extra markdown for the model card")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.cmd == "tokenizer":
+        from vlsi_model.nano import save_nano_tokenizer
+
+        print(save_nano_tokenizer(args.out))
+    elif args.cmd == "data":
+        print(prepare_data(args.out, args.num, args.caption_num, args.seed, args.caption_share, progress=True))
+    elif args.cmd == "train":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run_nano(args.config, resume=args.resume, force_resume=args.force_resume)
+        print(json.dumps({"steps": result.steps, "final_loss": result.final_loss}))
+    elif args.cmd == "ship":
+        print(ship_student(args.model, args.results, args.metrics, args.config, args.dest, args.notes))
+    else:
+        print(export_checkpoint(args.config, args.checkpoint, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
