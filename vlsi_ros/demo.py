@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if asked < args.frames:
             print(f"only {asked} of {args.frames} frames asked before the timeout", file=sys.stderr)
             failures += 1
-        question = "Describe the image in one sentence."
+        question = "What objects are there?"
         print(f"\nstreaming (ask_stream action): {question}")
         result, _ = client.ask_stream(
             question, timeout_s=args.timeout,
