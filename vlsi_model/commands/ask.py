@@ -14,19 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from vlsi_model.commands._common import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, add_threads_argument, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Hugging Face model directory (default: the shipped student, or the placeholder)")
     p.add_argument("--backend", default="auto", choices=["auto", *backend_names()])
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--max-new-tokens", type=_positive, default=32)
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    add_threads_argument(p)
     p.add_argument("--stream", action="store_true", help="print the answer token by token as it is generated")
     p.add_argument("--json", action="store_true", help="print the full result (answer, tokens, timings) as JSON")
     p.set_defaults(func=run)

@@ -15,15 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from vlsi_model.commands._common import positive_int
 
 
 def _backends(text: str) -> list[str]:
@@ -44,15 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Hugging Face model directory (default: the shipped student, or the placeholder)")
     p.add_argument("--backends", type=_backends, default=["torch", "onnxruntime", "tensorrt"],
                    help="comma-separated (default torch,onnxruntime,tensorrt)")
-    p.add_argument("--questions", type=_positive, default=8, help="questions (one frame each), default 8")
-    p.add_argument("--max-new-tokens", type=_positive, default=32)
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--questions", type=positive_int, default=8, help="questions (one frame each), default 8")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for every backend (default: each library's own default)")
     p.add_argument("--device", default="cpu", help="torch / onnxruntime device (tensorrt always uses cuda)")
     p.add_argument("--onnx", type=Path, default=None, help="ONNX export to use (default: <model>/onnx or a fresh one)")
     p.add_argument("--engine-dir", type=Path, default=None, help="TensorRT engine directory")
     p.add_argument("--seed", type=int, default=0, help="scene seed of the questions")
-    p.add_argument("--rounds", type=_positive, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="run the backends round-robin this many times (steadier figures on a busy machine)")
     p.add_argument("--json", type=Path, default=None, help="also write the full report (per-question runs) here")
     p.set_defaults(func=run)

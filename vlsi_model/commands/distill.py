@@ -15,19 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_CONFIG = 2
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from vlsi_model.commands._common import EXIT_BAD_INPUT, EXIT_OK, add_threads_argument, apply_torch_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,13 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="skip completed steps; continue an interrupted step from its newest checkpoint")
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the config changed in a way that breaks exact continuation")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from vlsi_model.distill.pipeline import parse_steps, run_distill
     from vlsi_model.engine.base import ModelLoadError
     from vlsi_model.training.config import ConfigError
@@ -55,15 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from vlsi_model.training.trainer import distributed_state
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_torch_threads(args.threads)
     try:
         steps = parse_steps(args.steps)
         outputs = run_distill(args.config, steps, resume=args.resume or args.force_resume,
                               force_resume=args.force_resume)
     except (ConfigError, DatasetError, ModelLoadError, ValueError, FileNotFoundError) as exc:
         print(f"vlsi distill: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return EXIT_BAD_INPUT
     if distributed_state().is_main_process:
         for step, path in outputs.items():
             print(f"{step}: {path}")

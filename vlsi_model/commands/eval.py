@@ -12,15 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from vlsi_model.commands._common import add_threads_argument, apply_torch_threads, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,10 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Hugging Face model directory (default: the shipped student, or the placeholder)")
     p.add_argument("--data", required=True, type=Path, help="LLaVA JSON/JSONL (e.g. `vlsi data scenes --split test`)")
     p.add_argument("--out", type=Path, default=None, help="write results JSON here")
-    p.add_argument("--max-samples", type=_positive, default=None, help="score only the first N records")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="score only the first N records")
     p.add_argument("--backend", default="torch", choices=backend_names())
-    p.add_argument("--max-new-tokens", type=_positive, default=16)
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -46,10 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from vlsi_model.evaluation import evaluate, format_table, write_results
     from vlsi_model.training.data import DatasetError
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_torch_threads(args.threads)
     try:
         results = evaluate(args.model, args.data, max_samples=args.max_samples, backend=args.backend,
                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress)

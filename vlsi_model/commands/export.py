@@ -15,9 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
+from vlsi_model.commands._common import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, apply_torch_threads
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -60,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from vlsi_model.engine.base import ModelLoadError
     from vlsi_model.export.onnx_export import ExportError, ExportOptions, ExportOptionsError, export_model
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_torch_threads(args.threads)
     model = args.model if args.model is not None else default_model_path()
     out = args.out if args.out is not None else Path(model) / "onnx"
     options = ExportOptions(image_size=args.image_size, max_image_size=args.max_image_size, opset=args.opset,

@@ -15,19 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_CONFIG = 2
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from vlsi_model.commands._common import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    add_threads_argument,
+    apply_torch_threads,
+    positive_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,15 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="continue from the newest complete checkpoint in output_dir (fresh start if none)")
     p.add_argument("--force-resume", action="store_true",
                    help="resume even if the config changed in a way that breaks exact continuation")
-    p.add_argument("--max-steps", type=_positive, default=None, help="override train.max_steps")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="override train.max_steps")
     p.add_argument("--output-dir", type=Path, default=None, help="override train.output_dir")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, apply overrides, train, save output_dir/final."""
-    import torch
 
     from vlsi_model.engine.base import ModelLoadError
     from vlsi_model.training.config import ConfigError
@@ -54,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from vlsi_model.training.sft import FINAL_DIR, load_sft_config, run_sft
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_torch_threads(args.threads)
     try:
         config = load_sft_config(args.config)
         overrides = {}
@@ -68,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_sft(config, resume=args.resume or args.force_resume, force_resume=args.force_resume)
     except (ConfigError, DatasetError, ModelLoadError, ValueError) as exc:
         print(f"vlsi train: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return EXIT_BAD_INPUT
     from vlsi_model.training.trainer import distributed_state
 
     if not distributed_state().is_main_process:
