@@ -17,7 +17,10 @@ sets which parameters train:
   head are frozen by default (`freeze_student_head`): the verbalizers were fitted against
   them in step 1 and share them. Loss = intermediate_weight * sum over student targets of
   the divergence to the matched teacher target + last_weight * the divergence of the final
-  outputs; no ground-truth CE. Gradients flow only through the sampled pairs.
+  outputs; no ground-truth CE. Gradients flow only through the sampled pairs. The matrix
+  of divergences the matching samples from and the loss share their computation: a
+  matched pair is not projected again (`losses.FullDistributions` for small batches, else
+  `pair_loss(values=...)`; benchmarks/distill_step_cost.py measures the step).
 - Step 3 is plain SFT: `vlsi_model.training.sft.SFTObjective`.
 
 Frozen sub-models are kept in eval mode even when the trainer calls `.train()` on the
@@ -26,6 +29,7 @@ objective, so they behave identically in every step (no dropout).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,15 +39,18 @@ from torch import nn
 from vlsi_model.distill.adapters import BackboneAdapter, get_adapter
 from vlsi_model.distill.losses import (
     DenseTeacher,
+    FullDistributions,
     LossConfig,
     TeacherTarget,
     divergence_matrix,
     gather_positions,
+    head_vocab_size,
     last_layer_loss,
     mean_next_token_ce,
     next_token_targets,
     pair_loss,
     response_positions,
+    should_materialize,
 )
 from vlsi_model.distill.matching import LayerMatcher, MatchRecorder
 from vlsi_model.distill.teacher_cache import TeacherCache
@@ -215,19 +222,34 @@ class InteractionObjective(nn.Module):
         teachers, teacher_final = self._teacher_targets(batch, mask, device)
 
         num_s, num_t = len(self.student_layers), len(self.teacher_layers)
-        d = None
-        if self.matcher.needs_divergences:
-            d = divergence_matrix(
-                student_hidden, heads, teachers, cfg.intermediate_op, cfg.direction, cfg.temperature,
-                cfg.chunk_tokens, needed=self.matcher.needed_pairs(num_s, num_t),
-            )
-        matches = self.matcher.match(d, num_s, num_t)
+        needed = self.matcher.needed_pairs(num_s, num_t) if self.matcher.needs_divergences else None
+        num_tokens = int(student_final.shape[0])
+        vocab = min(min(head_vocab_size(h) for h in heads), min(t.vocab_size for t in teachers))
+        num_pairs = int(needed.sum()) if needed is not None else num_s
+        op, direction = cfg.intermediate_op, cfg.direction
+        # Two implementations of the same loss (see losses.py): every distribution once when the
+        # batch's vocabulary tensors fit the budget, else chunks with recomputation in backward.
+        if should_materialize(cfg, num_tokens, vocab, num_s, num_t, num_pairs):
+            full = FullDistributions(student_hidden, heads, teachers, cfg.temperature)
+            d = full.divergences(op, direction, needed) if needed is not None else None
+            matches = self.matcher.match(d, num_s, num_t)
+            inter, terms = full.pair_loss(list(enumerate(matches)), op, direction)
+            del full  # drops the unmatched pairs' graphs
+            last_cfg = dataclasses.replace(cfg, chunk_tokens=max(1, num_tokens), recompute=False)
+        else:
+            d = None
+            if needed is not None:
+                d = divergence_matrix(student_hidden, heads, teachers, op, direction, cfg.temperature,
+                                      cfg.chunk_tokens, needed=needed)
+            matches = self.matcher.match(d, num_s, num_t)
+            # The matched pairs' values are the matrix entries: only their backward recomputes.
+            inter, terms = pair_loss(student_hidden, heads, teachers, list(enumerate(matches)), cfg, values=d)
+            last_cfg = cfg
         if self.training:  # evaluation forwards are not part of the training statistics
             self.recorder.record(matches)
 
-        inter, terms = pair_loss(student_hidden, heads, teachers, list(enumerate(matches)), cfg)
         loss = cfg.intermediate_weight * inter
-        last = last_layer_loss(student_final, self.student_adapter.lm_head(self.student), teacher_final, cfg)
+        last = last_layer_loss(student_final, self.student_adapter.lm_head(self.student), teacher_final, last_cfg)
         metrics: dict[str, Any] = {"loss_intermediate": inter.detach()}
         if last is not None:
             loss = loss + cfg.last_weight * last
