@@ -1,9 +1,12 @@
 """TorchEngine: token-for-token parity with HF generate, streaming, cancel, timings, errors;
-load_engine's registry, the default (placeholder) model and `vlsi ask`."""
+the traced decode step (bit-identical to the untraced one, fallbacks), load_engine's registry,
+the default (placeholder) model and `vlsi ask`."""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -15,9 +18,9 @@ from PIL import Image
 from vlsi_model import defaults
 from vlsi_model.checkpoint import load_model_dir
 from vlsi_model.cli import main as cli_main
-from vlsi_model.engine import backend_names, load_engine
+from vlsi_model.engine import backend_names, load_engine, torch_engine
 from vlsi_model.engine.base import EngineError, ModelLoadError
-from vlsi_model.engine.torch_engine import TorchEngine
+from vlsi_model.engine.torch_engine import DecoderStep, TorchEngine, trace_decoder_step
 from vlsi_model.prompting import build_inputs
 
 QUESTIONS = [
@@ -113,6 +116,98 @@ def test_max_new_tokens_bounds_the_answer(loaded):
     assert engine.answer(img, QUESTIONS[1], max_new_tokens=1).num_tokens <= 1
     with pytest.raises(EngineError, match="max_new_tokens"):
         engine.answer(img, QUESTIONS[1], max_new_tokens=0)
+
+
+# ------------------------------------------------------------------------ traced decode step
+def test_decode_is_traced_and_untraced_gives_the_same_tokens(loaded):
+    model, tok, proc = loaded
+    traced = TorchEngine(model, tok, proc)
+    plain = TorchEngine(model, tok, proc, trace_decoder=False)
+    assert traced.decode_mode == "pending"
+    for i, q in enumerate(QUESTIONS):
+        img = rand_image(60 + i)
+        a = traced.answer(img, q, max_new_tokens=MAX_NEW)
+        b = plain.answer(img, q, max_new_tokens=MAX_NEW)
+        assert a.token_ids == b.token_ids, f"question {i}"
+    assert traced.decode_mode == "traced" and plain.decode_mode == "untraced"
+
+
+def test_traced_step_is_bit_identical_across_cache_lengths(loaded):
+    """One trace serves every cache length: same logits-argmax and the same KV tensors, bit for bit."""
+    model, tok, proc = loaded
+    engine = TorchEngine(model, tok, proc)
+    engine.warmup()
+    assert engine.decode_mode == "traced"
+    with torch.inference_mode():
+        for past_len in (1, 2, 31, 64, 257):
+            inputs = engine._example_step(past_len)
+            with torch.jit.optimized_execution(False):
+                got = engine._decode_fn(*inputs)
+            want = engine._step(*inputs)
+            assert len(got) == len(want) == 1 + 2 * model.config.get_text_config().num_hidden_layers
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), past_len
+            assert got[1].shape[2] == past_len + 1
+
+
+def test_trace_failure_falls_back_to_the_untraced_step(loaded, monkeypatch, caplog):
+    model, tok, proc = loaded
+    img = rand_image(70)
+    expected = TorchEngine(model, tok, proc, trace_decoder=False).answer(img, QUESTIONS[0], MAX_NEW).token_ids
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no tracing here")
+
+    monkeypatch.setattr(torch_engine, "trace_decoder_step", broken)
+    engine = TorchEngine(model, tok, proc)
+    with caplog.at_level(logging.WARNING, logger="vlsi_model.engine.torch_engine"):
+        result = engine.answer(img, QUESTIONS[0], max_new_tokens=MAX_NEW)
+    assert engine.decode_mode == "untraced" and result.token_ids == expected
+    assert any("not traced" in r.getMessage() and "no tracing here" in r.getMessage() for r in caplog.records)
+
+
+def test_trace_check_rejects_a_trace_that_baked_in_the_cache_length():
+    """trace_decoder_step's check catches a graph that is only right at the traced length."""
+
+    class LengthDependent(torch.nn.Module):
+        def forward(self, embeds, pos, *past):
+            n = int(past[0].shape[2])  # a Python int: frozen into the trace
+            return (embeds.sum().reshape(1) * n, *past)
+
+    def example(n):
+        return [torch.ones(1, 1, 4), torch.zeros(3, 1, 1, dtype=torch.long), torch.ones(1, 1, n, 2)]
+
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="cache length 9"):
+        trace_decoder_step(LengthDependent(), example(5), example(9))
+
+
+def test_models_the_fast_path_cannot_reproduce_use_the_hf_forward(loaded):
+    """Eager attention needs Hugging Face's explicit masks: the engine decodes through the HF
+    forward there, still token for token like generate."""
+    model, tok, proc = loaded
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    assert torch_engine.fast_path_unsupported(eager) is not None
+    assert torch_engine.fast_path_unsupported(model) is None
+    engine = TorchEngine(eager, tok, proc)
+    for i, q in enumerate(QUESTIONS[:2]):
+        img = rand_image(80 + i)
+        expected, _ = strip_stop(hf_greedy(eager, tok, proc, img, q), engine.stop_token_ids)
+        assert engine.answer(img, q, max_new_tokens=MAX_NEW).token_ids == expected
+    assert engine.decode_mode == "hf"
+
+
+def test_decoder_step_shares_the_model_weights(loaded):
+    model, tok, proc = loaded
+    engine = TorchEngine(model, tok, proc)
+    engine.warmup()
+    params = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert {p.data_ptr() for p in DecoderStep(model).parameters()} <= params
+    frozen = [n.t("value") for n in engine._decode_fn.graph.nodes()
+              if n.kind() == "prim::Constant" and n.output().type().kind() == "TensorType"]
+    big = [t for t in frozen if t.numel() > 1]
+    assert big and all(t.data_ptr() in params for t in big)  # the trace holds no copy of the weights
+    engine.close()
+    assert engine._decode_fn is None and engine._step is None and engine.decode_mode == "closed"
 
 
 # ------------------------------------------------------------------------ streaming / cancel

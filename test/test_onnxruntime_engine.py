@@ -89,6 +89,8 @@ def test_prompt_ids_equal_build_inputs(tiny_qwen2vl_dir):
 
 
 def test_validators_match_prompting():
+    # one implementation (engine.validation), imported by both: nothing to drift apart
+    assert npi.validate_image is validate_image and npi.validate_question is validate_question
     bad_images = [np.zeros((4, 4, 3), np.float32), np.zeros((0, 5, 3), np.uint8), np.zeros((4, 4, 2), np.uint8),
                   "img", np.zeros((2, 500, 3), np.uint8), np.zeros((20000, 3, 3), np.uint8)]
     for image in bad_images:

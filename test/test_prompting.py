@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from vlsi_model import prompting
 from vlsi_model.checkpoint import load_model_dir
+from vlsi_model.engine import np_inputs, validation
 from vlsi_model.engine.base import EngineError
 from vlsi_model.models import make_image_processor
 from vlsi_model.prompting import IGNORE_INDEX, build_inputs, collate
@@ -211,3 +217,45 @@ def test_collate_rejects_mixed_items(tok, proc):
         collate([a, b], pad_id=0)
     with pytest.raises(ValueError, match="empty"):
         collate([], pad_id=0)
+
+
+# ------------------------------------------------------------------------ validators
+def test_validators_live_in_one_torch_free_module():
+    """prompting (torch) and np_inputs (the torch-free runtimes) re-export engine.validation's
+    functions and bounds; importing them without prompting imports no torch."""
+    for name in ("validate_image", "validate_question", "MAX_IMAGE_SIDE", "MAX_ASPECT_RATIO"):
+        assert getattr(prompting, name) is getattr(validation, name) is getattr(np_inputs, name), name
+    assert prompting.DEFAULT_MAX_QUESTION_CHARS == validation.DEFAULT_MAX_QUESTION_CHARS
+    code = ("import sys, json\n"
+            "from vlsi_model.engine.np_inputs import validate_image, validate_question\n"
+            "from vlsi_model.engine.validation import validate_image as v\n"
+            "print(json.dumps({'same': v is validate_image, 'torch': 'torch' in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "torch": False}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.zeros((4, 4, 3), np.float32), "uint8"),
+        ("img", "numpy array"),
+        (np.zeros((0, 5, 3), np.uint8), "empty"),
+        (np.zeros((4, 4, 2), np.uint8), "H x W x 3"),
+        (np.zeros((2, 500, 3), np.uint8), "aspect ratio"),
+        (np.zeros((20000, 200, 3), np.uint8), "too large"),
+    ],
+)
+def test_validate_image_refuses(value, message):
+    with pytest.raises(EngineError, match=message):
+        validation.validate_image(value)
+
+
+def test_validate_image_and_question_accept():
+    grey = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    rgb = validation.validate_image(grey)
+    assert rgb.shape == (5, 6, 3) and rgb.flags.c_contiguous and np.array_equal(rgb[..., 2], grey)
+    assert validation.validate_image(grey[..., None]).shape == (5, 6, 3)
+    assert validation.validate_question("  why?  ") == "why?"
+    for q, message in [(3, "string"), ("   ", "empty"), ("y" * 11, "too long")]:
+        with pytest.raises(EngineError, match=message):
+            validation.validate_question(q, max_question_chars=10)

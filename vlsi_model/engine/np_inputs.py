@@ -15,6 +15,10 @@ one piece of the PyTorch path and is tested to produce *identical* values:
 - `mrope_cos_sin`     = the text rotary embedding (Qwen2VLRotaryEmbedding) from positions;
 - `vision_aux_inputs` = get_vision_position_ids / cu_seqlens / get_vision_window_index and
   the vision rotary embedding: the index math `graphs.VisionGraph` takes as inputs.
+
+The request checks (`validate_image`, `validate_question`) are not re-implemented: they
+live in the torch-free `vlsi_model.engine.validation`, shared with `prompting`, and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -29,48 +33,33 @@ import numpy as np
 
 from vlsi_model.engine.base import EngineError, ModelLoadError
 
+# The request checks are the torch path's own functions (prompting re-exports the same ones),
+# imported here so the backends that import them from this module keep working.
+from vlsi_model.engine.validation import MAX_ASPECT_RATIO, MAX_IMAGE_SIDE, validate_image, validate_question
+
+__all__ = [
+    "MAX_ASPECT_RATIO",
+    "MAX_IMAGE_SIDE",
+    "ImageConfig",
+    "PromptBuilder",
+    "VisionSpec",
+    "causal_bias",
+    "mrope_cos_sin",
+    "preprocess_image",
+    "rope_index",
+    "smart_resize",
+    "validate_image",
+    "validate_question",
+    "vision_aux_inputs",
+    "vision_cos_sin",
+    "vision_position_ids",
+    "window_index",
+]
+
 IMAGE_TOKEN = "<|image_pad|>"
 END_OF_TURN_TOKEN = "<|im_end|>"
-# Same bounds as vlsi_model.prompting (kept equal by test_onnxruntime_engine).
-MAX_IMAGE_SIDE = 16384
-MAX_ASPECT_RATIO = 200
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-# ----------------------------------------------------------------------------- validation
-def validate_image(image: Any) -> np.ndarray:
-    """Same contract and messages as `vlsi_model.prompting.validate_image` (which imports torch)."""
-    if not isinstance(image, np.ndarray):
-        raise EngineError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise EngineError(f"image must be uint8, got dtype {image.dtype}")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise EngineError(f"image must be H x W x 3 (RGB) or H x W (grey), got shape {tuple(image.shape)}")
-    h, w = image.shape[:2]
-    if h == 0 or w == 0:
-        raise EngineError(f"image is empty (shape {tuple(image.shape)})")
-    if max(h, w) > MAX_IMAGE_SIDE:
-        raise EngineError(f"image is too large ({w}x{h}); the longest side may be at most {MAX_IMAGE_SIDE}")
-    if max(h, w) / min(h, w) > MAX_ASPECT_RATIO:
-        raise EngineError(f"image aspect ratio {w}x{h} is too extreme (at most {MAX_ASPECT_RATIO}:1)")
-    return np.ascontiguousarray(image)
-
-
-def validate_question(question: Any, max_question_chars: int) -> str:
-    """Same contract and messages as `vlsi_model.prompting.validate_question`."""
-    if not isinstance(question, str):
-        raise EngineError(f"question must be a string, got {type(question).__name__}")
-    q = question.strip()
-    if not q:
-        raise EngineError("question is empty")
-    if len(q) > max_question_chars:
-        raise EngineError(f"question is too long ({len(q)} characters, at most {max_question_chars})")
-    return q
 
 
 # ----------------------------------------------------------------------------- image
