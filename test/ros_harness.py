@@ -70,9 +70,9 @@ def format_param(value: object) -> str:
 class ClientHarness:
     """A test-side node spun on a background thread, with an AskClient on it."""
 
-    def __init__(self, name: str = "test_client") -> None:
+    def __init__(self, name: str = "test_client", namespace: str = "") -> None:
         self.node = rclpy.create_node(name)
-        self.client = AskClient(self.node, spin=False)
+        self.client = AskClient(self.node, namespace=namespace, spin=False)
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)

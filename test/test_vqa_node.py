@@ -265,6 +265,12 @@ def test_diagnostics_report_model_queue_and_frame_age(raw_node):
 # ------------------------------------------------------------------ compressed + several cameras
 
 
+# Module-scoped nodes live side by side (raw_node is still up): each gets its own namespace
+# so the client's `ask` can only reach the node under test.
+MULTI_NS = "/multi"
+TIMEOUT_NS = "/timeout"
+
+
 @pytest.fixture(scope="module")
 def multi_camera_node(ros_context, yes_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "vqa_multi.log"
@@ -273,8 +279,8 @@ def multi_camera_node(ros_context, yes_model_dir, tmp_path_factory):
         "default_camera": "back", "max_new_tokens": 4, "max_frame_age_s": 10.0,
         "standing_questions": ["How many objects are there?"], "standing_rate_hz": 5.0,
         "alert_questions": ["Is there a red circle?"], "alert_rate_hz": 5.0, "alert_cooldown_s": 1.0,
-    }, log_path=log)
-    harness = ClientHarness("multi_client")
+    }, extra=["-r", f"__ns:={MULTI_NS}"], log_path=log)
+    harness = ClientHarness("multi_client", namespace=MULTI_NS)
     try:
         harness.client.wait_until_ready(60)
         yield proc, harness
@@ -286,12 +292,12 @@ def multi_camera_node(ros_context, yes_model_dir, tmp_path_factory):
 def test_compressed_cameras_by_name_standing_questions_and_alerts(multi_camera_node, yes_model_dir):
     proc, harness = multi_camera_node
     node = harness.node
-    pubs = {cam: node.create_publisher(CompressedImage, f"{cam}/image/compressed", RELIABLE)
+    pubs = {cam: node.create_publisher(CompressedImage, f"{MULTI_NS}/{cam}/image/compressed", RELIABLE)
             for cam in ("front", "back")}
     answers: list[Answer] = []
     alerts: list[Answer] = []
-    node.create_subscription(Answer, "answers", answers.append, 50)
-    node.create_subscription(Answer, "alerts", alerts.append, 50)
+    node.create_subscription(Answer, f"{MULTI_NS}/answers", answers.append, 50)
+    node.create_subscription(Answer, f"{MULTI_NS}/alerts", alerts.append, 50)
     frames = {cam: rgb_to_compressed_msg(scene_image(20 + i), "png", header=now_header(node, f"{cam}_frame"))
               for i, cam in enumerate(pubs)}
     stop = threading.Event()
@@ -403,17 +409,17 @@ def test_request_timeout_gives_clear_error_and_node_keeps_serving(ros_context, t
 
     from vlsi_ros.vqa_node import VqaNode
 
-    node = VqaNode(parameter_overrides=[
+    node = VqaNode(namespace=TIMEOUT_NS, parameter_overrides=[
         Parameter("model_path", value=str(tiny_qwen2vl_dir)), Parameter("request_timeout_s", value=0.02),
         Parameter("max_new_tokens_limit", value=2000), Parameter("image_qos", value="reliable")])
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
-    harness = ClientHarness("timeout_client")
+    harness = ClientHarness("timeout_client", namespace=TIMEOUT_NS)
     try:
         harness.client.wait_until_ready(30)
-        harness.publisher = harness.node.create_publisher(Image, "image", RELIABLE)
+        harness.publisher = harness.node.create_publisher(Image, f"{TIMEOUT_NS}/image", RELIABLE)
         msg = rgb_to_image_msg(scene_image(50), "rgb8", now_header(harness.node, "timeout_frame"))
 
         def timed_out():
