@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from vlsi_model.commands._common import non_negative_int
 from vlsi_model.export.tensorrt_build import (
     DEFAULT_WORKSPACE_MB,
     EXIT_BAD_INPUT,
@@ -37,16 +38,6 @@ def _range(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def _nonneg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `build-engine` to the `vlsi` parser."""
     p = subparsers.add_parser("build-engine", help="build TensorRT engines from an ONNX export",
@@ -60,9 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="INT8 from an explicitly quantized (Q/DQ) export only; see tensorrt_build.py")
     prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="full precision")
     p.set_defaults(precision="fp16")
-    p.add_argument("--workspace-mb", type=_nonneg, default=DEFAULT_WORKSPACE_MB,
+    p.add_argument("--workspace-mb", type=non_negative_int, default=DEFAULT_WORKSPACE_MB,
                    help=f"builder workspace memory pool (default {DEFAULT_WORKSPACE_MB} MB)")
-    p.add_argument("--dla-core", type=_nonneg, default=None,
+    p.add_argument("--dla-core", type=non_negative_int, default=None,
                    help="build for this DLA core with GPU fallback (Jetson Orin AGX/NX)")
     p.add_argument("--timing-cache", type=Path, default=None,
                    help="timing cache file: loaded if it exists, saved after the build (faster rebuilds)")
@@ -70,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="merged image tokens per image (default: the export's image limits)")
     p.add_argument("--prefill-tokens", type=_range, default=None, metavar="MIN,OPT,MAX",
                    help="prompt length in tokens (default: image tokens + up to 512)")
-    p.add_argument("--max-context", type=_nonneg, default=None,
+    p.add_argument("--max-context", type=non_negative_int, default=None,
                    help="prompt + answer tokens (default: largest prompt + 256)")
     p.set_defaults(func=run)
 
