@@ -218,6 +218,11 @@ class PromptBuilder:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def stream_text(self, token_ids: list[int]) -> str:
+        """Text of the tokens so far for streaming, without a trailing half-decoded UTF-8
+        character (byte-level BPE emits multi-byte characters over several tokens)."""
+        return self.decode(token_ids).rstrip("\ufffd").strip()
+
 
 # ----------------------------------------------------------------------------- text rotary
 def rope_index(input_ids: np.ndarray, image_token_id: int, grid_thw: tuple[int, int, int],

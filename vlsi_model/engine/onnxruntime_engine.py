@@ -261,7 +261,7 @@ class OnnxRuntimeEngine:
                 tokens.append(next_id)
                 stop = False
                 if on_token is not None:
-                    stop = on_token(self._stream_text(tokens), len(tokens)) is False
+                    stop = on_token(self.prompts.stream_text(tokens), len(tokens)) is False
                 if stop or (cancel is not None and cancel.is_set()):
                     result.cancelled = True
                     break
@@ -278,9 +278,6 @@ class OnnxRuntimeEngine:
         result.text = self.prompts.decode(tokens).strip()
         result.total_ms = _ms(t_start)
         return result
-
-    def _stream_text(self, token_ids: list[int]) -> str:
-        return self.prompts.decode(token_ids).rstrip("\ufffd").strip()
 
     def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:
         """One throw-away answer so the first real request does not pay session warm-up."""

@@ -440,8 +440,7 @@ class TensorRTEngine:
             tokens.append(next_id)
             stop = False
             if on_token is not None:
-                text = self.prompts.decode(tokens).rstrip("\ufffd").strip()
-                stop = on_token(text, len(tokens)) is False
+                stop = on_token(self.prompts.stream_text(tokens), len(tokens)) is False
             if stop or (cancel is not None and cancel.is_set()):
                 result.cancelled = True
                 break
