@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ from vlsi_model.distill.teacher_cache import (  # noqa: E402
     indexed_collate,
 )
 from vlsi_model.distill.verbalizer import Verbalizers, select_target_layers  # noqa: E402
+from vlsi_model.profiling import tensor_peak_bytes  # noqa: E402
 from vlsi_model.training.sft import SFTObjective  # noqa: E402
 
 GOAL_ONLINE_OVER_FLOOR = 1.25
@@ -335,18 +336,6 @@ def _trim_heap() -> None:
     """Return freed heap memory to the OS (glibc `malloc_trim`), so RSS before a step is live memory only."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def tensor_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of live tensor bytes allocated inside `fn`, from torch's (legacy) profiler memory events."""
-    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
-        fn()
-    events = sorted((e for e in prof.function_events if e.self_cpu_memory_usage), key=lambda e: e.time_range.end)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def measure_memory_in_this_process(name: str, ctx: Context) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from vlsi_model.distill.verbalizer import (
     select_target_layers,
     verbalizer_dir,
 )
+from vlsi_model.profiling import tensor_peak_bytes
 
 STUDENT_TARGETS = [1, 2, 3]
 TEACHER_TARGETS = [1, 3, 5, 7]
@@ -434,25 +435,6 @@ def test_next_token_ce_chunked_matches_cross_entropy():
     assert float(zero.detach()) == 0.0
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of live CPU tensor memory allocated inside `fn` (forward and backward), from torch's profiler.
-
-    tracemalloc cannot see torch's allocations and RSS is blurred by the allocator, so the
-    profiler's memory tracking is used: every allocation and free is attributed to the op it
-    happens in (`self_cpu_memory_usage`); replaying them in order of the ops' end times gives
-    the live-bytes curve at op granularity. (The legacy, non-kineto profiler: same numbers,
-    without kineto's seconds of start-up.)
-    """
-    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
-        fn()
-    events = sorted((e for e in prof.function_events if e.self_cpu_memory_usage), key=lambda e: e.time_range.end)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def test_memory_does_not_grow_with_tokens_times_targets(capsys):
     """Measured: peak memory of forward + backward is flat in tokens x targets with chunking, linear without."""
     d, vocab, chunk = 16, 2048, 256
@@ -475,7 +457,7 @@ def test_memory_does_not_grow_with_tokens_times_targets(capsys):
                 loss, _ = pair_loss(hidden, heads[:n_pairs], teachers, [(i, i) for i in range(n_pairs)], cfg)
             loss.backward()
 
-        return _peak_bytes(fn), max(saved, default=0)
+        return tensor_peak_bytes(fn), max(saved, default=0)
 
     chunk_vocab_bytes = chunk * vocab * 4
     results = {}
