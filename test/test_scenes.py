@@ -58,6 +58,8 @@ from vlsi_model.scenes import (
 )
 
 BIG = SceneConfig(width=640, height=480)
+GRID = SceneConfig(layout="grid")  # the nano family's data: 4x4 cells of 28 px at 112x112
+GRID_BIG = SceneConfig(width=640, height=480, layout="grid", grid=(4, 3))  # the synthetic camera's default
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,9 +78,12 @@ class Decoded:
     box: tuple[int, int, int, int]  # left, top, right, bottom pixel edges
 
 
-def decode_objects(img: np.ndarray) -> list[Decoded]:
-    """Objects as the pixels show them (noise-free renders only)."""
-    side = min(img.shape[:2])
+def decode_objects(img: np.ndarray, config: SceneConfig | None = None) -> list[Decoded]:
+    """Objects as the pixels show them (noise-free renders only); `config` (default: the random
+    layout at the image's size) sets the radius between the small and the large size."""
+    config = config or SceneConfig(width=img.shape[1], height=img.shape[0])
+    small, large = config.radius_ranges()
+    size_threshold = (small[1] + large[0]) / 2 * config.reference_length()
     out = []
     for color, rgb in COLOR_RGB.items():
         mask = np.all(img == np.asarray(rgb, dtype=np.uint8), axis=2).astype(np.uint8)
@@ -88,7 +93,7 @@ def decode_objects(img: np.ndarray) -> list[Decoded]:
             fill = area / (w * h)
             shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
             half = max(w, h) / 2
-            size = "large" if half / side > 0.1 else "small"
+            size = "large" if half > size_threshold else "small"
             out.append(Decoded(color, shape, size, x + w / 2, y + h / 2, half, (x, y, x + w, y + h)))
     return out
 
@@ -219,12 +224,12 @@ def test_different_seeds_differ() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _assert_pixels_match(scene: Scene, img: np.ndarray) -> None:
+def _assert_pixels_match(scene: Scene, img: np.ndarray, config: SceneConfig | None = None) -> None:
     assert img.shape == (scene.height, scene.width, 3) and img.dtype == np.uint8
     assert img.flags["C_CONTIGUOUS"]
     for o in scene.objects:
         assert tuple(img[int(o.y), int(o.x)]) == COLOR_RGB[o.color], o
-    decoded = decode_objects(img)
+    decoded = decode_objects(img, config)
     assert len(decoded) == len(scene.objects)
     for o in scene.objects:
         d = min(decoded, key=lambda d: (d.cx - o.x) ** 2 + (d.cy - o.y) ** 2)
@@ -248,12 +253,13 @@ def test_pixels_show_exactly_the_scene_objects(config: SceneConfig | None) -> No
 
 def _assert_layout(scene: Scene, config: SceneConfig) -> None:
     gap = config.gap_px()
-    side = min(config.width, config.height)
+    side = config.reference_length()
+    small, large = config.radius_ranges()
     assert config.min_objects <= len(scene.objects) <= config.max_objects
     for o in scene.objects:
         assert gap <= o.x - o.radius and o.x + o.radius <= scene.width - gap, o
         assert gap <= o.y - o.radius and o.y + o.radius <= scene.height - gap, o
-        lo, hi = config.small_radius if o.size == "small" else config.large_radius
+        lo, hi = small if o.size == "small" else large
         assert lo * side - 0.01 <= o.radius <= hi * side + 0.01, o
     for i, a in enumerate(scene.objects):
         for b in scene.objects[i + 1 :]:
@@ -262,9 +268,50 @@ def _assert_layout(scene: Scene, config: SceneConfig) -> None:
 
 
 def test_no_overlap_and_inside_even_when_crowded() -> None:
-    for config in (SceneConfig(), SceneConfig(min_objects=6, max_objects=12), BIG):
+    for config in (SceneConfig(), SceneConfig(min_objects=6, max_objects=12), BIG, GRID, GRID_BIG,
+                   SceneConfig(layout="grid", min_objects=16, max_objects=16)):
         for scene in _scenes(40, config):
             _assert_layout(scene, config)
+
+
+@pytest.mark.parametrize("config", [GRID, GRID_BIG], ids=["112", "640x480"])
+def test_grid_layout_puts_one_object_on_each_chosen_cell(config: SceneConfig) -> None:
+    """Each object is centred on its own cell and stays inside it, so at 112x112 it is exactly one
+    28-px image token; sizes stay distinguishable; every cell is used over many scenes."""
+    cell_w, cell_h = config.cell_size()
+    used = Counter()
+    sizes = {"small": [], "large": []}
+    for scene in _scenes(120, config):
+        cells = []
+        for o in scene.objects:
+            col, row = (o.x / cell_w) - 0.5, (o.y / cell_h) - 0.5
+            assert abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6, o
+            assert o.radius + config.gap_px() <= min(cell_w, cell_h) / 2, o
+            cells.append((round(col), round(row)))
+            sizes[o.size].append(o.radius)
+        assert len(set(cells)) == len(cells)
+        used.update(cells)
+        _assert_pixels_match(scene, render_scene(scene), config)
+    assert len(used) == config.grid[0] * config.grid[1]
+    assert max(sizes["small"]) * 1.3 <= min(sizes["large"])
+
+
+def test_grid_layout_questions_agree_with_the_pixels() -> None:
+    for scene in _scenes(60, GRID, start=500):
+        objs = decode_objects(render_scene(scene), GRID)
+        for qa in make_questions(scene, scene.seed, per_family=3):
+            oracle_check(qa, objs)
+
+
+def test_grid_config_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="layout"):
+        SceneConfig(layout="hexagonal").validate()
+    with pytest.raises(ValueError, match="exceeds the 2x2 grid"):
+        SceneConfig(layout="grid", grid=(2, 2), max_objects=5).validate()
+    with pytest.raises(ValueError, match="too large for the grid cells"):
+        SceneConfig(layout="grid", grid_large_radius=(0.45, 0.5)).validate()
+    with pytest.raises(ValueError, match="grid_large_radius must be at least 1.3x"):
+        SceneConfig(layout="grid", grid_small_radius=(0.3, 0.33)).validate()
 
 
 @settings(max_examples=30, deadline=None, database=None)
@@ -527,6 +574,16 @@ def test_cli_data_scenes(tmp_path: Path, data_cli, capsys: pytest.CaptureFixture
     assert img.shape == (64, 96, 3)
     printed = capsys.readouterr().out
     assert str(out / "test.json") in printed and "count" in printed and "15 questions" in printed
+
+
+def test_cli_data_scenes_grid_layout(tmp_path: Path, data_cli) -> None:
+    out = tmp_path / "grid"
+    rc = data_cli(["data", "scenes", "--out", str(out), "--num", "4", "--layout", "grid", "--grid", "4x3",
+                   "--size", "112x84", "--families", "caption"])  # fmt: skip
+    assert rc == 0
+    for line in (out / "train_scenes.jsonl").read_text().splitlines():
+        for o in json.loads(line)["objects"]:
+            assert (o["x"] - 14) % 28 == 0 and (o["y"] - 14) % 28 == 0, o
 
 
 def test_cli_data_scenes_rejects_bad_settings(

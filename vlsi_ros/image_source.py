@@ -25,6 +25,11 @@ refused rather than silently ignored):
   loop              video/folder restart at the end; otherwise stop (true)
   seed              synthetic scene sequence seed                   (0)
   scene_period_s    keep each synthetic scene this long; 0 = new scene every frame (0.0)
+  scene_layout      grid | random: synthetic objects one per grid cell, or anywhere (grid)
+  scene_grid        [columns, rows] of the grid layout                ([4, 3])
+                    At 640x480 a 4x3 grid puts each object on one image token of the
+                    default student (frames are resized to 112x84 = 4x3 tokens of 28 px),
+                    the layout it was trained on; "random" is harder for small models.
   qos_reliability   reliable | best_effort (image topic)            (reliable)
   qos_depth         keep-last depth (image topic)                   (1)
 QoS can also be overridden per topic with `qos_overrides./image.publisher.*` parameters,
@@ -120,6 +125,8 @@ class Settings:
     loop: bool
     seed: int
     scene_period_s: float
+    scene_layout: str
+    scene_grid: tuple[int, int]
     qos_reliability: str
     qos_depth: int
 
@@ -139,14 +146,15 @@ class SyntheticSource:
     """
 
     def __init__(self, width: int, height: int, seed: int, period_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, layout: str = "random",
+                 grid: tuple[int, int] = (4, 3)) -> None:
         # Imported here so that video/folder/device users don't pay for the ML library.
         from vlsi_model import scenes
 
         self._scenes = scenes
         if not 0 <= seed <= scenes.MAX_RUN_SEED:
             raise ImageSourceError(f"seed must be in 0..{scenes.MAX_RUN_SEED}, got {seed}")
-        self._config = scenes.SceneConfig(width=width, height=height)
+        self._config = scenes.SceneConfig(width=width, height=height, layout=layout, grid=tuple(grid))
         try:
             self._config.validate()
         except ValueError as exc:
@@ -160,7 +168,9 @@ class SyntheticSource:
 
     def describe(self) -> str:
         period = f"a new scene every {self._period_s:g} s" if self._period_s > 0 else "a new scene every frame"
-        return f"synthetic scenes (seed {self._seed}, {self._config.width}x{self._config.height}, {period})"
+        c = self._config
+        layout = f"{c.grid[0]}x{c.grid[1]} grid" if c.layout == "grid" else "random layout"
+        return f"synthetic scenes (seed {self._seed}, {c.width}x{c.height}, {layout}, {period})"
 
     def next(self) -> Frame:
         now = self._clock()
@@ -446,6 +456,8 @@ class ImageSource(Node):
             seed = declare("seed", 0, _descriptor("synthetic scene sequence seed")).value
             period = declare("scene_period_s", 0.0, _descriptor("seconds per synthetic scene; 0: every frame",
                                                                  True)).value
+            layout = declare("scene_layout", "grid", _descriptor("grid | random placement of synthetic objects")).value
+            grid = declare("scene_grid", [4, 3], _descriptor("[columns, rows] of the grid layout")).value
             reliability = declare("qos_reliability", "reliable", _descriptor("reliable | best_effort")).value
             depth = declare("qos_depth", 1, _descriptor("keep-last depth of the image topic")).value
         except ParameterException as exc:  # e.g. width:=320.0 for an integer parameter
@@ -467,6 +479,11 @@ class ImageSource(Node):
             raise ImageSourceError(f"synthetic frames need width and height > 0, got {width}x{height}")
         if period < 0:
             raise ImageSourceError(f"parameter scene_period_s must be >= 0, got {period:g}")
+        if layout not in ("grid", "random"):
+            raise ImageSourceError(f"parameter scene_layout must be grid or random, got {layout!r}")
+        grid = tuple(grid)
+        if len(grid) != 2 or min(grid) < 1:
+            raise ImageSourceError(f"parameter scene_grid must be [columns, rows] >= 1, got {list(grid)}")
         if reliability not in RELIABILITIES:
             raise ImageSourceError(f"parameter qos_reliability must be reliable or best_effort, got {reliability!r}")
         if depth < 1:
@@ -483,11 +500,13 @@ class ImageSource(Node):
         if compressed and encoding != "rgb8":
             self.get_logger().warning(f"compressed: true publishes {fmt} colour images; encoding {encoding} is unused")
         return Settings(source, path, str(device), rate_hz, width, height, encoding, frame_id, bool(compressed),
-                        fmt, quality, bool(loop), seed, period, reliability, depth)
+                        fmt, quality, bool(loop), seed, period, layout, (int(grid[0]), int(grid[1])), reliability,
+                        depth)
 
     def _open_source(self, s: Settings):
         if s.source == "synthetic":
-            return SyntheticSource(s.width, s.height, s.seed, s.scene_period_s)
+            return SyntheticSource(s.width, s.height, s.seed, s.scene_period_s, layout=s.scene_layout,
+                                   grid=s.scene_grid)
         if s.source == "video":
             return VideoSource(s.path, s.loop)
         if s.source == "folder":

@@ -15,7 +15,7 @@ from pathlib import Path
 from vlsi_model import scenes
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str, minimum: int = 16) -> tuple[int, int]:
     """'112' -> (112, 112); '640x480' -> (640, 480) as width x height."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
@@ -23,9 +23,14 @@ def _size(text: str) -> tuple[int, int]:
         parts = []
     if len(parts) == 1:
         parts *= 2
-    if len(parts) != 2 or min(parts) < 16:
-        raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT with sides >= 16, got {text!r}")
+    if len(parts) != 2 or min(parts) < minimum:
+        raise argparse.ArgumentTypeError(f"expected N or WIDTHxHEIGHT with sides >= {minimum}, got {text!r}")
     return parts[0], parts[1]
+
+
+def _grid(text: str) -> tuple[int, int]:
+    """'4' -> (4, 4); '4x3' -> 4 columns, 3 rows."""
+    return _size(text, minimum=1)
 
 
 def _families(text: str) -> tuple[str, ...]:
@@ -97,6 +102,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--background", choices=("plain", "gradient"), default="gradient", help="grey, or grey with a ramp"
     )
     p.add_argument("--noise", type=float, default=0.0, help="std of pixel noise in grey levels (default 0)")
+    p.add_argument(
+        "--layout",
+        choices=("random", "grid"),
+        default="random",
+        help="object placement: anywhere, or one object centred in each cell of --grid (the nano family's data)",
+    )
+    p.add_argument("--grid", type=_grid, default=(4, 4), help="grid cells COLSxROWS for --layout grid (default 4x4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_scenes)
 
@@ -113,6 +125,8 @@ def run_scenes(args: argparse.Namespace) -> int:
         colors=args.colors,
         background=args.background,
         noise=args.noise,
+        layout=args.layout,
+        grid=args.grid,
     )
     try:
         config.validate()

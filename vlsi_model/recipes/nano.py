@@ -119,19 +119,25 @@ def prepare_data(
     caption_share: float = 0.5,
     families: Sequence[str] = VQA_FAMILIES,
     progress: bool = False,
+    layout: str = "grid",
 ) -> Path:
     """Render out_dir/vqa (run seed `seed`) and out_dir/caption (run seed `seed + 1`: other scenes),
     then write out_dir/train_mix.json; returns its path. Skips a part whose JSON already exists,
-    so re-running the reproduction script after a crash does not re-render everything."""
-    from vlsi_model.scenes import write_dataset
+    so re-running the reproduction script after a crash does not re-render everything.
+
+    `layout` is the scenes' SceneConfig.layout. The nano family uses "grid" (one object per
+    28-px image token): with "random" placement the small models never learn shape on a CPU."""
+    from vlsi_model.scenes import SceneConfig, write_dataset
 
     out = Path(out_dir)
+    scene_config = SceneConfig(layout=layout)
     vqa = out / "vqa" / "train.json"
     if not vqa.is_file():
-        write_dataset(out / "vqa", num_images, seed, "train", families=families, progress=progress)
+        write_dataset(out / "vqa", num_images, seed, "train", scene_config, families=families, progress=progress)
     cap = out / "caption" / "train.json"
     if caption_share > 0 and not cap.is_file():
-        write_dataset(out / "caption", caption_images, seed + 1, "train", families=[CAPTION_FAMILY], progress=progress)
+        write_dataset(out / "caption", caption_images, seed + 1, "train", scene_config, families=[CAPTION_FAMILY],
+                      progress=progress)
     return write_mix(out / MIX_FILE, vqa, cap, caption_share, seed)
 
 
@@ -373,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--caption-num", type=int, default=30000, help="caption-only images")
     d.add_argument("--caption-share", type=float, default=0.5)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--layout", choices=("grid", "random"), default="grid",
+                   help="object placement (default grid: one object per 28-px image token)")
     r = sub.add_parser("train", help="train from a nano recipe YAML")
     r.add_argument("--config", required=True, type=Path)
     r.add_argument("--resume", action="store_true")
@@ -397,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(save_nano_tokenizer(args.out))
     elif args.cmd == "data":
-        print(prepare_data(args.out, args.num, args.caption_num, args.seed, args.caption_share, progress=True))
+        print(prepare_data(args.out, args.num, args.caption_num, args.seed, args.caption_share, progress=True,
+                           layout=args.layout))
     elif args.cmd == "train":
         if args.threads:
             torch.set_num_threads(args.threads)
