@@ -8,6 +8,8 @@
 Rows (each a `vlsi distill` config generated from the row's overrides, or plain SFT):
 
 * teacher: the teacher itself (evaluated once);
+* student_init: the student every row starts from (a pretrained student given by
+  --student-init, evaluated once; or the fresh random init of each seed);
 * student_sft: the student fine-tuned with plain SFT only (the paper's "SFT" baseline);
 * final_kl_only: classic distillation (final-output KL, no verbalized layers) + step 3;
 * vlsi_full: the full method (adaptive temperature, order-preserving window, KLD/KLD, step 3);
@@ -61,7 +63,7 @@ class Row:
     """One table row: how the student is trained (kind) and the distill-config overrides."""
 
     name: str
-    kind: str  # "teacher" | "sft" | "distill"
+    kind: str  # "teacher" | "init" | "sft" | "distill"
     label: str
     overrides: dict[str, Any] = field(default_factory=dict)
     steps: tuple[str, ...] = ("verbalize", "interact", "sft")
@@ -72,6 +74,7 @@ def study_rows() -> list[Row]:
     """Every row of the study, in table order (paper's tables: main, matching, ops, steps, cost)."""
     rows = [
         Row("teacher", "teacher", "teacher"),
+        Row("student_init", "init", "student before the budget (its init)"),
         Row("student_sft", "sft", "student: SFT only"),
         Row("final_kl_only", "distill", "student: final-layer KL + SFT",
             {"loss": {"intermediate_weight": 0.0, "last_op": "kld"}}),
@@ -224,6 +227,17 @@ def _shared_verbalize(a: StudyArgs, seed: int) -> Path:
     return out
 
 
+def _row_dir(row: Row, a: StudyArgs, seed: int) -> Path:
+    once = row.kind == "teacher" or (row.kind == "init" and a.student_init != "random")
+    return a.out / "rows" / row.name / ("all" if once else f"seed{seed}")
+
+
+def finished_result(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
+    """The eval results of a finished (row, seed), or None."""
+    result_file = _row_dir(row, a, seed) / "eval.json"
+    return json.loads(result_file.read_text()) if result_file.is_file() else None
+
+
 def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     """Train (or resume) and evaluate one (row, seed); returns its eval results (cached on disk)."""
     from vlsi_model.distill.pipeline import (
@@ -235,7 +249,7 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     )
     from vlsi_model.training.sft import run_sft
 
-    row_dir = a.out / "rows" / row.name / ("all" if row.kind == "teacher" else f"seed{seed}")
+    row_dir = _row_dir(row, a, seed)
     result_file = row_dir / "eval.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -243,6 +257,8 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     if row.kind == "teacher":
         model_dir = a.teacher
+    elif row.kind == "init":
+        model_dir = _student_init(a, seed)
     elif row.kind == "sft":
         cfg = {"model": {"path": str(_student_init(a, seed))},
                "data": {"train": str(a.train_data), "max_length": a.max_length},
@@ -368,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=None, help="first N test records (default: all)")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table from the (row, seed) pairs already finished")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 steps per row, 1 seed: wiring check")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -404,9 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        for seed in ([seeds[0]] if row.kind == "teacher" else seeds):
-            log.info("row %s seed %d on %s", row.name, seed, _device())
-            r = run_row(row, a, seed)
+        once = row.kind == "teacher" or (row.kind == "init" and a.student_init != "random")
+        for seed in ([seeds[0]] if once else seeds):
+            if args.report_only:
+                r = finished_result(row, a, seed)
+            else:
+                log.info("row %s seed %d on %s", row.name, seed, _device())
+                r = run_row(row, a, seed)
             if r is not None:
                 results.setdefault(row.name, []).append(r)
                 log.info("row %s seed %d: overall %.3f", row.name, seed, r["overall"]["accuracy"])

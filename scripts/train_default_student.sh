@@ -10,7 +10,8 @@
 # produced the shipped model). Steps:
 #   1. family tokenizer (BPE on the train-scene corpus, Qwen2-VL specials)
 #   2. train data: 8000 VQA images (5 families) + 20000 caption images, mixed 50/50
-#   3. test split: 600 images from test seeds (disjoint from every train seed)
+#   3. test split: 600 images from test seeds (disjoint from every train seed); all scenes use the
+#      grid layout (one object per 28-px image token), on which the nano models learn shape
 #   4. training (configs/nano/student.yaml: frozen random vision tower, LR 1e-3, batch 32)
 #   5. evaluation on the test split, then the model + model card are copied into the package
 set -euo pipefail
@@ -30,7 +31,7 @@ fi
 
 [ -f "$RUNS/tokenizer/tokenizer.json" ] || $PY -m vlsi_model.recipes.nano tokenizer --out "$RUNS/tokenizer"
 [ -f "$RUNS/data/train_mix.json" ] || $PY -m vlsi_model.recipes.nano data --out "$RUNS/data" --num 8000 --caption-num 20000
-[ -f "$RUNS/test/test.json" ] || $PY -m vlsi_model.cli data scenes --out "$RUNS/test" --num 600 --split test \
+[ -f "$RUNS/test/test.json" ] || $PY -m vlsi_model.cli data scenes --out "$RUNS/test" --num 600 --split test --layout grid \
   --families attribute,count,exist,spatial,compare,caption --no-progress
 
 OUT=$($PY - "$CONFIG" <<'PYEOF'

@@ -73,3 +73,28 @@ def test_train_export_eval_ship(tmp_path, tiny_tokenizer):
     assert (dest / "config.json").is_file() and (dest / "tokenizer.json").is_file()
     assert "predictions" not in json.loads((dest / "test_results.json").read_text())
     load_model_dir(Path(dest))
+
+
+def test_model_card_of_a_distilled_student(tmp_path, tiny_qwen2vl_dir):
+    """A VLsI-distilled student's card names the teacher, the three steps with their lengths and
+    the step-3 loss, read from the distill run's own config and metrics."""
+    from vlsi_model.recipes.nano import model_card
+
+    run = tmp_path / "distill"
+    (run / "runs" / "sft").mkdir(parents=True)
+    (run / "runs" / "sft" / "metrics.jsonl").write_text(
+        json.dumps({"step": 7, "loss": 0.25, "token_acc": 0.875, "elapsed_s": 120.0}) + "\n")
+    config = run / "distill_config.yaml"
+    config.write_text(yaml.safe_dump({
+        "teacher": {"path": "runs/nano/teacher/final"}, "student": {"path": "runs/nano/student/final"},
+        "matching": {"variant": "full"}, "loss": {"intermediate_op": "kld", "last_op": "kld"},
+        "train": {"per_device_batch_size": 32, "lr": 5e-4},
+        "steps": {"verbalize": {"max_steps": 11}, "interact": {"max_steps": 13}, "sft": {"max_steps": 7}}}))
+    results = {"families": {"count": {"n": 4, "accuracy": 0.5, "prior": 0.25, "majority_answer": "1"}},
+               "overall": {"n": 4, "accuracy": 0.5}}
+    card = model_card(Path(tiny_qwen2vl_dir), results, tmp_path / "unused.jsonl", config)
+    flat = " ".join(card.split())
+    assert "VLsI-distilled from a larger teacher" in flat and "runs/nano/teacher/final" in flat
+    assert "verbalization 11 steps" in flat and "interaction 13 steps" in flat and "step 3 SFT 7 steps" in flat
+    assert "sft 2.0 min" in flat and "loss 0.2500" in flat and "accuracy 0.875" in flat
+    assert "| count | 4 | 0.500 |" in card

@@ -245,7 +245,8 @@ MODEL_CARD_COMMANDS = """\
 scripts/train_default_student.sh        # all of the below, resumable
 python -m vlsi_model.recipes.nano tokenizer --out runs/nano/tokenizer
 python -m vlsi_model.recipes.nano data --out runs/nano/data --num 8000 --caption-num 20000
-vlsi data scenes --out runs/nano/test --num 600 --split test --families attribute,count,exist,spatial,compare,caption
+vlsi data scenes --out runs/nano/test --num 600 --split test --layout grid \\
+    --families attribute,count,exist,spatial,compare,caption
 nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml --threads 1 --resume
 vlsi eval --model runs/nano/student/final --data runs/nano/test/test.json --out runs/nano/student/test_results.json \\
     --max-samples 1400
@@ -265,36 +266,80 @@ def _last_metrics(metrics: Path) -> dict[str, Any]:
     return last
 
 
-def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, config: Path, notes: str = "") -> str:
-    """README.md of a shipped student: what it is, its test accuracy per family against the
-    answer prior, how it was trained (exact commands), and what it cannot do."""
-    from vlsi_model.evaluation import format_table
-
+def _sft_training_section(metrics: Path, config: Path) -> str:
+    """Model-card bullets for a student trained by this recipe (nano SFT from scratch)."""
     cfg = load_yaml_config(config)
-    from safetensors import safe_open
-
-    tensors = 0
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            tensors += int(np.prod(f.get_slice(k).get_shape()))
-    size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
     last = _last_metrics(metrics)
-    steps = last.get("step", "?")
     wall = last.get("elapsed_s")
     wall_text = f"{wall / 60:.1f} min" if isinstance(wall, (int, float)) else "?"
     loss, token_acc = float(last.get("loss", float("nan"))), float(last.get("token_acc", float("nan")))
-    model_cfg = json.loads((model_dir / "config.json").read_text())
-    text, vision = model_cfg.get("text_config", model_cfg), model_cfg["vision_config"]
     frozen_text = (
         "the vision encoder stays at its random initialisation (nano.freeze_vision_tower), only its merger and "
         "the language model train"
         if cfg.get("nano", {}).get("freeze_vision_tower") else "every weight trains"
     )
+    steps = last.get("step", "?")
+    return f"""- Recipe: `{config}` (`vlsi_model/recipes/nano.py`): {steps} steps of batch 32, AdamW lr 1e-3
+  (50 warmup steps, cosine to 1e-4), betas (0.9, 0.98), wd 0.01, clip 1.0, fp32; 50% of the training
+  records are the dense caption task "What objects are there?" (shared/NANO_NOTES.md: VQA alone stays
+  at chance); {frozen_text}.
+- Data: 8000 train images x 5 question families + 20000 caption images (train seeds), tokenizer
+  trained on the train-scene corpus. Wall time: {wall_text} on a shared 2-core CPU.
+- Final training loss: {loss:.4f}, response-token accuracy {token_acc:.3f}."""
+
+
+def _distill_training_section(config: Path) -> str:
+    """Model-card bullets for a student distilled by `vlsi distill` (VLsI's three steps)."""
+    cfg = load_yaml_config(config)
+    steps = cfg.get("steps", {})
+    train = cfg.get("train", {})
+    runs = Path(config).parent / "runs"
+    walls = []
+    for step in ("verbalize", "interact", "sft"):
+        last = _last_metrics(runs / step / "metrics.jsonl")
+        if isinstance(last.get("elapsed_s"), (int, float)):
+            walls.append(f"{step} {last['elapsed_s'] / 60:.1f} min")
+    sft_last = _last_metrics(runs / "sft" / "metrics.jsonl")
+    loss_3, acc_3 = float(sft_last.get("loss", float("nan"))), float(sft_last.get("token_acc", float("nan")))
+    matching, loss = cfg.get("matching", {}), cfg.get("loss", {})
+    return f"""- Start: the nano student pretrained by SFT (`{cfg.get("student", {}).get("path")}`, recipe
+  `configs/nano/student.yaml`), distilled from the nano teacher (`{cfg.get("teacher", {}).get("path")}`, recipe
+  `configs/nano/teacher.yaml`, 9.47M parameters) with `vlsi distill` (shared/VLSI_METHOD.md): step 1
+  verbalization {steps.get("verbalize", {}).get("max_steps", "?")} steps (verb-FFN heads only), step 2 interaction
+  {steps.get("interact", {}).get("max_steps", "?")} steps (matching `{matching.get("variant", "full")}`, intermediate
+  `{loss.get("intermediate_op", "kld")}` / last `{loss.get("last_op", "kld")}`), step 3 SFT
+  {steps.get("sft", {}).get("max_steps", "?")} steps; batch {train.get("per_device_batch_size", "?")}, \
+lr {train.get("lr", "?")}, full fine-tuning (no LoRA at this size). Config: `{config}`.
+- Wall time on a shared 2-core CPU: {", ".join(walls) or "?"}. Final step-3 loss
+  {loss_3:.4f}, response-token accuracy {acc_3:.3f}."""
+
+
+def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, config: Path, notes: str = "") -> str:
+    """README.md of a shipped student: what it is, its test accuracy per family against the
+    answer prior, how it was trained (exact commands), and what it cannot do.
+
+    `config` is the nano recipe YAML of an SFT-trained student, or the `distill_config.yaml`
+    of a VLsI-distilled one (recognised by its `teacher:` section; `metrics` is then unused)."""
+    from safetensors import safe_open
+
+    from vlsi_model.evaluation import format_table
+
+    distilled = "teacher" in load_yaml_config(config)
+    tensors = 0
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            tensors += int(np.prod(f.get_slice(k).get_shape()))
+    size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
+    model_cfg = json.loads((model_dir / "config.json").read_text())
+    text, vision = model_cfg.get("text_config", model_cfg), model_cfg["vision_config"]
+    how = "pretrained from scratch, then VLsI-distilled from a larger teacher," if distilled else "trained from scratch"
+    training = _distill_training_section(config) if distilled else _sft_training_section(metrics, config)
     return f"""# nano student: the default model of vlsi_ros
 
 A {tensors / 1e6:.2f}M-parameter Qwen2-VL (text {text['hidden_size']} x {text['num_hidden_layers']} layers,
-vision {vision['depth']} x {vision['embed_dim']}; {size_mb:.1f} MB of float32 safetensors) trained from
-scratch on the project's synthetic scenes (1-5 objects: circle/square/triangle, 5 colours, 2 sizes, 112x112).
+vision {vision['depth']} x {vision['embed_dim']}; {size_mb:.1f} MB of float32 safetensors) {how}
+on the project's synthetic scenes (1-5 objects: circle/square/triangle, 5 colours, 2 sizes, 112x112,
+one object per cell of a 4x4 grid, i.e. per image token: `SceneConfig(layout="grid")`).
 It is what `vlsi ask`, the ROS node and every backend use when no model is given, so the whole
 pipeline runs on a laptop CPU with answers that are better than chance on scenes of that kind.
 It knows nothing about real images: for a robot, distill your own student (`vlsi distill`).
@@ -314,13 +359,7 @@ model that ignores the image reaches).
 
 ## Training
 
-- Recipe: `{config}` (`vlsi_model/recipes/nano.py`): {steps} steps of batch 32, AdamW lr 1e-3
-  (50 warmup steps, cosine to 1e-4), betas (0.9, 0.98), wd 0.01, clip 1.0, fp32; 50% of the training
-  records are the dense caption task "What objects are there?" (shared/NANO_NOTES.md: VQA alone stays
-  at chance); {frozen_text}.
-- Data: 8000 train images x 5 question families + 20000 caption images (train seeds), tokenizer
-  trained on the train-scene corpus. Wall time: {wall_text} on a shared 2-core CPU.
-- Final training loss: {loss:.4f}, response-token accuracy {token_acc:.3f}.
+{training}
 
 ## Reproduce
 
