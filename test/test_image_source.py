@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ rclpy = pytest.importorskip("rclpy")
 from rclpy.context import Context  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_harness import NodeProcess  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
@@ -69,35 +68,16 @@ def context(domain_id: int) -> Iterator[Context]:
     rclpy.try_shutdown(context=ctx)
 
 
-class SourceProcess:
+class SourceProcess(NodeProcess):
     """The installed image_source with parameters; output captured in a log file."""
 
     def __init__(self, params: dict[str, object], log_path: Path) -> None:
         if not EXECUTABLE.is_file():
             pytest.fail(f"{EXECUTABLE} is not installed: run scripts/setup_env.sh first")
-        args = [sys.executable, str(EXECUTABLE), "--ros-args"]
-        for key, value in params.items():
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            args += ["-p", f"{key}:={text}"]
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                     start_new_session=True)
+        super().__init__("image_source", params, log_path=log_path)
 
     def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout_s: float = 10.0) -> int:
-        """SIGINT (a clean shutdown), then SIGKILL if it hangs; returns the exit status."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return self.log_text()
 
 
 @pytest.fixture
@@ -236,6 +216,8 @@ def test_synthetic_frames_rate_size_and_ground_truth(start_source, listen) -> No
         assert (truth["width"], truth["height"]) == (320, 240)
         assert truth["qas"] and all({"question", "answer", "family"} <= set(qa) for qa in truth["qas"])
         assert_objects_drawn(image_msg_to_rgb(msg), truth, tolerance=0)
+        # Default layout: a 4x3 grid, one object centred per 80x80 cell (the student's image tokens).
+        assert all((o["x"] - 40) % 80 == 0 and (o["y"] - 40) % 80 == 0 for o in truth["objects"]), truth
 
     assert proc.stop() == 0, proc.log()  # SIGINT is a clean exit
     assert "publishing synthetic scenes" in proc.log()
@@ -245,7 +227,7 @@ def test_compressed_mode_and_scene_period(start_source, listen) -> None:
     frame_id = unique_frame_id()
     listener = listen(frame_id)
     proc = start_source(rate_hz=20.0, width=320, height=240, frame_id=frame_id, compressed=True,
-                        compressed_format="jpeg", scene_period_s=0.5, seed=5)
+                        compressed_format="jpeg", scene_period_s=0.5, seed=5, scene_layout="random")
     assert listener.spin_until(lambda: len(listener.compressed) >= 1, DISCOVERY_TIMEOUT_S), proc.log()
     assert listener.spin_until(lambda: len(listener.compressed) >= 31, 10.0)
     listener.spin_for(0.2)
@@ -265,6 +247,8 @@ def test_compressed_mode_and_scene_period(start_source, listen) -> None:
         rgb = compressed_msg_to_rgb(msg)
         assert rgb.shape == (240, 320, 3)
         assert_objects_drawn(rgb, truth, tolerance=24)  # JPEG: close, not exact
+    centres = [(o["x"], o["y"]) for t in truths for o in t["objects"]]
+    assert any((x - 40) % 80 or (y - 40) % 80 for x, y in centres), "scene_layout random: objects anywhere"
 
 
 # ---- folder and video ----------------------------------------------------------------
@@ -363,6 +347,9 @@ def test_video_source_loops(start_source, listen, tmp_path: Path) -> None:
         ({"encoding": "hsv8"}, "unsupported image encoding 'hsv8'; supported: rgb8"),
         ({"rate_hz": 0.0}, "rate_hz must be > 0"),
         ({"width": 320.5}, "invalid parameter"),
+        ({"scene_layout": "hexagonal"}, "parameter scene_layout must be grid or random"),
+        ({"scene_grid": [0, 3]}, "parameter scene_grid must be [columns, rows] >= 1"),
+        ({"scene_grid": [2, 2], "width": 320, "height": 240}, "exceeds the 2x2 grid"),
     ],
 )
 def test_bad_configuration_exits_non_zero_with_a_clear_message(start_source, params: dict, message: str) -> None:

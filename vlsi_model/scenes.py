@@ -226,7 +226,13 @@ class SceneConfig:
         return min(self.cell_size())
 
     def gap_px(self) -> float:
-        """The gap in pixels: what placement enforces between boxes and to the border."""
+        """The gap in pixels: what placement enforces between boxes and to the border.
+
+        On the grid it is the margin between an object and its cell's border, so neighbours
+        are twice that apart: half the random layout's gap (at least 1 px) gives the same
+        separation and lets small frames (e.g. 64x48) keep the default grid."""
+        if self.layout == "grid":
+            return max(1.0, self.gap * min(self.width, self.height) / 2)
         return max(2.0, self.gap * min(self.width, self.height))
 
 
