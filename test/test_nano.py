@@ -114,3 +114,12 @@ def test_freeze_vision_tower_keeps_the_merger_trainable(tokenizer):
     assert all(p.requires_grad for p in visual.merger.parameters())
     assert not any(p.requires_grad for p in visual.blocks.parameters())
     assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_rope_theta_is_an_architecture_knob(tokenizer):
+    """`architecture: {rope_theta: ...}` reaches the text config (and changes the rotary frequencies)."""
+    from vlsi_model.models import tiny_qwen2vl_config, tiny_qwen25vl_config
+
+    for factory in (tiny_qwen2vl_config, tiny_qwen25vl_config):
+        assert factory(tokenizer=tokenizer).get_text_config().rope_parameters["rope_theta"] == 1_000_000.0
+        assert factory(tokenizer=tokenizer, rope_theta=10.0).get_text_config().rope_parameters["rope_theta"] == 10.0

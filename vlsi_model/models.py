@@ -151,6 +151,7 @@ def _text_config(
     intermediate_size: int | None,
     max_position_embeddings: int,
     ids: TokenIds,
+    rope_theta: float = 1_000_000.0,
 ) -> dict[str, Any]:
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
@@ -165,7 +166,7 @@ def _text_config(
         "rms_norm_eps": 1e-6,
         "rope_parameters": {
             "rope_type": "default",
-            "rope_theta": 1_000_000.0,
+            "rope_theta": float(rope_theta),
             "mrope_section": _mrope_section(hidden_size // num_heads),
         },
         "bos_token_id": ids.endoftext,
@@ -185,6 +186,7 @@ def tiny_qwen2vl_config(
     vision_embed_dim: int = 64,
     vision_heads: int = 4,
     max_position_embeddings: int = 4096,
+    rope_theta: float = 1_000_000.0,
     tie_word_embeddings: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     token_ids: TokenIds | None = None,
@@ -198,7 +200,7 @@ def tiny_qwen2vl_config(
     vocab_size, ids = _resolve_ids(vocab_size, tokenizer, token_ids)
     text = _text_config(
         vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-        max_position_embeddings, ids,
+        max_position_embeddings, ids, rope_theta,
     )
     vision = {
         "depth": vision_depth,
@@ -236,6 +238,7 @@ def tiny_qwen25vl_config(
     window_size: int = 112,
     fullatt_block_indexes: tuple[int, ...] | None = None,
     max_position_embeddings: int = 4096,
+    rope_theta: float = 1_000_000.0,
     tie_word_embeddings: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     token_ids: TokenIds | None = None,
@@ -249,7 +252,7 @@ def tiny_qwen25vl_config(
     vocab_size, ids = _resolve_ids(vocab_size, tokenizer, token_ids)
     text = _text_config(
         vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-        max_position_embeddings, ids,
+        max_position_embeddings, ids, rope_theta,
     )
     vision = {
         "depth": vision_depth,
