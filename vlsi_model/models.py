@@ -34,6 +34,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import logging as hf_logging
 
+from vlsi_model.fileio import replace_directory
 from vlsi_model.tokenizer import SPECIAL_TOKEN_IDS
 
 # model_type in config.json -> model class. The only architectures this project runs.
@@ -368,10 +369,7 @@ def save_model_dir(
         if not (tmp / "model.safetensors").exists() and not (tmp / "model.safetensors.index.json").exists():
             raise RuntimeError(f"save_pretrained wrote no safetensors weights into {tmp}")
         if overwrite and out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_directory(tmp, out)
         else:
             try:
                 os.rename(tmp, out)  # fails if `out` appeared meanwhile (non-empty directory)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from vlsi_model.export import manifest as mf
+from vlsi_model.fileio import replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -401,13 +402,7 @@ def export_model(
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users (a ROS service)
 
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

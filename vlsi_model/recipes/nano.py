@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from vlsi_model.fileio import replace_directory
 from vlsi_model.training.config import (
     TrainConfig,
     dataclass_from_dict,
@@ -393,13 +394,7 @@ def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str |
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        replace_directory(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

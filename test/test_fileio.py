@@ -1,0 +1,29 @@
+"""replace_directory: a finished directory takes the place of an old one, leaving nothing behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlsi_model.fileio import replace_directory
+
+
+def _built(parent: Path, name: str, files: dict[str, str]) -> Path:
+    d = parent / name
+    d.mkdir()
+    for k, v in files.items():
+        (d / k).write_text(v)
+    return d
+
+
+def test_replaces_an_existing_directory_with_nothing_left_over(tmp_path: Path) -> None:
+    dest = _built(tmp_path, "model", {"a.txt": "old", "stale.txt": "old"})
+    built = _built(tmp_path, ".model.tmp", {"a.txt": "new"})
+    assert replace_directory(built, dest) == dest
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt"] and (dest / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old sibling remains
+
+
+def test_moves_into_place_when_nothing_is_there(tmp_path: Path) -> None:
+    built = _built(tmp_path, ".x.tmp", {"f": "1"})
+    replace_directory(built, tmp_path / "x")
+    assert (tmp_path / "x" / "f").read_text() == "1" and not built.exists()
