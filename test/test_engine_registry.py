@@ -197,3 +197,26 @@ def test_docstring_lists_every_backends_options():
     names = r"\b(engine_dir|dtype|num_threads|max_question_chars|is_placeholder|providers|device)\b"
     for name, text in items.items():
         assert set(re.findall(names, text)) == set(backend_options(name)), name
+
+
+def test_greedy_tokens_shared_stopping_rules():
+    """The decode loop of every backend: stop token, max_new_tokens, on_token False, cancel, and a
+    backend that cannot go further (TensorRT's maximum length: the step returns None)."""
+    import threading
+
+    from vlsi_model.engine.base import greedy_tokens
+
+    def counting(last_id, n):
+        return last_id + 1
+
+    text = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    assert greedy_tokens(1, counting, {4}, 10, text) == ([1, 2, 3], False)
+    assert greedy_tokens(1, counting, {99}, 3, text) == ([1, 2, 3], False)
+    assert greedy_tokens(4, counting, {4}, 3, text) == ([], False)
+    assert greedy_tokens(1, lambda last, n: None if n >= 2 else last + 1, {99}, 10, text) == ([1, 2], False)
+    seen = []
+    assert greedy_tokens(1, counting, {99}, 10, text, lambda t, n: seen.append(t) or n < 2) == ([1, 2], True)
+    assert seen == ["1", "1 2"]
+    cancel = threading.Event()
+    cancel.set()
+    assert greedy_tokens(1, counting, {99}, 10, text, cancel=cancel) == ([1], True)

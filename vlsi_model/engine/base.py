@@ -48,6 +48,37 @@ class AnswerResult:
         return 1000.0 * self.num_tokens / self.decode_ms if self.decode_ms > 0 else 0.0
 
 
+def greedy_tokens(
+    first_id: int,
+    next_token: Callable[[int, int], int | None],
+    stop_token_ids: frozenset[int] | set[int] | tuple[int, ...],
+    max_new_tokens: int,
+    stream_text: Callable[[list[int]], str],
+    on_token: TokenCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[list[int], bool]:
+    """The greedy decode loop every backend shares; returns (answer tokens, cancelled).
+
+    `first_id` is the prefill's choice. `next_token(last_id, n)` runs one decoder step on the
+    last chosen token (n answer tokens so far) and returns the next id, or None when the
+    backend cannot go further (e.g. a TensorRT engine's maximum length). Stop tokens are not
+    part of the answer; `on_token` sees the streamed text and stops by returning False; a set
+    `cancel` stops after the current token. Written by hand because each backend only
+    differs in how one step runs, and the stopping rules must be identical across them.
+    """
+    tokens: list[int] = []
+    next_id: int | None = first_id
+    while next_id is not None and next_id not in stop_token_ids:
+        tokens.append(next_id)
+        stop = on_token is not None and on_token(stream_text(tokens), len(tokens)) is False
+        if stop or (cancel is not None and cancel.is_set()):
+            return tokens, True
+        if len(tokens) >= max_new_tokens:
+            break
+        next_id = next_token(next_id, len(tokens))
+    return tokens, False
+
+
 class Engine(Protocol):
     """A loaded model that answers questions about images.
 

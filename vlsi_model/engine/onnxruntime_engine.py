@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback
+from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback, greedy_tokens
 from vlsi_model.engine.np_inputs import (
     ImageConfig,
     PromptBuilder,
@@ -254,21 +254,14 @@ class OnnxRuntimeEngine:
 
             t0 = time.perf_counter()
             seq_len = len(ids)
-            tokens: list[int] = []
-            while True:
-                if next_id in self.stop_token_ids:
-                    break
-                tokens.append(next_id)
-                stop = False
-                if on_token is not None:
-                    stop = on_token(self.prompts.stream_text(tokens), len(tokens)) is False
-                if stop or (cancel is not None and cancel.is_set()):
-                    result.cancelled = True
-                    break
-                if len(tokens) >= max_new_tokens:
-                    break
-                logits, past = self.decode_step(next_id, seq_len + len(tokens) - 1 + rope_delta, past)
-                next_id = int(np.argmax(logits))
+
+            def step(last_id: int, n: int) -> int:
+                nonlocal past
+                logits, past = self.decode_step(last_id, seq_len + n - 1 + rope_delta, past)
+                return int(np.argmax(logits))
+
+            tokens, result.cancelled = greedy_tokens(next_id, step, self.stop_token_ids, max_new_tokens,
+                                                     self.prompts.stream_text, on_token, cancel)
             result.decode_ms = _ms(t0)
         except EngineError:
             raise

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback
+from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback, greedy_tokens
 
 ENGINE_MANIFEST = "manifest.json"
 ENGINE_FORMAT = "vlsi-tensorrt-engines"
@@ -433,28 +433,23 @@ class TensorRTEngine:
         t0 = time.perf_counter()
         seq_len = len(ids)
         past_len = seq_len + PAD_SLOTS
-        tokens: list[int] = []
-        while True:
-            if next_id in self.stop_token_ids:
-                break
-            tokens.append(next_id)
-            stop = False
-            if on_token is not None:
-                stop = on_token(self.prompts.stream_text(tokens), len(tokens)) is False
-            if stop or (cancel is not None and cancel.is_set()):
-                result.cancelled = True
-                break
-            if len(tokens) >= max_new_tokens or past_len + 1 > self.max_total:
-                break
-            pos = np.full((3, 1), seq_len + len(tokens) - 1 + rope_delta, dtype=np.int64)
+
+        def step(last_id: int, n: int) -> int | None:
+            nonlocal src, past_len
+            if past_len + 1 > self.max_total:  # the engine's profile ends here
+                return None
+            pos = np.full((3, 1), seq_len + n - 1 + rope_delta, dtype=np.int64)
             cos, sin = mrope_cos_sin(pos, self.text_inv_freq, self.mrope_section, self.float_dtype)
             bias = np.zeros((1, 1, 1, past_len + 1), dtype=self.float_dtype)
             bias[..., :PAD_SLOTS] = self.mask_value
-            emb = np.array(self.embed_tokens[[next_id]], dtype=self.float_dtype)[None]
+            emb = np.array(self.embed_tokens[[last_id]], dtype=self.float_dtype)[None]
             logits = self._run_decoder(self._decode_ctx, emb, cos, sin, bias, past_len, src=src)
             src = 1 - src
             past_len += 1
-            next_id = int(np.argmax(logits))
+            return int(np.argmax(logits))
+
+        tokens, result.cancelled = greedy_tokens(next_id, step, self.stop_token_ids, max_new_tokens,
+                                                 self.prompts.stream_text, on_token, cancel)
         result.decode_ms = _ms(t0)
         result.token_ids = tokens
         result.text = self.prompts.decode(tokens).strip()

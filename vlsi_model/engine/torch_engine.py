@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from vlsi_model.engine.base import AnswerResult, EngineError, TokenCallback
+from vlsi_model.engine.base import AnswerResult, EngineError, TokenCallback, greedy_tokens
 from vlsi_model.prompting import DEFAULT_MAX_QUESTION_CHARS, build_inputs
 
 log = logging.getLogger(__name__)
@@ -330,23 +330,17 @@ class TorchEngine:
             t0 = time.perf_counter()
             seq_len = input_ids.shape[1]
             rope_delta = rope_deltas.to(dev).view(1, 1, 1)
-            tokens: list[int] = []
-            while True:
-                if next_id in self.stop_token_ids:
-                    break
-                tokens.append(next_id)
-                stop = False
-                if on_token is not None:
-                    text = _stream_text(self.tokenizer, tokens)
-                    stop = on_token(text, len(tokens)) is False
-                if stop or (cancel is not None and cancel.is_set()):
-                    result.cancelled = True
-                    break
-                if len(tokens) >= max_new_tokens:
-                    break
-                step_ids = torch.tensor([[next_id]], dtype=torch.long, device=dev)
-                pos = torch.full((3, 1, 1), seq_len + len(tokens) - 1, dtype=torch.long, device=dev) + rope_delta
-                next_id, kv = self._decode(embed_tokens(step_ids), pos, kv)
+
+            def step(last_id: int, n: int) -> int:
+                nonlocal kv
+                step_ids = torch.tensor([[last_id]], dtype=torch.long, device=dev)
+                pos = torch.full((3, 1, 1), seq_len + n - 1, dtype=torch.long, device=dev) + rope_delta
+                new_id, kv = self._decode(embed_tokens(step_ids), pos, kv)
+                return new_id
+
+            tokens, result.cancelled = greedy_tokens(
+                next_id, step, self.stop_token_ids, max_new_tokens,
+                lambda ids: _stream_text(self.tokenizer, ids), on_token, cancel)
             self._sync()
             result.decode_ms = _ms(t0)
 
