@@ -227,9 +227,13 @@ def _shared_verbalize(a: StudyArgs, seed: int) -> Path:
     return out
 
 
+def seed_independent(row: Row, a: StudyArgs) -> bool:
+    """Rows evaluated once for all seeds: the teacher, and a given (not random) student init."""
+    return row.kind == "teacher" or (row.kind == "init" and a.student_init != "random")
+
+
 def _row_dir(row: Row, a: StudyArgs, seed: int) -> Path:
-    once = row.kind == "teacher" or (row.kind == "init" and a.student_init != "random")
-    return a.out / "rows" / row.name / ("all" if once else f"seed{seed}")
+    return a.out / "rows" / row.name / ("all" if seed_independent(row, a) else f"seed{seed}")
 
 
 def finished_result(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
@@ -422,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        once = row.kind == "teacher" or (row.kind == "init" and a.student_init != "random")
-        for seed in ([seeds[0]] if once else seeds):
+        for seed in ([seeds[0]] if seed_independent(row, a) else seeds):
             if args.report_only:
                 r = finished_result(row, a, seed)
             else:
