@@ -46,6 +46,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
 fi
 
 export VIRTUAL_ENV="$venv_real" PATH="$venv_real/bin:$PATH" AMENT_PREFIX_PATH="$venv_real"
+mkdir -p log  # colcon writes its logs here; the redirect below needs it on a fresh clone
 if ! colcon build --paths . --event-handlers console_cohesion- summary- status- \
     --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$venv_real/bin/python" \
     > log/colcon_build_last.txt 2>&1 < /dev/null; then

@@ -100,8 +100,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})") from None
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The directory's tokenizer, offline; falls back to Qwen2-VL's chat template if it has none."""
+    path = Path(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{path}: missing tokenizer files (tokenizer.json)")
     if (path / "tokenizer_config.json").exists():
