@@ -19,6 +19,10 @@ Rows (each a `vlsi distill` config generated from the row's overrides, or plain 
 * no_step3: steps 1-2 only (the paper: worse than the baseline under greedy decoding);
 * cached_teacher: as vlsi_full, with the teacher's top-k distributions precomputed.
 
+Same trainable weights: no row trains the student's vision encoder (merger included) unless
+--train-vision is given, because the nano student was trained on a frozen random one and a
+trained merger erodes the shape information it reads (`models.freeze_vision`).
+
 Equal student compute: every trained row spends `--budget` optimizer steps on the student
 backbone (distillation rows: interaction + SFT = budget; no_step3: interaction = budget;
 student_sft: SFT = budget), at the same batch size. The verbalization step (step 1) trains
@@ -174,6 +178,7 @@ class StudyArgs:
     student_targets: dict[str, Any]
     teacher_targets: dict[str, Any]
     lora: dict[str, Any]
+    freeze_vision: bool = True  # every row keeps the student's vision encoder as its recipe did
 
 
 def _student_init(a: StudyArgs, seed: int) -> Path:
@@ -187,7 +192,7 @@ def base_distill_config(a: StudyArgs, seed: int, output_dir: Path, interact_step
     return {
         "output_dir": str(output_dir),
         "teacher": {"path": str(a.teacher)},
-        "student": {"path": str(_student_init(a, seed))},
+        "student": {"path": str(_student_init(a, seed)), "freeze_vision": a.freeze_vision},
         "data": {"train": str(a.train_data), "max_length": a.max_length},
         "verbalizers": {"student": dict(a.student_targets), "teacher": dict(a.teacher_targets)},
         "matching": {"variant": "full", "seed": seed},
@@ -264,7 +269,7 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     elif row.kind == "init":
         model_dir = _student_init(a, seed)
     elif row.kind == "sft":
-        cfg = {"model": {"path": str(_student_init(a, seed))},
+        cfg = {"model": {"path": str(_student_init(a, seed)), "freeze_vision": a.freeze_vision},
                "data": {"train": str(a.train_data), "max_length": a.max_length},
                "train": {"output_dir": str(row_dir / "sft"), "max_steps": a.budget, "per_device_batch_size":
                          a.batch_size, "lr": a.lr, "seed": seed, "warmup_steps": max(1, min(50, a.budget // 20)),
@@ -388,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=None, help="first N test records (default: all)")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-vision", action="store_true",
+                   help="let SFT (the SFT row, step 3) train the student's vision encoder; default: it stays as the "
+                        "nano recipe left it (frozen random), because a trained merger erodes the shape information")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the table from the (row, seed) pairs already finished")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 steps per row, 1 seed: wiring check")
@@ -412,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_length = 64
     a = StudyArgs(args.out, args.teacher, args.train_data, args.test_data, args.student_init, seeds, args.budget,
                   args.interact_fraction, args.verbalize_steps, args.batch_size, args.lr, args.max_length,
-                  args.eval_samples, student_targets, teacher_targets, lora)
+                  args.eval_samples, student_targets, teacher_targets, lora, freeze_vision=not args.train_vision)
     for path, what in ((a.teacher, "teacher model"), (a.train_data, "train data"), (a.test_data, "test data")):
         if not Path(path).exists():
             p.error(f"{what} not found: {path}")

@@ -175,6 +175,25 @@ def test_steps_subsets_and_exact_resume_of_interaction(setup, full_run, tmp_path
     assert main(["distill", "--config", str(cfg), "--steps", "verbalize,interact", "--resume"]) == 0
 
 
+def test_step3_with_student_freeze_vision_trains_only_the_language_model(setup, full_run, tmp_path):
+    """A student trained on a frozen vision encoder keeps it in step 3 (`student.freeze_vision`)."""
+    import shutil
+
+    root, data = setup
+    _, _, out_a, _ = full_run
+    out = tmp_path / "out"
+    shutil.copytree(out_a / "interaction", out / "interaction")
+    cfg = _config(root, data, out, lora={"enabled": False})
+    cfg["student"]["freeze_vision"] = True
+    assert main(["distill", "--config", str(_write(tmp_path / "distill.yaml", cfg)), "--steps", "sft"]) == 0
+    before, after = _weights(out / "interaction"), _weights(out / "final")
+    vision = [k for k in before if "visual." in k]
+    language = [k for k in before if "visual." not in k and "layers." in k]
+    assert vision and language
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in language)
+
+
 def test_a_step_without_its_inputs_is_a_clear_error(setup, tmp_path, capsys):
     root, data = setup
     cfg = _write(tmp_path / "distill.yaml", _config(root, data, tmp_path / "out"))
@@ -221,6 +240,9 @@ def test_configs_parse_and_bad_keys_are_named(setup, tmp_path):
         (lambda c: c["steps"].update(distill={}), "unknown step"),
         (lambda c: c["train"].update(lerning_rate=1), "lerning_rate"),
         (lambda c: c.update(extra=1), "extra"),
+        (lambda c: c["teacher"].update(freeze_vision=True), "teacher never trains"),
+        (lambda c: (c["student"].update(freeze_vision=True), c["lora"].update(steps=["interact", "sft"])),
+         "LoRA already trains only the decoder"),
     ):
         bad = json.loads(json.dumps(base))
         mutate(bad)

@@ -116,6 +116,18 @@ def test_freeze_vision_tower_keeps_the_merger_trainable(tokenizer):
     assert all(p.requires_grad for p in model.model.language_model.parameters())
 
 
+def test_freeze_vision_tower_with_merger_leaves_only_the_language_model(tokenizer):
+    from vlsi_model.models import build_model
+    from vlsi_model.recipes.nano import freeze_vision_tower
+
+    model = build_model(nano_student_config(tokenizer))
+    frozen = freeze_vision_tower(model, include_merger=True)
+    assert frozen == sum(p.numel() for p in model.model.visual.parameters())
+    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+    assert all(p.requires_grad for p in model.lm_head.parameters())
+
+
 def test_rope_theta_is_an_architecture_knob(tokenizer):
     """`architecture: {rope_theta: ...}` reaches the text config (and changes the rotary frequencies)."""
     from vlsi_model.models import tiny_qwen2vl_config, tiny_qwen25vl_config

@@ -98,3 +98,15 @@ def test_model_card_of_a_distilled_student(tmp_path, tiny_qwen2vl_dir):
     assert "verbalization 11 steps" in flat and "interaction 13 steps" in flat and "step 3 SFT 7 steps" in flat
     assert "sft 2.0 min" in flat and "loss 0.2500" in flat and "accuracy 0.875" in flat
     assert "| count | 4 | 0.500 |" in card
+
+
+def test_freezing_the_merger_alone_is_refused(tmp_path):
+    """A trained tower behind a frozen random projector was never measured: a clear error, before any work."""
+    from vlsi_model.recipes.nano import load_nano_config
+
+    config = {"model": {"from_config": {"family": "qwen2_vl", "tokenizer": str(tmp_path / "tok")}},
+              "data": {"train": str(tmp_path / "none.json")},
+              "nano": {"freeze_vision_merger": True}, "train": {"output_dir": str(tmp_path / "run")}}
+    with pytest.raises(ValueError, match="freeze_vision_merger needs nano.freeze_vision_tower"):
+        load_nano_config(config)
+    assert not (tmp_path / "run").exists()

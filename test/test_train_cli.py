@@ -67,6 +67,21 @@ def test_vlsi_train_writes_a_loadable_model(tiny_qwen2vl_dir, train_json, tmp_pa
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_freeze_vision_trains_only_the_language_model(tiny_qwen2vl_dir, train_json, tmp_path):
+    """`model.freeze_vision`: the vision encoder and its merger come out bit-identical, the LM does not."""
+    from safetensors.torch import load_file
+
+    cfg = _write_config(tmp_path / "sft.yaml", {"path": str(tiny_qwen2vl_dir), "freeze_vision": True}, train_json,
+                        max_steps=3)
+    assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run")]) == 0
+    before = load_file(str(tiny_qwen2vl_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    vision = [k for k in before if "visual." in k]
+    assert any("merger" in k for k in vision)
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "visual." not in k)
+
+
 def test_vlsi_train_builds_a_fresh_small_model(train_json, tmp_path):
     from vlsi_model.checkpoint import load_model_dir
 

@@ -4,7 +4,7 @@ Config (YAML; relative paths are relative to the current directory; see configs/
 
     output_dir: runs/distill
     teacher: {path: runs/teacher/final, dtype: float32}   # HF model directories; dtype of the
-    student: {path: runs/student/final}                   # weights while training (float32 default)
+    student: {path: runs/student/final, freeze_vision: false}   # freeze_vision: keep the vision encoder fixed in step 3
     data: {train: data/train.json, max_length: 512, on_error: raise}   # LLaVA conversation JSON
     verbalizers:
       student: {stride: 4, start: 2}        # or {layers: [2, 6, 10]}: an explicit list wins
@@ -46,7 +46,8 @@ Choices the paper leaves open (ours, documented):
   (`merge_and_unload`) before each step's output is written.
 - Full fine-tuning (`lora.enabled: false`) in the interaction step trains the decoder
   layers (not the vision tower, embeddings, final norm or LM head: the verbalizers share
-  the latter two); in the SFT step it trains every weight, like `vlsi train`.
+  the latter two); in the SFT step it trains every weight, like `vlsi train`, except the
+  vision encoder with `student.freeze_vision: true` (for students trained on a frozen one).
 - The verbalizers' initial weights (and LoRA's) are seeded by `train.seed`, so a run is
   reproducible and a resumed run equals an uninterrupted one.
 - With several processes, each records its own matches (runs/interact/matches_rank<r>.jsonl);
@@ -116,6 +117,9 @@ class ModelRef:
 
     path: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Student only: keep its vision encoder (merger included) fixed in the SFT step too, as
+    # `vlsi train`'s model.freeze_vision does (step 2 never trains it). The teacher is always frozen.
+    freeze_vision: bool = False
 
 
 @dataclass
@@ -191,6 +195,11 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if "output_dir" in self.train:
             raise ValueError("train.output_dir is set per run under output_dir/runs/; remove it")
+        if self.teacher.freeze_vision:
+            raise ValueError("teacher.freeze_vision: the teacher never trains; freeze_vision is a student option")
+        if self.student.freeze_vision and self.lora.enabled and "sft" in self.lora.steps:
+            raise ValueError("student.freeze_vision with LoRA in the SFT step: LoRA already trains only the decoder; "
+                             "drop one of the two")
         unknown = sorted(set(self.steps) - set(STEPS))
         if unknown:
             raise ValueError(f"steps: unknown step(s) {', '.join(unknown)} (valid: {', '.join(STEPS)})")
@@ -588,6 +597,10 @@ def run_sft(cfg: DistillConfig, resume: bool = False, force_resume: bool = False
     student, tokenizer, image_processor = _load(src, cfg.student.dtype)
     dataset = _dataset(cfg, tokenizer, image_processor)
     model, is_peft = _prepare_trainable(student, get_adapter(student), cfg.lora, "sft", tc.seed)
+    if cfg.student.freeze_vision and not is_peft:
+        from vlsi_model.models import freeze_vision
+
+        freeze_vision(model)
     result = train(SFTObjective(model), dataset, make_collate_fn(int(tokenizer.pad_token_id)), tc, resume=resume,
                    progress_desc="sft", force_resume=force_resume)
     log.info("sft: %d steps, final loss %.4f", result.steps, result.final_loss)

@@ -150,6 +150,16 @@ class NanoSection:
     """What this recipe adds to an SFT config."""
 
     freeze_vision_tower: bool = False  # patch embedding + vision blocks stay at init; merger + LM train
+    # Also keep the merger (the projector into the LM) at its random init, so only the LM trains.
+    # Why: a linear probe reads an object's shape from its own image token at 0.996 with the
+    # random merger (multi-object grid scenes), but at 0.79 after the merger trained with the LM
+    # (the shipped student before this option): training the projector erodes shape first.
+    freeze_vision_merger: bool = False
+
+    def __post_init__(self) -> None:
+        if self.freeze_vision_merger and not self.freeze_vision_tower:
+            raise ValueError("nano.freeze_vision_merger needs nano.freeze_vision_tower: true (a trained tower "
+                             "behind a frozen random projector is not a recipe this project measured)")
 
 
 @dataclass
@@ -175,15 +185,12 @@ def load_nano_config(source: str | Path | Mapping[str, Any]) -> NanoConfig:
     return dataclass_from_dict(NanoConfig, load_yaml_config(source), str(source))
 
 
-def freeze_vision_tower(model: PreTrainedModel) -> int:
-    """Freeze the vision encoder except its merger; returns the number of frozen parameters."""
-    visual = model.model.visual
-    frozen = 0
-    for name, p in visual.named_parameters():
-        if not name.startswith("merger."):
-            p.requires_grad_(False)
-            frozen += p.numel()
-    return frozen
+def freeze_vision_tower(model: PreTrainedModel, include_merger: bool = False) -> int:
+    """Freeze the vision encoder (and its merger too if `include_merger`); returns the number of
+    frozen parameters (`models.freeze_vision`)."""
+    from vlsi_model.models import freeze_vision
+
+    return freeze_vision(model, include_merger=include_merger)
 
 
 def run_nano(
@@ -199,7 +206,7 @@ def run_nano(
     out = cfg.train.output_path
     save_yaml(cfg.to_dict(), out / CONFIG_COPY)
     model, tokenizer, image_processor = build_model_and_processors(cfg.sft())
-    frozen = freeze_vision_tower(model) if cfg.nano.freeze_vision_tower else 0
+    frozen = freeze_vision_tower(model, cfg.nano.freeze_vision_merger) if cfg.nano.freeze_vision_tower else 0
     data = cfg.data
     train_set = ConversationDataset(data.train, tokenizer, image_processor, data.max_length, data.on_error)
     eval_set = None
@@ -215,7 +222,8 @@ def run_nano(
         model.eval(), tokenizer, image_processor, out / FINAL_DIR, overwrite=True,
         metadata={"placeholder": False, "recipe": "nano", "steps": result.steps, "final_loss": result.final_loss,
                   "train_records": len(train_set), "frozen_vision_params": frozen,
-                  "freeze_vision_tower": cfg.nano.freeze_vision_tower},
+                  "freeze_vision_tower": cfg.nano.freeze_vision_tower,
+                  "freeze_vision_merger": cfg.nano.freeze_vision_merger},
     )
     return result
 
@@ -274,11 +282,15 @@ def _sft_training_section(metrics: Path, config: Path) -> str:
     wall = last.get("elapsed_s")
     wall_text = f"{wall / 60:.1f} min" if isinstance(wall, (int, float)) else "?"
     loss, token_acc = float(last.get("loss", float("nan"))), float(last.get("token_acc", float("nan")))
-    frozen_text = (
-        "the vision encoder stays at its random initialisation (nano.freeze_vision_tower), only its merger and "
-        "the language model train"
-        if cfg.get("nano", {}).get("freeze_vision_tower") else "every weight trains"
-    )
+    nano = cfg.get("nano", {})
+    if nano.get("freeze_vision_merger") and nano.get("freeze_vision_tower"):
+        frozen_text = ("the whole vision encoder, merger included, stays at its random initialisation "
+                       "(nano.freeze_vision_tower + nano.freeze_vision_merger); only the language model trains")
+    elif nano.get("freeze_vision_tower"):
+        frozen_text = ("the vision encoder stays at its random initialisation (nano.freeze_vision_tower), only its "
+                       "merger and the language model train")
+    else:
+        frozen_text = "every weight trains"
     steps = last.get("step", "?")
     return f"""- Recipe: `{config}` (`vlsi_model/recipes/nano.py`): {steps} steps of batch 32, AdamW lr 1e-3
   (50 warmup steps, cosine to 1e-4), betas (0.9, 0.98), wd 0.01, clip 1.0, fp32; 50% of the training

@@ -112,6 +112,9 @@ class FromConfigSection:
 class ModelSection:
     path: str | None = None
     from_config: FromConfigSection | None = None
+    # Keep the vision encoder, merger included, as it is: only the language model trains
+    # (`models.freeze_vision`; what fine-tuning a nano-recipe student needs).
+    freeze_vision: bool = False
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.from_config is None):
@@ -201,6 +204,10 @@ def run_sft(
         save_yaml(cfg.to_dict(), out / CONFIG_COPY)
 
     model, tokenizer, image_processor = build_model_and_processors(cfg)
+    if cfg.model.freeze_vision:
+        from vlsi_model.models import freeze_vision
+
+        freeze_vision(model)
     data = cfg.data
     train_set = ConversationDataset(data.train, tokenizer, image_processor, data.max_length, data.on_error)
     eval_set = None
@@ -213,10 +220,13 @@ def run_sft(
         SFTObjective(model), train_set, make_collate_fn(tokenizer.pad_token_id), cfg.train,
         resume=resume, progress_desc="sft", eval_dataset=eval_set, force_resume=force_resume,
     )
+    for p in model.parameters():
+        p.requires_grad_(True)
     if state.is_main_process:
         save_model_dir(
             model.eval(), tokenizer, image_processor, out / FINAL_DIR, overwrite=True,
-            metadata={"placeholder": False, "recipe": "sft", "steps": result.steps, "final_loss": result.final_loss,
+            metadata={"placeholder": False, "recipe": "sft", "freeze_vision": cfg.model.freeze_vision,
+                      "steps": result.steps, "final_loss": result.final_loss,
                       "train_records": len(train_set), "skipped": train_set.skipped},
         )
     state.wait_for_everyone()
