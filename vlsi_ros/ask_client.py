@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import rclpy
 from rclpy.action import ActionClient
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 from vlsi_ros.action import Ask as AskAction
@@ -28,8 +29,11 @@ from vlsi_ros.srv import Ask
 class AskClient:
     """Blocking helpers over the service and the action.
 
-    With `spin=True` the calls spin `node` while they wait; pass `spin=False` when an
-    executor thread already spins it (the calls then just wait for the futures).
+    With `spin=True` the calls spin `node` while they wait, on a SingleThreadedExecutor this
+    client owns (added once: rclpy.spin_until_future_complete(node, ...) would add and remove
+    the node on every call, ~0.3 ms of a round trip); pass `spin=False` when an executor
+    thread already spins it (the calls then wait for the futures' done callbacks, one more
+    executor iteration and thread hop per call).
     """
 
     def __init__(self, node: Node, namespace: str = "", spin: bool = True) -> None:
@@ -38,6 +42,19 @@ class AskClient:
         self.spin = spin
         self.service = node.create_client(Ask, f"{prefix}ask")
         self.action = ActionClient(node, AskAction, f"{prefix}ask_stream")
+        self._executor: SingleThreadedExecutor | None = None
+
+    def _own_executor(self) -> SingleThreadedExecutor:
+        if self._executor is None:
+            self._executor = SingleThreadedExecutor(context=self.node.context)
+            self._executor.add_node(self.node)
+        return self._executor
+
+    def spin_once(self, timeout_sec: float = 0.1) -> None:
+        """Serve the node's other callbacks (subscriptions) between calls, on the client's executor."""
+        if not self.spin:
+            raise RuntimeError("spin_once: another executor spins this node (spin=False)")
+        self._own_executor().spin_once(timeout_sec=timeout_sec)
 
     def wait_until_ready(self, timeout_s: float = 30.0) -> None:
         if not self.service.wait_for_service(timeout_sec=timeout_s):
@@ -47,7 +64,7 @@ class AskClient:
 
     def _spin_until(self, future, timeout_s: float):
         if self.spin:
-            rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout_s)
+            self._own_executor().spin_until_future_complete(future, timeout_sec=timeout_s)
         else:  # an executor thread already spins the node: wait for its done callback
             done = threading.Event()
             future.add_done_callback(lambda _: done.set())

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         last_scene = None
         deadline = time.monotonic() + args.timeout
         while asked < args.frames and time.monotonic() < deadline:
-            rclpy.spin_once(node, timeout_sec=0.1)
+            client.spin_once(0.1)
             truth = truths.latest
             if truth is None or truth.get("seed") == last_scene:
                 continue
