@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -50,6 +51,17 @@ def test_smoke_runs_every_row_and_resumes(tmp_path):
     table = (out / "results.md").read_text()
     assert "VLsI (full)" in table and "matching: random" in table
     assert (out / "matching_heatmap.png").is_file() and (out / "matching_variants.png").is_file()
+    # No row trains the student's vision encoder (default): its weights come out as they went in.
+    from safetensors.torch import load_file
+
+    init = load_file(str(out / "smoke_inputs" / "student" / "model.safetensors"))
+    vision = [k for k in init if "visual." in k]
+    for trained in (out / "rows" / "vlsi_full" / "seed0" / "distill" / "final",
+                    out / "rows" / "student_sft" / "seed0" / "sft" / "final"):
+        weights = load_file(str(trained / "model.safetensors"))
+        assert vision and all(torch.equal(init[k], weights[k]) for k in vision), trained
+    # (the SFT row's 2 steps move the language model; the smoke's 1-step distill stages run at warm-up LR 0)
+    assert any(not torch.equal(init[k], weights[k]) for k in init if k not in vision)
     stamp = (out / "rows" / "vlsi_full" / "seed0" / "eval.json").stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode == 0, again.stderr[-4000:]
