@@ -22,7 +22,8 @@ def test_score_per_family_with_normalisation():
                _sample(4, "red", "attribute")]
     preds = ["Two.", "4", "yes", "yes", "The red"]
     r = score(samples, preds)
-    assert r["families"]["count"] == {"accuracy": 0.5, "n": 2, "correct": 1, "prior": 0.5, "majority_answer": "2"}
+    assert r["families"]["count"] == {"accuracy": 0.5, "n": 2, "correct": 1, "prior": 0.5, "majority_answer": "2",
+                                      "top_predictions": [["2", 1], ["4", 1]]}
     assert r["families"]["exist"]["accuracy"] == 0.5 and r["families"]["exist"]["n"] == 2
     assert r["families"]["attribute"]["accuracy"] == 1.0  # "The red" -> "red"
     assert r["overall"] == {"accuracy": 3 / 5, "n": 5, "correct": 3}
@@ -30,6 +31,40 @@ def test_score_per_family_with_normalisation():
     assert "| **overall** | 5 |" in format_table(r)
     with pytest.raises(ValueError):
         score(samples, preds[:-1])
+
+
+def test_question_types_expose_a_constant_answer():
+    """A model that answers "circle" to every shape question: the family looks fine, the template does not."""
+    from vlsi_model.evaluation import format_question_type_table
+
+    questions = [("What shape is the red object?", "circle", "circle"), ("What shape is the blue object?", "square",
+                 "circle"), ("What color is the square?", "blue", "blue"), ("What color is the circle?", "red", "red"),
+                 ("How many red objects are there?", "1", "1"), ("Is the red circle left of the blue square?", "yes",
+                 "yes"), ("Is the red circle above the blue square?", "no", "yes"), ("what else?", "x", "x")]
+    samples = [EvalSample(i, f"r{i}", Path("x.png"), q, ref, "f") for i, (q, ref, _) in enumerate(questions)]
+    r = score(samples, [pred for _, _, pred in questions])
+    types = r["question_types"]
+    assert set(types) == {"attribute/shape", "attribute/color", "count/color", "spatial/left-right",
+                          "spatial/above-below"}  # the free-form question has no template
+    shape = types["attribute/shape"]
+    assert shape["accuracy"] == 0.5 and shape["top_predictions"] == [["circle", 2]]
+    assert types["attribute/color"]["accuracy"] == 1.0
+    assert "| attribute/shape | 2 | 0.500 | 0.500 (circle) | circle 2 |" in format_question_type_table(r)
+    assert format_question_type_table(score(samples[-1:], ["x"])) == ""
+
+
+def test_question_type_names_every_template_the_generator_writes():
+    from vlsi_model.scenes import FAMILIES, generate_scene, make_questions, question_type
+
+    kinds = set()
+    for seed in range(40):
+        for qa in make_questions(generate_scene(seed), seed, families=FAMILIES, per_family=4):
+            kind = question_type(qa.question)
+            assert kind is not None and kind.split("/")[0] == qa.family, qa
+            kinds.add(kind)
+    assert {"attribute/color", "attribute/shape", "attribute/size", "count/objects", "count/color", "count/shape",
+            "count/shape+color", "exist", "spatial/left-right", "spatial/above-below", "compare", "caption",
+            "describe"} == kinds
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,19 @@ class FamilyScore:
     n: int = 0
     correct: int = 0
     answers: Counter[str] = field(default_factory=Counter)  # normalised reference answers
+    predicted: Counter[str] = field(default_factory=Counter)  # normalised predictions
+
+    def add(self, reference: str, prediction: str, ok: bool) -> None:
+        self.n += 1
+        self.correct += int(ok)
+        self.answers[normalize_answer(reference)] += 1
+        self.predicted[normalize_answer(prediction)] += 1
+
+    def to_dict(self, top: int = 3) -> dict[str, Any]:
+        """JSON form; `top_predictions` shows a constant answer at a glance (a model stuck on the prior)."""
+        return {"accuracy": self.accuracy, "n": self.n, "correct": self.correct, "prior": self.prior,
+                "majority_answer": self.answers.most_common(1)[0][0] if self.n else None,
+                "top_predictions": [[a, c] for a, c in self.predicted.most_common(top)]}
 
     @property
     def accuracy(self) -> float:
@@ -97,25 +110,26 @@ def score(samples: Sequence[EvalSample], predictions: Sequence[str]) -> dict[str
     """
     if len(samples) != len(predictions):
         raise ValueError(f"{len(samples)} samples but {len(predictions)} predictions")
+    from vlsi_model.scenes import question_type
+
     families: dict[str, FamilyScore] = {}
+    types: dict[str, FamilyScore] = {}
     rows = []
     for s, pred in zip(samples, predictions, strict=True):
         ok = exact_match(pred, s.reference)
-        fam = families.setdefault(s.family, FamilyScore())
-        fam.n += 1
-        fam.correct += int(ok)
-        fam.answers[normalize_answer(s.reference)] += 1
+        families.setdefault(s.family, FamilyScore()).add(s.reference, pred, ok)
+        kind = question_type(s.question)
+        if kind is not None:
+            types.setdefault(kind, FamilyScore()).add(s.reference, pred, ok)
         rows.append({"index": s.index, "id": s.record_id, "family": s.family, "question": s.question,
                      "reference": s.reference, "prediction": pred, "correct": ok})
     total = sum(f.n for f in families.values())
     correct = sum(f.correct for f in families.values())
     return {
         "overall": {"accuracy": correct / total if total else 0.0, "n": total, "correct": correct},
-        "families": {
-            name: {"accuracy": f.accuracy, "n": f.n, "correct": f.correct, "prior": f.prior,
-                   "majority_answer": f.answers.most_common(1)[0][0] if f.n else None}
-            for name, f in sorted(families.items())
-        },
+        "families": {name: f.to_dict() for name, f in sorted(families.items())},
+        # the synthetic scenes' question templates (none for other data): see scenes.question_type
+        "question_types": {name: f.to_dict() for name, f in sorted(types.items())},
         "predictions": rows,
     }
 
@@ -193,10 +207,25 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_question_type_table(results: dict[str, Any]) -> str:
+    """Markdown table per question template (empty string when the data has none): accuracy,
+    prior and the model's most frequent answers, so a constant answer shows."""
+    types = results.get("question_types") or {}
+    if not types:
+        return ""
+    lines = ["| question type | n | accuracy | prior (majority answer) | top predictions |", "|---|---:|---:|---:|---|"]
+    for name, t in types.items():
+        top = ", ".join(f"{a} {c}" for a, c in t.get("top_predictions", []))
+        lines.append(f"| {name} | {t['n']} | {t['accuracy']:.3f} | {t['prior']:.3f} ({t['majority_answer']}) "
+                     f"| {top} |")
+    return "\n".join(lines)
+
+
 __all__ = [
     "NO_FAMILY",
     "EvalSample",
     "evaluate",
+    "format_question_type_table",
     "format_table",
     "load_eval_samples",
     "score",

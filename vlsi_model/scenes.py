@@ -650,6 +650,39 @@ _ASKERS: dict[str, Callable[[Scene, np.random.Generator], QA | None]] = {
 }
 
 
+def question_type(question: str) -> str | None:
+    """The template a generated question comes from ("attribute/shape", "count/color", ...), or
+    None for any other text.
+
+    Why: a family's accuracy hides a constant answer in one of its templates (a student that
+    always says "circle" to every "What shape ...?" scores the prior there while the colour
+    template is learned); evaluation reports every template separately with its top answers.
+    """
+    q = question.strip()
+    if q == CAPTION_QUESTION:
+        return "caption"
+    if q == DESCRIBE_QUESTION:
+        return "describe"
+    for prefix, kind in (("What color is the ", "attribute/color"), ("What shape is the ", "attribute/shape"),
+                         ("What size is the ", "attribute/size")):
+        if q.startswith(prefix):
+            return kind
+    if q.startswith("How many ") and q.endswith(" are there?"):
+        what = q[len("How many "):-len(" are there?")].split()
+        if what == ["objects"]:
+            return "count/objects"
+        if len(what) == 2 and what[1] == "objects":
+            return "count/color"
+        return "count/shape" if len(what) == 1 else "count/shape+color"
+    if q.startswith("Is there "):
+        return "exist"
+    if q.startswith("Is the "):
+        return "spatial/above-below" if (" above the " in q or " below the " in q) else "spatial/left-right"
+    if q.startswith("Compared with "):
+        return "compare"
+    return None
+
+
 def parse_families(families: str | Iterable[str]) -> tuple[str, ...]:
     """Validated, de-duplicated families from a list or a comma-separated string."""
     items = families.split(",") if isinstance(families, str) else list(families)
@@ -836,6 +869,7 @@ def write_dataset(
 
 __all__ = [
     "ALL_SHAPES",
+    "question_type",
     "CAPTION_QUESTION",
     "COLORS",
     "COLOR_RGB",

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlsi_model.engine.base import EngineError
-    from vlsi_model.evaluation import evaluate, format_table, write_results
+    from vlsi_model.evaluation import evaluate, format_question_type_table, format_table, write_results
     from vlsi_model.training.data import DatasetError
 
     apply_torch_threads(args.threads)
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlsi eval: {exc}", file=sys.stderr)
         return 1
     print(format_table(results))
+    if results.get("question_types"):
+        print("\n" + format_question_type_table(results))
     print(f"{results['overall']['n']} samples in {results['seconds']:.1f} s", file=sys.stderr)
     if args.out is not None:
         print(f"wrote {write_results(results, args.out)}", file=sys.stderr)

@@ -335,7 +335,7 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
     of a VLsI-distilled one (recognised by its `teacher:` section; `metrics` is then unused)."""
     from safetensors import safe_open
 
-    from vlsi_model.evaluation import format_table
+    from vlsi_model.evaluation import format_question_type_table, format_table
 
     distilled = "teacher" in load_yaml_config(config)
     tensors = 0
@@ -367,6 +367,11 @@ template) and its image processor (images resized to <= 112x112 = 16 image token
 model that ignores the image reaches).
 
 {format_table(results)}
+
+Per question template ("top predictions": the model's most frequent answers; one answer for every
+question means the template is not learned, whatever the accuracy):
+
+{format_question_type_table(results)}
 
 {notes}
 
