@@ -104,11 +104,10 @@ def test_write_mix_reaches_the_caption_share(tmp_path):
 
 
 def test_freeze_vision_tower_keeps_the_merger_trainable(tokenizer):
-    from vlsi_model.models import build_model
-    from vlsi_model.recipes.nano import freeze_vision_tower
+    from vlsi_model.models import build_model, freeze_vision
 
     model = build_model(nano_student_config(tokenizer))
-    frozen = freeze_vision_tower(model)
+    frozen = freeze_vision(model, include_merger=False)
     visual = model.model.visual
     assert frozen == sum(p.numel() for n, p in visual.named_parameters() if not n.startswith("merger."))
     assert all(p.requires_grad for p in visual.merger.parameters())
@@ -117,11 +116,10 @@ def test_freeze_vision_tower_keeps_the_merger_trainable(tokenizer):
 
 
 def test_freeze_vision_tower_with_merger_leaves_only_the_language_model(tokenizer):
-    from vlsi_model.models import build_model
-    from vlsi_model.recipes.nano import freeze_vision_tower
+    from vlsi_model.models import build_model, freeze_vision
 
     model = build_model(nano_student_config(tokenizer))
-    frozen = freeze_vision_tower(model, include_merger=True)
+    frozen = freeze_vision(model)
     assert frozen == sum(p.numel() for p in model.model.visual.parameters())
     assert not any(p.requires_grad for p in model.model.visual.parameters())
     assert all(p.requires_grad for p in model.model.language_model.parameters())
