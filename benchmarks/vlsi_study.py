@@ -29,6 +29,12 @@ student_sft: SFT = budget), at the same batch size. The verbalization step (step
 only the verb-FFN heads on frozen backbones; it is identical for every row of one seed, so it
 runs once per seed (out/shared/seed<k>/) and is copied into each row.
 
+Parallel: start the same command several times (one process per core with --threads 1, or one
+per GPU with CUDA_VISIBLE_DEVICES): each (row, seed) is claimed with a file lock that dies with
+its process, so the processes share the rows instead of repeating them; a row another process
+holds is skipped (its result joins the table if it finished). Re-run with --report-only at the
+end for the table over everything that finished.
+
 Resumable: a (row, seed) whose eval.json exists is skipped; an unfinished one resumes (its
 completed pipeline steps are skipped, its running step continues from its newest trainer
 checkpoint). Device-agnostic: training runs on CUDA when available (accelerate picks it),
@@ -41,7 +47,9 @@ match frequencies of every matching variant over its whole run, side by side).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -49,7 +57,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,14 +229,38 @@ def _evaluate(model_dir: Path, a: StudyArgs, dest: Path) -> dict[str, Any]:
     return results
 
 
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive flock on `path` (created); yields whether this process holds it.
+
+    flock rather than a marker file: the kernel drops the lock when its process dies, so a killed
+    worker never leaves a (row, seed) claimed and its resume is not blocked.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _shared_verbalize(a: StudyArgs, seed: int) -> Path:
-    """Step 1 for one seed (identical for every row): out/shared/seed<k>/distill."""
+    """Step 1 for one seed (identical for every row): out/shared/seed<k>/distill.
+
+    Parallel workers wait on one lock here, so the step runs once and the others reuse it.
+    """
     from vlsi_model.distill.pipeline import run_distill
 
     out = a.out / "shared" / f"seed{seed}" / "distill"
     interact = round(a.budget * a.interact_fraction)
     cfg = base_distill_config(a, seed, out, interact, a.budget - interact)
-    run_distill(cfg, steps=["verbalize"], resume=True)
+    with file_lock(out.parent / ".verbalize.lock"):
+        run_distill(cfg, steps=["verbalize"], resume=True)
     return out
 
 
@@ -308,11 +340,27 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+PAIRED_REFERENCE = "vlsi_full"
+
+
+def _paired_delta(rs: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> list[float]:
+    """Overall accuracy minus the reference row's, seed by seed (only seeds both rows have).
+
+    Why paired: rows of one seed share the verbalizers, the data order and the matching seed, so
+    the per-seed difference removes most of the seed-to-seed spread that hides small effects.
+    """
+    ref = {r["seed"]: r["overall"]["accuracy"] for r in reference if "seed" in r}
+    return [r["overall"]["accuracy"] - ref[r["seed"]] for r in rs if r.get("seed") in ref]
+
+
 def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    """Markdown table (mean ± std over seeds) and the same numbers as JSON."""
+    """Markdown table (mean ± std over seeds; the paired difference to the full method; the
+    student's training minutes) and the same numbers as JSON."""
     families = sorted({f for rs in results.values() for r in rs for f in r["families"]})
-    header = "| row | seeds | overall | " + " | ".join(families) + " |"
-    lines = [header, "|" + "---|" * (3 + len(families))]
+    reference = results.get(PAIRED_REFERENCE, [])
+    header = ("| row | seeds | overall | " + " | ".join(families)
+              + f" | overall - {PAIRED_REFERENCE} (paired) | train min |")
+    lines = [header, "|" + "---|" * (5 + len(families))]
     summary: dict[str, Any] = {}
     group = None
     for row in rows:
@@ -320,16 +368,28 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
         if row.group != group:
             group = row.group
             if group != "main":
-                lines.append(f"| *{group}* |" + " |" * (2 + len(families)))
+                lines.append(f"| *{group}* |" + " |" * (4 + len(families)))
         overall = [r["overall"]["accuracy"] for r in rs]
         per_family = {f: [r["families"][f]["accuracy"] for r in rs if f in r["families"]] for f in families}
+        paired = _paired_delta(rs, reference) if row.kind in ("sft", "distill") and row.name != PAIRED_REFERENCE \
+            else []
+        minutes = [r["train_seconds"] / 60 for r in rs if row.kind in ("sft", "distill") and "train_seconds" in r]
+        delta_cell = ""
+        if paired:
+            delta_cell = f"{statistics.mean(paired):+.3f}"
+            delta_cell += f" ± {statistics.stdev(paired):.3f}" if len(paired) > 1 else ""
+            delta_cell += f" (n={len(paired)})"
         lines.append(f"| {row.label} | {len(rs)} | {_mean_std(overall)} | "
-                     + " | ".join(_mean_std(per_family[f]) for f in families) + " |")
+                     + " | ".join(_mean_std(per_family[f]) for f in families)
+                     + f" | {delta_cell} | {f'{statistics.mean(minutes):.1f}' if minutes else ''} |")
         summary[row.name] = {
             "label": row.label, "seeds": len(rs), "overall": overall,
             "overall_mean": statistics.mean(overall) if overall else None,
             "overall_std": statistics.stdev(overall) if len(overall) > 1 else 0.0,
             "families": {f: v for f, v in per_family.items()},
+            "seed_list": [r.get("seed") for r in rs],
+            f"paired_delta_vs_{PAIRED_REFERENCE}": paired,
+            "train_minutes": minutes,
         }
     priors = {}
     for rs in results.values():
@@ -338,7 +398,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
                 priors.setdefault(f, v["prior"])
     if priors:
         cells = " | ".join(f"{priors.get(f, 0):.3f}" for f in families)
-        lines.append(f"| *answer prior (majority)* | | | {cells} |")
+        lines.append(f"| *answer prior (majority)* | | | {cells} | | |")
     return "\n".join(lines), summary
 
 
@@ -438,10 +498,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.report_only:
                 r = finished_result(row, a, seed)
             else:
-                log.info("row %s seed %d on %s", row.name, seed, _device())
-                r = run_row(row, a, seed)
+                with file_lock(_row_dir(row, a, seed) / ".lock", blocking=False) as mine:
+                    if mine:
+                        log.info("row %s seed %d on %s", row.name, seed, _device())
+                        r = run_row(row, a, seed)
+                    else:
+                        log.info("row %s seed %d: held by another process, skipped", row.name, seed)
+                        r = finished_result(row, a, seed)
             if r is not None:
-                results.setdefault(row.name, []).append(r)
+                results.setdefault(row.name, []).append({**r, "seed": seed})
                 log.info("row %s seed %d: overall %.3f", row.name, seed, r["overall"]["accuracy"])
     table, summary = summarise(rows, results)
     plot_matching(a, rows, seeds[0])

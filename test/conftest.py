@@ -24,6 +24,18 @@ def torch_threads() -> int:
     return TEST_THREADS
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread(torch_threads):
+    """One intra-op thread for a module of tiny ops (`pytestmark = usefixtures(...)`): on the test
+    machines' 2 shared cores more threads only add contention; restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A BPE tokenizer with Qwen2-VL's specials trained on the synthetic-scene corpus."""

@@ -63,3 +63,15 @@ def make_batch(tokenizer: Any, image_processor: Any, n: int = 3, seed: int = 0) 
     from vlsi_model.prompting import collate
 
     return collate(make_samples(tokenizer, image_processor, n, seed), tokenizer.pad_token_id)
+
+
+def random_verbalizers(hidden: int, targets: list[int], seed: int) -> Any:
+    """Verbalizers with a non-zero residual branch (a freshly built one is the identity)."""
+    from vlsi_model.distill.verbalizer import Verbalizers
+
+    verbs = Verbalizers(hidden, targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in verbs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return verbs

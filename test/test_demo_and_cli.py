@@ -67,3 +67,16 @@ def test_ask_client_reports_bad_input_with_exit_1(camera_and_node, tmp_path):
     assert missing.returncode == 1 and "cannot read image" in missing.stderr
     empty = run_executable("ask_client", "", "--timeout", "30")
     assert empty.returncode == 1 and "error:" in empty.stderr
+
+
+def test_readme_documents_every_vlsi_command():
+    """Each `vlsi` subcommand has a usage line in the README (an edit once dropped the export /
+    build-engine / bench section unnoticed)."""
+    from pathlib import Path
+
+    from vlsi_model.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    missing = [name for name in sub.choices if not re.search(rf"^vlsi {re.escape(name)}\b", readme, re.MULTILINE)]
+    assert not missing, f"README has no usage line for: {missing}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill_helpers import build_pair, make_batch
+from distill_helpers import build_pair, make_batch, random_verbalizers
 from torch import nn
 
 from vlsi_model.distill.adapters import get_adapter
@@ -32,7 +32,7 @@ from vlsi_model.distill.losses import (
 from vlsi_model.distill.matching import LayerMatcher, MatchConfig
 from vlsi_model.distill.objectives import InteractionObjective
 from vlsi_model.distill.teacher_cache import cached_from_dense
-from vlsi_model.distill.verbalizer import VerbalizedHead, Verbalizers
+from vlsi_model.distill.verbalizer import VerbalizedHead
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "distill_step_cost.py"
@@ -46,12 +46,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread(torch_threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,15 +107,6 @@ def batch(tiny_tokenizer):
     return make_batch(tiny_tokenizer, make_image_processor(min_pixels=56 * 56, max_pixels=112 * 112), n=3)
 
 
-def _rand_verbs(hidden: int, targets: list[int], seed: int) -> Verbalizers:
-    verbs = Verbalizers(hidden, targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in verbs.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return verbs
-
-
 def _reference_step(student, s_verbs, teacher, t_verbs, batch, cfg: LossConfig, match: MatchConfig, cached_k=None):
     """The interaction loss as first implemented: matrix, then each matched pair recomputed (checkpointed)."""
     adapter = get_adapter(student)
@@ -176,7 +162,7 @@ CASES = [
 def test_fast_paths_equal_the_reference(pair, batch, op, direction, last_op, variant, cached):
     """Materialized (default at this size) and chunked-with-deferred-backward give the reference loss and grads."""
     student0, teacher = pair
-    s_verbs0, t_verbs = _rand_verbs(32, STUDENT_TARGETS, 1), _rand_verbs(64, TEACHER_TARGETS, 2)
+    s_verbs0, t_verbs = random_verbalizers(32, STUDENT_TARGETS, 1), random_verbalizers(64, TEACHER_TARGETS, 2)
     match = MatchConfig(variant=variant, seed=5)
     results = {}
     for mode in ("reference", "materialized", "chunked"):
@@ -228,7 +214,7 @@ def _cached_objective(student, s_verbs, teacher, t_verbs, batch, cfg, match) -> 
 def test_value_from_the_matrix_skips_the_forward_and_recomputes_in_backward():
     """`mean_divergence(value=...)` returns the given value and the checkpointed path's gradients."""
     g = torch.Generator().manual_seed(3)
-    verb = _rand_verbs(16, [0], 4)[0]
+    verb = random_verbalizers(16, [0], 4)[0]
     head = VerbalizedHead(verb, nn.RMSNorm(16), nn.Linear(16, 60, bias=False))
     head.lm_head.weight.requires_grad_(False)
     teacher = DenseTeacher(torch.randn(23, 24, generator=g), nn.Linear(24, 64, bias=False))
@@ -254,7 +240,7 @@ def test_value_from_the_matrix_skips_the_forward_and_recomputes_in_backward():
 
 def test_full_distributions_matrix_equals_the_chunked_matrix():
     g = torch.Generator().manual_seed(0)
-    heads = [VerbalizedHead(_rand_verbs(8, [0], i)[0], None, nn.Linear(8, 40, bias=False)) for i in range(3)]
+    heads = [VerbalizedHead(random_verbalizers(8, [0], i)[0], None, nn.Linear(8, 40, bias=False)) for i in range(3)]
     hidden = [torch.randn(11, 8, generator=g) for _ in range(3)]
     teachers = [DenseTeacher(torch.randn(11, 12, generator=g), nn.Linear(12, 48, bias=False)) for _ in range(4)]
     needed = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)

@@ -9,7 +9,15 @@ import math
 
 import pytest
 import torch
-from distill_helpers import STUDENT_LAYERS, STUDENT_VOCAB, TEACHER_LAYERS, TEACHER_VOCAB, build_pair, make_batch
+from distill_helpers import (
+    STUDENT_LAYERS,
+    STUDENT_VOCAB,
+    TEACHER_LAYERS,
+    TEACHER_VOCAB,
+    build_pair,
+    make_batch,
+    random_verbalizers,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -65,13 +73,7 @@ STUDENT_TARGETS = [1, 2, 3]
 TEACHER_TARGETS = [1, 3, 5, 7]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread(torch_threads):
-    """One intra-op thread: these ops are tiny, and the test machines' 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +91,6 @@ def pair(tiny_tokenizer, torch_threads):
 @pytest.fixture(scope="module")
 def batch(tiny_tokenizer, image_processor):
     return make_batch(tiny_tokenizer, image_processor, n=3)
-
-
-def _rand_verbs(hidden: int, targets: list[int], seed: int) -> Verbalizers:
-    """Verbalizers with a non-zero residual branch (a freshly built one is the identity)."""
-    verbs = Verbalizers(hidden, targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in verbs.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return verbs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +213,7 @@ def test_verbalizers_saved_beside_a_checkpoint(tmp_path, pair, tiny_tokenizer, i
 
     student, _ = pair
     ckpt = save_model_dir(student, tiny_tokenizer, image_processor, tmp_path / "ckpt")
-    verbs = _rand_verbs(32, STUDENT_TARGETS, seed=0)
+    verbs = random_verbalizers(32, STUDENT_TARGETS, seed=0)
     where = save_verbalizers(verbs, verbalizer_dir(ckpt), model_type="qwen2_vl")
     assert where == ckpt / "verbalizers"
     meta = json.loads((where / "verbalizers.json").read_text())
@@ -398,7 +390,7 @@ def test_chunked_equals_unchunked_values_and_gradients(op, direction):
     g = torch.Generator().manual_seed(2)
     norm = nn.RMSNorm(16)
     head = nn.Linear(16, 70, bias=False)
-    verb = _rand_verbs(16, [0], 3)[0]
+    verb = random_verbalizers(16, [0], 3)[0]
     student_head = VerbalizedHead(verb, norm, head)
     teacher = DenseTeacher(torch.randn(37, 24, generator=g), VerbalizedHead(None, None, nn.Linear(24, 80)))
     base = torch.randn(37, 16, generator=g)
@@ -420,7 +412,7 @@ def test_chunked_equals_unchunked_values_and_gradients(op, direction):
 
 def test_next_token_ce_chunked_matches_cross_entropy():
     g = torch.Generator().manual_seed(4)
-    head = VerbalizedHead(_rand_verbs(16, [0], 5)[0], nn.RMSNorm(16), nn.Linear(16, 50, bias=False))
+    head = VerbalizedHead(random_verbalizers(16, [0], 5)[0], nn.RMSNorm(16), nn.Linear(16, 50, bias=False))
     h = torch.randn(23, 16, generator=g, requires_grad=True)
     y = torch.randint(50, (23,), generator=g)
     got = mean_next_token_ce(h, head, y, chunk_tokens=4)
@@ -439,7 +431,7 @@ def test_memory_does_not_grow_with_tokens_times_targets(capsys):
     """Measured: peak memory of forward + backward is flat in tokens x targets with chunking, linear without."""
     d, vocab, chunk = 16, 2048, 256
     g = torch.Generator().manual_seed(0)
-    heads = [VerbalizedHead(_rand_verbs(d, [0], i)[0], None, nn.Linear(d, vocab, bias=False)) for i in range(4)]
+    heads = [VerbalizedHead(random_verbalizers(d, [0], i)[0], None, nn.Linear(d, vocab, bias=False)) for i in range(4)]
     teacher_head = nn.Linear(d, vocab, bias=False)
 
     def run(n_tokens: int, n_pairs: int, chunk_tokens: int, recompute: bool = True) -> tuple[int, int]:
@@ -536,7 +528,7 @@ def test_cached_vs_online_divergences(pair, batch, capsys, peaked):
         with torch.no_grad():
             student.lm_head.weight.mul_(8)
             teacher.lm_head.weight.mul_(8)
-    s_verbs, t_verbs = _rand_verbs(32, STUDENT_TARGETS, 1), _rand_verbs(64, TEACHER_TARGETS, 2)
+    s_verbs, t_verbs = random_verbalizers(32, STUDENT_TARGETS, 1), random_verbalizers(64, TEACHER_TARGETS, 2)
     s_hidden, s_heads, teachers = _student_teacher_targets((student, teacher), batch, s_verbs, t_verbs)
     report = {}
     for op, direction in (("kld", "forward"), ("kld", "reverse"), ("l2", "forward"), ("ce", "forward")):
@@ -563,7 +555,7 @@ def test_teacher_cache_on_disk(tmp_path, pair, tiny_tokenizer, image_processor):
     from vlsi_model.prompting import collate
 
     _, teacher = pair
-    t_verbs = _rand_verbs(64, TEACHER_TARGETS, 2)
+    t_verbs = random_verbalizers(64, TEACHER_TARGETS, 2)
     dataset = IndexedDataset(make_samples(tiny_tokenizer, image_processor, 5, seed=3))
     collate_fn = indexed_collate(lambda items: collate(items, tiny_tokenizer.pad_token_id))
     batches = [collate_fn([dataset[i] for i in idx]) for idx in ([0, 1], [2, 3], [4])]
@@ -659,7 +651,7 @@ def test_verbalization_objective_trains_only_verbalizers(pair, batch):
 
 def test_interaction_objective_loss_and_gradients(pair, batch, tmp_path):
     student, teacher = (copy.deepcopy(m) for m in pair)
-    s_verbs, t_verbs = _rand_verbs(32, STUDENT_TARGETS, 1), _rand_verbs(64, TEACHER_TARGETS, 2)
+    s_verbs, t_verbs = random_verbalizers(32, STUDENT_TARGETS, 1), random_verbalizers(64, TEACHER_TARGETS, 2)
     recorder = MatchRecorder(STUDENT_TARGETS, TEACHER_TARGETS, path=tmp_path / "m.jsonl")
     cfg = LossConfig(chunk_tokens=4)
     obj = InteractionObjective(student, s_verbs, teacher, t_verbs, LayerMatcher(seed=3), recorder, cfg).train()
@@ -694,7 +686,7 @@ def test_interaction_with_full_teacher_cache_equals_online(pair, tmp_path, tiny_
     from vlsi_model.prompting import collate
 
     student, teacher = pair
-    s_verbs, t_verbs = _rand_verbs(32, STUDENT_TARGETS, 1), _rand_verbs(64, TEACHER_TARGETS, 2)
+    s_verbs, t_verbs = random_verbalizers(32, STUDENT_TARGETS, 1), random_verbalizers(64, TEACHER_TARGETS, 2)
     dataset = IndexedDataset(make_samples(tiny_tokenizer, image_processor, 2, seed=5))
     collate_fn = indexed_collate(lambda items: collate(items, tiny_tokenizer.pad_token_id))
     b = collate_fn([dataset[0], dataset[1]])

@@ -24,12 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 END_TO_END_BUDGET_S = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread(torch_threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ import yaml
 from vlsi_model.recipes.nano import main as recipe_main
 from vlsi_model.scenes import SceneConfig, write_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_export_eval_ship(tmp_path, tiny_tokenizer):

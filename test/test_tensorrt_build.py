@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +175,23 @@ def test_build_engine_without_tensorrt_exits_3(export_dir, tmp_path, capsys):
     assert len(lines) == 2 and "--memPoolSize=workspace:512M" in lines[0]
     assert "TensorRT is not installed" in captured.err and "exit status 3" in captured.err
     assert not out.exists()  # nothing half-built
+
+
+def test_default_engine_dir_is_where_auto_looks(tmp_path):
+    from vlsi_model.commands.build_engine import default_engine_dir
+    from vlsi_model.engine.tensorrt_engine import find_engine_dir
+
+    model = tmp_path / "student"
+    (model / "onnx").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    out = default_engine_dir(model / "onnx", "student")
+    assert out == model / "tensorrt"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps(engine_manifest()))
+    assert find_engine_dir(model) == out  # what backend auto / tensorrt do with just the model path
+    # an export elsewhere (not a model's onnx/ folder): engines go under trt_engines/<model name>
+    assert default_engine_dir(tmp_path / "exports" / "v1", "student") == Path("trt_engines/student")
+    assert default_engine_dir(tmp_path / "exports" / "v1", None) == Path("trt_engines/v1")
 
 
 def test_build_engine_bad_input(export_dir, tmp_path, capsys):

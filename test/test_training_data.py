@@ -15,13 +15,7 @@ from vlsi_model.prompting import IGNORE_INDEX, IMAGE_TOKEN, build_inputs
 from vlsi_model.scenes import SceneConfig, write_dataset
 from vlsi_model.training.data import SKIP_REASONS, ConversationDataset, DatasetError, load_image, make_collate_fn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,51 @@ def test_rows_cover_the_paper_ablations():
     assert {f"match_{v}" for v in ("random", "uniform", "bottom1", "multinomial", "window", "order")} <= names
 
 
-def test_summary_mean_and_std():
+def test_summary_mean_std_and_paired_difference():
     import vlsi_study
 
-    rows = [vlsi_study.Row("a", "sft", "A")]
-    res = {"a": [{"overall": {"accuracy": a}, "families": {"count": {"accuracy": a, "prior": 0.3}}}
-                 for a in (0.5, 0.7)]}
+    rows = [vlsi_study.Row("a", "sft", "A"), vlsi_study.Row("vlsi_full", "distill", "full")]
+
+    def result(acc, seed, minutes=2.0):
+        return {"overall": {"accuracy": acc}, "families": {"count": {"accuracy": acc, "prior": 0.3}},
+                "seed": seed, "train_seconds": minutes * 60}
+
+    res = {"a": [result(0.5, 0), result(0.7, 1), result(0.4, 2)],
+           "vlsi_full": [result(0.55, 0, 4.0), result(0.72, 1, 4.0)]}  # seed 2 unfinished: not paired
     table, summary = vlsi_study.summarise(rows, res)
-    assert "0.600 ± 0.141" in table and "0.300" in table
-    assert summary["a"]["overall_mean"] == pytest.approx(0.6)
+    assert "0.533 ± 0.153" in table and "0.300" in table
+    assert summary["a"]["overall_mean"] == pytest.approx(0.5333, abs=1e-4)
+    # paired by seed: (0.5 - 0.55), (0.7 - 0.72) -> mean -0.035, std 0.021, 2 pairs
+    assert summary["a"]["paired_delta_vs_vlsi_full"] == pytest.approx([-0.05, -0.02])
+    assert "-0.035 ± 0.021 (n=2)" in table
+    line_full = next(ln for ln in table.splitlines() if ln.startswith("| full |"))
+    assert "(n=" not in line_full and "| 4.0 |" in line_full  # the reference has no delta; its train minutes
+
+
+def test_row_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    """Parallel workers share rows through file_lock: a held (row, seed) is refused to the others,
+    and a killed worker's claim disappears with it (its row can be resumed at once)."""
+    import vlsi_study
+
+    lock = tmp_path / "rows" / "vlsi_full" / "seed0" / ".lock"
+    with vlsi_study.file_lock(lock, blocking=False) as first, vlsi_study.file_lock(lock, blocking=False) as second:
+        assert first and not second
+    with vlsi_study.file_lock(lock, blocking=False) as again:
+        assert again
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import vlsi_study\n"
+         "with vlsi_study.file_lock(__import__('pathlib').Path(sys.argv[2])):\n"
+         "    print('held', flush=True); time.sleep(60)", str(REPO / "benchmarks"), str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with vlsi_study.file_lock(lock, blocking=False) as while_held:
+            assert not while_held
+    finally:
+        holder.kill()
+        holder.wait()
+    with vlsi_study.file_lock(lock, blocking=False) as after_kill:
+        assert after_kill
 
 
 @pytest.mark.slow

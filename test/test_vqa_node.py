@@ -201,20 +201,30 @@ def test_full_queue_refuses_with_clear_error(raw_node):
 
 
 def test_action_streams_tokens_and_matches_service(raw_node, reference_engine):
+    """Feedback arrives token by token as prefixes of the answer; the result carries the whole answer.
+
+    rclpy's ActionClient discards feedback it processes after the result (it drops the goal's
+    feedback callback once the result is in), and both can be ready in the same executor wake-up,
+    where the result is handled first: the tail of the stream may never reach a client. So the
+    test asks for a long answer (the first tokens' feedback is out long before the result) and
+    checks what did arrive, in order; clients take the final text from the result (ask_client does).
+    A reader that falls behind a fast generation also skips feedback (keep-last history): harmless,
+    since each `partial_answer` is the whole answer so far.
+    """
     _, harness = raw_node
     rgb = scene_image(11)
     msg = rgb_to_image_msg(rgb, "rgb8", now_header(harness.node, "stream"))
     publish_until_answered(harness, msg)
     feedback: list[tuple[str, int]] = []
-    result, status = harness.client.ask_stream(QUESTION, max_new_tokens=8,
+    result, status = harness.client.ask_stream(QUESTION, max_new_tokens=64,
                                                on_feedback=lambda text, n: feedback.append((text, n)))
     assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
     assert result.image_header == msg.header
-    assert result.answer == expected_answer(reference_engine, rgb)
-    # Feedback and result travel on different channels: the last feedback may land after the result.
-    wait_for(lambda: feedback and feedback[-1][0].strip() == result.answer, 5, what="final feedback")
-    assert [n for _, n in feedback] == list(range(1, len(feedback) + 1))
-    assert result.total_ms > 0
+    assert result.answer == expected_answer(reference_engine, rgb, max_new_tokens=64)
+    assert feedback, "no token feedback arrived before the result"
+    counts = [n for _, n in feedback]
+    assert counts == sorted(set(counts)) and counts[0] >= 1  # in order, no repeats (a slow reader may skip some)
+    assert all(result.answer.startswith(text.strip()) for text, _ in feedback)  # each one the answer so far
 
 
 def test_action_cancel_stops_generation(raw_node):

@@ -1,7 +1,9 @@
 """`vlsi build-engine`: TensorRT 10 engines from an ONNX export (`vlsi export`), on the target device.
 
 Builds vision.plan and decoder.plan (two optimisation profiles: prefill and decode) into --out
-with manifest.json (TensorRT version, GPU and compute capability, precision, profile shapes,
+(default: `<model>/tensorrt` when the export is `vlsi export`'s default `<model>/onnx`, where
+`load_engine(model)` / backend auto finds them without an engine_dir; else
+`trt_engines/<model name>`) with manifest.json (TensorRT version, GPU and compute capability, precision, profile shapes,
 sha256 of the ONNX inputs) and the export's tokenizer/embedding files, so --out is all the
 `tensorrt` backend needs (`ros2 launch vlsi_ros vqa.launch.py backend:=tensorrt engine_dir:=OUT`).
 The equivalent `trtexec` commands are printed first.
@@ -38,12 +40,26 @@ def _range(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
+def default_engine_dir(onnx_dir: Path, model_name: str | None) -> Path:
+    """Where engines go without --out: beside the model when the export sits in `<model>/onnx`.
+
+    That is where `find_engine_dir` (backend "tensorrt" and "auto") looks when given only the
+    model directory, so `vlsi export` + `vlsi build-engine` with defaults give a model that
+    `ros2 launch ... model_path:=<model>` serves with TensorRT without naming an engine_dir.
+    """
+    if onnx_dir.name == "onnx" and (onnx_dir.parent / "config.json").is_file():
+        return onnx_dir.parent / "tensorrt"
+    return Path("trt_engines") / (model_name or onnx_dir.name)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `build-engine` to the `vlsi` parser."""
     p = subparsers.add_parser("build-engine", help="build TensorRT engines from an ONNX export",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", required=True, type=Path, help="export directory written by `vlsi export`")
-    p.add_argument("--out", type=Path, default=None, help="engine directory (default: trt_engines/<model name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="engine directory (default: <model>/tensorrt for an export in <model>/onnx, where backend "
+                        "auto finds it; else trt_engines/<model name>)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                       help="half precision (default; norms and softmax kept in fp32)")
@@ -95,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     except (ModelLoadError, BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = args.out if args.out is not None else Path("trt_engines") / str(em.get("model_name") or args.onnx.name)
+    out = args.out if args.out is not None else default_engine_dir(args.onnx, em.get("model_name"))
 
     try:  # the export must be sound before anyone spends an hour building on a Jetson
         from vlsi_model.export.onnx_export import check_graphs

@@ -83,6 +83,7 @@ from vlsi_model.distill.verbalizer import (
     select_target_layers,
     verbalizer_dir,
 )
+from vlsi_model.fileio import replace_directory
 from vlsi_model.training.config import (
     ConfigError,
     TrainConfig,
@@ -256,15 +257,7 @@ def _publish(dest: Path, build: Callable[[Path], None]) -> Path:
     partial = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     build(partial)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.rename(partial, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(partial, dest)
-    return dest
+    return replace_directory(partial, dest)
 
 
 def _load(ref_path: str | Path, dtype: str = "float32", device: Any = "cpu") -> tuple[nn.Module, Any, Any]:
@@ -478,13 +471,9 @@ def _ensure_teacher_cache(cfg: DistillConfig, dataset: Any, pad_id: int, vocab_l
             for start in range(0, len(indexed), cc.batch_size)
         )
         log.info("building the teacher cache (k=%d) in %s", cc.k, path)
-        tmp = path.with_name(f".{path.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_teacher_cache(teacher, t_verbs, batches, tmp, k=cc.k, vocab_size=vocab_limit,
-                            temperature=cfg.loss.temperature, chunk_tokens=cfg.loss.chunk_tokens,
-                            dtype=_DTYPES[cc.dtype])
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
+        _publish(path, lambda tmp: build_teacher_cache(
+            teacher, t_verbs, batches, tmp, k=cc.k, vocab_size=vocab_limit, temperature=cfg.loss.temperature,
+            chunk_tokens=cfg.loss.chunk_tokens, dtype=_DTYPES[cc.dtype]))
         _free(teacher, t_verbs)
     state.wait_for_everyone()
     cache = TeacherCache(path)

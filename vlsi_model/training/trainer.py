@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vlsi_model.fileio import replace_directory
 from vlsi_model.training.config import ConfigError, TrainConfig, save_yaml
 
 log = logging.getLogger(__name__)
@@ -493,14 +494,7 @@ class _Run:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if final.exists():  # the same step saved before (e.g. a forced resume): replace it
-                old = self.ckpt_root / f"{_TMP_PREFIX}old-step_{step}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            replace_directory(tmp, final)  # the same step saved before (a forced resume) is replaced
             self.prune_checkpoints()
         acc.wait_for_everyone()
         return final
@@ -655,9 +649,9 @@ class _Run:
         existing = list_checkpoints(self.out)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if self.ckpt_root.is_dir():  # debris of killed checkpoint writes
+            if self.ckpt_root.is_dir():  # debris of killed checkpoint writes (.tmp-step_N) or swaps (.step_N.old-*)
                 for p in self.ckpt_root.iterdir():
-                    if p.name.startswith(_TMP_PREFIX):
+                    if p.name.startswith("."):
                         shutil.rmtree(p, ignore_errors=True)
         if existing and not resume:
             raise ConfigError(
