@@ -67,6 +67,9 @@ sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("vlsi_study")
 
+NANO_STUDENT_TARGETS = {"stride": 1, "start": 1}  # nano student 4 layers: 1, 2, 3
+NANO_TEACHER_TARGETS = {"stride": 2, "start": 1}  # nano teacher 8 layers: 1, 3, 5, 7
+NANO_LORA = {"enabled": False}  # nano models are tiny: full fine-tuning of the decoder in step 2
 MATCH_VARIANTS = ("random", "uniform", "bottom1", "bottom3", "multinomial", "window", "order")
 
 
@@ -467,9 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    student_targets = {"stride": 1, "start": 1}  # nano student 4 layers: 1, 2, 3
-    teacher_targets = {"stride": 2, "start": 1}  # nano teacher 8 layers: 1, 3, 5, 7
-    lora = {"enabled": False}  # nano models are tiny: full fine-tuning of the decoder in step 2
+    student_targets, teacher_targets, lora = NANO_STUDENT_TARGETS, NANO_TEACHER_TARGETS, NANO_LORA
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.smoke:
         paths = build_smoke_inputs(args.out / "smoke_inputs")

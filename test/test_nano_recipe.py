@@ -92,6 +92,7 @@ def test_model_card_of_a_distilled_student(tmp_path, tiny_qwen2vl_dir):
     assert "verbalization 11 steps" in flat and "interaction 13 steps" in flat and "step 3 SFT 7 steps" in flat
     assert "sft 2.0 min" in flat and "loss 0.2500" in flat and "accuracy 0.875" in flat
     assert "| count | 4 | 0.500 |" in card
+    assert "vlsi distill --config configs/nano/distill_student.yaml" in card  # the reproduction, distill included
 
 
 def test_freezing_the_merger_alone_is_refused(tmp_path):

@@ -72,6 +72,24 @@ def test_row_lock_is_exclusive_and_dies_with_its_process(tmp_path):
         assert after_kill
 
 
+def test_shipped_distill_config_is_the_study_full_row():
+    """configs/nano/distill_student.yaml (scripts/train_default_student.sh's distillation) is the study's
+    `vlsi_full` row, seed 0, with the study's settings, started from the SFT student: what the study
+    measured is what the script ships."""
+    import vlsi_study
+
+    from vlsi_model.distill.pipeline import load_distill_config
+
+    a = vlsi_study.StudyArgs(
+        out=Path("unused"), teacher=Path("runs/nano/teacher/final"), train_data=Path("runs/nano/data/train_mix.json"),
+        test_data=Path("unused"), student_init="runs/nano/student/final", seeds=[0], budget=400,
+        interact_fraction=0.5, verbalize_steps=200, batch_size=32, lr=5e-4, max_length=128, eval_samples=1400,
+        student_targets=vlsi_study.NANO_STUDENT_TARGETS, teacher_targets=vlsi_study.NANO_TEACHER_TARGETS,
+        lora=vlsi_study.NANO_LORA)
+    row = vlsi_study.base_distill_config(a, 0, Path("runs/nano/vlsi_student"), 200, 200)
+    assert load_distill_config(REPO / "configs" / "nano" / "distill_student.yaml") == load_distill_config(row)
+
+
 @pytest.mark.slow
 def test_smoke_runs_every_row_and_resumes(tmp_path):
     out = tmp_path / "study"

@@ -59,6 +59,7 @@ Choices the paper leaves open (ours, documented):
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -224,9 +225,13 @@ class DistillConfig:
 
 
 def load_distill_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> DistillConfig:
-    """A DistillConfig from a YAML file or a mapping; ConfigError names any bad key."""
+    """A DistillConfig from a YAML file or a mapping; ConfigError names any bad key.
+
+    A mapping is deep-copied: the config must not change when the caller edits its dict later
+    (the study builds one row's config from another's).
+    """
     if isinstance(source, Mapping):
-        return dataclass_from_dict(DistillConfig, source, "config")
+        return dataclass_from_dict(DistillConfig, copy.deepcopy(dict(source)), "config")
     return dataclass_from_dict(DistillConfig, load_yaml_config(source), str(source))
 
 

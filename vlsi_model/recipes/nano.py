@@ -255,6 +255,22 @@ python -m vlsi_model.recipes.nano ship --model runs/nano/student/final --results
     --metrics runs/nano/student/metrics.jsonl --config configs/nano/student.yaml \\
     --dest vlsi_model/assets/default_student
 """
+# The reproduction of a VLsI-distilled default (DISTILL=1 in the script).
+MODEL_CARD_DISTILL_COMMANDS = """\
+DISTILL=1 scripts/train_default_student.sh   # all of the below, resumable
+python -m vlsi_model.recipes.nano tokenizer --out runs/nano/tokenizer
+python -m vlsi_model.recipes.nano data --out runs/nano/data --num 8000 --caption-num 20000
+vlsi data scenes --out runs/nano/test --num 600 --split test --layout grid \\
+    --families attribute,count,exist,spatial,compare,caption
+nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml --threads 1 --resume
+nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/teacher.yaml --threads 1 --resume
+vlsi distill --config configs/nano/distill_student.yaml --resume --threads 1
+vlsi eval --model runs/nano/vlsi_student/final --data runs/nano/test/test.json \\
+    --out runs/nano/vlsi_student/test_results.json --max-samples 1400
+python -m vlsi_model.recipes.nano ship --model runs/nano/vlsi_student/final \\
+    --results runs/nano/vlsi_student/test_results.json --metrics runs/nano/vlsi_student/runs/sft/metrics.jsonl \\
+    --config runs/nano/vlsi_student/distill_config.yaml --dest vlsi_model/assets/default_student
+"""
 
 
 def _last_metrics(metrics: Path) -> dict[str, Any]:
@@ -374,7 +390,7 @@ question means the template is not learned, whatever the accuracy):
 ## Reproduce
 
 ```
-{MODEL_CARD_COMMANDS}```
+{MODEL_CARD_DISTILL_COMMANDS if distilled else MODEL_CARD_COMMANDS}```
 """
 
 
