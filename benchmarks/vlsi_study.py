@@ -356,14 +356,27 @@ def _paired_delta(rs: Sequence[dict[str, Any]], reference: Sequence[dict[str, An
     return [r["overall"]["accuracy"] - ref[r["seed"]] for r in rs if r.get("seed") in ref]
 
 
+def constant_templates(result: dict[str, Any]) -> int | None:
+    """How many question templates the model answers with one answer for every question.
+
+    Why: on these scenes a constant answer flipped to the majority one moves a family's accuracy
+    by 0.05-0.10 without anything learned, so an overall gain means little unless this stays put.
+    """
+    types = result.get("question_types")
+    if not types:
+        return None
+    return sum(1 for v in types.values()
+               if v.get("n", 0) > 1 and v.get("top_predictions") and v["top_predictions"][0][1] == v["n"])
+
+
 def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    """Markdown table (mean ± std over seeds; the paired difference to the full method; the
-    student's training minutes) and the same numbers as JSON."""
+    """Markdown table (mean ± std over seeds; the paired difference to the full method; templates
+    answered with a constant; the student's training minutes) and the same numbers as JSON."""
     families = sorted({f for rs in results.values() for r in rs for f in r["families"]})
     reference = results.get(PAIRED_REFERENCE, [])
     header = ("| row | seeds | overall | " + " | ".join(families)
-              + f" | overall - {PAIRED_REFERENCE} (paired) | train min |")
-    lines = [header, "|" + "---|" * (5 + len(families))]
+              + f" | overall - {PAIRED_REFERENCE} (paired) | constant templates | train min |")
+    lines = [header, "|" + "---|" * (6 + len(families))]
     summary: dict[str, Any] = {}
     group = None
     for row in rows:
@@ -371,7 +384,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
         if row.group != group:
             group = row.group
             if group != "main":
-                lines.append(f"| *{group}* |" + " |" * (4 + len(families)))
+                lines.append(f"| *{group}* |" + " |" * (5 + len(families)))
         overall = [r["overall"]["accuracy"] for r in rs]
         per_family = {f: [r["families"][f]["accuracy"] for r in rs if f in r["families"]] for f in families}
         paired = _paired_delta(rs, reference) if row.kind in ("sft", "distill") and row.name != PAIRED_REFERENCE \
@@ -382,9 +395,11 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
             delta_cell = f"{statistics.mean(paired):+.3f}"
             delta_cell += f" ± {statistics.stdev(paired):.3f}" if len(paired) > 1 else ""
             delta_cell += f" (n={len(paired)})"
+        constants = [c for c in (constant_templates(r) for r in rs) if c is not None]
+        constant_cell = f"{statistics.mean(constants):.1f}" if constants else ""
         lines.append(f"| {row.label} | {len(rs)} | {_mean_std(overall)} | "
                      + " | ".join(_mean_std(per_family[f]) for f in families)
-                     + f" | {delta_cell} | {f'{statistics.mean(minutes):.1f}' if minutes else ''} |")
+                     + f" | {delta_cell} | {constant_cell} | {f'{statistics.mean(minutes):.1f}' if minutes else ''} |")
         summary[row.name] = {
             "label": row.label, "seeds": len(rs), "overall": overall,
             "overall_mean": statistics.mean(overall) if overall else None,
@@ -393,6 +408,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
             "seed_list": [r.get("seed") for r in rs],
             f"paired_delta_vs_{PAIRED_REFERENCE}": paired,
             "train_minutes": minutes,
+            "constant_templates": constants,
         }
     priors = {}
     for rs in results.values():
@@ -401,7 +417,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
                 priors.setdefault(f, v["prior"])
     if priors:
         cells = " | ".join(f"{priors.get(f, 0):.3f}" for f in families)
-        lines.append(f"| *answer prior (majority)* | | | {cells} | | |")
+        lines.append(f"| *answer prior (majority)* | | | {cells} | | | |")
     return "\n".join(lines), summary
 
 

@@ -30,12 +30,14 @@ def test_summary_mean_std_and_paired_difference():
 
     rows = [vlsi_study.Row("a", "sft", "A"), vlsi_study.Row("vlsi_full", "distill", "full")]
 
-    def result(acc, seed, minutes=2.0):
+    def result(acc, seed, minutes=2.0, constant=False):
+        top = [["1", 4]] if constant else [["1", 3], ["2", 1]]
         return {"overall": {"accuracy": acc}, "families": {"count": {"accuracy": acc, "prior": 0.3}},
+                "question_types": {"count/objects": {"n": 4, "accuracy": acc, "top_predictions": top}},
                 "seed": seed, "train_seconds": minutes * 60}
 
     res = {"a": [result(0.5, 0), result(0.7, 1), result(0.4, 2)],
-           "vlsi_full": [result(0.55, 0, 4.0), result(0.72, 1, 4.0)]}  # seed 2 unfinished: not paired
+           "vlsi_full": [result(0.55, 0, 4.0, constant=True), result(0.72, 1, 4.0)]}  # seed 2 unfinished: not paired
     table, summary = vlsi_study.summarise(rows, res)
     assert "0.533 ± 0.153" in table and "0.300" in table
     assert summary["a"]["overall_mean"] == pytest.approx(0.5333, abs=1e-4)
@@ -44,6 +46,8 @@ def test_summary_mean_std_and_paired_difference():
     assert "-0.035 ± 0.021 (n=2)" in table
     line_full = next(ln for ln in table.splitlines() if ln.startswith("| full |"))
     assert "(n=" not in line_full and "| 4.0 |" in line_full  # the reference has no delta; its train minutes
+    assert summary["vlsi_full"]["constant_templates"] == [1, 0] and "| 0.5 | 4.0 |" in line_full
+    assert summary["a"]["constant_templates"] == [0, 0, 0]
 
 
 def test_row_lock_is_exclusive_and_dies_with_its_process(tmp_path):
