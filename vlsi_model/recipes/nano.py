@@ -242,27 +242,25 @@ def export_checkpoint(config: str | Path | NanoConfig, checkpoint: str | Path, o
                           metadata={"placeholder": False, "recipe": "nano", "checkpoint": str(checkpoint)})
 
 
-MODEL_CARD_COMMANDS = """\
-scripts/train_default_student.sh        # all of the below, resumable
+# Data, tokenizer, test split and the SFT student: the start of both reproductions below.
+_MODEL_CARD_STUDENT_COMMANDS = """\
 python -m vlsi_model.recipes.nano tokenizer --out runs/nano/tokenizer
 python -m vlsi_model.recipes.nano data --out runs/nano/data --num 8000 --caption-num 20000
 vlsi data scenes --out runs/nano/test --num 600 --split test --layout grid \\
     --families attribute,count,exist,spatial,compare,caption
 nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml --threads 1 --resume
+"""
+MODEL_CARD_COMMANDS = ("scripts/train_default_student.sh        # all of the below, resumable\n"
+                       + _MODEL_CARD_STUDENT_COMMANDS + """\
 vlsi eval --model runs/nano/student/final --data runs/nano/test/test.json --out runs/nano/student/test_results.json \\
     --max-samples 1400
 python -m vlsi_model.recipes.nano ship --model runs/nano/student/final --results runs/nano/student/test_results.json \\
     --metrics runs/nano/student/metrics.jsonl --config configs/nano/student.yaml \\
     --dest vlsi_model/assets/default_student
-"""
+""")
 # The reproduction of a VLsI-distilled default (DISTILL=1 in the script).
-MODEL_CARD_DISTILL_COMMANDS = """\
-DISTILL=1 scripts/train_default_student.sh   # all of the below, resumable
-python -m vlsi_model.recipes.nano tokenizer --out runs/nano/tokenizer
-python -m vlsi_model.recipes.nano data --out runs/nano/data --num 8000 --caption-num 20000
-vlsi data scenes --out runs/nano/test --num 600 --split test --layout grid \\
-    --families attribute,count,exist,spatial,compare,caption
-nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml --threads 1 --resume
+MODEL_CARD_DISTILL_COMMANDS = ("DISTILL=1 scripts/train_default_student.sh   # all of the below, resumable\n"
+                               + _MODEL_CARD_STUDENT_COMMANDS + """\
 nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/teacher.yaml --threads 1 --resume
 vlsi distill --config configs/nano/distill_student.yaml --resume --threads 1
 vlsi eval --model runs/nano/vlsi_student/final --data runs/nano/test/test.json \\
@@ -270,7 +268,7 @@ vlsi eval --model runs/nano/vlsi_student/final --data runs/nano/test/test.json \
 python -m vlsi_model.recipes.nano ship --model runs/nano/vlsi_student/final \\
     --results runs/nano/vlsi_student/test_results.json --metrics runs/nano/vlsi_student/runs/sft/metrics.jsonl \\
     --config runs/nano/vlsi_student/distill_config.yaml --dest vlsi_model/assets/default_student
-"""
+""")
 
 
 def _last_metrics(metrics: Path) -> dict[str, Any]:
