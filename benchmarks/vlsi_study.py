@@ -209,7 +209,8 @@ def base_distill_config(a: StudyArgs, seed: int, output_dir: Path, interact_step
         "matching": {"variant": "full", "seed": seed},
         "loss": {"intermediate_op": "kld", "last_op": "kld"},
         "lora": copy.deepcopy(a.lora),
-        "teacher_cache": {"enabled": False},
+        # cached_teacher row: a cache of the samples step 2 draws, built in training-size batches
+        "teacher_cache": {"enabled": False, "batch_size": a.batch_size, "coverage": "run"},
         "train": {"per_device_batch_size": a.batch_size, "lr": a.lr, "seed": seed,
                   "warmup_steps": max(1, min(50, a.budget // 20)), "save_every_steps": max(1, a.budget // 4),
                   "log_every_steps": max(1, min(25, a.budget // 10))},

@@ -19,6 +19,7 @@ from vlsi_model.cli import main
 from vlsi_model.distill.objectives import InteractionObjective
 from vlsi_model.distill.pipeline import load_distill_config, parse_steps
 from vlsi_model.training.config import ConfigError
+from vlsi_model.training.trainer import drawn_sample_indices
 
 REPO = Path(__file__).resolve().parents[1]
 END_TO_END_BUDGET_S = 60.0
@@ -197,7 +198,8 @@ def test_a_step_without_its_inputs_is_a_clear_error(setup, tmp_path, capsys):
     assert main(["distill", "--config", str(cfg), "--steps", "interact,bogus"]) == 2
 
 
-def test_teacher_cache_reproduces_the_online_interaction(setup, full_run, tmp_path):
+def test_teacher_cache_reproduces_the_online_interaction(setup, full_run, tmp_path, capsys):
+    """Built for the samples step 2 draws only, a cache reproduces the online losses; other seeds are refused."""
     root, data = setup
     _, _, out_a, _ = full_run
     out = tmp_path / "out"
@@ -209,7 +211,13 @@ def test_teacher_cache_reproduces_the_online_interaction(setup, full_run, tmp_pa
     ))
     assert main(["distill", "--config", str(cfg), "--steps", "interact"]) == 0
     index = json.loads((out / "teacher_cache" / "index.json").read_text())
-    assert index["vocab_size"] == 416 and index["k"] == 416 and len(index["samples"]) > 0
+    assert index["vocab_size"] == 416 and index["k"] == 416
+    # Coverage "run" (the default): exactly the samples the 4 interaction steps of 2 draw, not the dataset.
+    dataset_len = len(json.loads(Path(data).read_text()))
+    run_cfg = load_distill_config(cfg).train_config("interact", "interact")
+    drawn = drawn_sample_indices(run_cfg, dataset_len)
+    assert sorted(int(i) for i in index["samples"]) == drawn
+    assert len(drawn) == 8 < dataset_len
 
     def rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in (path / "runs" / "interact" / "metrics.jsonl").read_text().splitlines()]
@@ -219,6 +227,20 @@ def test_teacher_cache_reproduces_the_online_interaction(setup, full_run, tmp_pa
     for r_online, r_cached in zip(online, cached, strict=True):
         for key in ("loss", "loss_intermediate", "loss_last", "match_mean_teacher_layer"):
             assert r_cached[key] == pytest.approx(r_online[key], rel=1e-4, abs=1e-6), key
+
+
+    # Another seed draws other samples: reusing that cache is a clear error, not a crash mid-run.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("teacher_verbalizers", "student_verbalized"):
+        shutil.copytree(out_a / name, other / name)
+    other_cfg = _config(root, data, other, teacher_cache={"enabled": True, "k": 100000, "batch_size": 3,
+                                                         "path": str(out / "teacher_cache")})
+    other_cfg["steps"]["interact"]["seed"] = 1
+    capsys.readouterr()
+    assert main(["distill", "--config", str(_write(tmp_path / "other.yaml", other_cfg)), "--steps", "interact"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run" in err and "samples this run draws" in err
 
 
 def test_configs_parse_and_bad_keys_are_named(setup, tmp_path):
@@ -236,6 +258,7 @@ def test_configs_parse_and_bad_keys_are_named(setup, tmp_path):
         (lambda c: c["train"].update(lerning_rate=1), "lerning_rate"),
         (lambda c: c.update(extra=1), "extra"),
         (lambda c: c["teacher"].update(freeze_vision=True), "teacher never trains"),
+        (lambda c: c.update(teacher_cache={"enabled": True, "coverage": "some"}), "teacher_cache.coverage"),
         (lambda c: (c["student"].update(freeze_vision=True), c["lora"].update(steps=["interact", "sft"])),
          "LoRA already trains only the decoder"),
     ):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from vlsi_model.scenes import SceneConfig, write_dataset
 from vlsi_model.training import trainer as trainer_mod
 from vlsi_model.training.config import ConfigError, TrainConfig
-from vlsi_model.training.trainer import GlobalBatchSampler, list_checkpoints, train
+from vlsi_model.training.trainer import GlobalBatchSampler, drawn_sample_indices, list_checkpoints, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +119,20 @@ def test_global_batches_do_not_depend_on_the_process_count():
     resumed = GlobalBatchSampler(10, 2, 4, 1, 0, seed=3, start_step=3, max_steps=7)
     assert [i for mb in resumed for i in mb] == stream[3 * 8 :]
     assert len(resumed) == 4 * 4
+
+
+def test_drawn_sample_indices_are_what_a_run_reads():
+    """The teacher cache is built for these: every index any process reads, and nothing else."""
+    cfg = toy_config(Path("unused"), max_steps=3, per_device_batch_size=2, grad_accum_steps=2, seed=5)
+    for processes in (1, 2):
+        samplers = [GlobalBatchSampler(100, 2, 2, processes, r, seed=5, start_step=0, max_steps=3)
+                    for r in range(processes)]
+        read = sorted({i for s in samplers for mb in s for i in mb})
+        assert drawn_sample_indices(cfg, 100, processes) == read
+        assert len(read) == 3 * 2 * 2 * processes  # one epoch is not used up: no repeats
+    assert drawn_sample_indices(cfg, 5) == [0, 1, 2, 3, 4]  # 12 positions cover a 5-sample dataset
+    assert drawn_sample_indices(cfg, 100) != drawn_sample_indices(
+        toy_config(Path("unused"), max_steps=3, per_device_batch_size=2, grad_accum_steps=2, seed=6), 100)
 
 
 # -- toy runs ------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ Config (YAML; relative paths are relative to the current directory; see configs/
     matching: {variant: full, scale: 2.0, eps: 1.0e-6, temperature: 1.0, seed: 0}   # matching.MatchConfig
     loss: {intermediate_op: kld, last_op: kld, direction: forward, temperature: 1.0, chunk_tokens: 256}
     lora: {enabled: true, r: 64, alpha: 64, dropout: 0.0, target_modules: [q_proj, ...], steps: [interact]}
-    teacher_cache: {enabled: false, k: 64, dtype: float32, batch_size: 4}
+    teacher_cache: {enabled: false, k: 64, dtype: float32, batch_size: 4, coverage: run}   # coverage: run =
+                                             # only the samples step 2 draws; dataset = every sample
     train: {max_steps: 1000, per_device_batch_size: 8, lr: 1.0e-4, ...}   # TrainConfig, shared by all steps
     steps:                                   # per-step overrides of `train`
       verbalize: {max_steps: 200, lr: 1.0e-3}
@@ -174,10 +175,15 @@ class TeacherCacheSection:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 4
     path: str | None = None  # default: <output_dir>/teacher_cache
+    # "run": only the samples step 2 draws (max_steps x global batch; its seed and batch geometry
+    # fix them in advance); "dataset": every sample, for a cache shared by runs that differ there.
+    coverage: Literal["run", "dataset"] = "run"
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.batch_size < 1:
             raise ValueError("teacher_cache.k and teacher_cache.batch_size must be >= 1")
+        if self.coverage not in ("run", "dataset"):
+            raise ValueError(f"teacher_cache.coverage must be 'run' or 'dataset', got {self.coverage!r}")
 
 
 @dataclass
@@ -450,8 +456,14 @@ def _teacher_cache_path(cfg: DistillConfig) -> Path:
     return Path(cfg.teacher_cache.path).expanduser() if cfg.teacher_cache.path else cfg.out / TEACHER_CACHE_DIR
 
 
-def _ensure_teacher_cache(cfg: DistillConfig, dataset: Any, pad_id: int, vocab_limit: int) -> Path:
-    """Build the teacher cache once (main process), or check that an existing one fits this run."""
+def _ensure_teacher_cache(cfg: DistillConfig, dataset: Any, pad_id: int, vocab_limit: int,
+                          needed: list[int]) -> Path:
+    """Build the teacher cache once (main process), or check that an existing one fits this run.
+
+    `needed`: the sorted dataset indices step 2 reads. The cache is built for these
+    (coverage "run") or for the whole dataset (coverage "dataset"); an existing cache must hold
+    at least these, whichever way it was built.
+    """
     from vlsi_model.distill.teacher_cache import (
         INDEX_FILE,
         IndexedDataset,
@@ -471,11 +483,12 @@ def _ensure_teacher_cache(cfg: DistillConfig, dataset: Any, pad_id: int, vocab_l
         t_verbs = t_verbs.to(next(teacher.parameters()).device)
         indexed = IndexedDataset(dataset)
         collate = indexed_collate(make_collate_fn(pad_id))
+        ids = needed if cc.coverage == "run" else list(range(len(indexed)))
         batches = (
-            collate([indexed[i] for i in range(start, min(start + cc.batch_size, len(indexed)))])
-            for start in range(0, len(indexed), cc.batch_size)
+            collate([indexed[i] for i in ids[start:start + cc.batch_size]])
+            for start in range(0, len(ids), cc.batch_size)
         )
-        log.info("building the teacher cache (k=%d) in %s", cc.k, path)
+        log.info("building the teacher cache (k=%d, %d of %d samples) in %s", cc.k, len(ids), len(indexed), path)
         _publish(path, lambda tmp: build_teacher_cache(
             teacher, t_verbs, batches, tmp, k=cc.k, vocab_size=vocab_limit, temperature=cfg.loss.temperature,
             chunk_tokens=cfg.loss.chunk_tokens, dtype=_DTYPES[cc.dtype]))
@@ -489,8 +502,10 @@ def _ensure_teacher_cache(cfg: DistillConfig, dataset: Any, pad_id: int, vocab_l
         problems.append(f"vocabulary {cache.vocab_size} (shared vocabulary {vocab_limit})")
     if abs(cache.temperature - cfg.loss.temperature) > 1e-9:
         problems.append(f"temperature {cache.temperature} (config {cfg.loss.temperature})")
-    if len(cache) != len(dataset):
-        problems.append(f"{len(cache)} samples (dataset {len(dataset)})")
+    missing = [i for i in needed if str(i) not in cache.samples]
+    if missing:
+        problems.append(f"lacks {len(missing)} of the {len(needed)} samples this run draws (e.g. {missing[0]}; "
+                        "built for another seed, batch size, step count or dataset)")
     if problems:
         raise ConfigError(
             f"the teacher cache {path} does not fit this run: {'; '.join(problems)}; delete it to rebuild"
@@ -503,7 +518,7 @@ def run_interact(cfg: DistillConfig, resume: bool = False, force_resume: bool = 
     from vlsi_model.distill.teacher_cache import IndexedDataset, TeacherCache, indexed_collate
     from vlsi_model.models import save_model_dir
     from vlsi_model.training.data import make_collate_fn
-    from vlsi_model.training.trainer import train
+    from vlsi_model.training.trainer import drawn_sample_indices, train
 
     out = cfg.out
     dest = out / INTERACTION_DIR
@@ -533,7 +548,8 @@ def run_interact(cfg: DistillConfig, resume: bool = False, force_resume: bool = 
     if cfg.teacher_cache.enabled:
         t_vocab = int(load_config_vocab(cfg.teacher.path))
         vocab_limit = min(s_adapter.vocab_size(student), t_vocab)
-        cache = TeacherCache(_ensure_teacher_cache(cfg, dataset, pad_id, vocab_limit))
+        needed = drawn_sample_indices(tc, len(dataset), state.num_processes)
+        cache = TeacherCache(_ensure_teacher_cache(cfg, dataset, pad_id, vocab_limit, needed))
         train_set: Any = IndexedDataset(dataset)
         collate = indexed_collate(make_collate_fn(pad_id))
     else:

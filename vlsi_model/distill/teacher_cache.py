@@ -322,20 +322,21 @@ def build_teacher_cache(
         hs = adapter.forward_with_hidden_states(teacher, batch, verbalizers.target_layers)
         labels = batch["labels"]
         mask = response_positions(labels)
+        # The whole batch's response rows at once (in batch order, as `TeacherCache.targets`
+        # reads them back): one top-k pass per target instead of one per sample.
+        for t, head in heads.items():
+            hidden = hs.final if t == FINAL else hs.layers[int(t)]
+            enc = cached_from_dense(
+                DenseTeacher(gather_positions(hidden, mask), head), k, vocab, temperature, chunk_tokens, dtype
+            )
+            key = target_key(t)
+            buffer.setdefault(f"{key}.logp", []).append(enc.topk_logp)
+            buffer.setdefault(f"{key}.idx", []).append(enc.topk_idx)
+            buffer.setdefault(f"{key}.tail", []).append(enc.tail_logmass)
+        attn = batch.get("attention_mask", torch.ones_like(labels))
         for b in range(labels.shape[0]):
+            length = int(mask[b].sum())
             sid = str(int(batch[SAMPLE_INDEX_KEY][b]))
-            row = mask[b : b + 1]
-            for t, head in heads.items():
-                hidden = hs.final[b : b + 1] if t == FINAL else hs.layers[int(t)][b : b + 1]
-                enc = cached_from_dense(
-                    DenseTeacher(gather_positions(hidden, row), head), k, vocab, temperature, chunk_tokens, dtype
-                )
-                key = target_key(t)
-                buffer.setdefault(f"{key}.logp", []).append(enc.topk_logp)
-                buffer.setdefault(f"{key}.idx", []).append(enc.topk_idx)
-                buffer.setdefault(f"{key}.tail", []).append(enc.tail_logmass)
-            length = int(row.sum())
-            attn = batch.get("attention_mask", torch.ones_like(labels))
             pending.append((sid, length, sample_fingerprint(batch["input_ids"][b], attn[b], labels[b])))
             shard_fill += length
             if progress is not None:

@@ -167,10 +167,11 @@ class GlobalBatchSampler:
         """Dataset indices of this process's micro-batch `micro_step` of optimizer step `step`."""
         slot = micro_step * self.num_processes + self.process_index
         first = self.position(step) + slot * self.micro_batch_size
-        out = []
-        for pos in range(first, first + self.micro_batch_size):
-            out.append(int(self.permutation(pos // self.num_samples)[pos % self.num_samples]))
-        return out
+        return self.stream_indices(first, first + self.micro_batch_size)
+
+    def stream_indices(self, first: int, stop: int) -> list[int]:
+        """Dataset indices at stream positions [first, stop), in stream order."""
+        return [int(self.permutation(pos // self.num_samples)[pos % self.num_samples]) for pos in range(first, stop)]
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.max_steps):
@@ -179,6 +180,18 @@ class GlobalBatchSampler:
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step) * self.grad_accum_steps
+
+
+def drawn_sample_indices(config: TrainConfig, num_samples: int, num_processes: int = 1) -> list[int]:
+    """Sorted distinct dataset indices that a run of `config` draws over all its steps and processes.
+
+    The data order depends only on the seed and the batch geometry (module docstring), so
+    the samples a run will read are known before it starts: a teacher cache built for
+    these alone costs max_steps x global batch samples instead of the whole dataset.
+    """
+    sampler = GlobalBatchSampler(num_samples, config.per_device_batch_size, config.grad_accum_steps,
+                                 num_processes, 0, config.seed, 0, config.max_steps)
+    return sorted(set(sampler.stream_indices(0, config.max_steps * sampler.global_batch_size)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -822,6 +835,7 @@ __all__ = [
     "GlobalBatchSampler",
     "TrainResult",
     "distributed_state",
+    "drawn_sample_indices",
     "list_checkpoints",
     "train",
 ]
