@@ -256,7 +256,7 @@ vlsi eval --model runs/nano/student/final --data runs/nano/test/test.json --out 
     --max-samples 1400
 python -m vlsi_model.recipes.nano ship --model runs/nano/student/final --results runs/nano/student/test_results.json \\
     --metrics runs/nano/student/metrics.jsonl --config configs/nano/student.yaml \\
-    --dest vlsi_model/assets/default_student
+    --dest vlsi_model/assets/default_student --notes "$(cat configs/nano/student_card_notes.md)"
 """)
 # The reproduction of a VLsI-distilled default (DISTILL=1 in the script).
 MODEL_CARD_DISTILL_COMMANDS = ("DISTILL=1 scripts/train_default_student.sh   # all of the below, resumable\n"
