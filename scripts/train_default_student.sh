@@ -17,8 +17,9 @@
 #      steps: the two-step lookup appears between steps 3000 and 4500), eval
 #   5. DISTILL=1 only: the teacher (configs/nano/teacher.yaml), then VLsI from the student
 #      (configs/nano/distill_student.yaml: the study's vlsi_full row, seed 0), eval. Not the default:
-#      with this teacher (0.509, below the student's 0.522) the distilled student scored 0.528 but lost
-#      real skills (counting, captions) and gained only on constant answers (README, study section)
+#      with this teacher (0.509) and the former 3000-step student (0.522) the distilled student scored
+#      0.528 but lost real skills (counting, captions); the 12000-step student (0.787) is far above
+#      every teacher trained so far (README, study section)
 #   6. the model of step 4 (or 5 with DISTILL=1) + its model card are copied into the package
 set -euo pipefail
 cd "$(dirname "$0")/.."
