@@ -228,7 +228,6 @@ def test_teacher_cache_reproduces_the_online_interaction(setup, full_run, tmp_pa
         for key in ("loss", "loss_intermediate", "loss_last", "match_mean_teacher_layer"):
             assert r_cached[key] == pytest.approx(r_online[key], rel=1e-4, abs=1e-6), key
 
-
     # Another seed draws other samples: reusing that cache is a clear error, not a crash mid-run.
     other = tmp_path / "other"
     other.mkdir()
