@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -43,14 +42,8 @@ def camera_and_node(ros_context, tmp_path_factory):
 
 
 def test_ask_client_answers_about_the_camera_and_about_a_file(camera_and_node, tmp_path):
-    # The node answers "no frame received yet" until the camera's first frame reaches it (correct
-    # behaviour, not what this test is about): ask again until then, for at most 60 s.
-    deadline = time.monotonic() + 60.0
-    while True:
-        asked = run_executable("ask_client", "How many objects are there?", "--timeout", "90")
-        if "no frame received yet" not in asked.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    # The node may not have the camera's first frame yet: the client asks again until it has.
+    asked = run_executable("ask_client", "How many objects are there?", "--timeout", "90", "--wait-for-frame", "60")
     assert asked.returncode == 0, asked.stdout + asked.stderr
     assert re.search(r"^answer: \S+", asked.stdout, re.M)
     assert re.search(r"^frame: camera @ \d+\.\d+ +round trip \d+ ms", asked.stdout, re.M)

@@ -22,6 +22,7 @@ from std_msgs.msg import Header, String
 
 from vlsi_model.engine import load_engine
 from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
+from vlsi_model.serving import NO_FRAME_YET
 from vlsi_ros.image_conversion import image_msg_to_rgb, rgb_to_compressed_msg, rgb_to_image_msg
 from vlsi_ros.msg import Answer
 from vlsi_ros.srv import Ask
@@ -85,6 +86,33 @@ def publish_until_answered(harness, msg, question: str = QUESTION, **kw) -> Ask.
         if response.success and response.image_header == msg.header:
             return response
     raise AssertionError(f"node never answered about frame {msg.header}: last {response}")
+
+
+def test_client_asks_again_until_the_first_frame_arrives(raw_node, reference_engine):
+    # First test on this node: no frame has been published yet.
+    proc, harness = raw_node
+    refused = harness.client.ask(QUESTION)
+    assert not refused.success and refused.error.startswith(NO_FRAME_YET), refused.error
+    started = time.monotonic()  # other refusals are returned at once, not retried
+    assert "unknown camera" in harness.client.ask(QUESTION, camera="nope", wait_for_frame_s=30).error
+    assert time.monotonic() - started < 10
+    first = rgb_to_image_msg(scene_image(9), "rgb8", now_header(harness.node, "first"))
+
+    def publish_after_a_second() -> None:
+        time.sleep(1.0)
+        for _ in range(40):  # a few times: discovery may drop the first
+            harness.publisher.publish(first)
+            time.sleep(0.05)
+
+    publisher = threading.Thread(target=publish_after_a_second)
+    publisher.start()
+    try:
+        response = harness.client.ask(QUESTION, wait_for_frame_s=30)
+    finally:
+        publisher.join()
+    assert response.success, response.error
+    assert response.image_header == first.header
+    assert response.answer == expected_answer(reference_engine, scene_image(9))
 
 
 def test_answers_newest_frame_with_its_header(raw_node, reference_engine):

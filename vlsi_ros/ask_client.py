@@ -21,6 +21,7 @@ from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
+from vlsi_model.serving import NO_FRAME_YET
 from vlsi_ros.action import Ask as AskAction
 from vlsi_ros.image_conversion import rgb_to_image_msg
 from vlsi_ros.srv import Ask
@@ -73,18 +74,46 @@ class AskClient:
             raise TimeoutError(f"no reply after {timeout_s:.0f} s")
         return future.result()
 
+    def _asking_again_while_no_frame(self, send: Callable[[], object], error_of: Callable[[object], str],
+                                     wait_for_frame_s: float) -> object:
+        """Send, and send again every 0.1 s while the node refuses with "no frame received yet",
+        for at most `wait_for_frame_s`. Right after start-up the camera's first frame may still be
+        on its way to the node when a client (which saw the camera start) asks; every other
+        refusal is returned at once."""
+        deadline = time.monotonic() + wait_for_frame_s
+        while True:
+            reply = send()
+            if not error_of(reply).startswith(NO_FRAME_YET) or time.monotonic() >= deadline:
+                return reply
+            if self.spin:
+                self.spin_once(0.1)
+            else:
+                time.sleep(0.1)
+
     def ask(self, question: str, camera: str = "", image: np.ndarray | None = None, max_new_tokens: int = 0,
-            max_frame_age_s: float = 0.0, timeout_s: float = 60.0) -> Ask.Response:
+            max_frame_age_s: float = 0.0, timeout_s: float = 60.0, wait_for_frame_s: float = 0.0) -> Ask.Response:
+        """Call the `ask` service. `wait_for_frame_s` > 0 asks again while the camera has not
+        delivered its first frame to the node (start-up), at most that long."""
         request = Ask.Request(question=question, camera=camera, max_new_tokens=max_new_tokens,
                               max_frame_age_s=max_frame_age_s)
         if image is not None:
             request.image = rgb_to_image_msg(image, "rgb8")
-        return self._spin_until(self.service.call_async(request), timeout_s)
+        return self._asking_again_while_no_frame(
+            lambda: self._spin_until(self.service.call_async(request), timeout_s),
+            lambda response: "" if response.success else response.error, wait_for_frame_s)
 
     def ask_stream(self, question: str, camera: str = "", max_new_tokens: int = 0,
                    on_feedback: Callable[[str, int], None] | None = None,
-                   cancel_after_tokens: int | None = None, timeout_s: float = 60.0):
-        """Send a goal; returns (result, status). Cancels once `cancel_after_tokens` arrived."""
+                   cancel_after_tokens: int | None = None, timeout_s: float = 60.0, wait_for_frame_s: float = 0.0):
+        """Send a goal; returns (result, status). Cancels once `cancel_after_tokens` arrived;
+        `wait_for_frame_s` as in `ask`."""
+        return self._asking_again_while_no_frame(
+            lambda: self._one_goal(question, camera, max_new_tokens, on_feedback, cancel_after_tokens, timeout_s),
+            lambda outcome: "" if outcome[0].success else outcome[0].error, wait_for_frame_s)
+
+    def _one_goal(self, question: str, camera: str, max_new_tokens: int,
+                  on_feedback: Callable[[str, int], None] | None, cancel_after_tokens: int | None,
+                  timeout_s: float):
         goal_handle_holder = {}
 
         def feedback_cb(msg) -> None:
@@ -122,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="use the ask_stream action")
     parser.add_argument("--max-new-tokens", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--wait-for-frame", type=float, default=10.0, metavar="S",
+                        help="while the camera has not delivered its first frame (node just started), "
+                             "ask again for at most S seconds (0: report it at once)")
     args, ros_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     rclpy.init(args=["ask_client", *ros_args])
     node = rclpy.create_node("ask_client")
@@ -132,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.stream:
             result, _ = client.ask_stream(
                 args.question, args.camera, args.max_new_tokens, timeout_s=args.timeout,
+                wait_for_frame_s=args.wait_for_frame,
                 on_feedback=lambda text, n: print(f"\r[{n:3d}] {text}", end="", flush=True))
             print()
             ok, answer, error, header = result.success, result.answer, result.error, result.image_header
         else:
             image = load_image(args.image) if args.image else None
-            r = client.ask(args.question, args.camera, image, args.max_new_tokens, timeout_s=args.timeout)
+            r = client.ask(args.question, args.camera, image, args.max_new_tokens, timeout_s=args.timeout,
+                           wait_for_frame_s=args.wait_for_frame)
             ok, answer, error, header = r.success, r.answer, r.error, r.image_header
         elapsed = 1000 * (time.perf_counter() - started)
         if not ok:

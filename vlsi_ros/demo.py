@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             last_scene = truth.get("seed")
             qa = pick_question(truth, asked)
             started = time.perf_counter()
-            response = client.ask(qa["question"], timeout_s=args.timeout)
+            # The ground truth of the first scene can reach this client before its image reaches
+            # the node: ask again while the node has no frame yet.
+            response = client.ask(qa["question"], timeout_s=args.timeout, wait_for_frame_s=10.0)
             ms = 1000 * (time.perf_counter() - started)
             asked += 1
             if not response.success:

@@ -21,6 +21,11 @@ class FrameError(RuntimeError):
     """No usable frame (unknown camera, none received yet, too old, undecodable)."""
 
 
+# How a refusal for "this camera has not delivered its first frame" starts. It is transient (the
+# first frame is on its way right after start-up), so clients may ask again; see AskClient.
+NO_FRAME_YET = "no frame received yet"
+
+
 @dataclass(frozen=True)
 class Frame:
     """One received frame. `stamp_s` is the capture time (seconds, the publisher's clock);
@@ -84,7 +89,7 @@ class FrameStore:
         self.check_camera(camera)
         frame = self.latest(camera)
         if frame is None:
-            raise FrameError(f"no frame received yet on camera '{camera}'")
+            raise FrameError(f"{NO_FRAME_YET} on camera '{camera}'")
         age = frame.age_s(self._clock())
         if max_age_s > 0 and age > max_age_s:
             raise FrameError(
