@@ -1,0 +1,172 @@
+"""Where a nano model loses an attribute: linear probes on its hidden states, layer by layer.
+
+    python benchmarks/probe_representations.py --model runs/nano/student/final \
+        --scenes 400 --out runs/probes/student
+
+Why: the shipped student answers "small" to every size question, yet answers shape questions
+perfectly. This tells apart the two places the failure can sit:
+
+* object probe: at each object's own image token (grid layout: one object per token), from the
+  vision tower's output (layer 0, what the language model receives) through every decoder
+  layer, can the object's shape, colour and size be read by a linear classifier?
+* question probe: at the last prompt token of "What size is the <colour> <shape>?",
+  "What shape is the <colour> object?" and "What color is the <shape>?", can the asked
+  attribute of the named object be read? This is where the answer's first token is decided.
+
+An attribute readable at the object but not at the question means the model sees it and does
+not fetch it (a lookup not learned); unreadable already at layer 0 means the vision tower
+loses it. Scenes come from the test split's seeds (never trained on); each probe is fitted on
+70% of the scenes and scored on the other 30%, so objects of one scene never sit on both sides.
+
+The probe is a multinomial logistic regression fitted by full-batch L-BFGS in torch, written
+here because scikit-learn is not a dependency of the project and the fit is ten lines.
+Output: probes.json and probes.md (held-out accuracy per layer, with the majority-class prior).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlsi_model.checkpoint import load_model_dir
+from vlsi_model.prompting import IMAGE_TOKEN, build_inputs
+from vlsi_model.scenes import Scene, SceneConfig, generate_scene, render_scene, scene_seed
+
+OBJECT_ATTRIBUTES = ("shape", "color", "size")
+QUESTIONS = {  # attribute asked -> question about one object, and whether the object qualifies
+    "size": (lambda o: f"What size is the {o.color} {o.shape}?", ("color", "shape")),
+    "shape": (lambda o: f"What shape is the {o.color} object?", ("color",)),
+    "color": (lambda o: f"What color is the {o.shape}?", ("shape",)),
+}
+
+
+def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                     num_classes: int, weight_decay: float = 1e-3) -> float:
+    """Held-out accuracy of an L2-regularised logistic regression on standardised features."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    probe = torch.nn.Linear(x_train.shape[1], num_classes)
+    opt = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(x_train), y_train)
+        loss = loss + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((probe(x_test).argmax(1) == y_test).float().mean())
+
+
+def object_token(scene: Scene, grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
+    """Index among the merged image tokens (row-major) of the token holding each object's centre.
+
+    The token grid comes from the processor (`image_grid_thw`), so a resize is accounted for."""
+    rows, cols = int(grid_thw[0, 1]) // merge_size, int(grid_thw[0, 2]) // merge_size
+    return [min(int(o.y / scene.height * rows), rows - 1) * cols + min(int(o.x / scene.width * cols), cols - 1)
+            for o in scene.objects]
+
+
+def hidden_states(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """[layer 0 (the decoder's input embeddings), layer 1, ..., layer L], each [seq, hidden]."""
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+    return [h[0].float() for h in out.hidden_states]
+
+
+def unique_objects(scene: Scene, keys: tuple[str, ...]) -> list:
+    """Objects that a question naming only `keys` (e.g. colour) refers to unambiguously."""
+    names = [tuple(getattr(o, k) for k in keys) for o in scene.objects]
+    return [o for o, name in zip(scene.objects, names, strict=True) if names.count(name) == 1]
+
+
+def collect(model_dir: Path, num_scenes: int, seed: int) -> dict:
+    """Per-layer features and labels for both probes, and the scene each row came from."""
+    model, tokenizer, processor = load_model_dir(model_dir)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = SceneConfig(layout="grid")
+    rows: dict[str, dict[str, list]] = {f"object/{a}": {"x": [], "y": [], "scene": []} for a in OBJECT_ATTRIBUTES}
+    rows.update({f"question/{a}": {"x": [], "y": [], "scene": []} for a in QUESTIONS})
+    for i in range(num_scenes):
+        scene = generate_scene(scene_seed("test", seed, i), config)
+        image = render_scene(scene)
+        # Object probe: any question works (causal attention: image tokens never see it).
+        inputs = build_inputs(tokenizer, processor, image, "What objects are there?")
+        image_positions = (inputs["input_ids"][0] == image_token_id).nonzero().flatten()
+        layers = hidden_states(model, inputs)
+        tokens = object_token(scene, inputs["image_grid_thw"], int(getattr(processor, "merge_size", 2)))
+        for obj, token in zip(scene.objects, tokens, strict=True):
+            for attribute in OBJECT_ATTRIBUTES:
+                row = rows[f"object/{attribute}"]
+                row["x"].append(torch.stack([h[image_positions[token]] for h in layers]))
+                row["y"].append(getattr(obj, attribute))
+                row["scene"].append(i)
+        for attribute, (ask, keys) in QUESTIONS.items():
+            for obj in unique_objects(scene, keys):
+                layers = hidden_states(model, build_inputs(tokenizer, processor, image, ask(obj)))
+                row = rows[f"question/{attribute}"]
+                row["x"].append(torch.stack([h[-1] for h in layers]))
+                row["y"].append(getattr(obj, attribute))
+                row["scene"].append(i)
+    return rows
+
+
+def probe_all(rows: dict, num_scenes: int, test_fraction: float = 0.3) -> dict[str, dict]:
+    """Held-out accuracy per probe and layer, split by scene."""
+    first_test_scene = int(round(num_scenes * (1 - test_fraction)))
+    results = {}
+    for name, row in rows.items():
+        x = torch.stack(row["x"])  # [n, layers, hidden]
+        classes = sorted(set(row["y"]))
+        y = torch.tensor([classes.index(v) for v in row["y"]])
+        test = torch.tensor(row["scene"]) >= first_test_scene
+        prior = float(np.bincount(y[test].numpy()).max() / int(test.sum()))
+        accuracy = [fit_linear_probe(x[~test, layer], y[~test], x[test, layer], y[test], len(classes))
+                    for layer in range(x.shape[1])]
+        results[name] = {"accuracy": accuracy, "prior": prior, "n_train": int((~test).sum()),
+                         "n_test": int(test.sum()), "classes": classes}
+    return results
+
+
+def markdown_table(model_dir: Path, results: dict[str, dict]) -> str:
+    layers = len(next(iter(results.values()))["accuracy"])
+    head = "| probe | prior | " + " | ".join(["vision (L0)"] + [f"L{i}" for i in range(1, layers)]) + " | n test |"
+    lines = [f"Linear-probe held-out accuracy, `{model_dir}`", "", head, "|" + "---|" * (layers + 3)]
+    for name, r in results.items():
+        cells = " | ".join(f"{a:.3f}" for a in r["accuracy"])
+        lines.append(f"| {name} | {r['prior']:.3f} | {cells} | {r['n_test']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a Hugging Face-layout model directory")
+    parser.add_argument("--scenes", type=int, default=400, help="test-split scenes (grid layout, 112x112)")
+    parser.add_argument("--seed", type=int, default=0, help="test-split seed")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="directory for probes.json / probes.md")
+    args = parser.parse_args(argv)
+    if args.scenes < 4:
+        parser.error("--scenes must be at least 4 (30% of the scenes are held out)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = probe_all(collect(args.model, args.scenes, args.seed), args.scenes)
+    table = markdown_table(args.model, results)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "probes.json").write_text(json.dumps({"model": str(args.model), "scenes": args.scenes,
+                                                         "probes": results}, indent=2))
+        (args.out / "probes.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
