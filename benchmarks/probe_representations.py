@@ -20,7 +20,8 @@ loses it. Scenes come from the test split's seeds (never trained on); each probe
 
 The probe is a multinomial logistic regression fitted by full-batch L-BFGS in torch, written
 here because scikit-learn is not a dependency of the project and the fit is ten lines.
-Output: probes.json and probes.md (held-out accuracy per layer, with the majority-class prior).
+Output: probes.json and probes.md (held-out accuracy per layer, with the majority-class prior,
+and the share of the features' variance between the classes: readable is not the same as loud).
 """
 
 from __future__ import annotations
@@ -118,8 +119,20 @@ def collect(model_dir: Path, num_scenes: int, seed: int) -> dict:
     return rows
 
 
+def between_class_variance_share(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of the features' total variance that lies between the classes' means.
+
+    Linear readability ignores scale (the probe standardises each feature); this says how loud
+    the attribute is next to everything else the model carries at that point."""
+    mean = x.mean(0)
+    between = sum(float((y == c).float().mean()) * float((x[y == c].mean(0) - mean).pow(2).sum())
+                  for c in y.unique())
+    total = float(x.var(0, unbiased=False).sum())
+    return between / total if total > 0 else 0.0  # identical features (e.g. a fixed prompt token's embedding)
+
+
 def probe_all(rows: dict, num_scenes: int, test_fraction: float = 0.3) -> dict[str, dict]:
-    """Held-out accuracy per probe and layer, split by scene."""
+    """Held-out accuracy and between-class variance share per probe and layer, split by scene."""
     first_test_scene = int(round(num_scenes * (1 - test_fraction)))
     results = {}
     for name, row in rows.items():
@@ -130,7 +143,8 @@ def probe_all(rows: dict, num_scenes: int, test_fraction: float = 0.3) -> dict[s
         prior = float(np.bincount(y[test].numpy()).max() / int(test.sum()))
         accuracy = [fit_linear_probe(x[~test, layer], y[~test], x[test, layer], y[test], len(classes))
                     for layer in range(x.shape[1])]
-        results[name] = {"accuracy": accuracy, "prior": prior, "n_train": int((~test).sum()),
+        share = [between_class_variance_share(x[:, layer], y) for layer in range(x.shape[1])]
+        results[name] = {"accuracy": accuracy, "variance_share": share, "prior": prior, "n_train": int((~test).sum()),
                          "n_test": int(test.sum()), "classes": classes}
     return results
 
@@ -142,6 +156,10 @@ def markdown_table(model_dir: Path, results: dict[str, dict]) -> str:
     for name, r in results.items():
         cells = " | ".join(f"{a:.3f}" for a in r["accuracy"])
         lines.append(f"| {name} | {r['prior']:.3f} | {cells} | {r['n_test']} |")
+    lines += ["", "Share of the features' variance between the classes (how loud the attribute is)", "",
+              head.replace(" prior |", "").replace(" n test |", ""), "|" + "---|" * (layers + 1)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in r["variance_share"]) + " |")
     return "\n".join(lines) + "\n"
 
 

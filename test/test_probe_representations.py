@@ -26,6 +26,15 @@ def test_linear_probe_reads_a_linear_label_and_not_a_random_one():
     assert probes.fit_linear_probe(x[:400], noise[:400], x[400:], noise[400:], 2) < 0.65
 
 
+def test_variance_share_is_one_for_pure_class_signal_and_small_for_a_faint_one():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=gen)
+    centres = torch.randn(3, 8, generator=gen)
+    assert abs(probes.between_class_variance_share(centres[y], y) - 1.0) < 1e-5
+    noisy = 0.1 * centres[y] + torch.randn(300, 8, generator=gen)
+    assert probes.between_class_variance_share(noisy, y) < 0.05
+
+
 def test_each_object_maps_to_the_token_of_its_grid_cell():
     config = SceneConfig(layout="grid")  # 112 x 112, 4 x 4 cells of 28 px = the 4 x 4 merged tokens
     grid_thw = torch.tensor([[1, 8, 8]])  # 8 x 8 patches of 14 px, merged 2 x 2
@@ -48,5 +57,7 @@ def test_probe_runs_on_a_tiny_model_and_writes_every_layer(tiny_qwen2vl_dir, tmp
     for name, result in report["probes"].items():
         assert len(result["accuracy"]) == num_layers + 1, name  # vision output + every decoder layer
         assert all(0.0 <= a <= 1.0 for a in result["accuracy"])
+        assert len(result["variance_share"]) == num_layers + 1
+        assert all(0.0 <= v <= 1.0 + 1e-6 for v in result["variance_share"])
         assert result["n_test"] > 0 and result["n_train"] > result["n_test"]
     assert "| object/size |" in (tmp_path / "probes.md").read_text()
