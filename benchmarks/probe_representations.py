@@ -9,9 +9,13 @@ perfectly. This tells apart the two places the failure can sit:
 * object probe: at each object's own image token (grid layout: one object per token), from the
   vision tower's output (layer 0, what the language model receives) through every decoder
   layer, can the object's shape, colour and size be read by a linear classifier?
-* question probe: at the last prompt token of "What size is the <colour> <shape>?",
+* question probe: at the last prompt token (the newline after `assistant`, where the answer's
+  first token is predicted) of "What size is the <colour> <shape>?",
   "What shape is the <colour> object?" and "What color is the <shape>?", can the asked
-  attribute of the named object be read? This is where the answer's first token is decided.
+  attribute of the named object be read?
+
+The last layer's states are taken after the final norm (as transformers returns them), the
+others from the residual stream.
 
 An attribute readable at the object but not at the question means the model sees it and does
 not fetch it (a lookup not learned); unreadable already at layer 0 means the vision tower
@@ -136,11 +140,14 @@ def probe_all(rows: dict, num_scenes: int, test_fraction: float = 0.3) -> dict[s
     first_test_scene = int(round(num_scenes * (1 - test_fraction)))
     results = {}
     for name, row in rows.items():
+        test = torch.tensor(row["scene"]) >= first_test_scene
+        if not row["x"] or test.all() or not test.any():
+            continue  # too few scenes for this probe (a question that no held-out scene allows)
         x = torch.stack(row["x"])  # [n, layers, hidden]
         classes = sorted(set(row["y"]))
         y = torch.tensor([classes.index(v) for v in row["y"]])
-        test = torch.tensor(row["scene"]) >= first_test_scene
-        prior = float(np.bincount(y[test].numpy()).max() / int(test.sum()))
+        # What always answering the training set's most frequent class scores on the held-out part.
+        prior = float((y[test] == int(np.bincount(y[~test].numpy()).argmax())).float().mean())
         accuracy = [fit_linear_probe(x[~test, layer], y[~test], x[test, layer], y[test], len(classes))
                     for layer in range(x.shape[1])]
         share = [between_class_variance_share(x[:, layer], y) for layer in range(x.shape[1])]
@@ -154,13 +161,20 @@ def markdown_table(model_dir: Path, results: dict[str, dict]) -> str:
     head = "| probe | prior | " + " | ".join(["vision (L0)"] + [f"L{i}" for i in range(1, layers)]) + " | n test |"
     lines = [f"Linear-probe held-out accuracy, `{model_dir}`", "", head, "|" + "---|" * (layers + 3)]
     for name, r in results.items():
-        cells = " | ".join(f"{a:.3f}" for a in r["accuracy"])
+        cells = " | ".join(_cells(name, r["accuracy"]))
         lines.append(f"| {name} | {r['prior']:.3f} | {cells} | {r['n_test']} |")
     lines += ["", "Share of the features' variance between the classes (how loud the attribute is)", "",
               head.replace(" prior |", "").replace(" n test |", ""), "|" + "---|" * (layers + 1)]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in r["variance_share"]) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cells(name, r["variance_share"])) + " |")
+    lines += ["", f"L{layers - 1} is after the model's final norm (what the LM head reads). For the question "
+              "probes the vision column is empty: there, layer 0 is the embedding of the prompt's last token, "
+              "the same for every question."]
     return "\n".join(lines) + "\n"
+
+
+def _cells(name: str, values: list[float]) -> list[str]:
+    return ["-" if name.startswith("question/") and layer == 0 else f"{v:.3f}" for layer, v in enumerate(values)]
 
 
 def main(argv: list[str] | None = None) -> int:

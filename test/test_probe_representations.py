@@ -49,6 +49,14 @@ def test_each_object_maps_to_the_token_of_its_grid_cell():
 
 
 def test_probe_runs_on_a_tiny_model_and_writes_every_layer(tiny_qwen2vl_dir, tmp_path):
+    from vlsi_model.checkpoint import load_image_processor
+    from vlsi_model.prompting import preprocess_image
+    from vlsi_model.scenes import render_scene
+
+    # The grid scenes reach the model as 8 x 8 patches = 4 x 4 merged tokens, one per grid cell.
+    _, grid_thw = preprocess_image(load_image_processor(tiny_qwen2vl_dir),
+                                   render_scene(generate_scene(0, SceneConfig(layout="grid"))))
+    assert grid_thw.tolist() == [[1, 8, 8]]
     assert probes.main(["--model", str(tiny_qwen2vl_dir), "--scenes", "10", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "probes.json").read_text())
     num_layers = json.loads((tiny_qwen2vl_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]

@@ -79,16 +79,18 @@ class AskClient:
         """Send, and send again every 0.1 s while the node refuses with "no frame received yet",
         for at most `wait_for_frame_s`. Right after start-up the camera's first frame may still be
         on its way to the node when a client (which saw the camera start) asks; every other
-        refusal is returned at once."""
+        refusal is returned at once. The last try may end up to one request later than the deadline."""
         deadline = time.monotonic() + wait_for_frame_s
         while True:
             reply = send()
             if not error_of(reply).startswith(NO_FRAME_YET) or time.monotonic() >= deadline:
                 return reply
-            if self.spin:
-                self.spin_once(0.1)
-            else:
-                time.sleep(0.1)
+            next_try = time.monotonic() + 0.1
+            while (left := next_try - time.monotonic()) > 0:
+                if self.spin:  # serve the node's other callbacks meanwhile (returns after one)
+                    self.spin_once(left)
+                else:
+                    time.sleep(left)
 
     def ask(self, question: str, camera: str = "", image: np.ndarray | None = None, max_new_tokens: int = 0,
             max_frame_age_s: float = 0.0, timeout_s: float = 60.0, wait_for_frame_s: float = 0.0) -> Ask.Response:
