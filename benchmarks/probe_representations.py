@@ -40,14 +40,10 @@ import torch
 
 from vlsi_model.checkpoint import load_model_dir
 from vlsi_model.prompting import IMAGE_TOKEN, build_inputs
-from vlsi_model.scenes import Scene, SceneConfig, generate_scene, render_scene, scene_seed
+from vlsi_model.scenes import Scene, SceneConfig, attribute_questions, generate_scene, render_scene, scene_seed
 
 OBJECT_ATTRIBUTES = ("shape", "color", "size")
-QUESTIONS = {  # attribute asked -> question about one object, and whether the object qualifies
-    "size": (lambda o: f"What size is the {o.color} {o.shape}?", ("color", "shape")),
-    "shape": (lambda o: f"What shape is the {o.color} object?", ("color",)),
-    "color": (lambda o: f"What color is the {o.shape}?", ("shape",)),
-}
+QUESTION_ATTRIBUTES = ("size", "shape", "color")  # the data's attribute questions (scenes.attribute_questions)
 
 
 def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -86,19 +82,13 @@ def hidden_states(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> li
     return [h[0].float() for h in out.hidden_states]
 
 
-def unique_objects(scene: Scene, keys: tuple[str, ...]) -> list:
-    """Objects that a question naming only `keys` (e.g. colour) refers to unambiguously."""
-    names = [tuple(getattr(o, k) for k in keys) for o in scene.objects]
-    return [o for o, name in zip(scene.objects, names, strict=True) if names.count(name) == 1]
-
-
 def collect(model_dir: Path, num_scenes: int, seed: int) -> dict:
     """Per-layer features and labels for both probes, and the scene each row came from."""
     model, tokenizer, processor = load_model_dir(model_dir)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = SceneConfig(layout="grid")
     rows: dict[str, dict[str, list]] = {f"object/{a}": {"x": [], "y": [], "scene": []} for a in OBJECT_ATTRIBUTES}
-    rows.update({f"question/{a}": {"x": [], "y": [], "scene": []} for a in QUESTIONS})
+    rows.update({f"question/{a}": {"x": [], "y": [], "scene": []} for a in QUESTION_ATTRIBUTES})
     for i in range(num_scenes):
         scene = generate_scene(scene_seed("test", seed, i), config)
         image = render_scene(scene)
@@ -113,12 +103,13 @@ def collect(model_dir: Path, num_scenes: int, seed: int) -> dict:
                 row["x"].append(torch.stack([h[image_positions[token]] for h in layers]))
                 row["y"].append(getattr(obj, attribute))
                 row["scene"].append(i)
-        for attribute, (ask, keys) in QUESTIONS.items():
-            for obj in unique_objects(scene, keys):
-                layers = hidden_states(model, build_inputs(tokenizer, processor, image, ask(obj)))
+        questions = attribute_questions(scene)
+        for attribute in QUESTION_ATTRIBUTES:
+            for qa in questions[attribute]:
+                layers = hidden_states(model, build_inputs(tokenizer, processor, image, qa.question))
                 row = rows[f"question/{attribute}"]
                 row["x"].append(torch.stack([h[-1] for h in layers]))
-                row["y"].append(getattr(obj, attribute))
+                row["y"].append(qa.answer)
                 row["scene"].append(i)
     return rows
 

@@ -517,20 +517,23 @@ def _unique_pairs(scene: Scene) -> list[SceneObject]:
     return [o for o in scene.objects if pairs[(o.shape, o.color)] == 1]
 
 
-def _ask_attribute(scene: Scene, rng: np.random.Generator) -> QA | None:
+def attribute_questions(scene: Scene) -> dict[str, list[QA]]:
+    """Every attribute question the scene allows, by the attribute asked ("color", "shape",
+    "size"), each naming its object unambiguously. The data generator draws from these; the
+    representation probe (benchmarks/probe_representations.py) asks all of them."""
     shape_n = Counter(o.shape for o in scene.objects)
     color_n = Counter(o.color for o in scene.objects)
     objs = scene.objects
-    kinds: list[list[QA]] = [
-        [QA(f"What color is the {o.shape}?", o.color, "attribute") for o in objs if shape_n[o.shape] == 1],
-        [
-            QA(f"What shape is the {o.color} object?", o.shape, "attribute")
-            for o in objs
-            if color_n[o.color] == 1
-        ],
-        [QA(f"What size is the {o.color} {o.shape}?", o.size, "attribute") for o in _unique_pairs(scene)],
-    ]
-    kinds = [k for k in kinds if k]
+    return {
+        "color": [QA(f"What color is the {o.shape}?", o.color, "attribute") for o in objs if shape_n[o.shape] == 1],
+        "shape": [QA(f"What shape is the {o.color} object?", o.shape, "attribute") for o in objs
+                  if color_n[o.color] == 1],
+        "size": [QA(f"What size is the {o.color} {o.shape}?", o.size, "attribute") for o in _unique_pairs(scene)],
+    }
+
+
+def _ask_attribute(scene: Scene, rng: np.random.Generator) -> QA | None:
+    kinds = [k for k in attribute_questions(scene).values() if k]
     return _pick(rng, _pick(rng, kinds)) if kinds else None
 
 
