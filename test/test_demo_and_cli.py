@@ -3,9 +3,13 @@ user runs them: installed executables as processes, real rclpy and Fast DDS, shi
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,3 +85,48 @@ def test_readme_documents_every_vlsi_command():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     missing = [name for name in sub.choices if not re.search(rf"^vlsi {re.escape(name)}\b", readme, re.MULTILINE)]
     assert not missing, f"README has no usage line for: {missing}"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _running(pid: int) -> bool:
+    """False once the process is gone or a zombie (reparented, maybe to a PID 1 that never reaps)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_bringup_ends_when_the_demo_is_killed_from_outside(ros_context):
+    demo = subprocess.Popen([sys.executable, str(installed_executable("demo")), "--frames", "1000", "--timeout", "300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        bringup = []
+        while not bringup and time.monotonic() < deadline and demo.poll() is None:
+            bringup = _children(demo.pid)
+            time.sleep(0.2)
+        assert bringup, "the demo did not start bringup"
+        # Let bringup get past its imports and into its executor (it answers the demo's questions).
+        for line in demo.stdout:
+            if line.startswith("question"):
+                break
+        demo.send_signal(signal.SIGKILL)  # no finally, no handler: only the kernel can tell bringup
+        demo.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _running(bringup[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(bringup[0]), "bringup kept running after the demo was killed"
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for pid in bringup:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

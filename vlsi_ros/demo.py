@@ -10,6 +10,7 @@ by its header stamp) and the latency. Exits 0 when every request was served.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -25,6 +26,8 @@ from std_msgs.msg import String
 from vlsi_model.answers import exact_match
 from vlsi_model.defaults import default_model_is_placeholder, default_model_path
 from vlsi_ros.ask_client import AskClient
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 FAMILY_ORDER = ("count", "attribute", "exist", "spatial", "compare", "caption", "describe")
 
@@ -67,11 +70,39 @@ def reference_answer(truth: dict | None, question: str) -> str | None:
     return next((qa["answer"] for qa in truth["qas"] if qa["question"] == question), None)
 
 
+def _end_with_parent() -> None:
+    """Runs in the bringup child before exec: the kernel sends it SIGTERM when the demo dies.
+
+    The child has its own session (so a terminal's Ctrl-C reaches the demo, which then stops
+    bringup in order); without this, a demo killed from outside (SIGKILL, an OOM kill, a CI
+    timeout) would leave bringup publishing and answering forever. Linux-only (prctl); where
+    prctl is missing the demo still stops bringup on every exit it gets to run code for.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def start_bringup(scene_period_s: float, extra: list[str]) -> subprocess.Popen:
     exe = Path(get_package_prefix("vlsi_ros")) / "lib" / "vlsi_ros" / "bringup"
     cmd = [sys.executable, str(exe), "--ros-args", "-p", f"image_source:scene_period_s:={scene_period_s}",
            *extra]
-    return subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+    return subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True,
+                            preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None)
+
+
+def stop_bringup(bringup: subprocess.Popen) -> None:
+    """SIGINT to bringup's process group (it shuts its nodes down in order), SIGKILL after 20 s."""
+    if bringup.poll() is not None:
+        return
+    os.killpg(bringup.pid, signal.SIGINT)
+    try:
+        bringup.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(bringup.pid, signal.SIGKILL)
+        bringup.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +180,5 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-        os.killpg(bringup.pid, signal.SIGINT)
-        try:
-            bringup.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(bringup.pid, signal.SIGKILL)
+        stop_bringup(bringup)
     return 1 if failures else 0
