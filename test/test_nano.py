@@ -103,6 +103,24 @@ def test_write_mix_reaches_the_caption_share(tmp_path):
     assert write_mix(tmp_path / "mix" / "again.json", vqa, cap, 0.5).read_text() == mix.read_text()  # seeded
 
 
+def test_prepare_data_dense_share_can_also_name_sizes(tmp_path):
+    import json
+
+    from vlsi_model.recipes.nano import prepare_data
+
+    default = prepare_data(tmp_path, 4, 3, layout="grid", families=("count",))
+    sized = prepare_data(tmp_path, 4, 3, layout="grid", families=("count",), dense_families=("caption", "describe"),
+                         mix_file="sized.json")
+    plain, both = json.loads(default.read_text()), json.loads(sized.read_text())
+    assert {r["family"] for r in plain} == {"count", "caption"}
+    assert {r["family"] for r in both} == {"count", "caption", "describe"}
+    assert len(both) == len(plain)  # the dense share is the same; only what the dense records say differs
+    describe = [r for r in both if r["family"] == "describe"]
+    assert all(any(size in r["conversations"][1]["value"] for size in ("small", "large")) for r in describe)
+    assert [r for r in both if r["family"] == "count"] == [r for r in plain if r["family"] == "count"]
+    assert all((sized.parent / r["image"]).is_file() for r in both)
+
+
 def test_freeze_vision_tower_keeps_the_merger_trainable(tokenizer):
     from vlsi_model.models import build_model, freeze_vision
 

@@ -121,25 +121,34 @@ def prepare_data(
     families: Sequence[str] = VQA_FAMILIES,
     progress: bool = False,
     layout: str = "grid",
+    dense_families: Sequence[str] = (CAPTION_FAMILY,),
+    mix_file: str = MIX_FILE,
 ) -> Path:
-    """Render out_dir/vqa (run seed `seed`) and out_dir/caption (run seed `seed + 1`: other scenes),
-    then write out_dir/train_mix.json; returns its path. Skips a part whose JSON already exists,
+    """Render out_dir/vqa (run seed `seed`) and the dense set (run seed `seed + 1`: other scenes),
+    then write out_dir/<mix_file>; returns its path. Skips a part whose JSON already exists,
     so re-running the reproduction script after a crash does not re-render everything.
 
     `layout` is the scenes' SceneConfig.layout. The nano family uses "grid" (one object per
-    28-px image token): with "random" placement the small models never learn shape on a CPU."""
-    from vlsi_model.scenes import SceneConfig, write_dataset
+    28-px image token): with "random" placement the small models never learn shape on a CPU.
+
+    `dense_families` are the whole-scene tasks that make up `caption_share` of the mix, one
+    record per family per dense image: ("caption",) (default, out_dir/caption) lists colour and
+    shape; adding "describe" also lists every object's size, a signal the caption task never
+    asks the LM to carry (out_dir/dense_caption_describe)."""
+    from vlsi_model.scenes import SceneConfig, parse_families, write_dataset
 
     out = Path(out_dir)
     scene_config = SceneConfig(layout=layout)
     vqa = out / "vqa" / "train.json"
     if not vqa.is_file():
         write_dataset(out / "vqa", num_images, seed, "train", scene_config, families=families, progress=progress)
-    cap = out / "caption" / "train.json"
-    if caption_share > 0 and not cap.is_file():
-        write_dataset(out / "caption", caption_images, seed + 1, "train", scene_config, families=[CAPTION_FAMILY],
+    dense_families = parse_families(dense_families)
+    dense_dir = out / ("caption" if dense_families == (CAPTION_FAMILY,) else "dense_" + "_".join(dense_families))
+    dense = dense_dir / "train.json"
+    if caption_share > 0 and not dense.is_file():
+        write_dataset(dense_dir, caption_images, seed + 1, "train", scene_config, families=dense_families,
                       progress=progress)
-    return write_mix(out / MIX_FILE, vqa, cap, caption_share, seed)
+    return write_mix(out / mix_file, vqa, dense, caption_share, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--layout", choices=("grid", "random"), default="grid",
                    help="object placement (default grid: one object per 28-px image token)")
+    d.add_argument("--dense-families", default=CAPTION_FAMILY,
+                   help="comma-separated whole-scene tasks of the dense share (caption; caption,describe adds sizes)")
+    d.add_argument("--mix-file", default=MIX_FILE, help="name of the mixed train JSON in --out")
     r = sub.add_parser("train", help="train from a nano recipe YAML")
     r.add_argument("--config", required=True, type=Path)
     r.add_argument("--resume", action="store_true")
@@ -463,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         print(save_nano_tokenizer(args.out))
     elif args.cmd == "data":
         print(prepare_data(args.out, args.num, args.caption_num, args.seed, args.caption_share, progress=True,
-                           layout=args.layout))
+                           layout=args.layout, dense_families=args.dense_families.split(","),
+                           mix_file=args.mix_file))
     elif args.cmd == "train":
         if args.threads:
             torch.set_num_threads(args.threads)
