@@ -121,6 +121,28 @@ def test_prepare_data_dense_share_can_also_name_sizes(tmp_path):
     assert all((sized.parent / r["image"]).is_file() for r in both)
 
 
+def test_blend_mixes_takes_as_many_records_of_each_frame_geometry(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from vlsi_model.recipes.nano import blend_mixes, prepare_data
+
+    square = prepare_data(tmp_path / "4x4", 3, 4, families=("count",))
+    camera = prepare_data(tmp_path / "4x3", 2, 2, families=("count",), size=(160, 120), grid=(4, 3))
+    first = json.loads(camera.read_text())[0]
+    assert Image.open(camera.parent / first["image"]).size == (160, 120)
+    out = blend_mixes(tmp_path / "both" / "train.json", [square, camera], seed=1)
+    both = json.loads(out.read_text())
+    sizes = [Image.open(out.parent / r["image"]).size for r in both]
+    n = len(json.loads(camera.read_text()))
+    assert len(json.loads(square.read_text())) > n  # the larger mix is the one subsampled
+    assert sizes.count((112, 112)) == sizes.count((160, 120)) == n
+    assert blend_mixes(tmp_path / "both" / "again.json", [square, camera], seed=1).read_text() == out.read_text()
+    with pytest.raises(ValueError, match="at least two"):
+        blend_mixes(tmp_path / "x.json", [square])
+
+
 def test_freeze_vision_tower_keeps_the_merger_trainable(tokenizer):
     from vlsi_model.models import build_model, freeze_vision
 

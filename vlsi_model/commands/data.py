@@ -15,7 +15,7 @@ from pathlib import Path
 from vlsi_model import scenes
 
 
-def _size(text: str, minimum: int = 16) -> tuple[int, int]:
+def parse_size(text: str, minimum: int = 16) -> tuple[int, int]:
     """'112' -> (112, 112); '640x480' -> (640, 480) as width x height."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
@@ -28,9 +28,9 @@ def _size(text: str, minimum: int = 16) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _grid(text: str) -> tuple[int, int]:
+def parse_grid(text: str) -> tuple[int, int]:
     """'4' -> (4, 4); '4x3' -> 4 columns, 3 rows."""
-    return _size(text, minimum=1)
+    return parse_size(text, minimum=1)
 
 
 def _families(text: str) -> tuple[str, ...]:
@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num", required=True, type=_non_negative, help="number of images")
     p.add_argument("--seed", type=_non_negative, default=0, help="run seed (default 0)")
     p.add_argument("--split", choices=scenes.SPLITS, default="train")
-    p.add_argument("--size", type=_size, default=(112, 112), help="N or WIDTHxHEIGHT (default 112)")
+    p.add_argument("--size", type=parse_size, default=(112, 112), help="N or WIDTHxHEIGHT (default 112)")
     p.add_argument(
         "--min-objects", type=_non_negative, default=1, help="objects per image, at least (default 1)"
     )
@@ -108,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="random",
         help="object placement: anywhere, or one object centred in each cell of --grid (the nano family's data)",
     )
-    p.add_argument("--grid", type=_grid, default=(4, 4), help="grid cells COLSxROWS for --layout grid (default 4x4)")
+    p.add_argument("--grid", type=parse_grid, default=(4, 4),
+                   help="grid cells COLSxROWS for --layout grid (default 4x4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_scenes)
 

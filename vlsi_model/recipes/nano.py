@@ -21,6 +21,8 @@ Command line (also used by scripts/train_default_student.sh):
     python -m vlsi_model.recipes.nano tokenizer --out runs/nano/tokenizer
     python -m vlsi_model.recipes.nano data --out runs/nano/data --num 6000 --caption-num 30000
     python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml [--resume] [--threads 1]
+    python -m vlsi_model.recipes.nano blend --out runs/nano/data_4x3/train_mix_both.json \
+        runs/nano/data_4x3/train_mix.json runs/nano/data/train_mix.json   # two frame geometries
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlsi_model.commands.data import parse_grid, parse_size
 from vlsi_model.fileio import replace_directory
 from vlsi_model.training.config import (
     TrainConfig,
@@ -105,11 +108,40 @@ def write_mix(
         perm = rng.permutation(len(caps))
         chosen += [caps[int(i)] for i in perm[: want - len(chosen)]]
     records = _rebase(vqa, vqa_json.parent, out_json.parent) + _rebase(chosen, caption_json.parent, out_json.parent)
+    return _write_records(out_json, records)
+
+
+def _write_records(out_json: Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    """Atomic write, one record per line (greppable; a killed run never leaves half a file)."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_json.with_name(out_json.name + ".tmp")
     tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
     os.replace(tmp, out_json)
     return out_json
+
+
+def blend_mixes(out_json: str | Path, mixes: Sequence[str | Path], seed: int = 0) -> Path:
+    """Write one LLaVA JSON with an equal number of records from each mix (the smallest mix's size).
+
+    Why: the student is trained on one frame geometry (112x112, a 4x4 grid of image tokens) and
+    miscounts on the camera's 4:3 frames (4x3 tokens); a blend of a 4x4 mix and a 4x3 mix teaches
+    both without letting the new one crowd out the old. A mix of the smallest size is taken whole,
+    in order; the others are subsampled without replacement with one seeded RNG, in the order
+    given, so the same inputs always give the same file. Image paths are rebased to out_json.
+    """
+    out_json = Path(out_json)
+    if len(mixes) < 2:
+        raise ValueError(f"blend needs at least two mixes, got {len(mixes)}")
+    loaded = [(Path(m), json.loads(Path(m).read_text())) for m in mixes]
+    n = min(len(records) for _, records in loaded)
+    if n == 0:
+        raise ValueError(f"empty mix: {next(str(m) for m, r in loaded if not r)}")
+    rng = np.random.default_rng(seed)
+    blended: list[dict[str, Any]] = []
+    for path, records in loaded:
+        part = records if len(records) == n else [records[int(i)] for i in rng.permutation(len(records))[:n]]
+        blended += _rebase(part, path.parent, out_json.parent)
+    return _write_records(out_json, blended)
 
 
 def prepare_data(
@@ -123,6 +155,8 @@ def prepare_data(
     layout: str = "grid",
     dense_families: Sequence[str] = (CAPTION_FAMILY,),
     mix_file: str = MIX_FILE,
+    size: tuple[int, int] = (112, 112),
+    grid: tuple[int, int] = (4, 4),
 ) -> Path:
     """Render out_dir/vqa (run seed `seed`) and the dense set (run seed `seed + 1`: other scenes),
     then write out_dir/<mix_file>; returns its path. Skips a part whose JSON already exists,
@@ -134,11 +168,15 @@ def prepare_data(
     `dense_families` are the whole-scene tasks that make up `caption_share` of the mix, one
     record per family per dense image: ("caption",) (default, out_dir/caption) lists colour and
     shape; adding "describe" also lists every object's size, a signal the caption task never
-    asks the LM to carry (out_dir/dense_caption_describe)."""
+    asks the LM to carry (out_dir/dense_caption_describe).
+
+    `size` (width, height) and `grid` (columns, rows) set the frames: the default 112x112 4x4 grid is
+    one object per image token; 640x480 with a 4x3 grid is the synthetic camera's frame, which the
+    processor turns into 4x3 tokens (see `blend_mixes`)."""
     from vlsi_model.scenes import SceneConfig, parse_families, write_dataset
 
     out = Path(out_dir)
-    scene_config = SceneConfig(layout=layout)
+    scene_config = SceneConfig(layout=layout, width=size[0], height=size[1], grid=grid)
     vqa = out / "vqa" / "train.json"
     if not vqa.is_file():
         write_dataset(out / "vqa", num_images, seed, "train", scene_config, families=families, progress=progress)
@@ -450,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dense-families", default=CAPTION_FAMILY,
                    help="comma-separated whole-scene tasks of the dense share (caption; caption,describe adds sizes)")
     d.add_argument("--mix-file", default=MIX_FILE, help="name of the mixed train JSON in --out")
+    d.add_argument("--size", type=parse_size, default=(112, 112), help="frame WIDTHxHEIGHT (default 112x112)")
+    d.add_argument("--grid", type=parse_grid, default=(4, 4), help="grid COLSxROWS of the grid layout (default 4x4)")
+    b = sub.add_parser("blend", help="one train JSON with as many records from each mix (e.g. 4x4 and 4x3 grids)")
+    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("mixes", nargs="+", type=Path)
+    b.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("train", help="train from a nano recipe YAML")
     r.add_argument("--config", required=True, type=Path)
     r.add_argument("--resume", action="store_true")
@@ -476,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "data":
         print(prepare_data(args.out, args.num, args.caption_num, args.seed, args.caption_share, progress=True,
                            layout=args.layout, dense_families=args.dense_families.split(","),
-                           mix_file=args.mix_file))
+                           mix_file=args.mix_file, size=args.size, grid=args.grid))
+    elif args.cmd == "blend":
+        print(blend_mixes(args.out, args.mixes, args.seed))
     elif args.cmd == "train":
         if args.threads:
             torch.set_num_threads(args.threads)
