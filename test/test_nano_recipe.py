@@ -61,8 +61,11 @@ def test_train_export_eval_ship(tmp_path, tiny_tokenizer):
     results = write_results(evaluate(final, test), tmp_path / "results.json")
     dest = tmp_path / "pkg" / "default_student"
     assert recipe_main(["ship", "--model", str(final), "--results", str(results), "--metrics",
-                        str(tmp_path / "run" / "metrics.jsonl"), "--config", str(cfg_path), "--dest", str(dest)]) == 0
+                        str(tmp_path / "run" / "metrics.jsonl"), "--config", str(cfg_path), "--dest", str(dest),
+                        "--camera-results", str(results)]) == 0
     card = (dest / "README.md").read_text()
+    assert "On the synthetic camera's frames" in card
+    assert "predictions" not in json.loads((dest / "camera_results.json").read_text())
     assert "| exist |" in card and "2 steps" in card and "vision encoder stays at its random" in card
     assert (dest / "config.json").is_file() and (dest / "tokenizer.json").is_file()
     assert "predictions" not in json.loads((dest / "test_results.json").read_text())
@@ -93,6 +96,34 @@ def test_model_card_of_a_distilled_student(tmp_path, tiny_qwen2vl_dir):
     assert "sft 2.0 min" in flat and "loss 0.2500" in flat and "accuracy 0.875" in flat
     assert "| count | 4 | 0.500 |" in card
     assert "vlsi distill --config configs/nano/distill_student.yaml" in card  # the reproduction, distill included
+
+
+def test_model_card_of_a_student_trained_in_two_stages(tmp_path, tiny_qwen2vl_dir):
+    """A second-stage student's card says where each stage started and on what data, and adds
+    the table of the camera's frames next to the test split's."""
+    from vlsi_model.recipes.nano import model_card
+
+    first, second = tmp_path / "student.yaml", tmp_path / "student_grids.yaml"
+    first.write_text(yaml.safe_dump({"nano": {"freeze_vision_tower": True, "freeze_vision_merger": True}}))
+    second.write_text(yaml.safe_dump({
+        "model": {"path": "runs/nano/student/final"}, "data": {"train": "runs/nano/data_4x3/train_mix_both.json"},
+        "nano": {"freeze_vision_tower": True, "freeze_vision_merger": True},
+        "train": {"per_device_batch_size": 32, "lr": 3e-4, "min_lr_ratio": 0.1, "warmup_steps": 50}}))
+    (tmp_path / "m1.jsonl").write_text(json.dumps({"step": 12000, "loss": 0.2, "token_acc": 0.9}) + "\n")
+    (tmp_path / "m2.jsonl").write_text(json.dumps({"step": 1500, "loss": 0.1, "token_acc": 0.95}) + "\n")
+
+    def results(acc: float) -> dict:
+        return {"families": {"count": {"n": 4, "accuracy": acc, "prior": 0.25, "majority_answer": "1"}},
+                "overall": {"n": 4, "accuracy": acc}}
+
+    card = model_card(Path(tiny_qwen2vl_dir), results(0.5), tmp_path / "m2.jsonl", second,
+                      earlier_stages=[(tmp_path / "m1.jsonl", first)], camera_results=results(0.75))
+    flat = " ".join(card.split())
+    assert flat.index("12000 steps of batch 32") < flat.index("1500 more steps from `runs/nano/student/final`")
+    assert "train_mix_both.json" in flat and "lr 0.0003" in flat and "cosine to 3e-05" in flat
+    assert "| count | 4 | 0.500 |" in card and "| count | 4 | 0.750 |" in card
+    assert card.index("| count | 4 | 0.500 |") < card.index("On the synthetic camera's frames") < card.index("0.750")
+    assert "--config configs/nano/student_grids.yaml" in card  # the reproduction includes the second stage
 
 
 def test_freezing_the_merger_alone_is_refused(tmp_path):

@@ -299,10 +299,21 @@ nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student.
 """
 MODEL_CARD_COMMANDS = ("scripts/train_default_student.sh        # all of the below, resumable\n"
                        + _MODEL_CARD_STUDENT_COMMANDS + """\
-vlsi eval --model runs/nano/student/final --data runs/nano/test/test.json --out runs/nano/student/test_results.json \\
-    --max-samples 1400
-python -m vlsi_model.recipes.nano ship --model runs/nano/student/final --results runs/nano/student/test_results.json \\
-    --metrics runs/nano/student/metrics.jsonl --config configs/nano/student.yaml \\
+python -m vlsi_model.recipes.nano data --out runs/nano/data_4x3 --num 4000 --caption-num 10000 --seed 10 \\
+    --size 640x480 --grid 4x3
+python -m vlsi_model.recipes.nano blend --out runs/nano/data_4x3/train_mix_both.json \\
+    runs/nano/data_4x3/train_mix.json runs/nano/data/train_mix.json
+nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student_grids.yaml --threads 1 --resume
+vlsi data scenes --out runs/nano/test_camera --num 600 --split test --size 640x480 --layout grid --grid 4x3 \\
+    --families attribute,count,exist,spatial,compare,caption
+vlsi eval --model runs/nano/student_grids/final --data runs/nano/test/test.json \\
+    --out runs/nano/student_grids/test_results.json --max-samples 1400
+vlsi eval --model runs/nano/student_grids/final --data runs/nano/test_camera/test.json \\
+    --out runs/nano/student_grids/camera_results.json --max-samples 1400
+python -m vlsi_model.recipes.nano ship --model runs/nano/student_grids/final \\
+    --results runs/nano/student_grids/test_results.json --camera-results runs/nano/student_grids/camera_results.json \\
+    --earlier-stage runs/nano/student/metrics.jsonl configs/nano/student.yaml \\
+    --metrics runs/nano/student_grids/metrics.jsonl --config configs/nano/student_grids.yaml \\
     --dest vlsi_model/assets/default_student --notes "$(cat configs/nano/student_card_notes.md)"
 """)
 # The reproduction of a VLsI-distilled default (DISTILL=1 in the script).
@@ -328,23 +339,35 @@ def _last_metrics(metrics: Path) -> dict[str, Any]:
     return last
 
 
+def _frozen_text(nano: Mapping[str, Any]) -> str:
+    if nano.get("freeze_vision_merger") and nano.get("freeze_vision_tower"):
+        return ("the whole vision encoder, merger included, stays at its random initialisation "
+                "(nano.freeze_vision_tower + nano.freeze_vision_merger); only the language model trains")
+    if nano.get("freeze_vision_tower"):
+        return ("the vision encoder stays at its random initialisation (nano.freeze_vision_tower), only its "
+                "merger and the language model train")
+    return "every weight trains"
+
+
 def _sft_training_section(metrics: Path, config: Path) -> str:
-    """Model-card bullets for a student trained by this recipe (nano SFT from scratch)."""
+    """Model-card bullets for a student trained by this recipe: from scratch, or (a config with
+    `model.path`) a further stage from an earlier model."""
     cfg = load_yaml_config(config)
     last = _last_metrics(metrics)
     wall = last.get("elapsed_s")
     wall_text = f"{wall / 60:.1f} min" if isinstance(wall, (int, float)) else "?"
     loss, token_acc = float(last.get("loss", float("nan"))), float(last.get("token_acc", float("nan")))
-    nano = cfg.get("nano", {})
-    if nano.get("freeze_vision_merger") and nano.get("freeze_vision_tower"):
-        frozen_text = ("the whole vision encoder, merger included, stays at its random initialisation "
-                       "(nano.freeze_vision_tower + nano.freeze_vision_merger); only the language model trains")
-    elif nano.get("freeze_vision_tower"):
-        frozen_text = ("the vision encoder stays at its random initialisation (nano.freeze_vision_tower), only its "
-                       "merger and the language model train")
-    else:
-        frozen_text = "every weight trains"
+    frozen_text = _frozen_text(cfg.get("nano", {}))
     steps = last.get("step", "?")
+    start = cfg.get("model", {}).get("path")
+    if start:
+        train = cfg.get("train", {})
+        lr = float(train.get("lr", float("nan")))
+        min_lr = lr * float(train.get("min_lr_ratio", 0.1))
+        return f"""- Then `{config}`: {steps} more steps from `{start}` (the model above) on
+  `{cfg.get("data", {}).get("train")}`, batch {train.get("per_device_batch_size", "?")}, AdamW lr {lr:g}
+  ({train.get("warmup_steps", "?")} warmup steps, cosine to {min_lr:g}); {frozen_text}. Wall time: {wall_text}
+  on a shared 2-core CPU. Final training loss: {loss:.4f}, response-token accuracy {token_acc:.3f}."""
     return f"""- Recipe: `{config}` (`vlsi_model/recipes/nano.py`): {steps} steps of batch 32, AdamW lr 1e-3
   (50 warmup steps, cosine to 1e-4), betas (0.9, 0.98), wd 0.01, clip 1.0, fp32; 50% of the training
   records are the dense caption task "What objects are there?" (shared/NANO_NOTES.md: VQA alone stays
@@ -380,12 +403,17 @@ lr {train.get("lr", "?")}, full fine-tuning (no LoRA at this size). Config: `{co
   {loss_3:.4f}, response-token accuracy {acc_3:.3f}."""
 
 
-def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, config: Path, notes: str = "") -> str:
+def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, config: Path, notes: str = "",
+               earlier_stages: Sequence[tuple[Path, Path]] = (),
+               camera_results: Mapping[str, Any] | None = None) -> str:
     """README.md of a shipped student: what it is, its test accuracy per family against the
     answer prior, how it was trained (exact commands), and what it cannot do.
 
     `config` is the nano recipe YAML of an SFT-trained student, or the `distill_config.yaml`
-    of a VLsI-distilled one (recognised by its `teacher:` section; `metrics` is then unused)."""
+    of a VLsI-distilled one (recognised by its `teacher:` section; `metrics` is then unused).
+    `earlier_stages` are the (metrics.jsonl, config) pairs of the runs before this one, in training
+    order (a model trained in stages); `camera_results` (`vlsi eval` on the synthetic camera's
+    640x480 4x3-grid frames) adds a table for the frames the ROS demo really sends."""
     from safetensors import safe_open
 
     from vlsi_model.evaluation import format_question_type_table, format_table
@@ -399,7 +427,16 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
     model_cfg = json.loads((model_dir / "config.json").read_text())
     text, vision = model_cfg.get("text_config", model_cfg), model_cfg["vision_config"]
     how = "pretrained from scratch, then VLsI-distilled from a larger teacher," if distilled else "trained from scratch"
-    training = _distill_training_section(config) if distilled else _sft_training_section(metrics, config)
+    this_stage = _distill_training_section(config) if distilled else _sft_training_section(metrics, config)
+    training = "\n".join([_sft_training_section(Path(m), Path(c)) for m, c in earlier_stages] + [this_stage])
+    camera = "" if camera_results is None else f"""
+## On the synthetic camera's frames
+
+The same questions asked about 640x480 frames with the objects on a 4x3 grid (the `image_source`
+node's default; the processor turns them into 112x84 = 4x3 image tokens), test seeds:
+
+{format_table(camera_results)}
+"""
     return f"""# nano student: the default model of vlsi_ros
 
 A {tensors / 1e6:.2f}M-parameter Qwen2-VL (text {text['hidden_size']} x {text['num_hidden_layers']} layers,
@@ -425,7 +462,7 @@ Per question template ("top predictions": the model's most frequent answers; one
 question means the template is not learned, whatever the accuracy):
 
 {format_question_type_table(results)}
-
+{camera}
 {notes}
 
 ## Training
@@ -440,7 +477,8 @@ question means the template is not learned, whatever the accuracy):
 
 
 def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str | Path, config: str | Path,
-                 dest: str | Path, notes: str = "") -> Path:
+                 dest: str | Path, notes: str = "", earlier_stages: Sequence[tuple[Path, Path]] = (),
+                 camera_results_file: str | Path | None = None) -> Path:
     """Copy a trained model directory into the package with its model card and test results.
 
     Copied into a temporary sibling and renamed into place, so `defaults.py` never sees a
@@ -459,7 +497,12 @@ def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str |
                 shutil.copy2(f, tmp / f.name)
         summary = {k: v for k, v in results.items() if k != "predictions"}
         (tmp / "test_results.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (tmp / "README.md").write_text(model_card(model_dir, results, Path(metrics), Path(config), notes))
+        camera = None if camera_results_file is None else json.loads(Path(camera_results_file).read_text())
+        if camera is not None:
+            summary = {k: v for k, v in camera.items() if k != "predictions"}
+            (tmp / "camera_results.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / "README.md").write_text(model_card(model_dir, results, Path(metrics), Path(config), notes,
+                                                  earlier_stages, camera))
         # mkdtemp makes 0700 directories: package data must be readable by every user of an install.
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
@@ -511,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", required=True, type=Path)
     s.add_argument("--dest", required=True, type=Path)
     s.add_argument("--notes", default="", help="extra markdown for the model card")
+    s.add_argument("--earlier-stage", nargs=2, action="append", default=[], type=Path, metavar=("METRICS", "CONFIG"),
+                   help="metrics.jsonl and config of a run before --config's (repeat, in training order)")
+    s.add_argument("--camera-results", type=Path, default=None,
+                   help="vlsi eval --out JSON on the camera's 640x480 4x3-grid test frames (a second table)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.cmd == "tokenizer":
@@ -529,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_nano(args.config, resume=args.resume, force_resume=args.force_resume)
         print(json.dumps({"steps": result.steps, "final_loss": result.final_loss}))
     elif args.cmd == "ship":
-        print(ship_student(args.model, args.results, args.metrics, args.config, args.dest, args.notes))
+        print(ship_student(args.model, args.results, args.metrics, args.config, args.dest, args.notes,
+                           [tuple(stage) for stage in args.earlier_stage], args.camera_results))
     else:
         print(export_checkpoint(args.config, args.checkpoint, args.out))
     return 0
