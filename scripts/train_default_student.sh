@@ -8,7 +8,8 @@
 # Every stage is resumable: re-running after a stop skips what is done (data, tokenizer, models)
 # and continues training from the newest checkpoint. Wall time on a 2-core CPU with free cores:
 # ~1 min data, student ~0.3 s/step (12000 steps ~62 min), second stage ~3 min data + ~11 min,
-# teacher ~1.2 s/step (2000 steps ~40 min), distillation ~6 min (see the model card for the run that produced the shipped model). Steps:
+# teacher ~1.2 s/step (2000 steps ~40 min), distillation ~6 min (see the model card for the run
+# that produced the shipped model). Steps:
 #   1. family tokenizer (BPE on the train-scene corpus, Qwen2-VL specials)
 #   2. train data: 8000 VQA images (5 families) + 20000 caption images, mixed 50/50
 #   3. test split: 600 images from test seeds (disjoint from every train seed); all scenes use the
@@ -18,7 +19,7 @@
 #   4b. second stage (configs/nano/student_grids.yaml): 1500 steps from that student on a 50/50 blend of
 #      its data and the synthetic camera's 640x480 frames with a 4x3 grid (4x3 image tokens; the
 #      4x4-only student miscounts them), eval on both test splits (112x112 4x4, and 640x480 4x3)
-#   5. DISTILL=1 only: the teacher (configs/nano/teacher.yaml), then VLsI from the student
+#   5. DISTILL=1 only: the teacher (configs/nano/teacher.yaml), then VLsI from the step-4 student
 #      (configs/nano/distill_student.yaml: the study's vlsi_full row, seed 0), eval. Not the default:
 #      with this teacher (0.509) and the former 3000-step student (0.522) the distilled student scored
 #      0.528 but lost real skills (counting, captions); the 12000-step student (0.787) is far above
