@@ -124,6 +124,7 @@ def test_model_card_of_a_student_trained_in_two_stages(tmp_path, tiny_qwen2vl_di
     assert "| count | 4 | 0.500 |" in card and "| count | 4 | 0.750 |" in card
     assert card.index("| count | 4 | 0.500 |") < card.index("On the synthetic camera's frames") < card.index("0.750")
     assert "--config configs/nano/student_grids.yaml" in card  # the reproduction includes the second stage
+    assert "its last stage also on the synthetic camera's 640x480 frames" in flat
 
 
 def test_freezing_the_merger_alone_is_refused(tmp_path):

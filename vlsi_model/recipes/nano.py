@@ -429,6 +429,8 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
     how = "pretrained from scratch, then VLsI-distilled from a larger teacher," if distilled else "trained from scratch"
     this_stage = _distill_training_section(config) if distilled else _sft_training_section(metrics, config)
     training = "\n".join([_sft_training_section(Path(m), Path(c)) for m, c in earlier_stages] + [this_stage])
+    camera_intro = "" if camera_results is None else (
+        ";\nits last stage also on the synthetic camera's 640x480 frames with a 4x3 grid (4x3 image tokens)")
     camera = "" if camera_results is None else f"""
 ## On the synthetic camera's frames
 
@@ -442,7 +444,7 @@ node's default; the processor turns them into 112x84 = 4x3 image tokens), test s
 A {tensors / 1e6:.2f}M-parameter Qwen2-VL (text {text['hidden_size']} x {text['num_hidden_layers']} layers,
 vision {vision['depth']} x {vision['embed_dim']}; {size_mb:.1f} MB of float32 safetensors) {how}
 on the project's synthetic scenes (1-5 objects: circle/square/triangle, 5 colours, 2 sizes, 112x112,
-one object per cell of a 4x4 grid, i.e. per image token: `SceneConfig(layout="grid")`).
+one object per cell of a 4x4 grid, i.e. per image token: `SceneConfig(layout="grid")`){camera_intro}.
 It is what `vlsi ask`, the ROS node and every backend use when no model is given, so the whole
 pipeline runs on a laptop CPU with answers that are better than chance on scenes of that kind.
 It knows nothing about real images: for a robot, distill your own student (`vlsi distill`).
