@@ -478,6 +478,12 @@ question means the template is not learned, whatever the accuracy):
 """
 
 
+def _write_summary(path: Path, results: Mapping[str, Any]) -> None:
+    """`vlsi eval` results without the per-question predictions (the package keeps the tables)."""
+    summary = {k: v for k, v in results.items() if k != "predictions"}
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+
+
 def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str | Path, config: str | Path,
                  dest: str | Path, notes: str = "", earlier_stages: Sequence[tuple[Path, Path]] = (),
                  camera_results_file: str | Path | None = None) -> Path:
@@ -497,12 +503,10 @@ def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str |
         for f in model_dir.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        summary = {k: v for k, v in results.items() if k != "predictions"}
-        (tmp / "test_results.json").write_text(json.dumps(summary, indent=1) + "\n")
+        _write_summary(tmp / "test_results.json", results)
         camera = None if camera_results_file is None else json.loads(Path(camera_results_file).read_text())
         if camera is not None:
-            summary = {k: v for k, v in camera.items() if k != "predictions"}
-            (tmp / "camera_results.json").write_text(json.dumps(summary, indent=1) + "\n")
+            _write_summary(tmp / "camera_results.json", camera)
         (tmp / "README.md").write_text(model_card(model_dir, results, Path(metrics), Path(config), notes,
                                                   earlier_stages, camera))
         # mkdtemp makes 0700 directories: package data must be readable by every user of an install.
@@ -568,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         print(save_nano_tokenizer(args.out))
     elif args.cmd == "data":
         print(prepare_data(args.out, args.num, args.caption_num, args.seed, args.caption_share, progress=True,
-                           layout=args.layout, dense_families=args.dense_families.split(","),
+                           layout=args.layout, dense_families=args.dense_families,
                            mix_file=args.mix_file, size=args.size, grid=args.grid))
     elif args.cmd == "blend":
         print(blend_mixes(args.out, args.mixes, args.seed))
