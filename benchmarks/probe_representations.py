@@ -8,7 +8,8 @@ perfectly. This tells apart the two places the failure can sit:
 
 * object probe: at each object's own image token (grid layout: one object per token), from the
   vision tower's output (layer 0, what the language model receives) through every decoder
-  layer, can the object's shape, colour and size be read by a linear classifier?
+  layer, can the object's shape, colour and size be read by a linear classifier? And its column
+  and row in the token grid, which the spatial questions need?
 * question probe: at the last prompt token (the newline after `assistant`, where the answer's
   first token is predicted) of "What size is the <colour> <shape>?",
   "What shape is the <colour> object?" and "What color is the <shape>?", can the asked
@@ -43,6 +44,11 @@ from vlsi_model.prompting import IMAGE_TOKEN, build_inputs
 from vlsi_model.scenes import Scene, SceneConfig, attribute_questions, generate_scene, render_scene, scene_seed
 
 OBJECT_ATTRIBUTES = ("shape", "color", "size")
+# Where the object is: the column and row of its image token in the merged token grid. The spatial
+# questions ("Is the red circle left of the blue square?") need them, and nothing in Qwen2-VL adds an
+# absolute position to a token's features (2D RoPE in the vision tower, M-RoPE in the LM rotate
+# queries and keys only), so whether they are readable is an open question per model.
+OBJECT_POSITIONS = ("column", "row")
 QUESTION_ATTRIBUTES = ("size", "shape", "color")  # the data's attribute questions (scenes.attribute_questions)
 
 
@@ -87,7 +93,8 @@ def collect(model_dir: Path, num_scenes: int, seed: int) -> dict:
     model, tokenizer, processor = load_model_dir(model_dir)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = SceneConfig(layout="grid")
-    rows: dict[str, dict[str, list]] = {f"object/{a}": {"x": [], "y": [], "scene": []} for a in OBJECT_ATTRIBUTES}
+    rows: dict[str, dict[str, list]] = {f"object/{a}": {"x": [], "y": [], "scene": []}
+                                        for a in OBJECT_ATTRIBUTES + OBJECT_POSITIONS}
     rows.update({f"question/{a}": {"x": [], "y": [], "scene": []} for a in QUESTION_ATTRIBUTES})
     for i in range(num_scenes):
         scene = generate_scene(scene_seed("test", seed, i), config)
@@ -96,12 +103,15 @@ def collect(model_dir: Path, num_scenes: int, seed: int) -> dict:
         inputs = build_inputs(tokenizer, processor, image, "What objects are there?")
         image_positions = (inputs["input_ids"][0] == image_token_id).nonzero().flatten()
         layers = hidden_states(model, inputs)
-        tokens = object_token(scene, inputs["image_grid_thw"], int(getattr(processor, "merge_size", 2)))
-        for obj, token in zip(scene.objects, tokens, strict=True):
-            for attribute in OBJECT_ATTRIBUTES:
+        merge_size = int(getattr(processor, "merge_size", 2))
+        cols = int(inputs["image_grid_thw"][0, 2]) // merge_size
+        for obj, token in zip(scene.objects, object_token(scene, inputs["image_grid_thw"], merge_size), strict=True):
+            features = torch.stack([h[image_positions[token]] for h in layers])
+            labels = {a: getattr(obj, a) for a in OBJECT_ATTRIBUTES} | {"column": token % cols, "row": token // cols}
+            for attribute, label in labels.items():
                 row = rows[f"object/{attribute}"]
-                row["x"].append(torch.stack([h[image_positions[token]] for h in layers]))
-                row["y"].append(getattr(obj, attribute))
+                row["x"].append(features)
+                row["y"].append(label)
                 row["scene"].append(i)
         questions = attribute_questions(scene)
         for attribute in QUESTION_ATTRIBUTES:

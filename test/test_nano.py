@@ -86,6 +86,31 @@ def test_student_config_matches_the_recipe_yaml(tokenizer):
     assert teacher["model"]["from_config"]["architecture"] == NANO_TEACHER_ARCH
 
 
+def test_grown_teacher_of_the_reproduction_script_is_the_family_teacher_size(tokenizer):
+    """scripts/train_default_student.sh grows the student to NANO_TEACHER_ARCH's language model, into the
+    directory configs/nano/teacher_grown.yaml trains from; the result is in the teacher's parameter range."""
+    import re
+    from pathlib import Path
+
+    from vlsi_model.growth import GrowthPlan, grow_language_model
+    from vlsi_model.models import build_model
+    from vlsi_model.nano import NANO_TEACHER_ARCH
+    from vlsi_model.recipes.nano import load_nano_config
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (repo / "scripts" / "train_default_student.sh").read_text()
+    grow = re.search(r"recipes\.nano grow (.*?--intermediate-size \d+)", script, re.S).group(1)
+    sizes = {flag.replace("-", "_"): int(value) for flag, value in re.findall(r"--([a-z-]+) (\d+)", grow)}
+    assert sizes == {"num_layers": 8, **{k: NANO_TEACHER_ARCH[k] for k in
+                                         ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}}
+    assert NANO_TEACHER_ARCH["num_layers"] == sizes["num_layers"]
+    assert '--out "$TEACHER/init"' in grow
+    assert str(load_nano_config(repo / "configs" / "nano" / "teacher_grown.yaml").model.path) == \
+        "runs/nano/teacher_grown/init"
+    grown = grow_language_model(build_model(nano_student_config(tokenizer)), GrowthPlan(**sizes))
+    assert TEACHER_PARAM_RANGE[0] <= sum(p.numel() for p in grown.parameters()) <= TEACHER_PARAM_RANGE[1]
+
+
 def test_write_mix_reaches_the_caption_share(tmp_path):
     import json
 

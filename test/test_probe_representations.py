@@ -60,8 +60,9 @@ def test_probe_runs_on_a_tiny_model_and_writes_every_layer(tiny_qwen2vl_dir, tmp
     assert probes.main(["--model", str(tiny_qwen2vl_dir), "--scenes", "10", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "probes.json").read_text())
     num_layers = json.loads((tiny_qwen2vl_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
-    assert set(report["probes"]) == {"object/shape", "object/color", "object/size",
+    assert set(report["probes"]) == {"object/shape", "object/color", "object/size", "object/column", "object/row",
                                      "question/size", "question/shape", "question/color"}
+    assert report["probes"]["object/column"]["classes"] == [0, 1, 2, 3]  # the 4 x 4 token grid
     for name, result in report["probes"].items():
         assert len(result["accuracy"]) == num_layers + 1, name  # vision output + every decoder layer
         assert all(0.0 <= a <= 1.0 for a in result["accuracy"])

@@ -85,8 +85,9 @@ def test_shipped_distill_config_is_the_study_full_row():
     from vlsi_model.distill.pipeline import load_distill_config
 
     a = vlsi_study.StudyArgs(
-        out=Path("unused"), teacher=Path("runs/nano/teacher/final"), train_data=Path("runs/nano/data/train_mix.json"),
-        test_data=Path("unused"), student_init="runs/nano/student/final", seeds=[0], budget=400,
+        out=Path("unused"), teacher=Path("runs/nano/teacher_grown/final"),
+        train_data=Path("runs/nano/data_teacher/train_mix_teacher.json"), test_data=Path("unused"),
+        student_init="runs/nano/student_grids/final", seeds=[0], budget=400,
         interact_fraction=0.5, verbalize_steps=200, batch_size=32, lr=5e-4, max_length=128, eval_samples=1400,
         student_targets=vlsi_study.NANO_STUDENT_TARGETS, teacher_targets=vlsi_study.NANO_TEACHER_TARGETS,
         lora=vlsi_study.NANO_LORA)

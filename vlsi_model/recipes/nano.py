@@ -23,6 +23,9 @@ Command line (also used by scripts/train_default_student.sh):
     python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml [--resume] [--threads 1]
     python -m vlsi_model.recipes.nano blend --out runs/nano/data_4x3/train_mix_both.json \
         runs/nano/data_4x3/train_mix.json runs/nano/data/train_mix.json   # two frame geometries
+    python -m vlsi_model.recipes.nano grow --model runs/nano/student_grids/final \
+        --out runs/nano/teacher_grown/init --num-layers 8 --hidden-size 256 --num-heads 8 \
+        --num-kv-heads 4 --intermediate-size 1024        # a teacher that starts as the student
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 
 from vlsi_model.commands.data import parse_grid, parse_size
 from vlsi_model.fileio import replace_directory
+from vlsi_model.growth import GrowthPlan, grow_model_dir
 from vlsi_model.training.config import (
     TrainConfig,
     dataclass_from_dict,
@@ -543,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True, type=Path)
     b.add_argument("mixes", nargs="+", type=Path)
     b.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("grow", help="a deeper/wider model computing the same function as a trained one (a teacher)")
+    g.add_argument("--model", required=True, type=Path, help="trained model directory to grow")
+    g.add_argument("--out", required=True, type=Path)
+    for size in ("num-layers", "hidden-size", "num-heads", "num-kv-heads", "intermediate-size"):
+        g.add_argument(f"--{size}", type=int, default=None, help="target size (default: keep)")
+    g.add_argument("--seed", type=int, default=0, help="init of the new weights")
     r = sub.add_parser("train", help="train from a nano recipe YAML")
     r.add_argument("--config", required=True, type=Path)
     r.add_argument("--resume", action="store_true")
@@ -576,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
                            mix_file=args.mix_file, size=args.size, grid=args.grid))
     elif args.cmd == "blend":
         print(blend_mixes(args.out, args.mixes, args.seed))
+    elif args.cmd == "grow":
+        plan = GrowthPlan(args.num_layers, args.hidden_size, args.num_heads, args.num_kv_heads, args.intermediate_size)
+        print(grow_model_dir(args.model, args.out, plan, args.seed))
     elif args.cmd == "train":
         if args.threads:
             torch.set_num_threads(args.threads)
