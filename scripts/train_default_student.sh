@@ -23,7 +23,8 @@
 #      on a blend of the describe mix and the 4b mix (configs/nano/teacher_grown.yaml, 2 threads ~53 min;
 #      0.820 vs the student's 0.801), then VLsI from the 4b student (configs/nano/distill_student.yaml: the
 #      study's vlsi_full row, seed 0), eval. Not the default: in the study (3 seeds) VLsI from this teacher
-#      ended at 0.782 +- 0.002, below the student it starts from and level with SFT (README, study section)
+#      ended at 0.782 +- 0.002 (lr 1e-4: 0.787 +- 0.004), below the student it starts from (0.801) and
+#      level with SFT (README, study section)
 #   6. the model of step 4b (or 5 with DISTILL=1) + its model card are copied into the package
 set -euo pipefail
 cd "$(dirname "$0")/.."

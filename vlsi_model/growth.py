@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from vlsi_model.checkpoint import load_model_dir
 from vlsi_model.models import build_model, save_model_dir
 
 
@@ -161,8 +162,6 @@ def grow_model_dir(model_dir: str | Path, out_dir: str | Path, plan: GrowthPlan,
 
     The metadata records the source and the plan, so a teacher grown from a student says so.
     """
-    from vlsi_model.checkpoint import load_model_dir
-
     model, tokenizer, image_processor = load_model_dir(model_dir)
     grown = grow_language_model(model, plan, seed=seed)
     return save_model_dir(grown, tokenizer, image_processor, out_dir, overwrite=True,

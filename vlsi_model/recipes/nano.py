@@ -550,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("grow", help="a deeper/wider model computing the same function as a trained one (a teacher)")
     g.add_argument("--model", required=True, type=Path, help="trained model directory to grow")
     g.add_argument("--out", required=True, type=Path)
-    for size in ("num-layers", "hidden-size", "num-heads", "num-kv-heads", "intermediate-size"):
-        g.add_argument(f"--{size}", type=int, default=None, help="target size (default: keep)")
+    for size in dataclasses.fields(GrowthPlan):  # --num-layers ... --intermediate-size
+        g.add_argument(f"--{size.name.replace('_', '-')}", type=int, default=None, help="target size (default: keep)")
     g.add_argument("--seed", type=int, default=0, help="init of the new weights")
     r = sub.add_parser("train", help="train from a nano recipe YAML")
     r.add_argument("--config", required=True, type=Path)
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "blend":
         print(blend_mixes(args.out, args.mixes, args.seed))
     elif args.cmd == "grow":
-        plan = GrowthPlan(args.num_layers, args.hidden_size, args.num_heads, args.num_kv_heads, args.intermediate_size)
+        plan = GrowthPlan(**{size.name: getattr(args, size.name) for size in dataclasses.fields(GrowthPlan)})
         print(grow_model_dir(args.model, args.out, plan, args.seed))
     elif args.cmd == "train":
         if args.threads:
