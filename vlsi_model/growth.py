@@ -127,6 +127,7 @@ def grow_language_model(model: PreTrainedModel, plan: GrowthPlan, seed: int = 0)
     grown = build_model(config, seed=seed)
     grown.generation_config = copy.deepcopy(model.generation_config)
 
+    # state_dict() tensors share storage with the parameters: writing into them grows the model in place.
     src, dst = model.state_dict(), grown.state_dict()
     scale = 1.0 / math.sqrt(k)
     source_of = {new: old for old, new in enumerate(positions)}
@@ -153,7 +154,6 @@ def grow_language_model(model: PreTrainedModel, plan: GrowthPlan, seed: int = 0)
                 continue  # the embedding's tensor, already grown
             else:
                 _copy_block(tensor, src[name], zero_rest=False)
-    grown.load_state_dict(dst)
     return grown.eval()
 
 
