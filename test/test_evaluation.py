@@ -64,7 +64,7 @@ def test_question_type_names_every_template_the_generator_writes():
             kinds.add(kind)
     assert {"attribute/color", "attribute/shape", "attribute/size", "count/objects", "count/color", "count/shape",
             "count/shape+color", "exist", "spatial/left-right", "spatial/above-below", "compare", "caption",
-            "describe"} == kinds
+            "describe", "locate", "positions"} == kinds
 
 
 @pytest.fixture(scope="module")

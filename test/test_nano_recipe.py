@@ -16,7 +16,24 @@ from vlsi_model.scenes import SceneConfig, write_dataset
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_train_export_eval_ship(tmp_path, tiny_tokenizer):
+def _check_run_state(tmp_path: Path, config: dict, capsys: pytest.CaptureFixture) -> None:
+    """`nano state` (what the reproduction script skips stages by) on the finished run of `config`."""
+    def state(edit: dict) -> tuple[int, str]:
+        path = tmp_path / "edited.yaml"
+        path.write_text(yaml.safe_dump({**config, "train": {**config["train"], **edit}}))
+        capsys.readouterr()
+        rc = recipe_main(["state", "--config", str(path)])
+        out = capsys.readouterr()
+        return rc, out.out + out.err
+
+    assert state({}) == (0, "done\n")
+    assert state({"log_every_steps": 7, "save_every_steps": 0}) == (0, "done\n")  # bookkeeping only
+    rc, text = state({"max_steps": 3, "lr": 5e-4})  # edited after training: never silently reused
+    assert rc == 3 and "train.max_steps: 2 -> 3" in text and "train.lr: 0.001 -> 0.0005" in text
+    assert state({"output_dir": str(tmp_path / "elsewhere")}) == (0, "todo\n")
+
+
+def test_train_export_eval_ship(tmp_path, tiny_tokenizer, capsys):
     cfg_scenes = SceneConfig(width=56, height=56, max_objects=3)
     train = write_dataset(tmp_path / "data", 6, seed=0, config=cfg_scenes, families=("caption", "exist"))
     test = write_dataset(tmp_path / "data", 3, seed=0, split="test", config=cfg_scenes, families=("exist",))
@@ -37,6 +54,7 @@ def test_train_export_eval_ship(tmp_path, tiny_tokenizer):
     assert recipe_main(["train", "--config", str(cfg_path), "--threads", "1"]) == 0
     final = tmp_path / "run" / "final"
     assert (final / "model.safetensors").is_file()
+    _check_run_state(tmp_path, config, capsys)
 
     # Frozen: the vision blocks equal a freshly built model's, the merger changed.
     from vlsi_model.checkpoint import load_model_dir
@@ -62,9 +80,14 @@ def test_train_export_eval_ship(tmp_path, tiny_tokenizer):
     dest = tmp_path / "pkg" / "default_student"
     assert recipe_main(["ship", "--model", str(final), "--results", str(results), "--metrics",
                         str(tmp_path / "run" / "metrics.jsonl"), "--config", str(cfg_path), "--dest", str(dest),
-                        "--camera-results", str(results)]) == 0
+                        "--camera-results", str(results), "--extra-results", "Where is it? (locate)",
+                        str(results)]) == 0
     card = (dest / "README.md").read_text()
     assert "On the synthetic camera's frames" in card
+    # Tables: test split, its templates, camera, the extra section and its templates.
+    assert "## Where is it? (locate)\n\n| family |" in card and card.count("| exist |") == 5
+    assert json.loads((dest / "where_is_it_locate_results.json").read_text())["overall"] == \
+        json.loads(results.read_text())["overall"]
     assert "predictions" not in json.loads((dest / "camera_results.json").read_text())
     assert "| exist |" in card and "2 steps" in card and "vision encoder stays at its random" in card
     assert (dest / "config.json").is_file() and (dest / "tokenizer.json").is_file()

@@ -36,11 +36,13 @@ from vlsi_model.scenes import (
     DESCRIBE_QUESTION,
     FAMILIES,
     MAX_RUN_SEED,
+    POSITIONS_QUESTION,
     QA,
     SEED_STRIDE,
     SHAPES,
     SIZES,
     TEST_SEED_OFFSET,
+    TOKENIZER_FAMILIES,
     VAL_SEED_OFFSET,
     Scene,
     SceneConfig,
@@ -49,7 +51,10 @@ from vlsi_model.scenes import (
     corpus_texts,
     describe_scene,
     generate_scene,
+    locate_phrase,
+    locate_questions,
     make_questions,
+    positions_caption,
     render_scene,
     scene_from_ground_truth,
     scene_ground_truth,
@@ -130,8 +135,21 @@ def _order_matches(items: list[tuple[str, ...]], objs: list[Decoded], key) -> bo
     return True
 
 
-def oracle_check(qa: QA, objs: list[Decoded]) -> None:
-    """Assert that `qa` is unambiguous and correctly answered for the decoded objects."""
+def _region(o: Decoded, frame: tuple[int, int]) -> str:
+    """"<row> <column>" of the frame's thirds holding the decoded centre; asserts it is clear of
+    the thirds' borders (the generator only names unambiguous regions)."""
+    words = []
+    for centre, extent, names in ((o.cy, frame[1], ("top", "middle", "bottom")),
+                                  (o.cx, frame[0], ("left", "center", "right"))):
+        third = centre / extent * 3
+        assert min(abs(third - 1), abs(third - 2)) > 0.08, o
+        words.append(names[int(third)])
+    return " ".join(words)
+
+
+def oracle_check(qa: QA, objs: list[Decoded], frame: tuple[int, int]) -> None:
+    """Assert that `qa` is unambiguous and correctly answered for the objects decoded from a
+    frame of `frame` (width, height) pixels."""
     q, a = qa.question, qa.answer
     if m := re.fullmatch(r"What color is the (\w+)\?", q):
         assert a == _the(objs, shape=m[1]).color
@@ -154,6 +172,12 @@ def oracle_check(qa: QA, objs: list[Decoded]) -> None:
     elif m := re.fullmatch(r"Compared with (.+), are there more, fewer or the same number of (.+)\?", q):
         n2, n1 = _count(objs, m[1]), _count(objs, m[2])
         assert a == ("more" if n1 > n2 else "fewer" if n1 < n2 else "same")
+    elif m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
+        assert a == _region(_the(objs, color=m[1], shape=m[2]), frame), (q, a)
+    elif q == POSITIONS_QUESTION:
+        items = [tuple(item.split()) for item in a.split(", ")]
+        assert all(len(item) == 4 for item in items), a
+        assert _order_matches(items, objs, lambda o: (o.color, o.shape, *_region(o, frame).split()))
     elif q == DESCRIBE_QUESTION:
         head = normalize_answer(a).split(" objects" if len(objs) != 1 else " object")[0]
         assert head == (f"there are {len(objs)}" if len(objs) != 1 else "there is 1")
@@ -300,7 +324,7 @@ def test_grid_layout_questions_agree_with_the_pixels() -> None:
     for scene in _scenes(60, GRID, start=500):
         objs = decode_objects(render_scene(scene), GRID)
         for qa in make_questions(scene, scene.seed, per_family=3):
-            oracle_check(qa, objs)
+            oracle_check(qa, objs, (scene.width, scene.height))
 
 
 def test_grid_config_errors_are_clear() -> None:
@@ -402,7 +426,7 @@ def test_every_answer_agrees_with_the_pixels(config: SceneConfig | None) -> None
     for scene in _scenes(80 if config is None else 10, config, start=1000):
         objs = decode_objects(render_scene(scene))
         for qa in make_questions(scene, scene.seed, per_family=3):
-            oracle_check(qa, objs)
+            oracle_check(qa, objs, (scene.width, scene.height))
 
 
 def test_every_family_is_produced() -> None:
@@ -425,15 +449,47 @@ def test_answer_balance_over_300_scenes() -> None:
     counts = answers["count"]
     assert "0" in counts and counts["0"] < 0.4 * sum(counts.values())
     assert set(answers["attribute"]) >= set(COLORS) | set(SHAPES) | set(SIZES)
+    # All nine regions are answers, none dominates, and most scenes can be asked.
+    locate = answers["locate"]
+    assert set(locate) == {f"{r} {c}" for r in ("top", "middle", "bottom") for c in ("left", "center", "right")}
+    assert max(locate.values()) < 0.25 * sum(locate.values()) and sum(locate.values()) > 250, locate
 
 
 def test_answers_are_already_normalised() -> None:
     for s in _scenes(60):
         for qa in make_questions(s, s.seed, per_family=2):
-            if qa.family != "describe":
+            if qa.family not in ("describe", "positions"):  # sentences with punctuation
                 assert normalize_answer(qa.answer) == qa.answer, qa
             assert qa.answer == qa.answer.strip() and qa.answer
             assert qa.question.endswith("?") or qa.question == DESCRIBE_QUESTION
+
+
+def test_locate_names_the_third_of_the_frame_and_skips_borderline_objects() -> None:
+    def scene_with(x: float, y: float, width: int = 300, height: int = 150) -> Scene:
+        objs = [SceneObject("circle", "red", "small", x, y, 5.0), SceneObject("square", "blue", "small", 5.0, 5.0, 3.0)]
+        return Scene(seed=0, width=width, height=height, objects=objs)
+
+    assert locate_phrase(scene_with(20, 20), scene_with(20, 20).objects[0]) == "top left"
+    assert locate_phrase(scene_with(150, 75), scene_with(150, 75).objects[0]) == "middle center"
+    assert locate_phrase(scene_with(290, 140), scene_with(290, 140).objects[0]) == "bottom right"
+    assert locate_phrase(scene_with(220, 30), scene_with(220, 30).objects[0]) == "top right"  # x 0.73 > 2/3
+    border = scene_with(101, 75)  # x 0.337: on the left/center border
+    assert locate_phrase(border, border.objects[0]) is None
+    assert [qa.question for qa in locate_questions(border)] == ["Where is the blue square?"]
+    # A grid's 4 columns/rows: the outer ones are left/top and right/bottom, the inner two center/middle.
+    grid = generate_scene(3, SceneConfig(layout="grid", min_objects=5, max_objects=5))
+    cell_w, cell_h = SceneConfig(layout="grid").cell_size()
+    for o in grid.objects:
+        col, row = int(o.x // cell_w), int(o.y // cell_h)
+        assert locate_phrase(grid, o) == f"{['top', 'middle', 'middle', 'bottom'][row]} " \
+            f"{['left', 'center', 'center', 'right'][col]}"
+
+
+def test_tokenizer_corpus_leaves_out_families_added_after_the_shipped_tokenizer() -> None:
+    # The shipped students' tokenizer was trained on TOKENIZER_FAMILIES' text; a corpus with
+    # "Where is ...?" would train other merges and the reproduction script another tokenizer.
+    assert "locate" in FAMILIES and "locate" not in TOKENIZER_FAMILIES
+    assert not any(t.startswith("Where is") for t in corpus_texts(50))
 
 
 def test_families_selection_per_family_and_independent_streams() -> None:
@@ -454,12 +510,12 @@ def test_family_skipped_when_it_cannot_be_asked() -> None:
     scene = Scene(112, 112, same, seed=0)
     qas = make_questions(scene, 0, per_family=2)
     families = {q.family for q in qas}
-    assert "spatial" not in families  # three identical red circles: no unique referent
+    assert "spatial" not in families and "locate" not in families  # three identical red circles: no unique referent
     assert "attribute" not in families
     assert {q.answer for q in qas if q.family == "exist"} <= {"yes", "no"}
     empty = Scene(112, 112, [], seed=0)
     for qa in make_questions(empty, 0, per_family=2):
-        assert qa.family in ("count", "exist", "describe", "caption")
+        assert qa.family in ("count", "exist", "describe", "caption", "positions")
         assert qa.answer in ("0", "no", "There are no objects.", "nothing")
 
 
@@ -476,6 +532,11 @@ def test_description_and_caption_text() -> None:
     )
     one = Scene(112, 112, objs[:1], seed=0)
     assert describe_scene(one) == "There is one object: a small blue square."
+    assert positions_caption(scene) == "red circle middle left, green triangle bottom center, blue square top right"
+    assert positions_caption(Scene(112, 112, [], seed=0)) == "nothing"
+    border = Scene(112, 112, [*objs, SceneObject("circle", "blue", "small", 38.0, 15.0, 5.0)], seed=0)
+    assert positions_caption(border) is None  # x 0.34: no one region to name
+    assert [qa.family for qa in make_questions(border, 0, ["positions", "caption"])] == ["caption"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ import torch
 from vlsi_model.commands.data import parse_grid, parse_size
 from vlsi_model.fileio import replace_directory
 from vlsi_model.growth import GrowthPlan, grow_model_dir
+from vlsi_model.recipes.run_state import RunState, StaleRunError, run_state
 from vlsi_model.training.config import (
     TrainConfig,
     dataclass_from_dict,
@@ -271,6 +273,22 @@ def run_nano(
     return result
 
 
+def config_run_state(config: str | Path) -> RunState:
+    """`run_state` of a nano recipe YAML (train.output_dir) or a `vlsi distill` YAML (output_dir).
+
+    Lets scripts/train_default_student.sh skip a stage only when its finished run is of this
+    config; a run of an edited config stops the script with the differences (StaleRunError).
+    """
+    raw = load_yaml_config(config)
+    if "train" in raw and "model" in raw:
+        nano_cfg = load_nano_config(config)
+        return run_state(nano_cfg.train.output_path, nano_cfg.to_dict())
+    from vlsi_model.distill.pipeline import load_distill_config
+
+    distill_cfg = load_distill_config(config)
+    return run_state(distill_cfg.out, distill_cfg.to_dict())
+
+
 def export_checkpoint(config: str | Path | NanoConfig, checkpoint: str | Path, out_dir: str | Path) -> Path:
     """A HF model directory from a mid-run checkpoint (its trainable.safetensors over a fresh model).
 
@@ -301,29 +319,53 @@ vlsi data scenes --out runs/nano/test --num 600 --split test --layout grid \\
     --families attribute,count,exist,spatial,compare,caption
 nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student.yaml --threads 1 --resume
 """
-MODEL_CARD_COMMANDS = ("scripts/train_default_student.sh        # all of the below, resumable\n"
-                       + _MODEL_CARD_STUDENT_COMMANDS + """\
+# The camera-frame second stage: the start of the default student's last stage and of the teacher.
+_MODEL_CARD_GRIDS_COMMANDS = """\
 python -m vlsi_model.recipes.nano data --out runs/nano/data_4x3 --num 4000 --caption-num 10000 --seed 10 \\
     --size 640x480 --grid 4x3
 python -m vlsi_model.recipes.nano blend --out runs/nano/data_4x3/train_mix_both.json \\
     runs/nano/data_4x3/train_mix.json runs/nano/data/train_mix.json
 nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student_grids.yaml --threads 1 --resume
+"""
+MODEL_CARD_COMMANDS = ("scripts/train_default_student.sh        # all of the below, resumable\n"
+                       + _MODEL_CARD_STUDENT_COMMANDS + _MODEL_CARD_GRIDS_COMMANDS + """\
+python -m vlsi_model.recipes.nano data --out runs/nano/data_locate --num 8000 --caption-num 20000 \\
+    --families attribute,count,exist,spatial,compare,locate
+python -m vlsi_model.recipes.nano data --out runs/nano/data_locate_4x3 --num 4000 --caption-num 10000 --seed 10 \\
+    --size 640x480 --grid 4x3 --families attribute,count,exist,spatial,compare,locate
+python -m vlsi_model.recipes.nano blend --out runs/nano/data_locate_4x3/train_mix_both.json \\
+    runs/nano/data_locate_4x3/train_mix.json runs/nano/data_locate/train_mix.json
+nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student_locate.yaml --threads 1 --resume
 vlsi data scenes --out runs/nano/test_camera --num 600 --split test --size 640x480 --layout grid --grid 4x3 \\
     --families attribute,count,exist,spatial,compare,caption
-vlsi eval --model runs/nano/student_grids/final --data runs/nano/test/test.json \\
-    --out runs/nano/student_grids/test_results.json --max-samples 1400
-vlsi eval --model runs/nano/student_grids/final --data runs/nano/test_camera/test.json \\
-    --out runs/nano/student_grids/camera_results.json --max-samples 1400
-python -m vlsi_model.recipes.nano ship --model runs/nano/student_grids/final \\
-    --results runs/nano/student_grids/test_results.json --camera-results runs/nano/student_grids/camera_results.json \\
+vlsi data scenes --out runs/nano/test_locate --num 600 --split test --layout grid --families locate
+vlsi data scenes --out runs/nano/test_camera_locate --num 600 --split test --size 640x480 --layout grid \\
+    --grid 4x3 --families locate
+for t in test:test test_camera:camera test_locate:locate test_camera_locate:camera_locate; do
+  vlsi eval --model runs/nano/student_locate/final --data runs/nano/${t%%:*}/test.json \\
+    --out runs/nano/student_locate/${t##*:}_results.json --max-samples 1400
+done
+python -m vlsi_model.recipes.nano ship --model runs/nano/student_locate/final \\
+    --results runs/nano/student_locate/test_results.json \\
+    --camera-results runs/nano/student_locate/camera_results.json \\
+    --extra-results "Where is it? (locate, test split)" runs/nano/student_locate/locate_results.json \\
+    --extra-results "Where is it? (locate, the synthetic camera's frames)" \\
+    runs/nano/student_locate/camera_locate_results.json \\
     --earlier-stage runs/nano/student/metrics.jsonl configs/nano/student.yaml \\
-    --metrics runs/nano/student_grids/metrics.jsonl --config configs/nano/student_grids.yaml \\
+    --earlier-stage runs/nano/student_grids/metrics.jsonl configs/nano/student_grids.yaml \\
+    --metrics runs/nano/student_locate/metrics.jsonl --config configs/nano/student_locate.yaml \\
     --dest vlsi_model/assets/default_student --notes "$(cat configs/nano/student_card_notes.md)"
 """)
 # The reproduction of a VLsI-distilled default (DISTILL=1 in the script).
 MODEL_CARD_DISTILL_COMMANDS = ("DISTILL=1 scripts/train_default_student.sh   # all of the below, resumable\n"
-                               + _MODEL_CARD_STUDENT_COMMANDS + """\
-nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/teacher.yaml --threads 1 --resume
+                               + _MODEL_CARD_STUDENT_COMMANDS + _MODEL_CARD_GRIDS_COMMANDS + """\
+python -m vlsi_model.recipes.nano data --out runs/nano/data --num 8000 --caption-num 20000 \\
+    --dense-families caption,describe --mix-file train_mix_describe.json
+python -m vlsi_model.recipes.nano blend --out runs/nano/data_teacher/train_mix_teacher.json \\
+    runs/nano/data/train_mix_describe.json runs/nano/data_4x3/train_mix_both.json
+python -m vlsi_model.recipes.nano grow --model runs/nano/student_grids/final --out runs/nano/teacher_grown/init \\
+    --num-layers 8 --hidden-size 256 --num-heads 8 --num-kv-heads 4 --intermediate-size 1024
+nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/teacher_grown.yaml --threads 2 --resume
 vlsi distill --config configs/nano/distill_student.yaml --resume --threads 1
 vlsi eval --model runs/nano/vlsi_student/final --data runs/nano/test/test.json \\
     --out runs/nano/vlsi_student/test_results.json --max-samples 1400
@@ -409,7 +451,8 @@ lr {train.get("lr", "?")}, full fine-tuning (no LoRA at this size). Config: `{co
 
 def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, config: Path, notes: str = "",
                earlier_stages: Sequence[tuple[Path, Path]] = (),
-               camera_results: Mapping[str, Any] | None = None) -> str:
+               camera_results: Mapping[str, Any] | None = None,
+               extra_results: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> str:
     """README.md of a shipped student: what it is, its test accuracy per family against the
     answer prior, how it was trained (exact commands), and what it cannot do.
 
@@ -417,7 +460,8 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
     of a VLsI-distilled one (recognised by its `teacher:` section; `metrics` is then unused).
     `earlier_stages` are the (metrics.jsonl, config) pairs of the runs before this one, in training
     order (a model trained in stages); `camera_results` (`vlsi eval` on the synthetic camera's
-    640x480 4x3-grid frames) adds a table for the frames the ROS demo really sends."""
+    640x480 4x3-grid frames) adds a table for the frames the ROS demo really sends; each
+    (title, results) of `extra_results` adds a section with the family and template tables."""
     from safetensors import safe_open
 
     from vlsi_model.evaluation import format_question_type_table, format_table
@@ -443,6 +487,13 @@ node's default; the processor turns them into 112x84 = 4x3 image tokens), test s
 
 {format_table(camera_results)}
 """
+    extra = "".join(f"""
+## {title}
+
+{format_table(r)}
+
+{format_question_type_table(r)}
+""" for title, r in extra_results)
     return f"""# nano student: the default model of vlsi_ros
 
 A {tensors / 1e6:.2f}M-parameter Qwen2-VL (text {text['hidden_size']} x {text['num_hidden_layers']} layers,
@@ -468,7 +519,7 @@ Per question template ("top predictions": the model's most frequent answers; one
 question means the template is not learned, whatever the accuracy):
 
 {format_question_type_table(results)}
-{camera}
+{camera}{extra}
 {notes}
 
 ## Training
@@ -482,6 +533,11 @@ question means the template is not learned, whatever the accuracy):
 """
 
 
+def _slug(title: str) -> str:
+    """File-name form of a section title: "Where is it? (locate)" -> "where_is_it_locate"."""
+    return "_".join(re.findall(r"[a-z0-9]+", title.lower())) or "extra"
+
+
 def _write_summary(path: Path, results: Mapping[str, Any]) -> None:
     """`vlsi eval` results without the per-question predictions (the package keeps the tables)."""
     summary = {k: v for k, v in results.items() if k != "predictions"}
@@ -490,8 +546,12 @@ def _write_summary(path: Path, results: Mapping[str, Any]) -> None:
 
 def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str | Path, config: str | Path,
                  dest: str | Path, notes: str = "", earlier_stages: Sequence[tuple[Path, Path]] = (),
-                 camera_results_file: str | Path | None = None) -> Path:
+                 camera_results_file: str | Path | None = None,
+                 extra_results: Sequence[tuple[str, str | Path]] = ()) -> Path:
     """Copy a trained model directory into the package with its model card and test results.
+
+    `extra_results` are (section title, `vlsi eval` JSON) pairs of further test sets (e.g. the
+    locate questions); each becomes a table in the card and `<slug of the title>_results.json`.
 
     Copied into a temporary sibling and renamed into place, so `defaults.py` never sees a
     half-copied student (it checks config.json only).
@@ -511,8 +571,11 @@ def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str |
         camera = None if camera_results_file is None else json.loads(Path(camera_results_file).read_text())
         if camera is not None:
             _write_summary(tmp / "camera_results.json", camera)
+        extra = [(title, json.loads(Path(f).read_text())) for title, f in extra_results]
+        for title, extra_result in extra:
+            _write_summary(tmp / f"{_slug(title)}_results.json", extra_result)
         (tmp / "README.md").write_text(model_card(model_dir, results, Path(metrics), Path(config), notes,
-                                                  earlier_stages, camera))
+                                                  earlier_stages, camera, extra))
         # mkdtemp makes 0700 directories: package data must be readable by every user of an install.
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
@@ -538,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--layout", choices=("grid", "random"), default="grid",
                    help="object placement (default grid: one object per 28-px image token)")
+    d.add_argument("--families", default=",".join(VQA_FAMILIES),
+                   help="comma-separated question families of the VQA images (one question per family each)")
     d.add_argument("--dense-families", default=CAPTION_FAMILY,
                    help="comma-separated whole-scene tasks of the dense share (caption; caption,describe adds sizes)")
     d.add_argument("--mix-file", default=MIX_FILE, help="name of the mixed train JSON in --out")
@@ -559,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--force-resume", action="store_true",
                    help="resume although max_steps/lr/... changed (e.g. shortening a run; not bit-exact then)")
+    st = sub.add_parser("state", help="print 'done' when the config's output_dir holds its finished run, 'todo' "
+                        "when not; exit 3 naming the differences when it holds a run of another config")
+    st.add_argument("--config", required=True, type=Path, help="a nano recipe YAML or a `vlsi distill` YAML")
     e = sub.add_parser("export", help="HF model directory from a mid-run checkpoint")
     e.add_argument("--config", required=True, type=Path)
     e.add_argument("--checkpoint", required=True, type=Path)
@@ -572,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--notes", default="", help="extra markdown for the model card")
     s.add_argument("--earlier-stage", nargs=2, action="append", default=[], type=Path, metavar=("METRICS", "CONFIG"),
                    help="metrics.jsonl and config of a run before --config's (repeat, in training order)")
+    s.add_argument("--extra-results", nargs=2, action="append", default=[], metavar=("TITLE", "RESULTS"),
+                   help="a further test set's `vlsi eval` JSON and its section title in the card (repeatable)")
     s.add_argument("--camera-results", type=Path, default=None,
                    help="vlsi eval --out JSON on the camera's 640x480 4x3-grid test frames (a second table)")
     args = parser.parse_args(argv)
@@ -582,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         print(save_nano_tokenizer(args.out))
     elif args.cmd == "data":
         print(prepare_data(args.out, args.num, args.caption_num, args.seed, args.caption_share, progress=True,
-                           layout=args.layout, dense_families=args.dense_families,
+                           families=args.families, layout=args.layout, dense_families=args.dense_families,
                            mix_file=args.mix_file, size=args.size, grid=args.grid))
     elif args.cmd == "blend":
         print(blend_mixes(args.out, args.mixes, args.seed))
@@ -594,9 +664,16 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         result = run_nano(args.config, resume=args.resume, force_resume=args.force_resume)
         print(json.dumps({"steps": result.steps, "final_loss": result.final_loss}))
+    elif args.cmd == "state":
+        try:
+            print(config_run_state(args.config))
+        except StaleRunError as exc:
+            print(f"{parser.prog} state: {exc}", file=sys.stderr)
+            return 3
     elif args.cmd == "ship":
         print(ship_student(args.model, args.results, args.metrics, args.config, args.dest, args.notes,
-                           [tuple(stage) for stage in args.earlier_stage], args.camera_results))
+                           [tuple(stage) for stage in args.earlier_stage], args.camera_results,
+                           [(title, Path(f)) for title, f in args.extra_results]))
     else:
         print(export_checkpoint(args.config, args.checkpoint, args.out))
     return 0
