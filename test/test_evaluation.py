@@ -33,6 +33,23 @@ def test_score_per_family_with_normalisation():
         score(samples, preds[:-1])
 
 
+def test_positions_answers_are_also_scored_per_object():
+    refs = ["red circle top left, blue square middle right", "green triangle middle right",
+            "red circle top left, red circle bottom center"]
+    preds = ["Red circle top left, blue square top right.",  # one of two objects placed right
+             "green triangle middle right",  # exact
+             "red circle bottom center, red circle top left, yellow star middle center"]  # both, order free
+    samples = [_sample(i, ref, "positions") for i, ref in enumerate(refs)] + [_sample(3, "2")]
+    r = score(samples, [*preds, "2"])
+    assert r["families"]["positions"]["accuracy"] == 1 / 3  # exact match: only the single-object answer
+    assert r["object_regions"] == {"accuracy": 4 / 5, "objects": 5, "correct": 4, "prior": 0.4,
+                                   "majority_region": "top left"}
+    assert "right region in the positions answers: **0.800** of 5 (prior 0.400" in format_table(r)
+    garbled = score(samples[:1], ["red circle top, blue square"])  # malformed items name nothing
+    assert garbled["object_regions"]["correct"] == 0
+    assert "object_regions" not in score(samples[3:], ["2"])  # no positions questions, no such score
+
+
 def test_question_types_expose_a_constant_answer():
     """A model that answers "circle" to every shape question: the family looks fine, the template does not."""
     from vlsi_model.evaluation import format_question_type_table

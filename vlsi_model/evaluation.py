@@ -103,6 +103,37 @@ def load_eval_samples(data_file: str | os.PathLike[str], max_samples: int | None
     return out
 
 
+def _regions(answer: str) -> Counter[tuple[str, str]]:
+    """{(colour shape, region): count} of a positions answer ("red circle top left, blue square
+    middle right"); items that are not four words (a model's malformed output) are ignored."""
+    items = (normalize_answer(item).split() for item in answer.split(","))
+    return Counter((" ".join(w[:2]), " ".join(w[2:])) for w in items if len(w) == 4)
+
+
+def score_object_regions(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per-object score of the "Where is each object?" answers among `rows` (None without any):
+    the share of reference objects the prediction names with their region, beside the prior of
+    naming every object's most frequent region.
+
+    Why: the whole answer must be exact for exact match, so one misplaced object of five scores
+    like five; this says how many objects a robot is told the right place of.
+    """
+    references: Counter[tuple[str, str]] = Counter()
+    right = 0
+    for row in rows:
+        if row["family"] != "positions":
+            continue
+        ref = _regions(row["reference"])
+        references += ref
+        right += sum((ref & _regions(row["prediction"])).values())
+    n = sum(references.values())
+    if not n:
+        return None
+    by_region = Counter(region for (_, region), count in references.items() for _ in range(count))
+    region, top = by_region.most_common(1)[0]
+    return {"accuracy": right / n, "objects": n, "correct": right, "prior": top / n, "majority_region": region}
+
+
 def score(samples: Sequence[EvalSample], predictions: Sequence[str]) -> dict[str, Any]:
     """Per-family and overall accuracy of `predictions` (aligned with `samples`), plus the rows.
 
@@ -125,13 +156,17 @@ def score(samples: Sequence[EvalSample], predictions: Sequence[str]) -> dict[str
                      "reference": s.reference, "prediction": pred, "correct": ok})
     total = sum(f.n for f in families.values())
     correct = sum(f.correct for f in families.values())
-    return {
+    out = {
         "overall": {"accuracy": correct / total if total else 0.0, "n": total, "correct": correct},
         "families": {name: f.to_dict() for name, f in sorted(families.items())},
         # the synthetic scenes' question templates (none for other data): see scenes.question_type
         "question_types": {name: f.to_dict() for name, f in sorted(types.items())},
         "predictions": rows,
     }
+    regions = score_object_regions(rows)
+    if regions is not None:
+        out["object_regions"] = regions
+    return out
 
 
 def evaluate(
@@ -204,6 +239,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['prior']:.3f} ({f['majority_answer']}) |")
     o = results["overall"]
     lines.append(f"| **overall** | {o['n']} | **{o['accuracy']:.3f}** | |")
+    if r := results.get("object_regions"):
+        lines.append(f"\nObjects named with their right region in the positions answers: **{r['accuracy']:.3f}** of "
+                     f"{r['objects']} (prior {r['prior']:.3f}: always \"{r['majority_region']}\").")
     return "\n".join(lines)
 
 
@@ -229,5 +267,6 @@ __all__ = [
     "format_table",
     "load_eval_samples",
     "score",
+    "score_object_regions",
     "write_results",
 ]

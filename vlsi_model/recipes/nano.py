@@ -330,20 +330,28 @@ nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student_
 MODEL_CARD_COMMANDS = ("scripts/train_default_student.sh        # all of the below, resumable\n"
                        + _MODEL_CARD_STUDENT_COMMANDS + _MODEL_CARD_GRIDS_COMMANDS + """\
 python -m vlsi_model.recipes.nano data --out runs/nano/data_locate --num 8000 --caption-num 20000 \\
-    --families attribute,count,exist,spatial,compare,locate
+    --families attribute,count,exist,spatial,compare,locate --dense-families caption,positions \\
+    --mix-file train_mix_positions.json
 python -m vlsi_model.recipes.nano data --out runs/nano/data_locate_4x3 --num 4000 --caption-num 10000 --seed 10 \\
-    --size 640x480 --grid 4x3 --families attribute,count,exist,spatial,compare,locate
-python -m vlsi_model.recipes.nano blend --out runs/nano/data_locate_4x3/train_mix_both.json \\
-    runs/nano/data_locate_4x3/train_mix.json runs/nano/data_locate/train_mix.json
+    --size 640x480 --grid 4x3 --families attribute,count,exist,spatial,compare,locate \\
+    --dense-families caption,positions --mix-file train_mix_positions.json
+python -m vlsi_model.recipes.nano blend --out runs/nano/data_locate_4x3/train_mix_positions_both.json \\
+    runs/nano/data_locate_4x3/train_mix_positions.json runs/nano/data_locate/train_mix_positions.json
 nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student_locate.yaml --threads 1 --resume
 vlsi data scenes --out runs/nano/test_camera --num 600 --split test --size 640x480 --layout grid --grid 4x3 \\
     --families attribute,count,exist,spatial,compare,caption
-vlsi data scenes --out runs/nano/test_locate --num 600 --split test --layout grid --families locate
-vlsi data scenes --out runs/nano/test_camera_locate --num 600 --split test --size 640x480 --layout grid \\
-    --grid 4x3 --families locate
+for family in locate positions; do
+  vlsi data scenes --out runs/nano/test_$family --num 600 --split test --layout grid --families $family
+  vlsi data scenes --out runs/nano/test_camera_$family --num 600 --split test --layout grid --size 640x480 \\
+      --grid 4x3 --families $family
+done
 for t in test:test test_camera:camera test_locate:locate test_camera_locate:camera_locate; do
   vlsi eval --model runs/nano/student_locate/final --data runs/nano/${t%%:*}/test.json \\
     --out runs/nano/student_locate/${t##*:}_results.json --max-samples 1400
+done
+for t in test_positions:positions test_camera_positions:camera_positions; do  # answers of up to 56 tokens
+  vlsi eval --model runs/nano/student_locate/final --data runs/nano/${t%%:*}/test.json \\
+    --out runs/nano/student_locate/${t##*:}_results.json --max-new-tokens 64
 done
 python -m vlsi_model.recipes.nano ship --model runs/nano/student_locate/final \\
     --results runs/nano/student_locate/test_results.json \\
@@ -351,6 +359,9 @@ python -m vlsi_model.recipes.nano ship --model runs/nano/student_locate/final \\
     --extra-results "Where is it? (locate, test split)" runs/nano/student_locate/locate_results.json \\
     --extra-results "Where is it? (locate, the synthetic camera's frames)" \\
     runs/nano/student_locate/camera_locate_results.json \\
+    --extra-results "Where is each object? (positions, test split)" runs/nano/student_locate/positions_results.json \\
+    --extra-results "Where is each object? (positions, the synthetic camera's frames)" \\
+    runs/nano/student_locate/camera_positions_results.json \\
     --earlier-stage runs/nano/student/metrics.jsonl configs/nano/student.yaml \\
     --earlier-stage runs/nano/student_grids/metrics.jsonl configs/nano/student_grids.yaml \\
     --metrics runs/nano/student_locate/metrics.jsonl --config configs/nano/student_locate.yaml \\
