@@ -63,6 +63,11 @@ stage_todo() {  # true: train this config; false: its finished run is there. A f
   state=$($PY -m vlsi_model.recipes.nano state --config "$1") || exit $?
   [ "$state" = todo ]
 }
+train_stage() {  # train a nano recipe YAML unless its finished run is there (see stage_todo)
+  if stage_todo "$1"; then
+    nice -n 5 $PY -m vlsi_model.recipes.nano train --config "$1" --threads "$THREADS" --resume
+  fi
+}
 evaluate() {  # evaluate MODEL_DIR DATA_JSON OUT_JSON [MAX_NEW_TOKENS], unless OUT_JSON is newer than the model
   [ "$3" -nt "$1/config.json" ] || $PY -m vlsi_model.cli eval --model "$1" --data "$2" --out "$3" --max-samples 1400 \
     --max-new-tokens "${4:-16}" --threads "$THREADS" --no-progress
@@ -75,9 +80,7 @@ CONFIG=$(config_in_runs "$CONFIG")
   --families attribute,count,exist,spatial,compare,caption --no-progress
 
 OUT=$(output_dir "$CONFIG")
-if stage_todo "$CONFIG"; then
-  nice -n 5 $PY -m vlsi_model.recipes.nano train --config "$CONFIG" --threads "$THREADS" --resume
-fi
+train_stage "$CONFIG"
 evaluate "$OUT/final" "$RUNS/test/test.json" "$OUT/test_results.json"
 
 # 4b. the camera's frame geometry (640x480, 4x3 grid) blended 50/50 with the student's own data
@@ -90,9 +93,7 @@ evaluate "$OUT/final" "$RUNS/test/test.json" "$OUT/test_results.json"
   --no-progress
 GRIDS_CONFIG=$(config_in_runs configs/nano/student_grids.yaml)
 GOUT=$(output_dir "$GRIDS_CONFIG")
-if stage_todo "$GRIDS_CONFIG"; then
-  nice -n 5 $PY -m vlsi_model.recipes.nano train --config "$GRIDS_CONFIG" --threads "$THREADS" --resume
-fi
+train_stage "$GRIDS_CONFIG"
 evaluate "$GOUT/final" "$RUNS/test/test.json" "$GOUT/test_results.json"
 evaluate "$GOUT/final" "$RUNS/test_camera/test.json" "$GOUT/camera_results.json"
 
@@ -119,9 +120,7 @@ for geometry in "test:" "test_camera:--size 640x480 --grid 4x3"; do  # locate an
 done
 LOCATE_CONFIG=$(config_in_runs configs/nano/student_locate.yaml)
 LOUT=$(output_dir "$LOCATE_CONFIG")
-if stage_todo "$LOCATE_CONFIG"; then
-  nice -n 5 $PY -m vlsi_model.recipes.nano train --config "$LOCATE_CONFIG" --threads "$THREADS" --resume
-fi
+train_stage "$LOCATE_CONFIG"
 evaluate "$LOUT/final" "$RUNS/test/test.json" "$LOUT/test_results.json"
 evaluate "$LOUT/final" "$RUNS/test_camera/test.json" "$LOUT/camera_results.json"
 evaluate "$LOUT/final" "$RUNS/test_locate/test.json" "$LOUT/locate_results.json"
@@ -149,9 +148,7 @@ if [ "$DISTILL" = 1 ]; then
   TEACHER=$(output_dir "$TEACHER_CONFIG")
   [ -f "$TEACHER/init/config.json" ] || $PY -m vlsi_model.recipes.nano grow --model "$GOUT/final" --out "$TEACHER/init" \
     --num-layers 8 --hidden-size 256 --num-heads 8 --num-kv-heads 4 --intermediate-size 1024
-  if stage_todo "$TEACHER_CONFIG"; then
-    nice -n 5 $PY -m vlsi_model.recipes.nano train --config "$TEACHER_CONFIG" --threads "$THREADS" --resume
-  fi
+  train_stage "$TEACHER_CONFIG"
   # 5b. VLsI from the 4b student
   DISTILL_CONFIG=$(config_in_runs configs/nano/distill_student.yaml)
   VOUT=$(output_dir "$DISTILL_CONFIG")
