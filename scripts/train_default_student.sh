@@ -61,7 +61,11 @@ stage_todo() {  # true: train this config; false: its finished run is there. A f
   # edited config (other steps, data, init...) stops the script naming the differences (exit 3).
   local state
   state=$($PY -m vlsi_model.recipes.nano state --config "$1") || exit $?
-  [ "$state" = todo ]
+  case "$state" in
+    todo) return 0 ;;
+    done) return 1 ;;
+    *) echo "nano state --config $1: unexpected output '$state'" >&2; exit 1 ;;
+  esac
 }
 train_stage() {  # train a nano recipe YAML unless its finished run is there (see stage_todo)
   if stage_todo "$1"; then
@@ -97,46 +101,48 @@ train_stage "$GRIDS_CONFIG"
 evaluate "$GOUT/final" "$RUNS/test/test.json" "$GOUT/test_results.json"
 evaluate "$GOUT/final" "$RUNS/test_camera/test.json" "$GOUT/camera_results.json"
 
-# 4c. where things are: both geometries' data again with a sixth question family, locate ("Where is the
-# red circle?" -> "top left"), and half of the dense records naming every object's region ("Where is each
-# object?" -> "red circle top left, blue square middle right")
-LOCATE_FAMILIES=attribute,count,exist,spatial,compare,locate
-[ -f "$RUNS/data_locate/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data --out "$RUNS/data_locate" \
-  --num 8000 --caption-num 20000 --families "$LOCATE_FAMILIES" --dense-families caption,positions \
-  --mix-file train_mix_positions.json
-[ -f "$RUNS/data_locate_4x3/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data \
-  --out "$RUNS/data_locate_4x3" --num 4000 --caption-num 10000 --seed 10 --size 640x480 --grid 4x3 \
-  --families "$LOCATE_FAMILIES" --dense-families caption,positions --mix-file train_mix_positions.json
-[ -f "$RUNS/data_locate_4x3/train_mix_positions_both.json" ] || $PY -m vlsi_model.recipes.nano blend \
-  --out "$RUNS/data_locate_4x3/train_mix_positions_both.json" "$RUNS/data_locate_4x3/train_mix_positions.json" \
-  "$RUNS/data_locate/train_mix_positions.json"
-for geometry in "test:" "test_camera:--size 640x480 --grid 4x3"; do  # locate and positions test splits
-  for family in locate positions; do
-    split_dir="$RUNS/${geometry%%:*}_$family"
-    # shellcheck disable=SC2086  # the geometry flags are meant to split
-    [ -f "$split_dir/test.json" ] || $PY -m vlsi_model.cli data scenes --out "$split_dir" --num 600 --split test \
-      --layout grid ${geometry#*:} --families "$family" --no-progress
+if [ "$DISTILL" != 1 ]; then  # (the distilled student replaces this stage's model)
+  # 4c. where things are: both geometries' data again with a sixth question family, locate ("Where is the
+  # red circle?" -> "top left"), and half of the dense records naming every object's region ("Where is each
+  # object?" -> "red circle top left, blue square middle right")
+  LOCATE_FAMILIES=attribute,count,exist,spatial,compare,locate
+  [ -f "$RUNS/data_locate/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data --out "$RUNS/data_locate" \
+    --num 8000 --caption-num 20000 --families "$LOCATE_FAMILIES" --dense-families caption,positions \
+    --mix-file train_mix_positions.json
+  [ -f "$RUNS/data_locate_4x3/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data \
+    --out "$RUNS/data_locate_4x3" --num 4000 --caption-num 10000 --seed 10 --size 640x480 --grid 4x3 \
+    --families "$LOCATE_FAMILIES" --dense-families caption,positions --mix-file train_mix_positions.json
+  [ -f "$RUNS/data_locate_4x3/train_mix_positions_both.json" ] || $PY -m vlsi_model.recipes.nano blend \
+    --out "$RUNS/data_locate_4x3/train_mix_positions_both.json" "$RUNS/data_locate_4x3/train_mix_positions.json" \
+    "$RUNS/data_locate/train_mix_positions.json"
+  for geometry in "test:" "test_camera:--size 640x480 --grid 4x3"; do  # locate and positions test splits
+    for family in locate positions; do
+      split_dir="$RUNS/${geometry%%:*}_$family"
+      # shellcheck disable=SC2086  # the geometry flags are meant to split
+      [ -f "$split_dir/test.json" ] || $PY -m vlsi_model.cli data scenes --out "$split_dir" --num 600 --split test \
+        --layout grid ${geometry#*:} --families "$family" --no-progress
+    done
   done
-done
-LOCATE_CONFIG=$(config_in_runs configs/nano/student_locate.yaml)
-LOUT=$(output_dir "$LOCATE_CONFIG")
-train_stage "$LOCATE_CONFIG"
-evaluate "$LOUT/final" "$RUNS/test/test.json" "$LOUT/test_results.json"
-evaluate "$LOUT/final" "$RUNS/test_camera/test.json" "$LOUT/camera_results.json"
-evaluate "$LOUT/final" "$RUNS/test_locate/test.json" "$LOUT/locate_results.json"
-evaluate "$LOUT/final" "$RUNS/test_camera_locate/test.json" "$LOUT/camera_locate_results.json"
-evaluate "$LOUT/final" "$RUNS/test_positions/test.json" "$LOUT/positions_results.json" 64
-evaluate "$LOUT/final" "$RUNS/test_camera_positions/test.json" "$LOUT/camera_positions_results.json" 64
+  LOCATE_CONFIG=$(config_in_runs configs/nano/student_locate.yaml)
+  LOUT=$(output_dir "$LOCATE_CONFIG")
+  train_stage "$LOCATE_CONFIG"
+  evaluate "$LOUT/final" "$RUNS/test/test.json" "$LOUT/test_results.json"
+  evaluate "$LOUT/final" "$RUNS/test_camera/test.json" "$LOUT/camera_results.json"
+  evaluate "$LOUT/final" "$RUNS/test_locate/test.json" "$LOUT/locate_results.json"
+  evaluate "$LOUT/final" "$RUNS/test_camera_locate/test.json" "$LOUT/camera_locate_results.json"
+  evaluate "$LOUT/final" "$RUNS/test_positions/test.json" "$LOUT/positions_results.json" 64
+  evaluate "$LOUT/final" "$RUNS/test_camera_positions/test.json" "$LOUT/camera_positions_results.json" 64
 
-SHIP_MODEL="$LOUT/final" SHIP_RESULTS="$LOUT/test_results.json" SHIP_METRICS="$LOUT/metrics.jsonl"
-SHIP_CONFIG="$LOCATE_CONFIG" SHIP_NOTES=configs/nano/student_card_notes.md  # the card's reading of the results
-SHIP_STAGES=(--earlier-stage "$OUT/metrics.jsonl" "$CONFIG" --earlier-stage "$GOUT/metrics.jsonl" "$GRIDS_CONFIG"
-  --camera-results "$LOUT/camera_results.json"
-  --extra-results "Where is it? (locate, test split)" "$LOUT/locate_results.json"
-  --extra-results "Where is it? (locate, the synthetic camera's frames)" "$LOUT/camera_locate_results.json"
-  --extra-results "Where is each object? (positions, test split)" "$LOUT/positions_results.json"
-  --extra-results "Where is each object? (positions, the synthetic camera's frames)"
-  "$LOUT/camera_positions_results.json")
+  SHIP_MODEL="$LOUT/final" SHIP_RESULTS="$LOUT/test_results.json" SHIP_METRICS="$LOUT/metrics.jsonl"
+  SHIP_CONFIG="$LOCATE_CONFIG" SHIP_NOTES=configs/nano/student_card_notes.md  # the card's reading of the results
+  SHIP_STAGES=(--earlier-stage "$OUT/metrics.jsonl" "$CONFIG" --earlier-stage "$GOUT/metrics.jsonl" "$GRIDS_CONFIG"
+    --camera-results "$LOUT/camera_results.json"
+    --extra-results "Where is it? (locate, test split)" "$LOUT/locate_results.json"
+    --extra-results "Where is it? (locate, the synthetic camera's frames)" "$LOUT/camera_locate_results.json"
+    --extra-results "Where is each object? (positions, test split)" "$LOUT/positions_results.json"
+    --extra-results "Where is each object? (positions, the synthetic camera's frames)"
+    "$LOUT/camera_positions_results.json")
+fi
 
 if [ "$DISTILL" = 1 ]; then
   # 5a. the teacher: the 4b student grown to the teacher's size (same function at step 0), trained further

@@ -144,6 +144,9 @@ def test_prepare_data_dense_share_can_also_name_sizes(tmp_path):
     assert all(any(size in r["conversations"][1]["value"] for size in ("small", "large")) for r in describe)
     assert [r for r in both if r["family"] == "count"] == [r for r in plain if r["family"] == "count"]
     assert all((sized.parent / r["image"]).is_file() for r in both)
+    # Other question families in the same folder: a set of their own, never the count-only one reused.
+    where = prepare_data(tmp_path, 4, 3, layout="grid", families=("count", "locate"), mix_file="where.json")
+    assert {r["family"] for r in json.loads(where.read_text())} == {"count", "locate", "caption"}
 
 
 def test_blend_mixes_takes_as_many_records_of_each_frame_geometry(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,33 @@ def test_a_final_model_without_its_config_is_refused(tmp_path):
 def test_differences_compare_tuples_and_lists_alike():
     assert config_differences({"b": (0.9, 0.98)}, {"b": [0.9, 0.98]}) == []
     assert config_differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == ["a.c: (unset) -> 2"]
+
+
+def test_an_input_changed_after_the_run_makes_it_stale(tmp_path):
+    run = _finished_run(tmp_path / "run", DISTILL)
+    start_model, data = tmp_path / "start", tmp_path / "train.json"
+    start_model.mkdir()
+    (start_model / "model.safetensors").write_text("x")
+    data.write_text("[]")
+    trained = (run / "final" / "config.json").stat().st_mtime
+    for path in (start_model / "model.safetensors", data):
+        os.utime(path, (trained - 60, trained - 60))
+    assert run_state(run, DISTILL, inputs=[start_model, data, tmp_path / "absent.json"]) == "done"
+    os.utime(start_model / "model.safetensors", (trained + 60, trained + 60))  # an earlier stage retrained
+    with pytest.raises(StaleRunError, match=f"{start_model} changed after this run"):
+        run_state(run, DISTILL, inputs=[start_model, data])
+
+
+def test_the_saved_config_is_read_through_the_same_loader(tmp_path):
+    # An older run saved fewer keys; the loader fills the defaults the current config has.
+    def with_defaults(cfg):
+        return {**cfg, "new_default": 1}
+
+    run = _finished_run(tmp_path, DISTILL)
+    assert run_state(run, with_defaults(DISTILL), normalize=with_defaults) == "done"
+
+    def refuse(cfg):
+        raise ValueError("unknown key 'gone'")
+
+    with pytest.raises(StaleRunError, match="no longer loads as a config"):
+        run_state(run, DISTILL, normalize=refuse)

@@ -476,13 +476,22 @@ def test_locate_names_the_third_of_the_frame_and_skips_borderline_objects() -> N
     border = scene_with(101, 75)  # x 0.337: on the left/center border
     assert locate_phrase(border, border.objects[0]) is None
     assert [qa.question for qa in locate_questions(border)] == ["Where is the blue square?"]
-    # A grid's 4 columns/rows: the outer ones are left/top and right/bottom, the inner two center/middle.
-    grid = generate_scene(3, SceneConfig(layout="grid", min_objects=5, max_objects=5))
-    cell_w, cell_h = SceneConfig(layout="grid").cell_size()
-    for o in grid.objects:
-        col, row = int(o.x // cell_w), int(o.y // cell_h)
-        assert locate_phrase(grid, o) == f"{['top', 'middle', 'middle', 'bottom'][row]} " \
-            f"{['left', 'center', 'center', 'right'][col]}"
+    # The nano grids: 4 columns are left/center/center/right, 4 rows top/middle/middle/bottom, the
+    # camera's 3 rows top/middle/bottom; every object is named.
+    square = SceneConfig(layout="grid", min_objects=5, max_objects=5)
+    camera = SceneConfig(width=640, height=480, layout="grid", grid=(4, 3), min_objects=5, max_objects=5)
+    for config, rows in ((square, ["top", "middle", "middle", "bottom"]), (camera, ["top", "middle", "bottom"])):
+        cell_w, cell_h = config.cell_size()
+        for seed in range(20):
+            grid = generate_scene(seed, config)
+            for o in grid.objects:
+                col, row = int(o.x // cell_w), int(o.y // cell_h)
+                assert locate_phrase(grid, o) == f"{rows[row]} {['left', 'center', 'center', 'right'][col]}"
+    # A 5x5 grid centres its second column at 0.30 of the width, too close to the border to name.
+    fine = SceneConfig(width=140, height=140, layout="grid", grid=(5, 5))
+    assert locate_phrase(Scene(140, 140, [SceneObject("circle", "red", "small", 42.0, 70.0, 5.0)], seed=0),
+                         SceneObject("circle", "red", "small", 42.0, 70.0, 5.0)) is None
+    assert fine.cell_size()[0] * 1.5 == 42.0
 
 
 def test_tokenizer_corpus_leaves_out_families_added_after_the_shipped_tokenizer() -> None:

@@ -59,6 +59,11 @@ class BenchConfig:
     rounds: int = 1  # workers run round-robin this many times (fairer on a busy machine)
 
 
+# The families bench questions rotate through, fixed so that a family added to the generator later
+# does not change which question a bench frame gets (latencies stay comparable across versions).
+BENCH_FAMILIES: tuple[str, ...] = ("attribute", "count", "exist", "spatial", "compare", "describe", "caption")
+
+
 def bench_inputs(n: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
     """n (frame, question) pairs: one question per test-split scene, families in rotation."""
     from vlsi_model import scenes
@@ -68,7 +73,7 @@ def bench_inputs(n: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
     while len(out) < n:
         s = scenes.scene_seed("test", seed, i)
         scene = scenes.generate_scene(s, scenes.SceneConfig(width=FRAME_SIZE[0], height=FRAME_SIZE[1]))
-        qas = scenes.make_questions(scene, s)
+        qas = scenes.make_questions(scene, s, BENCH_FAMILIES)
         if qas:
             out.append((scenes.render_scene(scene), qas[i % len(qas)].question))
         i += 1

@@ -116,7 +116,8 @@ def score_object_regions(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | Non
     naming every object's most frequent region.
 
     Why: the whole answer must be exact for exact match, so one misplaced object of five scores
-    like five; this says how many objects a robot is told the right place of.
+    like five; this says how many objects a robot is told the right place of. It is recall only:
+    an object the answer invents costs nothing here (exact match counts it).
     """
     references: Counter[tuple[str, str]] = Counter()
     right = 0
@@ -241,7 +242,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"| **overall** | {o['n']} | **{o['accuracy']:.3f}** | |")
     if r := results.get("object_regions"):
         lines.append(f"\nObjects named with their right region in the positions answers: **{r['accuracy']:.3f}** of "
-                     f"{r['objects']} (prior {r['prior']:.3f}: always \"{r['majority_region']}\").")
+                     f"{r['objects']} (prior {r['prior']:.3f}: always \"{r['majority_region']}\"; objects an "
+                     "answer adds that are not there are not counted against it).")
     return "\n".join(lines)
 
 

@@ -45,8 +45,9 @@ EXTRA_SHAPES: tuple[str, ...] = ("diamond", "star")
 ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
 SIZES: tuple[str, ...] = ("small", "large")
-# New families go at the end: a family's question stream is seeded by its index here, so
-# appending one leaves every existing dataset's questions unchanged.
+# New families go at the end: a family's question stream is seeded by its index here, so appending
+# one leaves the questions of the other families unchanged (a caller that asks for every family, the
+# default, also gets the new one's).
 FAMILIES: tuple[str, ...] = (
     "attribute", "count", "exist", "spatial", "compare", "describe", "caption", "locate", "positions",
 )
@@ -97,7 +98,8 @@ SPATIAL_MIN_SEPARATION = 1.5
 ROWS_THIRDS: tuple[str, ...] = ("top", "middle", "bottom")
 COLUMNS_THIRDS: tuple[str, ...] = ("left", "center", "right")
 # An object whose centre lies closer than this fraction of the frame to a third's border has no
-# unambiguous answer and is never asked about (random layout only: grid cells are centred).
+# unambiguous answer and is never asked about. The nano data's 4x4 and 4x3 grids (and 3x3) put no
+# cell centre that close; finer grids do (a 5x5 grid's second column is centred at 0.30).
 LOCATE_MARGIN = 0.04
 
 
@@ -660,7 +662,7 @@ def locate_questions(scene: Scene) -> list[QA]:
 def positions_caption(scene: Scene) -> str | None:
     """Dense "where" caption: every object left to right as in `caption_objects`, each followed by
     its `locate_phrase` ("red circle top left, blue square middle right"); None when one object is
-    too close to a third's border to name its region (never on the grid layout).
+    too close to a third's border to name its region (never on the 4x4, 4x3 and 3x3 grids).
 
     Why: a dense task is what taught the nano models captions where VQA alone stayed at chance
     (shared/NANO_NOTES.md); this one asks for every object's position, which no other task does.

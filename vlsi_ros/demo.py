@@ -29,7 +29,7 @@ from vlsi_ros.ask_client import AskClient
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-FAMILY_ORDER = ("count", "attribute", "exist", "spatial", "compare", "caption", "describe")
+FAMILY_ORDER = ("count", "attribute", "locate", "exist", "spatial", "compare", "caption", "describe")
 
 
 def stamp_key(stamp) -> tuple[int, int]:

@@ -183,9 +183,12 @@ def prepare_data(
 
     out = Path(out_dir)
     scene_config = SceneConfig(layout=layout, width=size[0], height=size[1], grid=grid)
-    vqa = out / "vqa" / "train.json"
+    families = parse_families(families)
+    # Named by its families (like the dense set), so a set of other families is never reused.
+    vqa_dir = out / ("vqa" if families == VQA_FAMILIES else "vqa_" + "_".join(families))
+    vqa = vqa_dir / "train.json"
     if not vqa.is_file():
-        write_dataset(out / "vqa", num_images, seed, "train", scene_config, families=families, progress=progress)
+        write_dataset(vqa_dir, num_images, seed, "train", scene_config, families=families, progress=progress)
     dense_families = parse_families(dense_families)
     dense_dir = out / ("caption" if dense_families == (CAPTION_FAMILY,) else "dense_" + "_".join(dense_families))
     dense = dense_dir / "train.json"
@@ -282,11 +285,16 @@ def config_run_state(config: str | Path) -> RunState:
     raw = load_yaml_config(config)
     if "train" in raw and "model" in raw:
         nano_cfg = load_nano_config(config)
-        return run_state(nano_cfg.train.output_path, nano_cfg.to_dict())
+        inputs = [p for p in (nano_cfg.model.path, nano_cfg.data.train, nano_cfg.data.eval) if p]
+        return run_state(nano_cfg.train.output_path, nano_cfg.to_dict(),
+                         lambda saved: load_nano_config(saved).to_dict(), inputs)
     from vlsi_model.distill.pipeline import load_distill_config
 
     distill_cfg = load_distill_config(config)
-    return run_state(distill_cfg.out, distill_cfg.to_dict())
+    inputs = [p for p in (distill_cfg.teacher.path, distill_cfg.student.path, distill_cfg.data.train,
+                          distill_cfg.data.eval) if p]
+    return run_state(distill_cfg.out, distill_cfg.to_dict(), lambda saved: load_distill_config(saved).to_dict(),
+                     inputs)
 
 
 def export_checkpoint(config: str | Path | NanoConfig, checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -582,6 +590,9 @@ def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str |
         camera = None if camera_results_file is None else json.loads(Path(camera_results_file).read_text())
         if camera is not None:
             _write_summary(tmp / "camera_results.json", camera)
+        slugs = [_slug(title) for title, _ in extra_results]
+        if len(set(slugs)) != len(slugs) or {"test", "camera"} & set(slugs):
+            raise ValueError(f"extra results need distinct titles that do not name test/camera results: {slugs}")
         extra = [(title, json.loads(Path(f).read_text())) for title, f in extra_results]
         for title, extra_result in extra:
             _write_summary(tmp / f"{_slug(title)}_results.json", extra_result)

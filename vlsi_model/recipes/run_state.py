@@ -13,7 +13,7 @@ changing them never changes the trained weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,26 +55,54 @@ def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> l
             if key not in a or key not in b or a[key] != b[key]]
 
 
-def run_state(output_dir: str | Path, resolved_config: Mapping[str, Any]) -> RunState:
+def _last_change(path: Path) -> float:
+    """Modification time of a file, or of the newest file directly inside a directory."""
+    if path.is_dir():
+        return max((f.stat().st_mtime for f in path.iterdir() if f.is_file()), default=0.0)
+    return path.stat().st_mtime
+
+
+def run_state(
+    output_dir: str | Path,
+    resolved_config: Mapping[str, Any],
+    normalize: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    inputs: Sequence[str | Path] = (),
+) -> RunState:
     """"done" when output_dir/final holds a model trained from `resolved_config`; "todo" when
     there is no final model yet (a partial run resumes, and the trainer itself refuses a resume
     with other trajectory settings). Raises StaleRunError, naming every differing setting, when
     a final model exists from another config: it is never overwritten or silently reused.
 
     `resolved_config` is the config as the run would save it (`NanoConfig.to_dict()`,
-    `DistillConfig.to_dict()`), so defaults filled in at load time compare equal.
+    `DistillConfig.to_dict()`); `normalize` passes the saved one through the same loader, so
+    defaults filled in at load time (or added to the config classes since) compare equal.
+    `inputs` are the files and model directories the run read (its start model, its data): one
+    changed after the final model was written (an earlier stage retrained, data regenerated in
+    place) makes the run stale too, although its config text is the same.
     """
     out = Path(output_dir)
-    if not (out / FINAL_DIR / "config.json").is_file():
+    final_config = out / FINAL_DIR / "config.json"
+    if not final_config.is_file():
         return "todo"
     saved_path = next((out / name for name in SAVED_CONFIG_NAMES if (out / name).is_file()), None)
     if saved_path is None:
         raise StaleRunError(f"{out / FINAL_DIR} exists but {out} holds none of {list(SAVED_CONFIG_NAMES)}: "
                             "cannot tell which config trained it; move it away to retrain")
-    differences = config_differences(load_yaml_config(saved_path), resolved_config)
-    if differences:
+    saved: Mapping[str, Any] = load_yaml_config(saved_path)
+    if normalize is not None:
+        try:
+            saved = normalize(saved)
+        except (ValueError, TypeError) as exc:
+            raise StaleRunError(f"{saved_path} no longer loads as a config ({exc}); move {out} away to retrain") \
+                from None
+    problems = config_differences(saved, resolved_config)
+    trained_at = final_config.stat().st_mtime
+    problems += [f"{p} changed after this run" for p in map(Path, inputs)
+                 if p.exists() and _last_change(p) > trained_at]
+    if problems:
         raise StaleRunError(
-            f"{out / FINAL_DIR} was trained from another config ({saved_path}):\n  " + "\n  ".join(differences)
+            f"{out / FINAL_DIR} was trained from another config or inputs ({saved_path}):\n  "
+            + "\n  ".join(problems)
             + f"\nmove {out} away (or set another output_dir) to train this config; nothing was changed")
     return "done"
 
