@@ -456,9 +456,9 @@ def _distill_training_section(config: Path) -> str:
     sft_last = _last_metrics(runs / "sft" / "metrics.jsonl")
     loss_3, acc_3 = float(sft_last.get("loss", float("nan"))), float(sft_last.get("token_acc", float("nan")))
     matching, loss = cfg.get("matching", {}), cfg.get("loss", {})
-    return f"""- Start: the nano student pretrained by SFT (`{cfg.get("student", {}).get("path")}`, recipe
-  `configs/nano/student.yaml`), distilled from the nano teacher (`{cfg.get("teacher", {}).get("path")}`, recipe
-  `configs/nano/teacher.yaml`, 9.47M parameters) with `vlsi distill` (shared/VLSI_METHOD.md): step 1
+    return f"""- Start: the nano student pretrained by SFT (`{cfg.get("student", {}).get("path")}`), distilled
+  from the nano teacher (`{cfg.get("teacher", {}).get("path")}`; how both were trained: Reproduce,
+  below) with `vlsi distill` (shared/VLSI_METHOD.md): step 1
   verbalization {steps.get("verbalize", {}).get("max_steps", "?")} steps (verb-FFN heads only), step 2 interaction
   {steps.get("interact", {}).get("max_steps", "?")} steps (matching `{matching.get("variant", "full")}`, intermediate
   `{loss.get("intermediate_op", "kld")}` / last `{loss.get("last_op", "kld")}`), step 3 SFT
@@ -594,8 +594,8 @@ def ship_student(model_dir: str | Path, results_file: str | Path, metrics: str |
         if len(set(slugs)) != len(slugs) or {"test", "camera"} & set(slugs):
             raise ValueError(f"extra results need distinct titles that do not name test/camera results: {slugs}")
         extra = [(title, json.loads(Path(f).read_text())) for title, f in extra_results]
-        for title, extra_result in extra:
-            _write_summary(tmp / f"{_slug(title)}_results.json", extra_result)
+        for slug, (_, extra_result) in zip(slugs, extra, strict=True):
+            _write_summary(tmp / f"{slug}_results.json", extra_result)
         (tmp / "README.md").write_text(model_card(model_dir, results, Path(metrics), Path(config), notes,
                                                   earlier_stages, camera, extra))
         # mkdtemp makes 0700 directories: package data must be readable by every user of an install.

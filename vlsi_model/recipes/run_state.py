@@ -50,7 +50,6 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     """"key: saved -> wanted" for every result-changing setting that differs (dotted keys, sorted)."""
     a, b = _flatten(saved), _flatten(wanted)
-
     return [f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}" for key in sorted(set(a) | set(b))
             if key not in a or key not in b or a[key] != b[key]]
 
