@@ -190,6 +190,9 @@ class StudyArgs:
     teacher_targets: dict[str, Any]
     lora: dict[str, Any]
     freeze_vision: bool = True  # every row keeps the student's vision encoder as its recipe did
+    # Further test sets, by name: every row is also scored on each (first eval_samples records), a
+    # column of the table each; e.g. a split of one question family the main test split holds few of.
+    extra_tests: dict[str, Path] = field(default_factory=dict)
 
 
 def _student_init(a: StudyArgs, seed: int) -> Path:
@@ -220,17 +223,35 @@ def base_distill_config(a: StudyArgs, seed: int, output_dir: Path, interact_step
     }
 
 
-def _evaluate(model_dir: Path, a: StudyArgs, dest: Path) -> dict[str, Any]:
+def _evaluate(model_dir: Path, a: StudyArgs, dest: Path, test_data: Path | None = None) -> dict[str, Any]:
     from vlsi_model.engine import load_engine
     from vlsi_model.evaluation import evaluate, write_results
 
     engine = load_engine(model_dir, "torch", device=_device())
     try:
-        results = evaluate(model_dir, a.test_data, max_samples=a.eval_samples, engine=engine)
+        results = evaluate(model_dir, test_data or a.test_data, max_samples=a.eval_samples, engine=engine)
     finally:
         engine.close()
     write_results(results, dest)
     return results
+
+
+def _add_extra_tests(model_dir: Path, a: StudyArgs, row_dir: Path, results: dict[str, Any]) -> bool:
+    """Score `model_dir` on every extra test set `results` lacks, into results["extra"][name]
+    (overall and per-family accuracy); returns whether anything was added.
+
+    Why also for finished rows: a test set added after a study ran is scored from the models the
+    rows kept, without retraining them."""
+    extra = results.setdefault("extra", {})
+    missing = [name for name in a.extra_tests if name not in extra]
+    if missing and not (model_dir / "config.json").is_file():
+        log.warning("%s: its model %s is gone; extra tests %s left out", row_dir, model_dir, missing)
+        return False
+    for name in missing:
+        r = _evaluate(model_dir, a, row_dir / ".extra_tmp.json", a.extra_tests[name])
+        extra[name] = {"overall": r["overall"], "families": r["families"], "data": str(a.extra_tests[name])}
+        (row_dir / ".extra_tmp.json").unlink(missing_ok=True)
+    return bool(missing)
 
 
 @contextlib.contextmanager
@@ -285,34 +306,26 @@ def finished_result(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
 
 def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     """Train (or resume) and evaluate one (row, seed); returns its eval results (cached on disk)."""
-    from vlsi_model.distill.pipeline import (
-        FINAL_DIR,
-        INTERACTION_DIR,
-        STUDENT_VERBALIZED_DIR,
-        TEACHER_VERBALIZERS_DIR,
-        run_distill,
-    )
+    from vlsi_model.distill.pipeline import STUDENT_VERBALIZED_DIR, TEACHER_VERBALIZERS_DIR, run_distill
     from vlsi_model.training.sft import run_sft
 
     row_dir = _row_dir(row, a, seed)
     result_file = row_dir / "eval.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        results = json.loads(result_file.read_text())
+        if _add_extra_tests(row_model_dir(row, a, seed), a, row_dir, results):
+            _write_json_atomic(result_file, results)
+        return results
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if row.kind == "teacher":
-        model_dir = a.teacher
-    elif row.kind == "init":
-        model_dir = _student_init(a, seed)
-    elif row.kind == "sft":
+    if row.kind == "sft":  # (teacher and init rows train nothing: they are evaluated as they are)
         cfg = {"model": {"path": str(_student_init(a, seed)), "freeze_vision": a.freeze_vision},
                "data": {"train": str(a.train_data), "max_length": a.max_length},
                "train": {"output_dir": str(row_dir / "sft"), "max_steps": a.budget, "per_device_batch_size":
                          a.batch_size, "lr": a.lr, "seed": seed, "warmup_steps": max(1, min(50, a.budget // 20)),
                          "save_every_steps": max(1, a.budget // 4), "log_every_steps": max(1, min(25, a.budget // 10))}}
         run_sft(cfg, resume=True)
-        model_dir = row_dir / "sft" / "final"
-    else:
+    elif row.kind == "distill":
         interact = a.budget if "sft" not in row.steps else round(a.budget * a.interact_fraction)
         cfg = _deep_update(base_distill_config(a, seed, row_dir / "distill", interact, a.budget - interact),
                            row.overrides)
@@ -321,16 +334,35 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
             if not (row_dir / "distill" / name).is_dir():
                 shutil.copytree(shared / name, row_dir / "distill" / name)
         run_distill(cfg, steps=list(row.steps), resume=True)
-        model_dir = row_dir / "distill" / (FINAL_DIR if "sft" in row.steps else INTERACTION_DIR)
     train_s = time.perf_counter() - t0
+    model_dir = row_model_dir(row, a, seed)
     results = _evaluate(model_dir, a, row_dir / ".eval_tmp.json")
     results["train_seconds"] = train_s
     results.pop("predictions", None)
-    tmp = row_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, result_file)  # written last: its presence marks the row done
+    _add_extra_tests(model_dir, a, row_dir, results)
+    _write_json_atomic(result_file, results)  # written last: its presence marks the row done
     (row_dir / ".eval_tmp.json").unlink(missing_ok=True)
     return results
+
+
+def row_model_dir(row: Row, a: StudyArgs, seed: int) -> Path:
+    """Where a (row, seed)'s model is once trained: the one that row's results describe."""
+    from vlsi_model.distill.pipeline import FINAL_DIR, INTERACTION_DIR
+
+    if row.kind == "teacher":
+        return a.teacher
+    if row.kind == "init":
+        return _student_init(a, seed)
+    row_dir = _row_dir(row, a, seed)
+    if row.kind == "sft":
+        return row_dir / "sft" / "final"
+    return row_dir / "distill" / (FINAL_DIR if "sft" in row.steps else INTERACTION_DIR)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,10 +406,12 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
     """Markdown table (mean ± std over seeds; the paired difference to the full method; templates
     answered with a constant; the student's training minutes) and the same numbers as JSON."""
     families = sorted({f for rs in results.values() for r in rs for f in r["families"]})
+    extras = list(dict.fromkeys(name for rs in results.values() for r in rs for name in r.get("extra", {})))
+    columns = families + [f"{name} (set)" for name in extras]
     reference = results.get(PAIRED_REFERENCE, [])
-    header = ("| row | seeds | overall | " + " | ".join(families)
+    header = ("| row | seeds | overall | " + " | ".join(columns)
               + f" | overall - {PAIRED_REFERENCE} (paired) | constant templates | train min |")
-    lines = [header, "|" + "---|" * (6 + len(families))]
+    lines = [header, "|" + "---|" * (6 + len(columns))]
     summary: dict[str, Any] = {}
     group = None
     for row in rows:
@@ -385,9 +419,11 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
         if row.group != group:
             group = row.group
             if group != "main":
-                lines.append(f"| *{group}* |" + " |" * (5 + len(families)))
+                lines.append(f"| *{group}* |" + " |" * (5 + len(columns)))
         overall = [r["overall"]["accuracy"] for r in rs]
         per_family = {f: [r["families"][f]["accuracy"] for r in rs if f in r["families"]] for f in families}
+        per_extra = {name: [r["extra"][name]["overall"]["accuracy"] for r in rs if name in r.get("extra", {})]
+                     for name in extras}
         paired = _paired_delta(rs, reference) if row.kind in ("sft", "distill") and row.name != PAIRED_REFERENCE \
             else []
         minutes = [r["train_seconds"] / 60 for r in rs if row.kind in ("sft", "distill") and "train_seconds" in r]
@@ -398,14 +434,15 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
             delta_cell += f" (n={len(paired)})"
         constants = [c for c in (constant_templates(r) for r in rs) if c is not None]
         constant_cell = f"{statistics.mean(constants):.1f}" if constants else ""
-        lines.append(f"| {row.label} | {len(rs)} | {_mean_std(overall)} | "
-                     + " | ".join(_mean_std(per_family[f]) for f in families)
+        cells = [_mean_std(per_family[f]) for f in families] + [_mean_std(per_extra[n]) for n in extras]
+        lines.append(f"| {row.label} | {len(rs)} | {_mean_std(overall)} | " + " | ".join(cells)
                      + f" | {delta_cell} | {constant_cell} | {f'{statistics.mean(minutes):.1f}' if minutes else ''} |")
         summary[row.name] = {
             "label": row.label, "seeds": len(rs), "overall": overall,
             "overall_mean": statistics.mean(overall) if overall else None,
             "overall_std": statistics.stdev(overall) if len(overall) > 1 else 0.0,
             "families": {f: v for f, v in per_family.items()},
+            "extra_tests": per_extra,
             "seed_list": [r.get("seed") for r in rs],
             f"paired_delta_vs_{PAIRED_REFERENCE}": paired,
             "train_minutes": minutes,
@@ -416,8 +453,13 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
         for r in rs:
             for f, v in r["families"].items():
                 priors.setdefault(f, v["prior"])
+    for rs in results.values():
+        for r in rs:
+            for name, v in r.get("extra", {}).items():
+                if len(v["families"]) == 1:  # one family: its majority answer is the set's prior
+                    priors.setdefault(f"{name} (set)", next(iter(v["families"].values()))["prior"])
     if priors:
-        cells = " | ".join(f"{priors.get(f, 0):.3f}" for f in families)
+        cells = " | ".join(f"{priors[c]:.3f}" if c in priors else "" for c in columns)
         lines.append(f"| *answer prior (majority)* | | | {cells} | | | |")
     return "\n".join(lines), summary
 
@@ -456,6 +498,18 @@ def plot_matching(a: StudyArgs, rows: Sequence[Row], seed: int) -> Path | None:
     return out
 
 
+def _parse_extra_tests(p: argparse.ArgumentParser, specs: Sequence[str]) -> dict[str, Path]:
+    extra: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip() or "|" in name:
+            p.error(f"--extra-test wants NAME=FILE, got {spec!r}")
+        if name.strip() in extra:
+            p.error(f"--extra-test {name.strip()!r} given twice")
+        extra[name.strip()] = Path(path.strip())
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/vlsi_study"))
@@ -471,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--eval-samples", type=int, default=None, help="first N test records (default: all)")
+    p.add_argument("--extra-test", action="append", default=[], metavar="NAME=FILE",
+                   help="also score every row on this test set (a table column NAME); repeatable; finished rows "
+                        "are scored from the models they kept")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-vision", action="store_true",
@@ -498,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         args.max_length = 64
     a = StudyArgs(args.out, args.teacher, args.train_data, args.test_data, args.student_init, seeds, args.budget,
                   args.interact_fraction, args.verbalize_steps, args.batch_size, args.lr, args.max_length,
-                  args.eval_samples, student_targets, teacher_targets, lora, freeze_vision=not args.train_vision)
-    for path, what in ((a.teacher, "teacher model"), (a.train_data, "train data"), (a.test_data, "test data")):
+                  args.eval_samples, student_targets, teacher_targets, lora, freeze_vision=not args.train_vision,
+                  extra_tests=_parse_extra_tests(p, args.extra_test))
+    for path, what in ((a.teacher, "teacher model"), (a.train_data, "train data"), (a.test_data, "test data"),
+                       *((path, f"extra test {name}") for name, path in a.extra_tests.items())):
         if not Path(path).exists():
             p.error(f"{what} not found: {path}")
     rows = study_rows()
@@ -529,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     table, summary = summarise(rows, results)
     plot_matching(a, rows, seeds[0])
     text = (f"# VLsI study (nano family)\n\nbudget {a.budget} student steps per row, seeds {seeds}, "
-            f"device {_device()}, test {a.test_data}\n\n{table}\n")
+            f"device {_device()}, test {a.test_data}"
+            + "".join(f", {name} (set): {path}" for name, path in a.extra_tests.items()) + f"\n\n{table}\n")
     (a.out / "results.md").write_text(text)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                     "rows": summary}, indent=1) + "\n")

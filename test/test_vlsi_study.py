@@ -50,6 +50,29 @@ def test_summary_mean_std_and_paired_difference():
     assert summary["a"]["constant_templates"] == [0, 0, 0]
 
 
+def test_summary_adds_a_column_per_extra_test_set():
+    """--extra-test NAME=FILE: each row's score on the set is a column (mean ± std over the seeds that
+    have it), with the set's prior when it holds one family."""
+    import vlsi_study
+
+    rows = [vlsi_study.Row("a", "sft", "A")]
+
+    def result(acc, seed, spatial=None):
+        r = {"overall": {"accuracy": acc}, "families": {"count": {"accuracy": acc, "prior": 0.3}}, "seed": seed}
+        if spatial is not None:
+            r["extra"] = {"spatial": {"overall": {"accuracy": spatial},
+                                      "families": {"spatial": {"accuracy": spatial, "prior": 0.51}}}}
+        return r
+
+    table, summary = vlsi_study.summarise(rows, {"a": [result(0.5, 0, 0.6), result(0.7, 1, 0.8), result(0.4, 2)]})
+    header, _, line, prior = table.splitlines()
+    assert "| count | spatial (set) |" in header
+    assert line.split(" | ")[3:5] == ["0.533 ± 0.153", "0.700 ± 0.141"]  # seed 2 has no spatial score
+    assert "| 0.300 | 0.510 |" in prior
+    assert summary["a"]["extra_tests"] == {"spatial": [0.6, 0.8]}
+    assert len({ln.count("|") for ln in table.splitlines()}) == 1  # every line has the header's columns
+
+
 def test_row_lock_is_exclusive_and_dies_with_its_process(tmp_path):
     """Parallel workers share rows through file_lock: a held (row, seed) is refused to the others,
     and a killed worker's claim disappears with it (its row can be resumed at once)."""
@@ -125,3 +148,17 @@ def test_smoke_runs_every_row_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode == 0, again.stderr[-4000:]
     assert (out / "rows" / "vlsi_full" / "seed0" / "eval.json").stat().st_mtime_ns == stamp  # skipped, not redone
+    # A test set added later is scored from the models the finished rows kept, without retraining them.
+    sft_final = out / "rows" / "student_sft" / "seed0" / "sft" / "final" / "model.safetensors"
+    trained_at = sft_final.stat().st_mtime_ns
+    test_json = out / "smoke_inputs" / "data" / "test.json"
+    later = subprocess.run(cmd + ["--rows", "teacher,student_sft", "--extra-test", f"later={test_json}"],
+                           capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert later.returncode == 0, later.stderr[-4000:]
+    assert sft_final.stat().st_mtime_ns == trained_at
+    row = json.loads((out / "rows" / "student_sft" / "seed0" / "eval.json").read_text())
+    # the same file as the main test split: the same score
+    assert row["extra"]["later"]["overall"]["accuracy"] == row["overall"]["accuracy"]
+    assert "later (set)" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["rows"]["student_sft"]["extra_tests"]["later"] == [
+        row["overall"]["accuracy"]]

@@ -346,6 +346,15 @@ python -m vlsi_model.recipes.nano data --out runs/nano/data_locate_4x3 --num 400
 python -m vlsi_model.recipes.nano blend --out runs/nano/data_locate_4x3/train_mix_positions_both.json \\
     runs/nano/data_locate_4x3/train_mix_positions.json runs/nano/data_locate/train_mix_positions.json
 nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student_locate.yaml --threads 1 --resume
+python -m vlsi_model.recipes.nano data --out runs/nano/data_locate_s40 --num 8000 --caption-num 20000 --seed 40 \\
+    --families attribute,count,exist,spatial,compare,locate --dense-families caption,positions \\
+    --mix-file train_mix_positions.json
+python -m vlsi_model.recipes.nano data --out runs/nano/data_locate_4x3_s50 --num 4000 --caption-num 10000 --seed 50 \\
+    --size 640x480 --grid 4x3 --families attribute,count,exist,spatial,compare,locate \\
+    --dense-families caption,positions --mix-file train_mix_positions.json
+python -m vlsi_model.recipes.nano blend --out runs/nano/data_locate_4x3_s50/train_mix_positions_both.json \\
+    runs/nano/data_locate_4x3_s50/train_mix_positions.json runs/nano/data_locate_s40/train_mix_positions.json
+nice -n 5 python -m vlsi_model.recipes.nano train --config configs/nano/student_locate_more.yaml --threads 1 --resume
 vlsi data scenes --out runs/nano/test_camera --num 600 --split test --size 640x480 --layout grid --grid 4x3 \\
     --families attribute,count,exist,spatial,compare,caption
 for family in locate positions; do
@@ -354,25 +363,27 @@ for family in locate positions; do
       --grid 4x3 --families $family
 done
 for t in test:test test_camera:camera test_locate:locate test_camera_locate:camera_locate; do
-  vlsi eval --model runs/nano/student_locate/final --data runs/nano/${t%%:*}/test.json \\
-    --out runs/nano/student_locate/${t##*:}_results.json --max-samples 1400
+  vlsi eval --model runs/nano/student_locate_more/final --data runs/nano/${t%%:*}/test.json \\
+    --out runs/nano/student_locate_more/${t##*:}_results.json --max-samples 1400
 done
 for t in test_positions:positions test_camera_positions:camera_positions; do  # answers of up to 56 tokens
-  vlsi eval --model runs/nano/student_locate/final --data runs/nano/${t%%:*}/test.json \\
-    --out runs/nano/student_locate/${t##*:}_results.json --max-new-tokens 64
+  vlsi eval --model runs/nano/student_locate_more/final --data runs/nano/${t%%:*}/test.json \\
+    --out runs/nano/student_locate_more/${t##*:}_results.json --max-new-tokens 64
 done
-python -m vlsi_model.recipes.nano ship --model runs/nano/student_locate/final \\
-    --results runs/nano/student_locate/test_results.json \\
-    --camera-results runs/nano/student_locate/camera_results.json \\
-    --extra-results "Where is it? (locate, test split)" runs/nano/student_locate/locate_results.json \\
+python -m vlsi_model.recipes.nano ship --model runs/nano/student_locate_more/final \\
+    --results runs/nano/student_locate_more/test_results.json \\
+    --camera-results runs/nano/student_locate_more/camera_results.json \\
+    --extra-results "Where is it? (locate, test split)" runs/nano/student_locate_more/locate_results.json \\
     --extra-results "Where is it? (locate, the synthetic camera's frames)" \\
-    runs/nano/student_locate/camera_locate_results.json \\
-    --extra-results "Where is each object? (positions, test split)" runs/nano/student_locate/positions_results.json \\
+    runs/nano/student_locate_more/camera_locate_results.json \\
+    --extra-results "Where is each object? (positions, test split)" \\
+    runs/nano/student_locate_more/positions_results.json \\
     --extra-results "Where is each object? (positions, the synthetic camera's frames)" \\
-    runs/nano/student_locate/camera_positions_results.json \\
+    runs/nano/student_locate_more/camera_positions_results.json \\
     --earlier-stage runs/nano/student/metrics.jsonl configs/nano/student.yaml \\
     --earlier-stage runs/nano/student_grids/metrics.jsonl configs/nano/student_grids.yaml \\
-    --metrics runs/nano/student_locate/metrics.jsonl --config configs/nano/student_locate.yaml \\
+    --earlier-stage runs/nano/student_locate/metrics.jsonl configs/nano/student_locate.yaml \\
+    --metrics runs/nano/student_locate_more/metrics.jsonl --config configs/nano/student_locate_more.yaml \\
     --dest vlsi_model/assets/default_student --notes "$(cat configs/nano/student_card_notes.md)"
 """)
 # The reproduction of a VLsI-distilled default (DISTILL=1 in the script).
