@@ -78,6 +78,14 @@ evaluate() {  # evaluate MODEL_DIR DATA_JSON OUT_JSON [MAX_NEW_TOKENS], unless O
   [ "$3" -nt "$1/config.json" ] || $PY -m vlsi_model.cli eval --model "$1" --data "$2" --out "$3" --max-samples 1400 \
     --max-new-tokens "${4:-16}" --threads "$THREADS" --no-progress
 }
+evaluate_where_stage() {  # evaluate_where_stage RUN_DIR: the locate stages' six test sets (positions answers are long)
+  evaluate "$1/final" "$RUNS/test/test.json" "$1/test_results.json"
+  evaluate "$1/final" "$RUNS/test_camera/test.json" "$1/camera_results.json"
+  evaluate "$1/final" "$RUNS/test_locate/test.json" "$1/locate_results.json"
+  evaluate "$1/final" "$RUNS/test_camera_locate/test.json" "$1/camera_locate_results.json"
+  evaluate "$1/final" "$RUNS/test_positions/test.json" "$1/positions_results.json" 64
+  evaluate "$1/final" "$RUNS/test_camera_positions/test.json" "$1/camera_positions_results.json" 64
+}
 CONFIG=$(config_in_runs "$CONFIG")
 
 [ -f "$RUNS/tokenizer/tokenizer.json" ] || $PY -m vlsi_model.recipes.nano tokenizer --out "$RUNS/tokenizer"
@@ -128,12 +136,7 @@ if [ "$DISTILL" != 1 ]; then  # (the distilled student replaces these stages' mo
   LOCATE_CONFIG=$(config_in_runs configs/nano/student_locate.yaml)
   LOUT=$(output_dir "$LOCATE_CONFIG")
   train_stage "$LOCATE_CONFIG"
-  evaluate "$LOUT/final" "$RUNS/test/test.json" "$LOUT/test_results.json"
-  evaluate "$LOUT/final" "$RUNS/test_camera/test.json" "$LOUT/camera_results.json"
-  evaluate "$LOUT/final" "$RUNS/test_locate/test.json" "$LOUT/locate_results.json"
-  evaluate "$LOUT/final" "$RUNS/test_camera_locate/test.json" "$LOUT/camera_locate_results.json"
-  evaluate "$LOUT/final" "$RUNS/test_positions/test.json" "$LOUT/positions_results.json" 64
-  evaluate "$LOUT/final" "$RUNS/test_camera_positions/test.json" "$LOUT/camera_positions_results.json" 64
+  evaluate_where_stage "$LOUT"
 
   # 4d. fourth stage: 4000 more steps of the 4c recipe on fresh images (new seeds), evaluated the same way
   [ -f "$RUNS/data_locate_s40/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data \
@@ -148,12 +151,7 @@ if [ "$DISTILL" != 1 ]; then  # (the distilled student replaces these stages' mo
   MORE_CONFIG=$(config_in_runs configs/nano/student_locate_more.yaml)
   MOUT=$(output_dir "$MORE_CONFIG")
   train_stage "$MORE_CONFIG"
-  evaluate "$MOUT/final" "$RUNS/test/test.json" "$MOUT/test_results.json"
-  evaluate "$MOUT/final" "$RUNS/test_camera/test.json" "$MOUT/camera_results.json"
-  evaluate "$MOUT/final" "$RUNS/test_locate/test.json" "$MOUT/locate_results.json"
-  evaluate "$MOUT/final" "$RUNS/test_camera_locate/test.json" "$MOUT/camera_locate_results.json"
-  evaluate "$MOUT/final" "$RUNS/test_positions/test.json" "$MOUT/positions_results.json" 64
-  evaluate "$MOUT/final" "$RUNS/test_camera_positions/test.json" "$MOUT/camera_positions_results.json" 64
+  evaluate_where_stage "$MOUT"
 
   SHIP_MODEL="$MOUT/final" SHIP_RESULTS="$MOUT/test_results.json" SHIP_METRICS="$MOUT/metrics.jsonl"
   SHIP_CONFIG="$MORE_CONFIG" SHIP_NOTES=configs/nano/student_card_notes.md  # the card's reading of the results
