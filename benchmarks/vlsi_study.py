@@ -453,8 +453,6 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
         for r in rs:
             for f, v in r["families"].items():
                 priors.setdefault(f, v["prior"])
-    for rs in results.values():
-        for r in rs:
             for name, v in r.get("extra", {}).items():
                 if len(v["families"]) == 1:  # one family: its majority answer is the set's prior
                     priors.setdefault(f"{name} (set)", next(iter(v["families"].values()))["prior"])
