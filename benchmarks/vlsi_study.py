@@ -21,7 +21,11 @@ Rows (each a `vlsi distill` config generated from the row's overrides, or plain 
 
 Same trainable weights: no row trains the student's vision encoder (merger included) unless
 --train-vision is given, because the nano student was trained on a frozen random one and a
-trained merger erodes the shape information it reads (`models.freeze_vision`).
+trained merger erodes the shape information it reads (`models.freeze_vision`). What the
+interaction step trains is --interact-trains: the decoder layers (the paper's choice, for a
+pretrained student), or the whole language model (+ token embeddings, final norm, LM head): the
+default for --student-init random, whose random embeddings and head SFT trains from the first
+step and a decoder-only step 2 would leave random.
 
 Equal student compute: every trained row spends `--budget` optimizer steps on the student
 backbone (distillation rows: interaction + SFT = budget; no_step3: interaction = budget;
@@ -190,6 +194,7 @@ class StudyArgs:
     teacher_targets: dict[str, Any]
     lora: dict[str, Any]
     freeze_vision: bool = True  # every row keeps the student's vision encoder as its recipe did
+    interact_trains: str = "decoder"  # step 2: "decoder" or "language_model" (distill ModelRef.interact_trains)
     # Further test sets, by name: every row is also scored on each (first eval_samples records), a
     # column of the table each; e.g. a split of one question family the main test split holds few of.
     extra_tests: dict[str, Path] = field(default_factory=dict)
@@ -201,12 +206,20 @@ def _student_init(a: StudyArgs, seed: int) -> Path:
     return make_student_init(a.out / "shared" / f"seed{seed}" / "student_init", a.teacher, seed)
 
 
+def default_interact_trains(student_init: str) -> str:
+    """What step 2 trains when --interact-trains is not given: the paper's decoder layers for a
+    pretrained student; the whole language model for a random one, whose embeddings and LM head
+    would otherwise stay random through step 2 while the SFT row trains them from its first step."""
+    return "language_model" if student_init == "random" else "decoder"
+
+
 def base_distill_config(a: StudyArgs, seed: int, output_dir: Path, interact_steps: int, sft_steps: int) -> dict:
     """The distill config every row starts from (the full method), as `vlsi distill` reads it."""
     return {
         "output_dir": str(output_dir),
         "teacher": {"path": str(a.teacher)},
-        "student": {"path": str(_student_init(a, seed)), "freeze_vision": a.freeze_vision},
+        "student": {"path": str(_student_init(a, seed)), "freeze_vision": a.freeze_vision,
+                    "interact_trains": a.interact_trains},
         "data": {"train": str(a.train_data), "max_length": a.max_length},
         "verbalizers": {"student": dict(a.student_targets), "teacher": dict(a.teacher_targets)},
         "matching": {"variant": "full", "seed": seed},
@@ -531,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-vision", action="store_true",
                    help="let SFT (the SFT row, step 3) train the student's vision encoder; default: it stays as the "
                         "nano recipe left it (frozen random), because a trained merger erodes the shape information")
+    p.add_argument("--interact-trains", choices=("decoder", "language_model"), default=None,
+                   help="what step 2 trains: the decoder layers (default for a pretrained --student-init) or the "
+                        "whole language model with embeddings and LM head (default for --student-init random)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the table from the (row, seed) pairs already finished")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 steps per row, 1 seed: wiring check")
@@ -554,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     a = StudyArgs(args.out, args.teacher, args.train_data, args.test_data, args.student_init, seeds, args.budget,
                   args.interact_fraction, args.verbalize_steps, args.batch_size, args.lr, args.max_length,
                   args.eval_samples, student_targets, teacher_targets, lora, freeze_vision=not args.train_vision,
-                  extra_tests=_parse_extra_tests(p, args.extra_test))
+                  extra_tests=_parse_extra_tests(p, args.extra_test),
+                  interact_trains=args.interact_trains or default_interact_trains(args.student_init))
     for path, what in ((a.teacher, "teacher model"), (a.train_data, "train data"), (a.test_data, "test data"),
                        *((path, f"extra test {name}") for name, path in a.extra_tests.items())):
         if not Path(path).exists():
@@ -586,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     table, summary = summarise(rows, results)
     plot_matching(a, rows, seeds[0])
     text = (f"# VLsI study (nano family)\n\nbudget {a.budget} student steps per row, seeds {seeds}, "
-            f"device {_device()}, test {a.test_data}"
+            f"device {_device()}, step 2 trains the {a.interact_trains.replace('_', ' ')}, test {a.test_data}"
             + "".join(f", {name} (set): {path}" for name, path in a.extra_tests.items()) + f"\n\n{table}\n")
     (a.out / "results.md").write_text(text)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

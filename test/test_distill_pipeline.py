@@ -190,6 +190,31 @@ def test_step3_with_student_freeze_vision_trains_only_the_language_model(setup, 
     assert any(not torch.equal(before[k], after[k]) for k in language)
 
 
+@pytest.mark.parametrize("interact_trains", ["decoder", "language_model"])
+def test_interaction_trains_the_decoder_or_the_whole_language_model(setup, full_run, tmp_path, interact_trains):
+    """Step 2 without LoRA: the paper's decoder layers only, or (a student from a random init) the
+    embeddings, final norm and LM head too; the vision encoder never trains in step 2."""
+    import shutil
+
+    root, data = setup
+    _, _, out_a, _ = full_run
+    out = tmp_path / "out"
+    for step_output in ("teacher_verbalizers", "student_verbalized"):
+        shutil.copytree(out_a / step_output, out / step_output)
+    cfg = _config(root, data, out, lora={"enabled": False})
+    cfg["student"]["interact_trains"] = interact_trains
+    assert main(["distill", "--config", str(_write(tmp_path / "distill.yaml", cfg)), "--steps", "interact"]) == 0
+    before, after = _weights(out / "student_verbalized"), _weights(out / "interaction")
+    outer = [k for k in before if k.endswith(("embed_tokens.weight", "language_model.norm.weight", "lm_head.weight"))]
+    layers = [k for k in before if "visual." not in k and "layers." in k]
+    vision = [k for k in before if "visual." in k]
+    assert outer and layers and vision
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert all(not torch.equal(before[k], after[k]) for k in layers if k.endswith("q_proj.weight"))
+    changed = [k for k in outer if not torch.equal(before[k], after[k])]
+    assert changed == (outer if interact_trains == "language_model" else [])
+
+
 def test_a_step_without_its_inputs_is_a_clear_error(setup, tmp_path, capsys):
     root, data = setup
     cfg = _write(tmp_path / "distill.yaml", _config(root, data, tmp_path / "out"))
@@ -257,6 +282,10 @@ def test_configs_parse_and_bad_keys_are_named(setup, tmp_path):
         (lambda c: c["train"].update(lerning_rate=1), "lerning_rate"),
         (lambda c: c.update(extra=1), "extra"),
         (lambda c: c["teacher"].update(freeze_vision=True), "teacher never trains"),
+        (lambda c: c["teacher"].update(interact_trains="language_model"), "teacher never trains"),
+        (lambda c: c["student"].update(interact_trains="everything"), "interact_trains: must be one of"),
+        (lambda c: (c["student"].update(interact_trains="language_model"), c["lora"].update(enabled=True)),
+         "LoRA trains only the decoder"),
         (lambda c: c.update(teacher_cache={"enabled": True, "coverage": "some"}), "teacher_cache.coverage"),
         (lambda c: (c["student"].update(freeze_vision=True), c["lora"].update(steps=["interact", "sft"])),
          "LoRA already trains only the decoder"),

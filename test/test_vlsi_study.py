@@ -118,6 +118,24 @@ def test_shipped_distill_config_is_the_study_full_row():
     assert load_distill_config(REPO / "configs" / "nano" / "distill_student.yaml") == load_distill_config(row)
 
 
+def test_a_random_student_trains_its_whole_language_model_in_step2():
+    """From a random init, step 2 trains embeddings and LM head too (SFT trains them from step 1);
+    a pretrained student keeps the paper's decoder-only step 2; an explicit choice wins."""
+    import vlsi_study
+
+    from vlsi_model.distill.pipeline import load_distill_config
+
+    assert vlsi_study.default_interact_trains("random") == "language_model"
+    assert vlsi_study.default_interact_trains("runs/nano/student_grids/final") == "decoder"
+    a = vlsi_study.StudyArgs(
+        out=Path("unused"), teacher=Path("t"), train_data=Path("d.json"), test_data=Path("unused"),
+        student_init="s", seeds=[0], budget=400, interact_fraction=0.5, verbalize_steps=200, batch_size=32,
+        lr=1e-3, max_length=128, eval_samples=None, student_targets=vlsi_study.NANO_STUDENT_TARGETS,
+        teacher_targets=vlsi_study.NANO_TEACHER_TARGETS, lora=vlsi_study.NANO_LORA, interact_trains="language_model")
+    row = load_distill_config(vlsi_study.base_distill_config(a, 0, Path("out"), 200, 200))
+    assert row.student.interact_trains == "language_model"
+
+
 @pytest.mark.slow
 def test_smoke_runs_every_row_and_resumes(tmp_path):
     out = tmp_path / "study"

@@ -5,6 +5,7 @@ Config (YAML; relative paths are relative to the current directory; see configs/
     output_dir: runs/distill
     teacher: {path: runs/teacher/final, dtype: float32}   # HF model directories; dtype of the
     student: {path: runs/student/final, freeze_vision: false}   # freeze_vision: keep the vision encoder fixed in step 3
+                                             # + interact_trains: decoder | language_model (see below)
     data: {train: data/train.json, max_length: 512, on_error: raise}   # LLaVA conversation JSON
     verbalizers:
       student: {stride: 4, start: 2}        # or {layers: [2, 6, 10]}: an explicit list wins
@@ -47,7 +48,8 @@ Choices the paper leaves open (ours, documented):
   (`merge_and_unload`) before each step's output is written.
 - Full fine-tuning (`lora.enabled: false`) in the interaction step trains the decoder
   layers (not the vision tower, embeddings, final norm or LM head: the verbalizers share
-  the latter two); in the SFT step it trains every weight, like `vlsi train`, except the
+  the latter two; `student.interact_trains: language_model` trains those three too, for a
+  student that starts from a random init); in the SFT step it trains every weight, like `vlsi train`, except the
   vision encoder with `student.freeze_vision: true` (for students trained on a frozen one).
 - The verbalizers' initial weights (and LoRA's) are seeded by `train.seed`, so a run is
   reproducible and a resumed run equals an uninterrupted one.
@@ -73,7 +75,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vlsi_model.distill.adapters import BackboneAdapter, get_adapter
+from vlsi_model.distill.adapters import BackboneAdapter, get_adapter, unwrap_model
 from vlsi_model.distill.losses import LossConfig
 from vlsi_model.distill.matching import LayerMatcher, MatchConfig, MatchRecorder
 from vlsi_model.distill.objectives import InteractionObjective, VerbalizationObjective
@@ -123,6 +125,11 @@ class ModelRef:
     # Student only: keep its vision encoder (merger included) fixed in the SFT step too, as
     # `vlsi train`'s model.freeze_vision does (step 2 never trains it). The teacher is always frozen.
     freeze_vision: bool = False
+    # Student only: what step 2 trains without LoRA. "decoder" (the paper: the decoder layers; the
+    # token embeddings, final norm and LM head stay as pretrained, and the verbalizers read through
+    # them) or "language_model" (those too): for a student that starts untrained, whose random
+    # embeddings and head would otherwise stay random through step 2 while SFT trains them.
+    interact_trains: Literal["decoder", "language_model"] = "decoder"
 
 
 @dataclass
@@ -205,6 +212,11 @@ class DistillConfig:
             raise ValueError("train.output_dir is set per run under output_dir/runs/; remove it")
         if self.teacher.freeze_vision:
             raise ValueError("teacher.freeze_vision: the teacher never trains; freeze_vision is a student option")
+        if self.teacher.interact_trains != "decoder":
+            raise ValueError("teacher.interact_trains: the teacher never trains; interact_trains is a student option")
+        if self.student.interact_trains != "decoder" and self.lora.enabled and "interact" in self.lora.steps:
+            raise ValueError("student.interact_trains: language_model with LoRA in the interaction step: LoRA "
+                             "trains only the decoder; drop one of the two")
         if self.student.freeze_vision and self.lora.enabled and "sft" in self.lora.steps:
             raise ValueError("student.freeze_vision with LoRA in the SFT step: LoRA already trains only the decoder; "
                              "drop one of the two")
@@ -330,9 +342,15 @@ def _decoder_module_names(model: nn.Module, adapter: BackboneAdapter, leaf_names
 
 
 def _prepare_trainable(
-    model: nn.Module, adapter: BackboneAdapter, lora: LoraSection, step: str, seed: int
+    model: nn.Module, adapter: BackboneAdapter, lora: LoraSection, step: str, seed: int,
+    interact_trains: str = "decoder",
 ) -> tuple[nn.Module, bool]:
-    """(model to train, whether it is a PEFT model): LoRA on the decoder, or which weights train in full."""
+    """(model to train, whether it is a PEFT model): LoRA on the decoder, or which weights train in full.
+
+    Step 2 without LoRA trains the decoder layers, plus the token embeddings, final norm and LM
+    head when `interact_trains` is "language_model" (`ModelRef.interact_trains`); step 3 trains
+    everything (the caller freezes the vision encoder when asked).
+    """
     if lora.enabled and step in lora.steps:
         from peft import LoraConfig, get_peft_model
 
@@ -348,8 +366,12 @@ def _prepare_trainable(
     if step == "interact":
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in adapter.decoder_layers(model).parameters():
-            p.requires_grad_(True)
+        trained = [adapter.decoder_layers(model)]
+        if interact_trains == "language_model":
+            trained += [unwrap_model(model).get_input_embeddings(), adapter.final_norm(model), adapter.lm_head(model)]
+        for module in trained:
+            for p in module.parameters():
+                p.requires_grad_(True)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -560,9 +582,11 @@ def run_interact(cfg: DistillConfig, resume: bool = False, force_resume: bool = 
         cache = None
         train_set, collate = dataset, make_collate_fn(pad_id)
 
-    model, is_peft = _prepare_trainable(student, s_adapter, cfg.lora, "interact", tc.seed)
+    model, is_peft = _prepare_trainable(student, s_adapter, cfg.lora, "interact", tc.seed,
+                                        interact_trains=cfg.student.interact_trains)
     objective = InteractionObjective(
         model, s_verbs, teacher, t_verbs, matcher, recorder, cfg.loss, teacher_cache=cache,
+        freeze_student_head=cfg.student.interact_trains == "decoder",
     )
     result = train(objective, train_set, collate, tc, resume=resume, progress_desc="interact",
                    force_resume=force_resume)
