@@ -1,0 +1,119 @@
+"""How much a teacher's output distribution says beyond its top answer, on the response tokens of a data file.
+
+    python benchmarks/teacher_confidence.py --model runs/nano/student4_grown \
+        --data runs/nano/data/train_mix.json --samples 512 --out runs/teacher_confidence.json
+
+Final-layer distillation hands the student the teacher's whole next-token distribution instead of
+the one-hot label. What that adds is the teacher's uncertainty: a teacher that puts 0.99 on one
+token teaches what the label does. This prints, over the response tokens (the tokens the
+distillation losses and SFT train on):
+
+* mean entropy of the teacher's distribution (nats; ln V for a uniform one, 0 for one-hot);
+* mean cross-entropy of the teacher against the data's own tokens (its SFT loss);
+* mean probability of its top token, and the share of tokens where that is below 0.9;
+* how often its top token is the data's token.
+
+Why by hand: a few lines of tensor arithmetic over one model's logits; no library computes these
+on a Qwen2-VL's response tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from vlsi_model.prompting import IGNORE_INDEX  # noqa: E402
+
+CONFIDENT = 0.9  # "confident" token: the teacher's top token has at least this probability
+
+
+def confidence_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Sums over the response tokens of one batch ([B, L, V] logits, [B, L] labels, -100 = not a response).
+
+    The logits at position i predict token i + 1, as in the LM loss. Sums, so that batches add up.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    log_p = logits[:, :-1][mask].float().log_softmax(-1)
+    gold = targets[mask]
+    top_p, top_token = log_p.max(-1)
+    top_p = top_p.exp()
+    return {
+        "tokens": float(mask.sum()),
+        "entropy": float(-(log_p.exp() * log_p).sum(-1).sum()),
+        "cross_entropy": float(-log_p.gather(1, gold[:, None]).sum()),
+        "top_probability": float(top_p.sum()),
+        "below_confident": float((top_p < CONFIDENT).sum()),
+        "top_is_label": float((top_token == gold).sum()),
+    }
+
+
+def summarise(sums: dict[str, float]) -> dict[str, float]:
+    """Per-token means from summed `confidence_sums`."""
+    n = sums["tokens"]
+    if n == 0:
+        raise ValueError("no response tokens: nothing to measure")
+    return {
+        "response_tokens": int(n),
+        "mean_entropy_nats": sums["entropy"] / n,
+        "mean_cross_entropy_nats": sums["cross_entropy"] / n,
+        "mean_top_probability": sums["top_probability"] / n,
+        f"share_top_probability_below_{CONFIDENT}": sums["below_confident"] / n,
+        "top_token_accuracy": sums["top_is_label"] / n,
+    }
+
+
+def measure(model_dir: Path, data: Path, samples: int, batch_size: int = 32, max_length: int = 128) -> dict[str, Any]:
+    """The teacher-confidence figures of `model_dir` on the first `samples` records of `data`."""
+    from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.training.data import ConversationDataset, make_collate_fn
+
+    model, tokenizer, processor = load_model_dir(model_dir)
+    dataset = ConversationDataset(data, tokenizer, processor, max_length=max_length)
+    subset = Subset(dataset, range(min(samples, len(dataset))))
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=make_collate_fn(int(tokenizer.pad_token_id)))
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in loader:
+            labels = batch.pop("labels")
+            for key, value in confidence_sums(model(**batch).logits, labels).items():
+                totals[key] = totals.get(key, 0.0) + value
+    return {"model": str(model_dir), "data": str(data), "samples": len(subset), **summarise(totals)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face-layout model directory (the teacher)")
+    p.add_argument("--data", type=Path, required=True, help="LLaVA-format JSON (the distillation data)")
+    p.add_argument("--samples", type=int, default=512, help="first N records")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="also write the figures here (JSON)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for path, what in ((args.model, "model directory"), (args.data, "data file")):
+        if not path.exists():
+            p.error(f"{what} not found: {path}")
+    result = measure(args.model, args.data, args.samples, args.batch_size, args.max_length)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
