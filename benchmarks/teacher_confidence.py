@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vlsi_model.prompting import IGNORE_INDEX  # noqa: E402
+from vlsi_model.distill.losses import next_token_targets, response_positions  # noqa: E402
 
 CONFIDENT = 0.9  # "confident" token: the teacher's top token has at least this probability
 
@@ -42,10 +42,9 @@ def confidence_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
 
     The logits at position i predict token i + 1, as in the LM loss. Sums, so that batches add up.
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    log_p = logits[:, :-1][mask].float().log_softmax(-1)
-    gold = targets[mask]
+    mask = response_positions(labels)
+    log_p = logits[mask].float().log_softmax(-1)
+    gold = next_token_targets(labels, mask)
     top_p, top_token = log_p.max(-1)
     top_p = top_p.exp()
     return {
