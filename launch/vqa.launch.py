@@ -1,6 +1,6 @@
 """ros2 launch vlsi_ros vqa.launch.py [model_path:=DIR] [backend:=auto] [engine_dir:=DIR]
-[image_topic:=/camera/image_raw] [transport:=raw|compressed] [start_image_source:=true]
-[params_file:=config/vqa.yaml]
+[image_topic:=/camera/image_raw] [transport:=raw|compressed] [image_qos:=auto|sensor_data|reliable|best_effort]
+[start_image_source:=true] [params_file:=config/vqa.yaml]
 
 Starts vqa_node (and, by default, the synthetic image_source) with parameters from
 config/vqa.yaml; launch arguments override the file. The same YAML drives the ROS-free
@@ -27,6 +27,8 @@ def generate_launch_description() -> LaunchDescription:
         "engine_dir": ("", "ONNX / TensorRT engine directory"),
         "image_topic": ("image", "camera topic vqa_node answers about"),
         "transport": ("raw", "raw or compressed"),
+        "image_qos": ("auto", "camera subscription QoS: auto (match the camera's publishers), sensor_data, "
+                              "reliable or best_effort"),
         "start_image_source": ("true", "also start the synthetic image_source"),
     }
     declared = [DeclareLaunchArgument(name, default_value=default, description=text)
@@ -36,7 +38,8 @@ def generate_launch_description() -> LaunchDescription:
     vqa_node = Node(
         package="vlsi_ros", executable="vqa_node", name="vqa_node", output="screen",
         parameters=[cfg["params_file"], {"model_path": cfg["model_path"], "backend": cfg["backend"],
-                                         "engine_dir": cfg["engine_dir"], "transport": cfg["transport"]}],
+                                         "engine_dir": cfg["engine_dir"], "transport": cfg["transport"],
+                                         "image_qos": cfg["image_qos"]}],
         remappings=image_remap)
     image_source = Node(
         package="vlsi_ros", executable="image_source", name="image_source", output="screen",

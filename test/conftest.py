@@ -7,9 +7,24 @@ torch is imported inside the fixtures so test modules that never use a model sta
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import pytest
+
+
+def _prefer_the_installed_vlsi_ros() -> None:
+    """`python -m pytest` puts the working directory first on sys.path; from the repository root
+    that is the source `vlsi_ros/`, which lacks the interfaces colcon generates (msg, srv,
+    action) into the installed package. Drop that entry so the installed package is imported
+    (the ML library resolves to the same source through its editable install either way)."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "vlsi_ros" / "srv").is_dir():
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != repo]
+
+
+_prefer_the_installed_vlsi_ros()
 
 TEST_THREADS = 2  # the CI/dev machines have 2 shared cores
 TINY_MAX_PIXELS = 112 * 112
@@ -102,6 +117,30 @@ def yes_model_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
     model.eval()
     return save_model_dir(model, tiny_tokenizer, processor, tmp_path_factory.mktemp("yes_model") / "model",
                           metadata={"placeholder": False, "test": True, "trained_to_answer": "yes"})
+
+
+@pytest.fixture(autouse=True)
+def project_logs_reach_caplog():
+    """Make the project's loggers propagate to the root logger, where `caplog` listens.
+
+    Under `colcon test` on a ROS install, launch_testing's and launch_pytest's pytest plugins
+    import `launch`, whose logging setup makes every logger created afterwards a non-propagating
+    `LaunchLogger` (launch/logging/__init__.py: LaunchLogger.__init__, reset() on import): the
+    project's module loggers then never reach caplog (9 tests failed with pytest < 9.1, which
+    is what Ubuntu's ROS installs run). Setting propagate back is what a plain Python logger has."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.split(".")[0] in ("vlsi_model", "vlsi_ros") and isinstance(logger, logging.Logger):
+            logger.propagate = True
+
+
+@pytest.fixture(autouse=True)
+def fresh_trace_budget():
+    """Each test starts with a fresh process's budget of traced torch engines (see
+    torch_engine.MAX_TRACED_ENGINES_PER_PROCESS): the suite creates far more engines in one
+    process than a server does, and a test must not depend on how many ran before it."""
+    module = sys.modules.get("vlsi_model.engine.torch_engine")
+    if module is not None:
+        module._traced_engines = 0
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,8 @@ def format_param(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(f"'{v}'" if isinstance(v, str) else str(v) for v in value) + "]"
+    if value == "":
+        return "''"  # rcl refuses an empty override value
     return str(value)
 
 

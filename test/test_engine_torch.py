@@ -165,6 +165,20 @@ def test_trace_failure_falls_back_to_the_untraced_step(loaded, monkeypatch, capl
     assert any("not traced" in r.getMessage() and "no tracing here" in r.getMessage() for r in caplog.records)
 
 
+def test_traces_per_process_are_bounded_and_later_engines_decode_untraced(loaded, monkeypatch):
+    """TorchScript never frees part of each trace, so a process that keeps reloading its model (a
+    node's configure / cleanup cycles) stops tracing after the budget: same tokens, untraced."""
+    model, tok, proc = loaded
+    monkeypatch.setattr(torch_engine, "MAX_TRACED_ENGINES_PER_PROCESS", 1)
+    monkeypatch.setattr(torch_engine, "_traced_engines", 0)
+    img = rand_image(71)
+    first, second = TorchEngine(model, tok, proc), TorchEngine(model, tok, proc)
+    a = first.answer(img, QUESTIONS[0], max_new_tokens=MAX_NEW)
+    b = second.answer(img, QUESTIONS[0], max_new_tokens=MAX_NEW)
+    assert (first.decode_mode, second.decode_mode) == ("traced", "untraced")
+    assert a.token_ids == b.token_ids
+
+
 def test_trace_check_rejects_a_trace_that_baked_in_the_cache_length():
     """trace_decoder_step's check catches a graph that is only right at the traced length."""
 

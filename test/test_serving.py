@@ -67,6 +67,33 @@ def test_frame_store_uses_arrival_time_when_stamp_is_zero_and_reports_bad_frames
         store.take("cam", 1.0)
 
 
+def test_future_stamps_age_from_arrival_and_bad_age_limits_are_refused():
+    """A frame stamped ahead of its arrival (a camera clock running fast) ages from its arrival, so
+    it goes stale like any other; NaN, negative or infinite limits are refused, not ignored."""
+    clock = Clock()
+    store = FrameStore(["cam"], convert=lambda raw: raw, clock=clock)
+    store.put("cam", image(3), stamp_s=clock.now + 100.0)
+    assert store.take("cam", 1.0)[0].stamp_s == clock.now + 100.0  # fresh on arrival
+    assert store.stamps_ahead()["cam"] == pytest.approx(100.0)
+    clock.now += 2.0
+    with pytest.raises(FrameError, match="2.00 s old"):
+        store.take("cam", 1.0)
+    for bad in (float("nan"), -1.0, float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="max_frame_age_s must be a finite number"):
+            store.take("cam", bad)
+
+
+def test_annotated_frame_is_a_copy_with_the_text_band():
+    from vlsi_model.serving.annotate import annotate_answer
+
+    rgb = image(4)
+    rgb.flags.writeable = False  # a received frame may be a read-only view
+    drawn = annotate_answer(rgb, "How many objects are there? " * 5, "three")
+    assert drawn.shape == rgb.shape and drawn.dtype == np.uint8 and drawn.flags.writeable
+    np.testing.assert_array_equal(drawn[:10], rgb[:10])
+    assert not np.array_equal(drawn[-8:], rgb[-8:])
+
+
 def test_worker_answers_like_the_engine_and_records_stats(engine):
     worker = AnswerWorker(engine, capacity=2)
     try:

@@ -18,8 +18,10 @@ from vlsi_model.engine.tensorrt_engine import (
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
     EngineMismatchError,
+    check_engine_files,
     check_engine_manifest,
     find_engine_dir,
+    plan_bytes,
     tensorrt_available,
 )
 from vlsi_model.export import manifest as mf
@@ -82,6 +84,39 @@ def test_manifest_check_refuses_foreign_or_old_manifests():
         check_engine_manifest(engine_manifest(format_version=0), "10.3.0", ORIN)
     with pytest.raises(EngineMismatchError, match="--int8"):
         check_engine_manifest(engine_manifest(precision="int8"), "10.8.0", ORIN)
+
+
+def test_engine_files_are_checked_against_the_manifest(tmp_path):
+    """An engine directory loads only with the files it was built with: plans of the recorded size
+    and hash, the export manifest and copied files with the recorded sha256 (an edited manifest,
+    a swapped plan or export file is refused with a rebuild hint)."""
+    (tmp_path / mf.MANIFEST_FILE).write_text('{"model_name": "m"}\n')
+    (tmp_path / "tokenizer.json").write_text("{}")
+    plans = {}
+    for graph in ("vision", "decoder"):
+        (tmp_path / f"{graph}.plan").write_bytes(graph.encode() * 100)
+        plans[graph] = {"file": f"{graph}.plan", "size_bytes": 100 * len(graph),
+                        "sha256": mf.sha256_file(tmp_path / f"{graph}.plan")}
+    manifest = engine_manifest(engines=plans, copied_sha256={
+        mf.MANIFEST_FILE: mf.sha256_file(tmp_path / mf.MANIFEST_FILE),
+        "tokenizer.json": mf.sha256_file(tmp_path / "tokenizer.json")})
+    manifest["source_export"]["export_manifest_sha256"] = mf.sha256_file(tmp_path / mf.MANIFEST_FILE)
+    check_engine_files(manifest, tmp_path)
+    assert plan_bytes(tmp_path, plans["vision"], manifest) == b"vision" * 100
+
+    (tmp_path / mf.MANIFEST_FILE).write_text('{"model_name": "edited"}\n')
+    with pytest.raises(EngineMismatchError, match="sha256 mismatch.*vlsi build-engine"):
+        check_engine_files(manifest, tmp_path)
+    (tmp_path / mf.MANIFEST_FILE).write_text('{"model_name": "m"}\n')
+    (tmp_path / "decoder.plan").write_bytes(b"short")
+    with pytest.raises(EngineMismatchError, match="changed after it was built"):
+        check_engine_files(manifest, tmp_path)
+    (tmp_path / "vision.plan").write_bytes(b"VISION" * 100)  # same size, other bytes
+    with pytest.raises(EngineMismatchError, match="sha256 differs"):
+        plan_bytes(tmp_path, plans["vision"], manifest)
+    (tmp_path / "decoder.plan").unlink()
+    with pytest.raises(EngineMismatchError, match="missing"):
+        check_engine_files(manifest, tmp_path)
 
 
 def test_find_engine_dir(tmp_path):

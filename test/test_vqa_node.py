@@ -64,7 +64,7 @@ def raw_node(ros_context, tiny_qwen2vl_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "vqa_raw.log"
     proc = NodeProcess("vqa_node", {"model_path": str(tiny_qwen2vl_dir), "max_new_tokens": 8,
                                     "queue_size": 2, "max_frame_age_s": 5.0, "diagnostics_period_s": 0.2,
-                                    "max_question_chars": 200}, log_path=log)
+                                    "max_question_chars": 200, "publish_annotated": True}, log_path=log)
     harness = ClientHarness("raw_client")
     try:
         harness.client.wait_until_ready(60)
@@ -259,6 +259,45 @@ def test_action_streams_tokens_and_matches_service(raw_node, reference_engine):
     assert all(result.answer.startswith(text.strip()) for text, _ in feedback)  # each one the answer so far
 
 
+def test_action_answers_a_goal_image_with_the_timing_breakdown(raw_node, reference_engine):
+    """The action offers what the service does: an image in the goal, a frame-age limit, and the
+    vision / prefill / decode breakdown in the result."""
+    _, harness = raw_node
+    rgb = scene_image(15)
+    result, status = harness.client.ask_stream(QUESTION, image=rgb, max_new_tokens=8)
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
+    assert result.answer == expected_answer(reference_engine, rgb)
+    assert result.num_tokens > 0 and result.vision_ms > 0 and result.prefill_ms > 0
+    assert result.engine_ms >= result.vision_ms + result.prefill_ms + result.decode_ms
+    assert result.total_ms >= result.engine_ms and result.queue_ms >= 0
+    stale = rgb_to_image_msg(scene_image(16), "rgb8", now_header(harness.node, "stale_goal", age_s=3.0))
+    publish_until_answered(harness, stale)  # fine under the node's 5 s ...
+    result, status = harness.client.ask_stream(QUESTION, max_frame_age_s=1.0)  # ... not under the goal's 1 s
+    assert status == GoalStatus.STATUS_ABORTED and not result.success
+    assert "max_frame_age_s 1.00" in result.error
+    result, status = harness.client.ask_stream(QUESTION, max_frame_age_s=float("nan"))
+    assert status == GoalStatus.STATUS_ABORTED and "finite number" in result.error
+
+
+def test_annotated_frame_shows_question_and_answer(raw_node):
+    """With publish_annotated, each answered frame comes back on answers/image with its header,
+    the picture unchanged above a band holding the question and the answer."""
+    _, harness = raw_node
+    drawn: list[Image] = []
+    sub = harness.node.create_subscription(Image, "answers/image", drawn.append, RELIABLE)
+    wait_for(lambda: sub.get_publisher_count() > 0, 10, what="discovery of answers/image")
+    time.sleep(0.5)  # the node learns of the subscriber too
+    rgb = scene_image(17)
+    msg = rgb_to_image_msg(rgb, "rgb8", now_header(harness.node, "annotated"))
+    publish_until_answered(harness, msg)
+    out = wait_for(lambda: next((m for m in drawn if m.header == msg.header), None), 15, what="annotated frame")
+    pixels = image_msg_to_rgb(out)
+    assert pixels.shape == rgb.shape
+    np.testing.assert_array_equal(pixels[: rgb.shape[0] // 2], rgb[: rgb.shape[0] // 2])
+    assert not np.array_equal(pixels[-10:], rgb[-10:])
+    harness.node.destroy_subscription(sub)
+
+
 def test_action_cancel_stops_generation(raw_node):
     _, harness = raw_node
     publish_until_answered(harness, rgb_to_image_msg(scene_image(12), "rgb8", now_header(harness.node)))
@@ -357,8 +396,10 @@ def test_compressed_cameras_by_name_standing_questions_and_alerts(multi_camera_n
         response = wait_for(lambda: (lambda r: r if r.success else None)(harness.client.ask(QUESTION, camera="front")),
                             30, what="front answer")
         assert response.image_header.frame_id == "front_frame"
-        response = harness.client.ask(QUESTION)  # default camera: back
-        assert response.success and response.image_header.frame_id == "back_frame"
+        # default camera: back (asked again while its first frame is still on its way)
+        response = harness.client.ask(QUESTION, wait_for_frame_s=20)
+        assert response.success, response.error
+        assert response.image_header.frame_id == "back_frame"
         assert response.answer == "yes"  # the fixture model was trained to say yes
         wait_for(lambda: {a.camera for a in answers} >= {"front", "back"}, 20, what="standing answers")
         assert all(a.question == "How many objects are there?" for a in answers)
@@ -398,7 +439,9 @@ def test_lifecycle_transitions_leak_nothing(ros_context, tiny_qwen2vl_dir):
         for _ in range(2):
             assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
             configured = count_entities(node)
-            assert configured["services"] > before["services"] and configured["threads"] == before["threads"] + 1
+            # the camera subscription and the worker thread; the services live with the node
+            assert configured["subscriptions"] == before["subscriptions"] + 1
+            assert configured["services"] == before["services"] and configured["threads"] == before["threads"] + 1
             assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
             assert count_entities(node)["timers"] == configured["timers"] + 1  # the standing-question timer
             assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS

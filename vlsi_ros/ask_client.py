@@ -24,7 +24,12 @@ from rclpy.node import Node
 from vlsi_model.serving import NO_FRAME_YET
 from vlsi_ros.action import Ask as AskAction
 from vlsi_ros.image_conversion import rgb_to_image_msg
+from vlsi_ros.qos import request_qos
 from vlsi_ros.srv import Ask
+
+# The client keeps as many replies as the node keeps requests: a client that sends a burst and
+# spins late must not lose replies in its own middleware history (the rmw default keeps 10).
+CLIENT_QUEUE_DEPTH = 1000
 
 
 class AskClient:
@@ -41,8 +46,10 @@ class AskClient:
         prefix = f"{namespace.rstrip('/')}/" if namespace else ""
         self.node = node
         self.spin = spin
-        self.service = node.create_client(Ask, f"{prefix}ask")
-        self.action = ActionClient(node, AskAction, f"{prefix}ask_stream")
+        qos = request_qos(CLIENT_QUEUE_DEPTH)
+        self.service = node.create_client(Ask, f"{prefix}ask", qos_profile=qos)
+        self.action = ActionClient(node, AskAction, f"{prefix}ask_stream", goal_service_qos_profile=qos,
+                                   result_service_qos_profile=qos, cancel_service_qos_profile=qos)
         self._executor: SingleThreadedExecutor | None = None
 
     def _own_executor(self) -> SingleThreadedExecutor:
@@ -106,16 +113,20 @@ class AskClient:
 
     def ask_stream(self, question: str, camera: str = "", max_new_tokens: int = 0,
                    on_feedback: Callable[[str, int], None] | None = None,
-                   cancel_after_tokens: int | None = None, timeout_s: float = 60.0, wait_for_frame_s: float = 0.0):
+                   cancel_after_tokens: int | None = None, timeout_s: float = 60.0, wait_for_frame_s: float = 0.0,
+                   image: np.ndarray | None = None, max_frame_age_s: float = 0.0):
         """Send a goal; returns (result, status). Cancels once `cancel_after_tokens` arrived;
-        `wait_for_frame_s` as in `ask`."""
+        `image`, `max_frame_age_s` and `wait_for_frame_s` as in `ask`."""
+        goal = AskAction.Goal(question=question, camera=camera, max_new_tokens=max_new_tokens,
+                              max_frame_age_s=max_frame_age_s)
+        if image is not None:
+            goal.image = rgb_to_image_msg(image, "rgb8")
         return self._asking_again_while_no_frame(
-            lambda: self._one_goal(question, camera, max_new_tokens, on_feedback, cancel_after_tokens, timeout_s),
+            lambda: self._one_goal(goal, on_feedback, cancel_after_tokens, timeout_s),
             lambda outcome: "" if outcome[0].success else outcome[0].error, wait_for_frame_s)
 
-    def _one_goal(self, question: str, camera: str, max_new_tokens: int,
-                  on_feedback: Callable[[str, int], None] | None, cancel_after_tokens: int | None,
-                  timeout_s: float):
+    def _one_goal(self, goal: AskAction.Goal, on_feedback: Callable[[str, int], None] | None,
+                  cancel_after_tokens: int | None, timeout_s: float):
         goal_handle_holder = {}
 
         def feedback_cb(msg) -> None:
@@ -127,7 +138,6 @@ class AskClient:
                     and handle is not None and "cancel" not in goal_handle_holder):
                 goal_handle_holder["cancel"] = handle.cancel_goal_async()
 
-        goal = AskAction.Goal(question=question, camera=camera, max_new_tokens=max_new_tokens)
         handle = self._spin_until(self.action.send_goal_async(goal, feedback_callback=feedback_cb), timeout_s)
         if not handle.accepted:
             raise RuntimeError("goal rejected")
@@ -163,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         client = AskClient(node)
         client.wait_until_ready(args.timeout)
         started = time.perf_counter()
+        image = load_image(args.image) if args.image else None
         if args.stream:
             result, _ = client.ask_stream(
                 args.question, args.camera, args.max_new_tokens, timeout_s=args.timeout,
-                wait_for_frame_s=args.wait_for_frame,
+                wait_for_frame_s=args.wait_for_frame, image=image,
                 on_feedback=lambda text, n: print(f"\r[{n:3d}] {text}", end="", flush=True))
             print()
             ok, answer, error, header = result.success, result.answer, result.error, result.image_header
         else:
-            image = load_image(args.image) if args.image else None
             r = client.ask(args.question, args.camera, image, args.max_new_tokens, timeout_s=args.timeout,
                            wait_for_frame_s=args.wait_for_frame)
             ok, answer, error, header = r.success, r.answer, r.error, r.image_header

@@ -2,8 +2,8 @@
 
 `ros2 launch` needs the `launch` packages, which a ROS 2 installed from pip wheels lacks.
 This runs the same two nodes with the same parameter file and the same overrides as
-vqa.launch.py (model_path, backend, engine_dir, image_topic, transport, start_image_source),
-on one MultiThreadedExecutor.
+vqa.launch.py (model_path, backend, engine_dir, image_topic, transport, image_qos,
+start_image_source), on one MultiThreadedExecutor.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--engine-dir", default=None)
     parser.add_argument("--image-topic", default=None)
     parser.add_argument("--transport", choices=("raw", "compressed"), default=None)
+    parser.add_argument("--image-qos", choices=("auto", "sensor_data", "reliable", "best_effort"), default=None)
     parser.add_argument("--no-image-source", action="store_true", help="only vqa_node (a real camera publishes)")
     parser.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: run)")
     return parser.parse_known_args(argv)
@@ -45,7 +46,8 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
         raise FileNotFoundError(f"parameter file not found: {params_file}")
     ros_args = ["--ros-args", "--params-file", str(params_file)]
     for name, value in (("model_path", args.model_path), ("backend", args.backend),
-                        ("engine_dir", args.engine_dir), ("transport", args.transport)):
+                        ("engine_dir", args.engine_dir), ("transport", args.transport),
+                        ("image_qos", args.image_qos)):
         if value is not None:
             ros_args += ["-p", f"vqa_node:{name}:={value}"]
     if args.transport is not None:

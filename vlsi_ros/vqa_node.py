@@ -1,18 +1,28 @@
 """vqa_node: answers questions about the newest camera frame (lifecycle node).
 
-Thin over vlsi_model: the engine (`load_engine`), the newest-frame store and the single
-inference worker with its bounded queue all live in the library; this file maps them onto
-ROS: parameters, subscriptions, the `ask` service, the `ask_stream` action, the
-`questions` / `answers` / `alerts` topics and `/diagnostics`.
+Thin over vlsi_model: the engine (`load_engine`), the newest-frame store, the single
+inference worker with its bounded queue and the frame annotation all live in the library;
+this file maps them onto ROS: parameters, subscriptions, the `ask` service, the
+`ask_stream` action, the `questions` / `answers` / `alerts` topics and `/diagnostics`.
 
-Threads: the executor serves callbacks on several threads (service and action callbacks
-are in a reentrant group and block only their own thread while waiting for the worker);
-generation runs on the worker thread, so diagnostics keep flowing and new requests are
-refused with a clear error while a long answer is being generated.
+What lives when (ros2/demos lifecycle_py, adapted so that every request gets a reply):
+- for the node's whole life: the `ask` service, the `ask_stream` action, the `questions`
+  subscription, the publishers and the diagnostics timer. Unconfigured or inactive, they
+  answer with a refusal that says the state and why the last configure failed; and since they
+  are never destroyed, a transition can never pull a service out from under a request in
+  flight (the crash `InvalidHandle: cannot use Destroyable` of an earlier design);
+- from `on_configure` to `on_cleanup`: the model, the inference worker, the frame store and
+  the camera subscriptions. Cleanup stops the worker first: queued requests are refused, the
+  running one is cancelled and answered with that reason;
+- from `on_activate` to `on_deactivate`: serving, and the standing-question and alert timers.
 
-Lifecycle (ros2/demos lifecycle_py pattern): everything is created in `on_configure` and
-destroyed in `on_cleanup`; `on_activate` / `on_deactivate` gate serving and the periodic
-questions. With `autostart: true` the node configures and activates itself.
+Threads: the executor serves callbacks on several threads (service and action callbacks are in
+a reentrant group and block only their own thread while waiting for the worker; at most
+queue_size + 1 of them wait, every other request is refused at once). Generation runs on the
+worker thread, so diagnostics keep flowing while a long answer is being generated.
+
+Parameters: see `vqa_parameters`; live ones apply at once, configure-time ones are refused
+while configured (with the reason), start-up ones are read-only.
 """
 
 from __future__ import annotations
@@ -20,57 +30,40 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from vlsi_model.answers import normalize_answer
 from vlsi_model.engine import load_engine
 from vlsi_model.engine.base import EngineError
-from vlsi_model.serving import AnswerJob, AnswerWorker, FrameError, FrameStore, QueueFullError
+from vlsi_model.serving import AnswerJob, AnswerWorker, FrameError, FrameStore, JobCancelledError, QueueFullError
+from vlsi_model.serving.annotate import annotate_answer
+from vlsi_model.serving.frames import check_max_age
 from vlsi_model.serving.worker import JobOutcome
 from vlsi_ros.action import Ask as AskAction
-from vlsi_ros.image_conversion import compressed_msg_to_rgb, image_msg_to_rgb
+from vlsi_ros.image_conversion import compressed_msg_to_rgb, image_msg_to_rgb, rgb_to_image_msg
 from vlsi_ros.msg import Answer
-from vlsi_ros.qos import image_qos, overridable
+from vlsi_ros.qos import AUTO, image_qos, overridable, preset_matching_publishers, request_qos
 from vlsi_ros.srv import Ask
+from vlsi_ros.vqa_parameters import PARAMETERS, STARTUP, change_refusal, clean_list, validate_settings
 
-# name -> (default, description). Read in on_configure, so a cleanup + configure applies changes.
-PARAMETERS: dict[str, tuple[Any, str]] = {
-    "model_path": ("", "Hugging Face-layout model directory; empty: the package's default model"),
-    "backend": ("auto", "inference backend: auto, torch, onnxruntime, tensorrt"),
-    "engine_dir": ("", "TensorRT engine / ONNX directory for the tensorrt and onnxruntime backends"),
-    "device": ("cpu", "torch device for the torch backend"),
-    "num_threads": (0, "CPU threads of the torch and onnxruntime backends; 0: library default"),
-    "model_label": ("", "name reported in answers and diagnostics; empty: the model directory name"),
-    "transport": ("raw", "raw (sensor_msgs/Image on <camera>/image) or compressed (<...>/image/compressed)"),
-    "cameras": ([], "camera names; each subscribes <name>/image. Empty: one camera on `image`"),
-    "default_camera": ("", "camera used when a request names none; empty: the first camera"),
-    "max_frame_age_s": (1.0, "frames older than this are refused (0: no limit)"),
-    "max_new_tokens": (32, "default generation length"),
-    "max_new_tokens_limit": (256, "largest max_new_tokens a request may ask for"),
-    "max_question_chars": (500, "longer questions are refused"),
-    "queue_size": (4, "requests waiting for the model beyond this are refused"),
-    "request_timeout_s": (30.0, "a request not answered in this time fails with a timeout"),
-    "standing_questions": ([], "questions answered on every camera at standing_rate_hz, on `answers`"),
-    "standing_rate_hz": (0.0, "rate of the standing questions (0: off)"),
-    "alert_questions": ([], "yes/no questions checked at alert_rate_hz; a yes publishes on `alerts`"),
-    "alert_rate_hz": (1.0, "rate of the alert checks"),
-    "alert_cooldown_s": (10.0, "minimum time between two alerts for the same camera and question"),
-    "diagnostics_period_s": (1.0, "period of /diagnostics"),
-    "image_qos": ("sensor_data", "image subscription QoS preset: sensor_data, reliable, best_effort"),
-    "image_qos_depth": (1, "image subscription queue depth (1: newest frame only)"),
-    "autostart": (True, "configure and activate at start-up"),
-}
+__all__ = ["PARAMETERS", "VqaNode", "executor_threads", "main"]
+
+# Everything a request can be refused with; each becomes a reply with `error` set.
+REFUSALS = (EngineError, FrameError, QueueFullError, JobCancelledError, TimeoutError, ValueError)
+STAMP_AHEAD_WARN_S = 0.5  # frames stamped further ahead of their arrival than this: clock skew
 
 
 def stamp_seconds(header: Header) -> float:
@@ -82,104 +75,140 @@ def camera_topic(camera: str, transport: str, single: bool) -> str:
     return f"{base}/compressed" if transport == "compressed" else base
 
 
-@dataclass
-class Settings:
-    """The parameters as read at configure time (typed, validated)."""
+def has_image(image: Image) -> bool:
+    """A request carries its own image when any of it is filled in."""
+    return image.width > 0 or image.height > 0 or len(image.data) > 0
 
-    values: dict[str, Any] = field(default_factory=dict)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+@dataclass(frozen=True)
+class AnsweredFrame:
+    """What a job answered about: camera, the frame's header, its age and its pixels."""
+
+    camera: str
+    header: Header
+    age_s: float
+    rgb: np.ndarray
 
 
 class VqaNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("vqa_node", **kwargs)
-        for name, (default, description) in PARAMETERS.items():
-            if isinstance(default, list):
+        for name, spec in PARAMETERS.items():
+            read_only = spec.applies == STARTUP
+            if isinstance(spec.default, list):
                 # rclpy types an empty list as a byte array; [""] keeps it a string array
                 # (blanks are dropped when read, as in the YAML).
-                self.declare_parameter(name, default or [""], ParameterDescriptor(
-                    type=ParameterType.PARAMETER_STRING_ARRAY, description=description))
+                self.declare_parameter(name, spec.default or [""], ParameterDescriptor(
+                    type=ParameterType.PARAMETER_STRING_ARRAY, description=spec.description, read_only=read_only))
             else:
-                self.declare_parameter(name, default, ParameterDescriptor(description=description))
+                self.declare_parameter(name, spec.default, ParameterDescriptor(
+                    description=spec.description, read_only=read_only))
+        self._values: dict[str, Any] = {name: self.get_parameter(name).value for name in PARAMETERS}
+        for name, spec in PARAMETERS.items():
+            if isinstance(spec.default, list):
+                self._values[name] = clean_list(self._values[name])
         self._serving_group = ReentrantCallbackGroup()
         self._camera_group = MutuallyExclusiveCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
+        self._lock = threading.RLock()  # configured resources and timers
         self._active = False
-        self._entities: dict[str, Any] = {}
         self._engine = None
         self._worker: AnswerWorker | None = None
         self._frames: FrameStore | None = None
-        self._settings = Settings()
+        self._camera_subs: dict[str, Any] = {}
+        self._camera_presets: dict[str, str] = {}
+        self._named_timers: dict[str, Any] = {}
         self._model_label = ""
         self._model_note = ""
+        self._configure_error = ""
         self._pending_periodic: set[tuple[str, str]] = set()
         self._last_alert: dict[tuple[str, str], float] = {}
         self._periodic_lock = threading.Lock()
         self._rejections = 0
-        autostart = self.get_parameter("autostart").value
-        if autostart and self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+        self._create_interfaces()
+        self.add_on_set_parameters_callback(self._check_parameter_change)
+        self.add_post_set_parameters_callback(self._apply_parameter_change)
+        if self._values["autostart"] and self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
+
+    def _create_interfaces(self) -> None:
+        """The node-lifetime interfaces: they answer in every state and are never destroyed."""
+        depth = int(self._values["service_queue_depth"])
+        self._answers_pub = self.create_lifecycle_publisher(Answer, "answers", 10)
+        self._alerts_pub = self.create_lifecycle_publisher(Answer, "alerts", 10)
+        self._annotated_pub = self.create_lifecycle_publisher(Image, "answers/image", 2)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._questions_sub = self.create_subscription(
+            String, "questions", self._on_question, 10, callback_group=self._serving_group)
+        self._ask_srv = self.create_service(Ask, "ask", self._on_ask, qos_profile=request_qos(depth),
+                                            callback_group=self._serving_group)
+        qos = request_qos(depth)
+        self._action = ActionServer(
+            self, AskAction, "ask_stream", execute_callback=self._execute_stream,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
+            callback_group=self._serving_group, goal_service_qos_profile=qos,
+            result_service_qos_profile=qos, cancel_service_qos_profile=qos)
+        self._restart_timer("diagnostics", float(self._values["diagnostics_period_s"]), self._publish_diagnostics)
 
     # ----------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            try:
+                self._configure()
+            except Exception as exc:  # any failure leaves the node unconfigured, up and saying why
+                self._configure_error = str(exc)
+                self.get_logger().error(f"configure failed: {exc}")
+                self._release_configured()
+                return TransitionCallbackReturn.FAILURE
+            self._configure_error = ""
+        return super().on_configure(state)
+
+    def _configure(self) -> None:
         try:
-            self._settings = self._read_settings()
+            s = validate_settings(self._values)
         except ValueError as exc:
-            self.get_logger().error(f"invalid parameters: {exc}")
-            return TransitionCallbackReturn.FAILURE
-        s = self._settings
+            raise ValueError(f"invalid parameters: {exc}") from exc
         # Pass each option only to backends that take it (load_engine refuses the others, so
         # a parameter is never silently ignored); "auto" takes them all and uses what applies.
-        options = {"device": s.device, "max_question_chars": s.max_question_chars}
-        if s.engine_dir and s.backend in ("onnxruntime", "tensorrt", "auto"):
-            options["engine_dir"] = s.engine_dir
-        if s.num_threads > 0 and s.backend in ("torch", "onnxruntime", "auto"):
-            options["num_threads"] = s.num_threads
+        options = {"device": s["device"], "max_question_chars": s["max_question_chars"]}
+        if s["engine_dir"] and s["backend"] in ("onnxruntime", "tensorrt", "auto"):
+            options["engine_dir"] = s["engine_dir"]
+        if s["num_threads"] > 0 and s["backend"] in ("torch", "onnxruntime", "auto"):
+            options["num_threads"] = s["num_threads"]
         try:
-            self._engine = load_engine(s.model_path or None, backend=s.backend, **options)
+            self._engine = load_engine(s["model_path"] or None, backend=s["backend"], **options)
         except (EngineError, ValueError, OSError) as exc:
-            self.get_logger().error(f"could not load the model: {exc}")
-            return TransitionCallbackReturn.FAILURE
+            raise EngineError(f"could not load the model: {exc}") from exc
         warmup = getattr(self._engine, "warmup", None)
         if warmup is not None:
             warmup()  # the first answer in a process is ~2x slower; pay it before serving
-        self._model_label = s.model_label or getattr(self._engine, "model_name", "model")
         placeholder = bool(getattr(self._engine, "is_placeholder", False))
         self._model_note = "placeholder: untrained tiny model, answers are meaningless" if placeholder else ""
-        self._worker = AnswerWorker(self._engine, capacity=s.queue_size)
-        cameras = list(s.cameras) or [s.default_camera or "default"]
-        convert = compressed_msg_to_rgb if s.transport == "compressed" else image_msg_to_rgb
-        self._frames = FrameStore(cameras, convert, clock=self._now_s)
-        self._create_entities(cameras)
+        self._set_model_label()
+        self._worker = AnswerWorker(self._engine, capacity=s["queue_size"])
+        cameras = list(s["cameras"]) or [s["default_camera"] or "default"]
+        self._frames = FrameStore(cameras, self._decoder(s["transport"]), clock=self._now_s)
+        for camera in cameras:
+            self._subscribe_camera(camera, self._wanted_preset(camera))
+        if s["image_qos"] == AUTO:  # follow the camera publishers as they come and go
+            self._restart_timer("qos_watch", 1.0, self._match_publishers_qos, group=self._camera_group)
         self.get_logger().info(
             f"configured: model {self._model_label} ({self._engine.backend})"
             f"{' [' + self._model_note + ']' if self._model_note else ''}; cameras "
-            + ", ".join(f"{c} <- {self._entities['subs'][c].topic_name}" for c in cameras))
-        return super().on_configure(state)
+            + ", ".join(f"{c} <- {self._camera_subs[c].topic_name} ({self._camera_presets[c]})" for c in cameras))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = True
-        s = self._settings
-        if s.standing_rate_hz > 0 and s.standing_questions:
-            self._entities["standing_timer"] = self.create_timer(
-                1.0 / s.standing_rate_hz, self._ask_standing, callback_group=self._timer_group)
-        if s.alert_rate_hz > 0 and s.alert_questions:
-            self._entities["alert_timer"] = self.create_timer(
-                1.0 / s.alert_rate_hz, self._ask_alerts, callback_group=self._timer_group)
+        with self._lock:
+            self._active = True
+            self._sync_periodic_timers()
         self.get_logger().info("active")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
-        for key in ("standing_timer", "alert_timer"):
-            timer = self._entities.pop(key, None)
-            if timer is not None:
-                self.destroy_timer(timer)
+        with self._lock:
+            self._active = False  # requests in flight finish; new ones are refused
+            self._sync_periodic_timers()
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -187,84 +216,27 @@ class VqaNode(LifecycleNode):
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
         self.release()
         return super().on_shutdown(state)
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
         self.release()
         return TransitionCallbackReturn.SUCCESS
 
-    # ----------------------------------------------------------------- set-up
-    def _read_settings(self) -> Settings:
-        values = {name: self.get_parameter(name).value for name in PARAMETERS}
-        for name, (default, _) in PARAMETERS.items():
-            if isinstance(default, list):
-                # YAML cannot type an empty list, so config files write [""]: drop blanks.
-                values[name] = [str(v) for v in (values[name] or []) if str(v).strip()]
-        if values["transport"] not in ("raw", "compressed"):
-            raise ValueError(f"transport must be raw or compressed, not '{values['transport']}'")
-        if values["queue_size"] < 1:
-            raise ValueError("queue_size must be at least 1")
-        if values["max_new_tokens"] < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        default_camera = values["default_camera"]
-        if values["cameras"] and default_camera and default_camera not in values["cameras"]:
-            raise ValueError(f"default_camera '{values['default_camera']}' is not in cameras")
-        if len(set(values["cameras"])) != len(values["cameras"]):
-            raise ValueError("camera names must be unique")
-        image_qos(values["image_qos"], values["image_qos_depth"])  # validates the preset
-        return Settings(values)
-
-    def _create_entities(self, cameras: list[str]) -> None:
-        s = self._settings
-        single = not s.cameras
-        msg_type = CompressedImage if s.transport == "compressed" else Image
-        qos = image_qos(s.image_qos, s.image_qos_depth)
-        subs = {}
-        for camera in cameras:
-            subs[camera] = self.create_subscription(
-                msg_type, camera_topic(camera, s.transport, single),
-                lambda msg, camera=camera: self._on_frame(camera, msg), qos,
-                callback_group=self._camera_group, qos_overriding_options=overridable())
-        self._entities["subs"] = subs
-        self._entities["answers_pub"] = self.create_lifecycle_publisher(Answer, "answers", 10)
-        self._entities["alerts_pub"] = self.create_lifecycle_publisher(Answer, "alerts", 10)
-        # Diagnostics flow in every configured state, active or not.
-        self._entities["diag_pub"] = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._entities["questions_sub"] = self.create_subscription(
-            String, "questions", self._on_question, 10, callback_group=self._serving_group)
-        self._entities["ask_srv"] = self.create_service(
-            Ask, "ask", self._on_ask, callback_group=self._serving_group)
-        self._entities["action"] = ActionServer(
-            self, AskAction, "ask_stream", execute_callback=self._execute_stream,
-            goal_callback=lambda goal: GoalResponse.ACCEPT,
-            cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
-            callback_group=self._serving_group)
-        self._entities["diag_timer"] = self.create_timer(
-            s.diagnostics_period_s, self._publish_diagnostics, callback_group=self._timer_group)
-
     def release(self) -> None:
-        """Destroy every entity created in on_configure, stop the worker, free the model."""
+        """Free what on_configure made: timers, camera subscriptions, the worker (queued requests
+        refused, the running one cancelled), the model. The serving interfaces stay."""
+        with self._lock:
+            self._release_configured()
+
+    def _release_configured(self) -> None:
         self._active = False
-        entities, self._entities = self._entities, {}
-        for timer_key in ("standing_timer", "alert_timer", "diag_timer"):
-            if timer_key in entities:
-                self.destroy_timer(entities.pop(timer_key))
-        for sub in entities.pop("subs", {}).values():
+        for name in ("standing", "alerts", "qos_watch"):
+            self._stop_timer(name)
+        for sub in self._camera_subs.values():
             self.destroy_subscription(sub)
-        if "questions_sub" in entities:
-            self.destroy_subscription(entities.pop("questions_sub"))
-        if "ask_srv" in entities:
-            self.destroy_service(entities.pop("ask_srv"))
-        if "action" in entities:
-            entities.pop("action").destroy()
-        for key in ("answers_pub", "alerts_pub"):
-            if key in entities:
-                self.destroy_lifecycle_publisher(entities.pop(key))
-        if "diag_pub" in entities:
-            self.destroy_publisher(entities.pop("diag_pub"))
+        self._camera_subs.clear()
+        self._camera_presets.clear()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
@@ -276,7 +248,114 @@ class VqaNode(LifecycleNode):
             self._pending_periodic.clear()
             self._last_alert.clear()
 
-    # ----------------------------------------------------------------- inputs
+    def destroy_node(self) -> None:
+        self.release()
+        self._stop_timer("diagnostics")
+        self._action.destroy()
+        super().destroy_node()
+
+    # ----------------------------------------------------------------- timers
+    def _restart_timer(self, name: str, period_s: float, callback, group=None) -> None:
+        with self._lock:
+            self._stop_timer(name)
+            self._named_timers[name] = self.create_timer(period_s, callback, callback_group=group or self._timer_group)
+
+    def _stop_timer(self, name: str) -> None:
+        with self._lock:
+            timer = self._named_timers.pop(name, None)
+            if timer is not None:
+                self.destroy_timer(timer)
+
+    def _sync_periodic_timers(self) -> None:
+        """Standing-question and alert timers exist exactly while active with a rate and questions."""
+        for name, questions, rate, callback in (
+                ("standing", "standing_questions", "standing_rate_hz", self._ask_standing),
+                ("alerts", "alert_questions", "alert_rate_hz", self._ask_alerts)):
+            if self._active and self._values[rate] > 0 and self._values[questions]:
+                self._restart_timer(name, 1.0 / self._values[rate], callback)
+            else:
+                self._stop_timer(name)
+
+    # ----------------------------------------------------------------- parameters
+    def _check_parameter_change(self, params: list[Parameter]) -> SetParametersResult:
+        """Refuse what would not take effect (with the reason) and values the node cannot use."""
+        configured = self._frames is not None
+        candidate = dict(self._values)
+        for param in params:
+            if param.name not in PARAMETERS:
+                continue
+            reason = change_refusal(param.name, configured)
+            if reason is not None:
+                return SetParametersResult(successful=False, reason=reason)
+            candidate[param.name] = param.value
+        try:
+            validate_settings(candidate)
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameter_change(self, params: list[Parameter]) -> None:
+        names = {p.name for p in params if p.name in PARAMETERS}
+        for param in params:
+            if param.name in PARAMETERS:
+                value = param.value
+                self._values[param.name] = clean_list(value) if isinstance(PARAMETERS[param.name].default, list) \
+                    else value
+        if names & {"standing_questions", "standing_rate_hz", "alert_questions", "alert_rate_hz"}:
+            with self._lock:
+                self._sync_periodic_timers()
+        if "diagnostics_period_s" in names:
+            self._restart_timer("diagnostics", float(self._values["diagnostics_period_s"]),
+                                self._publish_diagnostics)
+        if "model_label" in names:
+            self._set_model_label()
+        if names:
+            self.get_logger().info("applied " + ", ".join(f"{n} = {self._values[n]!r}" for n in sorted(names)))
+
+    def _set_model_label(self) -> None:
+        engine = self._engine
+        self._model_label = self._values["model_label"] or (getattr(engine, "model_name", "model") if engine else "")
+
+    # ----------------------------------------------------------------- cameras
+    def _decoder(self, transport: str):
+        """Frame decoder with the live pixel bound (read when a frame is used, not stored)."""
+        if transport == "compressed":
+            return lambda msg: compressed_msg_to_rgb(msg, max_pixels=int(self._values["max_image_pixels"]))
+        return lambda msg: image_msg_to_rgb(msg, max_pixels=int(self._values["max_image_pixels"]))
+
+    def _camera_topic(self, camera: str) -> str:
+        return camera_topic(camera, self._values["transport"], single=not self._values["cameras"])
+
+    def _wanted_preset(self, camera: str) -> str:
+        preset = self._values["image_qos"]
+        if preset != AUTO:
+            return preset
+        topic = self.resolve_topic_name(self._camera_topic(camera))
+        return preset_matching_publishers(info.qos_profile.reliability
+                                          for info in self.get_publishers_info_by_topic(topic))
+
+    def _subscribe_camera(self, camera: str, preset: str) -> None:
+        msg_type = CompressedImage if self._values["transport"] == "compressed" else Image
+        old = self._camera_subs.pop(camera, None)
+        if old is not None:
+            self.destroy_subscription(old)
+        self._camera_subs[camera] = self.create_subscription(
+            msg_type, self._camera_topic(camera), lambda msg, camera=camera: self._on_frame(camera, msg),
+            image_qos(preset, int(self._values["image_qos_depth"])), callback_group=self._camera_group,
+            qos_overriding_options=overridable())
+        self._camera_presets[camera] = preset
+
+    def _match_publishers_qos(self) -> None:
+        """image_qos auto: remake a camera's subscription when its publishers' reliability changes.
+
+        Runs in the camera callback group, so never while a frame callback is running."""
+        with self._lock:
+            for camera in list(self._camera_subs):
+                preset = self._wanted_preset(camera)
+                if preset != self._camera_presets.get(camera):
+                    self._subscribe_camera(camera, preset)
+                    self.get_logger().info(f"camera {camera}: publishers changed, image QoS now {preset}")
+
     def _now_s(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
@@ -285,11 +364,21 @@ class VqaNode(LifecycleNode):
         if frames is not None:
             frames.put(camera, msg, stamp_seconds(msg.header), msg.header.frame_id, msg.header)
 
+    # ----------------------------------------------------------------- requests
+    def _state_label(self) -> str:
+        if self._active:
+            return "active"
+        if self._frames is not None:
+            return "inactive"
+        if self._configure_error:
+            return f"unconfigured; the last configure failed: {self._configure_error}"
+        return "unconfigured"
+
     def _validate_question(self, question: str) -> str:
         question = question.strip()
         if not question:
             raise EngineError("question is empty")
-        limit = self._settings.max_question_chars
+        limit = self._values["max_question_chars"]
         if len(question) > limit:
             raise EngineError(
                 f"question is too long ({len(question)} characters, max_question_chars {limit})")
@@ -297,33 +386,48 @@ class VqaNode(LifecycleNode):
 
     def _resolve_tokens(self, requested: int) -> int:
         if requested == 0:
-            return self._settings.max_new_tokens
-        return min(int(requested), self._settings.max_new_tokens_limit)
+            return int(self._values["max_new_tokens"])
+        return min(int(requested), int(self._values["max_new_tokens_limit"]))
 
-    def _camera_job(self, question: str, camera: str, max_new_tokens: int, max_age_s: float,
-                    on_token=None) -> AnswerJob:
-        """A job that answers about the newest frame of `camera` at the time it runs."""
+    def _resolve_max_age(self, requested: float) -> float:
+        """A request's frame-age limit: 0 means the node's; NaN, negative or infinite is refused."""
+        requested = check_max_age(float(requested))
+        return requested if requested > 0 else float(self._values["max_frame_age_s"])
+
+    def _job(self, question: str, camera: str, image: Image | None, max_new_tokens: int, max_age_s: float,
+             on_token=None) -> AnswerJob:
+        """A job about `image` when the request carries one, else about the newest frame of
+        `camera` at the time the job runs. Raises one of REFUSALS with a user-facing reason."""
         frames = self._frames
         if frames is None or not self._active:
             raise EngineError(f"vqa_node is not active (state: {self._state_label()})")
-        camera = camera or self._settings.default_camera or frames.cameras[0]
+        question = self._validate_question(question)
+        tokens = self._resolve_tokens(max_new_tokens)
+        if image is not None and has_image(image):
+            try:
+                rgb = image_msg_to_rgb(image, max_pixels=int(self._values["max_image_pixels"]))
+            except ValueError as exc:
+                raise EngineError(f"request image could not be decoded: {exc}") from exc
+            answered = AnsweredFrame(camera or "request", image.header, 0.0, rgb)
+            return AnswerJob(question=question, resolve_image=lambda: (rgb, answered), max_new_tokens=tokens,
+                             on_token=on_token)
+        max_age = self._resolve_max_age(max_age_s)
+        camera = camera or self._values["default_camera"] or frames.cameras[0]
         frames.check_camera(camera)
 
-        def resolve() -> tuple[Any, Any]:
-            frame, rgb = frames.take(camera, max_age_s)
-            return rgb, (camera, frame.header, frame.age_s(self._now_s()))
+        def resolve() -> tuple[np.ndarray, AnsweredFrame]:
+            frame, rgb = frames.take(camera, max_age)
+            return rgb, AnsweredFrame(camera, frame.header, frame.age_s(self._now_s()), rgb)
 
-        return AnswerJob(question=self._validate_question(question), resolve_image=resolve,
-                         max_new_tokens=self._resolve_tokens(max_new_tokens), on_token=on_token)
+        return AnswerJob(question=question, resolve_image=resolve, max_new_tokens=tokens, on_token=on_token)
 
-    def _submit(self, job: AnswerJob, background: bool = False):
+    def _run(self, job: AnswerJob, cancelled=lambda: False) -> JobOutcome:
+        """Queue `job` and block this executor thread until the worker finishes it (or cancel it)."""
         worker = self._worker
         if worker is None:
             raise EngineError(f"vqa_node is not active (state: {self._state_label()})")
-        return worker.submit(job, background=background)
-
-    def _wait(self, job: AnswerJob, timeout_s: float, cancelled=lambda: False) -> JobOutcome:
-        """Block this executor thread until the worker finishes `job`, or cancel it."""
+        worker.submit(job)
+        timeout_s = float(self._values["request_timeout_s"])
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -337,52 +441,38 @@ class VqaNode(LifecycleNode):
             except TimeoutError:
                 continue
 
-    def _state_label(self) -> str:
-        if self._active:
-            return "active"
-        return "inactive" if self._frames is not None else "unconfigured"
+    @staticmethod
+    def _fill_reply(reply, outcome: JobOutcome) -> None:
+        """The answer and its timing breakdown, into an Ask response or an action result."""
+        result, frame = outcome.result, outcome.source
+        reply.answer = result.text
+        reply.image_header = frame.header
+        reply.frame_age_s = float(frame.age_s)
+        reply.vision_ms = float(result.vision_ms)
+        reply.prefill_ms = float(result.prefill_ms)
+        reply.decode_ms = float(result.decode_ms)
+        reply.num_tokens = result.num_tokens
+        reply.engine_ms = float(result.total_ms)
+        reply.queue_ms = float(outcome.queued_ms)
 
     # ----------------------------------------------------------------- service
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         try:
-            if request.image.width > 0 or len(request.image.data) > 0:
-                job = self._image_job(request)
-            else:
-                max_age = request.max_frame_age_s or self._settings.max_frame_age_s
-                job = self._camera_job(request.question, request.camera, request.max_new_tokens, max_age)
-            self._submit(job)
-            outcome = self._wait(job, self._settings.request_timeout_s)
-        except (EngineError, FrameError, QueueFullError, TimeoutError, RuntimeError, ValueError) as exc:
+            job = self._job(request.question, request.camera, request.image, request.max_new_tokens,
+                            request.max_frame_age_s)
+            outcome = self._run(job)
+            if outcome.result.cancelled:
+                raise JobCancelledError("cancelled before the answer was complete: the node was cleaned up "
+                                        "or shut down")
+        except REFUSALS as exc:
             response.success = False
             response.error = str(exc)
-            self.get_logger().warn(f"ask refused: {exc}")
+            self.get_logger().warning(f"ask refused: {exc}", throttle_duration_sec=1.0)
             return response
-        result = outcome.result
-        _, header, age_s = outcome.source
         response.success = True
-        response.frame_age_s = float(age_s)
-        response.answer = result.text
-        response.image_header = header
-        response.vision_ms = float(result.vision_ms)
-        response.prefill_ms = float(result.prefill_ms)
-        response.decode_ms = float(result.decode_ms)
-        response.num_tokens = result.num_tokens
-        response.engine_ms = float(result.total_ms)
-        response.queue_ms = float(outcome.queued_ms)
+        self._fill_reply(response, outcome)
+        self._publish_annotated(job.question, outcome)
         return response
-
-    def _image_job(self, request: Ask.Request) -> AnswerJob:
-        """A job about the image carried in the request (no camera involved)."""
-        if not self._active:
-            raise EngineError(f"vqa_node is not active (state: {self._state_label()})")
-        try:
-            rgb = image_msg_to_rgb(request.image)
-        except ValueError as exc:
-            raise EngineError(f"request image could not be decoded: {exc}") from exc
-        source = (request.camera or "request", request.image.header, 0.0)
-        return AnswerJob(question=self._validate_question(request.question),
-                         resolve_image=lambda: (rgb, source),
-                         max_new_tokens=self._resolve_tokens(request.max_new_tokens))
 
     # ----------------------------------------------------------------- action
     def _execute_stream(self, goal_handle) -> AskAction.Result:
@@ -391,150 +481,175 @@ class VqaNode(LifecycleNode):
         started = time.perf_counter()
 
         def on_token(text: str, num_tokens: int) -> bool:
-            feedback = AskAction.Feedback(partial_answer=text, num_tokens=num_tokens)
-            goal_handle.publish_feedback(feedback)
+            goal_handle.publish_feedback(AskAction.Feedback(partial_answer=text, num_tokens=num_tokens))
             return not goal_handle.is_cancel_requested
 
         try:
-            job = self._camera_job(goal.question, goal.camera, goal.max_new_tokens,
-                                   self._settings.max_frame_age_s, on_token=on_token)
-            self._submit(job)
-            outcome = self._wait(job, self._settings.request_timeout_s,
-                                 cancelled=lambda: goal_handle.is_cancel_requested)
-        except (EngineError, FrameError, QueueFullError, TimeoutError, RuntimeError, ValueError) as exc:
+            job = self._job(goal.question, goal.camera, goal.image, goal.max_new_tokens, goal.max_frame_age_s,
+                            on_token=on_token)
+            outcome = self._run(job, cancelled=lambda: goal_handle.is_cancel_requested)
+        except REFUSALS as exc:
             result.success = False
             result.error = str(exc)
             result.total_ms = 1000.0 * (time.perf_counter() - started)
-            if goal_handle.is_cancel_requested:
-                goal_handle.canceled()
-            else:
-                goal_handle.abort()
+            self._end_goal(goal_handle, succeeded=False)
             return result
-        _, header, _ = outcome.source
-        result.image_header = header
-        result.answer = outcome.result.text
+        self._fill_reply(result, outcome)
         result.total_ms = 1000.0 * (time.perf_counter() - started)
         if outcome.result.cancelled or goal_handle.is_cancel_requested:
             result.success = False
-            result.error = "cancelled"
-            goal_handle.canceled()
+            result.error = "cancelled" if goal_handle.is_cancel_requested else \
+                "cancelled before the answer was complete: the node was cleaned up or shut down"
+            self._end_goal(goal_handle, succeeded=False)
         else:
             result.success = True
-            goal_handle.succeed()
+            self._end_goal(goal_handle, succeeded=True)
+            self._publish_annotated(job.question, outcome)
         return result
+
+    @staticmethod
+    def _end_goal(goal_handle, succeeded: bool) -> None:
+        """succeed, canceled (only when the client asked: any other end is an abort)."""
+        if succeeded:
+            goal_handle.succeed()
+        elif goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        else:
+            goal_handle.abort()
 
     # ----------------------------------------------------------------- topics
     def _on_question(self, msg: String) -> None:
-        self._ask_for_topic(msg.data, camera="", publisher_key="answers_pub", periodic=False)
+        self._ask_for_topic(msg.data, camera="", publisher=self._answers_pub, periodic=False)
 
     def _ask_standing(self) -> None:
-        for camera in self._frames.cameras if self._frames else []:
-            for question in self._settings.standing_questions:
-                self._ask_for_topic(question, camera, "answers_pub", periodic=True)
+        frames = self._frames
+        for camera in frames.cameras if frames else []:
+            for question in self._values["standing_questions"]:
+                self._ask_for_topic(question, camera, self._answers_pub, periodic=True)
 
     def _ask_alerts(self) -> None:
-        for camera in self._frames.cameras if self._frames else []:
-            for question in self._settings.alert_questions:
-                key = (camera, question)
-                last = self._last_alert.get(key)
-                if last is not None and time.monotonic() - last < self._settings.alert_cooldown_s:
+        frames = self._frames
+        for camera in frames.cameras if frames else []:
+            for question in self._values["alert_questions"]:
+                last = self._last_alert.get((camera, question))
+                if last is not None and time.monotonic() - last < self._values["alert_cooldown_s"]:
                     continue
-                self._ask_for_topic(question, camera, "alerts_pub", periodic=True, alert=True)
+                self._ask_for_topic(question, camera, self._alerts_pub, periodic=True, alert=True)
 
-    def _ask_for_topic(self, question: str, camera: str, publisher_key: str, periodic: bool,
-                       alert: bool = False) -> None:
+    def _ask_for_topic(self, question: str, camera: str, publisher, periodic: bool, alert: bool = False) -> None:
         """Queue a question whose answer is published on a topic; rejections are logged."""
         key = (camera, question)
         with self._periodic_lock:
             if periodic and key in self._pending_periodic:
                 return  # the previous round for this question is still waiting
         try:
-            job = self._camera_job(question, camera, 0, self._settings.max_frame_age_s)
-            future = self._submit(job, background=periodic)
-        except (EngineError, FrameError, QueueFullError) as exc:
+            job = self._job(question, camera, None, 0, 0.0)
+            worker = self._worker
+            if worker is None:
+                raise EngineError(f"vqa_node is not active (state: {self._state_label()})")
+            future = worker.submit(job, background=periodic)
+        except REFUSALS as exc:
             self._rejections += 1
-            self.get_logger().warn(f"question '{question[:60]}' rejected: {exc}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"question '{question[:60]}' rejected: {exc}", throttle_duration_sec=5.0)
             return
         if periodic:
             with self._periodic_lock:
                 self._pending_periodic.add(key)
         started = time.perf_counter()
 
-        def done(fut) -> None:
+        def done(fut) -> None:  # runs on the worker thread
             if periodic:
                 with self._periodic_lock:
                     self._pending_periodic.discard(key)
             try:
                 outcome: JobOutcome = fut.result()
             except Exception as exc:  # reported, never raised into the worker
-                self.get_logger().warn(f"question '{question[:60]}' failed: {exc}", throttle_duration_sec=5.0)
+                self.get_logger().warning(f"question '{question[:60]}' failed: {exc}", throttle_duration_sec=5.0)
+                return
+            if outcome.result.cancelled:
                 return
             if alert and normalize_answer(outcome.result.text) != "yes":
                 return
             if alert:
                 self._last_alert[key] = time.monotonic()
-            self._publish_answer(publisher_key, job.question, outcome, started)
+            self._publish_answer(publisher, job.question, outcome, started)
+            self._publish_annotated(job.question, outcome)
 
         future.add_done_callback(done)
 
-    def _publish_answer(self, publisher_key: str, question: str, outcome: JobOutcome, started: float) -> None:
-        publisher = self._entities.get(publisher_key)
-        if publisher is None:
-            return
-        camera, header, _ = outcome.source
-        r = outcome.result
+    def _publish_answer(self, publisher, question: str, outcome: JobOutcome, started: float) -> None:
+        frame, r = outcome.source, outcome.result
         publisher.publish(Answer(
-            header=header, camera=camera, question=question, answer=r.text,
+            header=frame.header, camera=frame.camera, question=question, answer=r.text,
             vision_ms=float(r.vision_ms), prefill_ms=float(r.prefill_ms), decode_ms=float(r.decode_ms),
             total_ms=1000.0 * (time.perf_counter() - started), num_tokens=r.num_tokens,
             model=self._model_label))
 
+    def _publish_annotated(self, question: str, outcome: JobOutcome) -> None:
+        """The answered frame with question and answer drawn on it, on `answers/image`; drawn
+        only when enabled and someone subscribes, so it costs nothing otherwise."""
+        if not self._values["publish_annotated"] or self._annotated_pub.get_subscription_count() == 0:
+            return
+        frame = outcome.source
+        drawn = annotate_answer(frame.rgb, question, outcome.result.text)
+        self._annotated_pub.publish(rgb_to_image_msg(drawn, "rgb8", frame.header))
+
     # ----------------------------------------------------------------- diagnostics
     def _publish_diagnostics(self) -> None:
-        publisher = self._entities.get("diag_pub")
-        worker, frames = self._worker, self._frames
-        if publisher is None or worker is None or frames is None:
-            return
-        stats = worker.stats()
-        ages = frames.ages()
-        values = {
-            "model": self._model_label,
-            "backend": self._engine.backend if self._engine else "",
-            "state": self._state_label(),
-            "queue_depth": str(worker.depth),
-            "queue_capacity": str(worker.capacity),
-            "background_queue_depth": str(worker.background_depth),
-            "latency_p50_ms": f"{stats['latency_p50_ms']:.1f}",
-            "latency_p95_ms": f"{stats['latency_p95_ms']:.1f}",
-            "tokens_per_s": f"{stats['tokens_per_s']:.1f}",
-            "answered": str(int(stats["succeeded"])),
-            "failed": str(int(stats["failed"])),
-            "rejected_topic_questions": str(self._rejections),
-        }
+        worker, frames, engine = self._worker, self._frames, self._engine
+        values = {"model": self._model_label, "backend": engine.backend if engine else "",
+                  "state": self._state_label()}
         if self._model_note:
             values["note"] = self._model_note
-        for camera, age in ages.items():
-            values[f"frame_age_s.{camera}"] = "none" if age is None else f"{age:.3f}"
-        stale = [c for c, a in ages.items() if a is None or a > self._settings.max_frame_age_s > 0]
-        if not worker.alive:
-            level, message = DiagnosticStatus.ERROR, "inference worker stopped"
-        elif stale and self._active:
-            level, message = DiagnosticStatus.WARN, "no recent frame on: " + ", ".join(stale)
-        elif worker.depth >= worker.capacity:
-            level, message = DiagnosticStatus.WARN, "request queue full"
+        if worker is None or frames is None:
+            level = DiagnosticStatus.ERROR if self._configure_error else DiagnosticStatus.WARN
+            message = self._state_label()
         else:
-            level, message = DiagnosticStatus.OK, self._state_label()
+            stats = worker.stats()
+            values.update({
+                "queue_depth": str(worker.depth),
+                "queue_capacity": str(worker.capacity),
+                "background_queue_depth": str(worker.background_depth),
+                "latency_p50_ms": f"{stats['latency_p50_ms']:.1f}",
+                "latency_p95_ms": f"{stats['latency_p95_ms']:.1f}",
+                "tokens_per_s": f"{stats['tokens_per_s']:.1f}",
+                "answered": str(int(stats["succeeded"])),
+                "failed": str(int(stats["failed"])),
+                "rejected_topic_questions": str(self._rejections),
+            })
+            ages = frames.ages()
+            ahead = frames.stamps_ahead()
+            max_age = self._values["max_frame_age_s"]
+            for camera, age in ages.items():
+                values[f"frame_age_s.{camera}"] = "none" if age is None else f"{age:.3f}"
+                values[f"image_qos.{camera}"] = self._camera_presets.get(camera, "")
+                if (ahead.get(camera) or 0.0) > STAMP_AHEAD_WARN_S:
+                    values[f"stamp_ahead_s.{camera}"] = f"{ahead[camera]:.3f}"
+            stale = [c for c, a in ages.items() if a is None or a > max_age > 0]
+            skewed = [c for c, a in ahead.items() if (a or 0.0) > STAMP_AHEAD_WARN_S]
+            if not worker.alive:
+                level, message = DiagnosticStatus.ERROR, "inference worker stopped"
+            elif stale and self._active:
+                level, message = DiagnosticStatus.WARN, "no recent frame on: " + ", ".join(stale)
+            elif skewed:
+                level, message = DiagnosticStatus.WARN, "frames stamped in the future (clock skew) on: " + \
+                    ", ".join(skewed)
+            elif worker.depth >= worker.capacity:
+                level, message = DiagnosticStatus.WARN, "request queue full"
+            else:
+                level, message = DiagnosticStatus.OK, self._state_label()
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: vqa", message=message,
                                   hardware_id=self._model_label,
                                   values=[KeyValue(key=k, value=v) for k, v in values.items()])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
-        publisher.publish(array)
+        self._diag_pub.publish(array)
 
 
 def executor_threads(node: VqaNode) -> int:
-    """Enough threads that every queued request can wait while diagnostics and frames flow."""
-    return int(node.get_parameter("queue_size").value) + 4
+    """Enough threads that every request the queue holds (and the one running) can wait while
+    frames, diagnostics, parameter and lifecycle services and refusals still flow."""
+    return int(node.get_parameter("queue_size").value) + 5
 
 
 def main(args: list[str] | None = None) -> int:
@@ -547,7 +662,6 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.release()
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
@@ -555,4 +669,3 @@ def main(args: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
-

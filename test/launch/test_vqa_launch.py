@@ -10,6 +10,7 @@ import launch_testing.actions
 import launch_testing.markers
 import pytest
 import rclpy
+import rclpy.executors
 from ament_index_python.packages import get_package_share_directory
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 
@@ -29,13 +30,19 @@ def generate_test_description():
 class TestVqaLaunch(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        rclpy.init()
-        cls.node = rclpy.create_node("vqa_launch_test_client")
+        # A context of its own: run in one pytest process after other tests, the default
+        # context may be initialised already ("Context.init() must only be called once").
+        cls.context = rclpy.Context()
+        rclpy.init(context=cls.context)
+        cls.node = rclpy.create_node("vqa_launch_test_client", context=cls.context)
+        cls.executor = rclpy.executors.SingleThreadedExecutor(context=cls.context)
+        cls.executor.add_node(cls.node)
 
     @classmethod
     def tearDownClass(cls):
+        cls.executor.shutdown()
         cls.node.destroy_node()
-        rclpy.shutdown()
+        rclpy.shutdown(context=cls.context)
 
     def test_ask_answers_about_a_synthetic_frame(self):
         client = self.node.create_client(Ask, "ask")
@@ -44,7 +51,7 @@ class TestVqaLaunch(unittest.TestCase):
         response = None
         while self.node.get_clock().now().nanoseconds < deadline:
             future = client.call_async(Ask.Request(question="How many objects are there?"))
-            rclpy.spin_until_future_complete(self.node, future, timeout_sec=60.0)
+            self.executor.spin_until_future_complete(future, timeout_sec=60.0)
             response = future.result()
             if response is not None and response.success:
                 break

@@ -126,6 +126,55 @@ def rebuild_hint(manifest: dict[str, Any], engine_dir: str | Path) -> str:
     return f"Rebuild them on this device: vlsi build-engine --onnx {onnx_dir} --out {engine_dir} {flag}"
 
 
+def check_engine_files(manifest: dict[str, Any], engine_dir: str | Path) -> None:
+    """Raise EngineMismatchError unless the engine directory holds the files its manifest names,
+    as they were built: each plan of the recorded size, and every file copied beside the engines
+    (the export manifest, embeddings, tokenizer) with the recorded sha256; the copied export
+    manifest must also be the one the engines were built from. The plans' own sha256 is checked
+    when they are read (`plan_bytes`), from the bytes already in memory. An edited manifest or a
+    file swapped after the build fails here with a rebuild hint instead of loading a mismatch."""
+    from vlsi_model.export.manifest import MANIFEST_FILE, sha256_file
+
+    engine_dir = Path(engine_dir)
+    hint = rebuild_hint(manifest, engine_dir)
+    engines = manifest.get("engines")
+    if not isinstance(engines, dict) or not {"vision", "decoder"} <= set(engines):
+        raise EngineMismatchError(f"{engine_dir}: {ENGINE_MANIFEST} names no vision and decoder engines. {hint}")
+    for graph in ("vision", "decoder"):
+        info = engines[graph]
+        path = engine_dir / str(info.get("file", ""))
+        if not path.is_file():
+            raise EngineMismatchError(f"{path}: the {graph} engine named in {ENGINE_MANIFEST} is missing. {hint}")
+        if "size_bytes" in info and path.stat().st_size != int(info["size_bytes"]):
+            raise EngineMismatchError(f"{path}: {path.stat().st_size} bytes, the manifest records "
+                                      f"{info['size_bytes']}: the engine changed after it was built. {hint}")
+    expected = dict(manifest.get("copied_sha256") or {})
+    source = (manifest.get("source_export") or {}).get("export_manifest_sha256")
+    if source:
+        expected.setdefault(MANIFEST_FILE, source)
+        if expected[MANIFEST_FILE] != source:
+            raise EngineMismatchError(f"{engine_dir}: {ENGINE_MANIFEST} disagrees with itself about the export "
+                                      f"manifest's hash. {hint}")
+    for name, digest in expected.items():
+        path = engine_dir / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise EngineMismatchError(f"{path}: missing or different from the file the engines were built with "
+                                      f"(sha256 mismatch). {hint}")
+
+
+def plan_bytes(engine_dir: str | Path, info: dict[str, Any], manifest: dict[str, Any]) -> bytes:
+    """The serialized engine named by `info`, checked against its recorded sha256 when there is one."""
+    import hashlib
+
+    path = Path(engine_dir) / str(info["file"])
+    data = path.read_bytes()
+    digest = info.get("sha256")
+    if digest and hashlib.sha256(data).hexdigest() != digest:
+        raise EngineMismatchError(f"{path}: sha256 differs from the one recorded at build time. "
+                                  f"{rebuild_hint(manifest, engine_dir)}")
+    return data
+
+
 def load_engine_manifest(engine_dir: str | Path) -> dict[str, Any]:
     """Read `manifest.json` of an engine directory; ModelLoadError saying what is wrong."""
     path = Path(engine_dir) / ENGINE_MANIFEST
@@ -243,6 +292,7 @@ class TensorRTEngine:
             raise ModelLoadError(f"the tensorrt backend runs on a CUDA device (cuda, cuda:N), not {device!r}")
         self.cuda = _Cuda(index)
         check_engine_manifest(self.manifest, trt.__version__, self.cuda.gpu_info(), self.engine_dir)
+        check_engine_files(self.manifest, self.engine_dir)
         self.export = em = load_manifest(self.engine_dir)  # the export's files are copied beside the engines
         self.model_name = str(self.manifest.get("model_name") or em.get("model_name") or self.engine_dir.name)
         meta = read_metadata_json(self.engine_dir)
@@ -268,8 +318,8 @@ class TensorRTEngine:
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         engines = self.manifest["engines"]
-        self._vision_engine = self._deserialize(engines["vision"]["file"])
-        self._decoder_engine = self._deserialize(engines["decoder"]["file"])
+        self._vision_engine = self._deserialize(engines["vision"])
+        self._decoder_engine = self._deserialize(engines["decoder"])
         self._vision_ctx = self._vision_engine.create_execution_context()
         self._prefill_ctx = self._decoder_engine.create_execution_context()
         self._decode_ctx = self._decoder_engine.create_execution_context()
@@ -279,11 +329,10 @@ class TensorRTEngine:
         self._allocate()
         self._closed = False
 
-    def _deserialize(self, name: str) -> Any:
-        data = (self.engine_dir / name).read_bytes()
-        engine = self._runtime.deserialize_cuda_engine(data)
+    def _deserialize(self, info: dict[str, Any]) -> Any:
+        engine = self._runtime.deserialize_cuda_engine(plan_bytes(self.engine_dir, info, self.manifest))
         if engine is None:
-            raise EngineMismatchError(f"{self.engine_dir / name}: TensorRT could not deserialize it. "
+            raise EngineMismatchError(f"{self.engine_dir / info['file']}: TensorRT could not deserialize it. "
                                       f"{rebuild_hint(self.manifest, self.engine_dir)}")
         return engine
 

@@ -190,6 +190,17 @@ def _finalize_graph(raw: Path, path: Path, rename: dict[str, dict[int, str]] | N
         onnx.save_model(model, str(path))
 
 
+def readable_as_umask_allows(directory: Path) -> None:
+    """Give `directory` and its files the modes the user's umask gives new files (0755 / 0644 with
+    the usual 022). mkdtemp makes the folder 0700, and onnx writes external `.onnx.data` files 0600:
+    either would hide the export from another user (a ROS service account) or break a copy."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 # ----------------------------------------------------------------------------- export
 def export_model(
     model_dir: str | Path,
@@ -398,9 +409,7 @@ def export_model(
                 raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.3g} (> {tol}): {parity}")
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / mf.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users (a ROS service)
+        readable_as_umask_allows(tmp)
 
         replace_directory(tmp, out_dir)
     finally:

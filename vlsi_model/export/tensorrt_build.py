@@ -312,7 +312,8 @@ def build_engine_file(trt: Any, onnx_path: Path, plan_path: Path, profiles: list
     if cache is not None and timing_cache is not None:
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return {"file": plan_path.name, "onnx": onnx_path.name, "build_seconds": round(time.perf_counter() - t0, 1),
-            "size_bytes": plan_path.stat().st_size, "fp32_pinned_layers": pinned, "profiles": profiles}
+            "size_bytes": plan_path.stat().st_size, "sha256": mf.sha256_file(plan_path),
+            "fp32_pinned_layers": pinned, "profiles": profiles}
 
 
 def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp16",
@@ -346,9 +347,11 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
         engines[graph] = build_engine_file(trt, onnx_dir / file, out_dir / f"{graph}.plan", profiles[graph],
                                            precision, strongly_typed, workspace_mb, dla_core, cache, say)
     engines["decoder"]["profile_names"] = ["prefill", "decode"]
+    copied = {}
     for name in [mf.MANIFEST_FILE, em["files"]["embed_tokens"], em["files"]["rope"], *em["files"].get("copied", [])]:
         if (onnx_dir / name).is_file():
             shutil.copy2(onnx_dir / name, out_dir / name)
+            copied[name] = mf.sha256_file(out_dir / name)
     manifest = {
         "format": ENGINE_FORMAT,
         "format_version": ENGINE_FORMAT_VERSION,
@@ -363,6 +366,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
                    "max_context": ranges.max_context},
         "pad_slots": PAD_SLOTS,
         "engines": engines,
+        "copied_sha256": copied,  # checked at load with the plans' sizes and hashes (check_engine_files)
         "source_export": {"dir": str(onnx_dir.resolve()), "onnx_sha256": onnx_sha256(onnx_dir),
                           "export_manifest_sha256": mf.sha256_file(onnx_dir / mf.MANIFEST_FILE)},
         "created_unix": int(time.time()),

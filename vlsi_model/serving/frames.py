@@ -8,6 +8,7 @@ moment its inference starts and refuses it when it is older than the allowed age
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,14 @@ class FrameError(RuntimeError):
 NO_FRAME_YET = "no frame received yet"
 
 
+def check_max_age(max_age_s: float) -> float:
+    """A frame-age limit must be a finite number >= 0 (0: no limit): NaN, negative or infinite
+    limits would switch the stale-frame check off without anyone noticing."""
+    if not isinstance(max_age_s, (int, float)) or not math.isfinite(max_age_s) or max_age_s < 0:
+        raise ValueError(f"max_frame_age_s must be a finite number >= 0 (0: no limit), got {max_age_s!r}")
+    return float(max_age_s)
+
+
 @dataclass(frozen=True)
 class Frame:
     """One received frame. `stamp_s` is the capture time (seconds, the publisher's clock);
@@ -39,9 +48,18 @@ class Frame:
     header: Any = None
 
     def age_s(self, now_s: float) -> float:
-        """Age from the capture stamp, or from arrival when the publisher left the stamp zero."""
-        reference = self.stamp_s if self.stamp_s > 0 else self.received_s
+        """Age from the capture stamp, never younger than the time since the frame arrived.
+
+        A frame cannot be newer than its arrival: a stamp in the future (a camera whose clock
+        runs ahead) would otherwise keep an old frame "fresh" forever. A zero stamp (the
+        publisher left it unset) counts from arrival."""
+        reference = min(self.stamp_s, self.received_s) if self.stamp_s > 0 else self.received_s
         return max(0.0, now_s - reference)
+
+    @property
+    def stamp_ahead_s(self) -> float:
+        """How far the stamp is ahead of the arrival time (> 0: the publisher's clock runs ahead)."""
+        return self.stamp_s - self.received_s if self.stamp_s > 0 else 0.0
 
 
 class FrameStore:
@@ -74,6 +92,11 @@ class FrameStore:
         with self._lock:
             return self._frames.get(camera)
 
+    def stamps_ahead(self) -> dict[str, float | None]:
+        """Per camera, how far the newest frame's stamp was ahead of its arrival (clock skew)."""
+        with self._lock:
+            return {c: (self._frames[c].stamp_ahead_s if c in self._frames else None) for c in self._cameras}
+
     def ages(self) -> dict[str, float | None]:
         """Age in seconds of the newest frame per camera (None: nothing received yet)."""
         now = self._clock()
@@ -86,6 +109,7 @@ class FrameStore:
 
     def take(self, camera: str, max_age_s: float) -> tuple[Frame, np.ndarray]:
         """The newest frame of `camera` and its RGB pixels, or FrameError saying why not."""
+        check_max_age(max_age_s)
         self.check_camera(camera)
         frame = self.latest(camera)
         if frame is None:
