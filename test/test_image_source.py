@@ -11,6 +11,7 @@ ignores messages with any other, so parallel runs on the machine cannot cross-ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -468,3 +469,362 @@ def test_fit_size_and_device_names() -> None:
     assert image_source.fit_size((480, 640, 3), 0, 0) == (640, 480)
     assert image_source._parse_device("2") == 2
     assert image_source._parse_device(" /dev/video1 ") == "/dev/video1"
+
+
+# ---- bag replay ------------------------------------------------------------------------
+
+BAG_FRAMES = 20
+BAG_INTERVAL_NS = 200_000_000  # recorded at 5 frames/s
+BAG_T0_NS = 1_700_000_000 * 1_000_000_000  # recorded long ago: a replay must not reuse these stamps
+BAG_TOPIC = "/robot/front/image_raw"
+
+
+@pytest.fixture(scope="module")
+def bag_rgbs() -> list[np.ndarray]:
+    """BAG_FRAMES distinct synthetic scenes, 96x72 (odd sizes for the decoder are not the point here)."""
+    from vlsi_model import scenes
+
+    config = scenes.SceneConfig(width=96, height=72)
+    rgbs = [scenes.render_scene(scenes.generate_scene(scenes.scene_seed("test", 11, i), config))
+            for i in range(BAG_FRAMES)]
+    assert len({rgb.tobytes() for rgb in rgbs}) == BAG_FRAMES
+    return rgbs
+
+
+def make_bag(tmp_path: Path, rgbs: list[np.ndarray], fmt: str = "mcap", frame_id: str = "front",
+             compressed: bool = False, name: str = "run1") -> Path:
+    from vlsi_model.data.bags import write_image_bag
+
+    path = tmp_path / (f"{name}.bag" if fmt == "ros1" else name)
+    frames = [(BAG_T0_NS + i * BAG_INTERVAL_NS, rgb) for i, rgb in enumerate(rgbs)]
+    return write_image_bag(path, frames, topic=BAG_TOPIC, fmt=fmt, compressed=compressed, frame_id=frame_id)
+
+
+def storage_file(bag: Path) -> Path:
+    """The .mcap / .db3 of a rosbag2 directory, or the ROS 1 .bag itself."""
+    return bag if bag.is_file() else next(p for p in bag.iterdir() if p.suffix in (".mcap", ".db3"))
+
+
+def bag_index(rgb: np.ndarray, rgbs: list[np.ndarray]) -> int:
+    """Which bag frame `rgb` is, pixel for pixel."""
+    matches = [i for i, frame in enumerate(rgbs) if frame.shape == rgb.shape and np.array_equal(frame, rgb)]
+    assert len(matches) == 1, f"published frame matches bag frames {matches}"
+    return matches[0]
+
+
+def wait_for_log(proc: SourceProcess, text: str, listener: Listener, timeout_s: float = 15.0) -> str:
+    """Spin `listener` (so arrival times are true) until `text` is in the node's log."""
+    def done() -> bool:
+        assert proc.proc.poll() is None, proc.log()
+        return text in proc.log()
+
+    assert listener.spin_until(done, timeout_s), proc.log()
+    return proc.log()
+
+
+def assert_stamped_now(listener: Listener) -> None:
+    """Stamps are the publish time (ROS clock = wall clock here), not the recorded ones."""
+    wall_minus_monotonic = time.time() - time.monotonic()
+    for arrival, msg in listener.images:
+        delay = arrival + wall_minus_monotonic - stamp_s(msg)
+        assert -0.05 < delay < 1.0, f"stamp {stamp_s(msg):.3f} is {delay:.3f} s before its arrival"
+
+
+@pytest.mark.parametrize("fmt", ["mcap", "sqlite3", "ros1"])
+def test_bag_fixed_timing_replays_frames_in_order_and_loops(start_source, listen, tmp_path: Path, bag_rgbs,
+                                                            fmt: str) -> None:
+    frame_id = unique_frame_id()
+    bag = make_bag(tmp_path, bag_rgbs, fmt=fmt, frame_id=frame_id)
+    listener = listen(frame_id)
+    proc = start_source(source="bag", path=str(bag), bag_timing="fixed", rate_hz=50.0, width=0, height=0,
+                        frame_id="not_the_recorded_one", qos_depth=50)
+    assert listener.spin_until(lambda: len(listener.images) >= 1, DISCOVERY_TIMEOUT_S), proc.log()
+    assert listener.spin_until(lambda: len(listener.images) >= 30, 10.0), f"{len(listener.images)} frames"
+    indices = []
+    for _, msg in listener.images[:30]:
+        assert (msg.width, msg.height, msg.encoding) == (96, 72, "rgb8")
+        assert msg.header.frame_id == frame_id  # the recorded one, not the parameter
+        indices.append(bag_index(image_msg_to_rgb(msg), bag_rgbs))
+    assert indices == [(indices[0] + i) % BAG_FRAMES for i in range(30)], indices  # in order, wrapping
+    assert_stamped_now(listener)
+    log = proc.log()
+    assert f"bag {bag} topic {BAG_TOPIC} ({BAG_FRAMES} frames, 3.8 s, fixed timing, looping)" in log, log
+    assert proc.stop() == 0, proc.log()
+
+
+def test_bag_without_loop_publishes_each_frame_once_and_stops(start_source, listen, tmp_path: Path,
+                                                               bag_rgbs) -> None:
+    frame_id = unique_frame_id()
+    bag = make_bag(tmp_path, bag_rgbs, fmt="sqlite3", frame_id=frame_id)
+    listener = listen(frame_id)
+    # 10 Hz: 2 s of frames, so the subscription is matched well before the last ones
+    proc = start_source(source="bag", path=str(storage_file(bag)), bag_timing="fixed", rate_hz=10.0,
+                        width=0, height=0, loop=False, qos_depth=50)
+    log = wait_for_log(proc, "end of bag", listener, timeout_s=DISCOVERY_TIMEOUT_S)
+    assert f"published {BAG_FRAMES} frames" in log, log
+    listener.spin_for(0.5)
+    indices = [bag_index(image_msg_to_rgb(msg), bag_rgbs) for _, msg in listener.images]
+    assert indices and indices == list(range(indices[0], BAG_FRAMES)), indices  # the tail of the bag, in order
+    count = len(listener.images)
+    listener.spin_for(0.3)
+    assert len(listener.images) == count, "nothing after the end"
+    assert_stamped_now(listener)
+    assert proc.proc.poll() is None, "the node stays up after the end (it only stops publishing)"
+    assert proc.stop() == 0
+
+
+def test_bag_recorded_timing_follows_the_recorded_pace(start_source, listen, tmp_path: Path, bag_rgbs) -> None:
+    frame_id = unique_frame_id()
+    bag = make_bag(tmp_path, bag_rgbs, fmt="mcap", frame_id=frame_id)
+    listener = listen(frame_id)
+    proc = start_source(source="bag", path=str(bag), rate_hz=50.0, width=0, height=0, loop=False, qos_depth=50)
+    log = wait_for_log(proc, "end of bag", listener, timeout_s=DISCOVERY_TIMEOUT_S + 4.0)
+    listener.spin_for(0.3)
+    assert f"published {BAG_FRAMES} frames" in log and "recorded timing" in log, log
+    frames = [(bag_index(image_msg_to_rgb(msg), bag_rgbs), stamp_s(msg)) for _, msg in listener.images]
+    assert len(frames) >= 8, f"only {len(frames)} frames received"
+    indices = [i for i, _ in frames]
+    assert indices == list(range(indices[0], BAG_FRAMES)), indices  # every frame once (50 Hz > 5 frames/s)
+    rate = (len(frames) - 1) / (frames[-1][1] - frames[0][1])
+    assert 5.0 * 0.85 < rate < 5.0 * 1.15, f"{rate:.2f} frames/s for a bag recorded at 5"
+    # Each frame goes out on the first tick after it is due: publish time - recorded offset is
+    # the same for all, up to a tick (20 ms) and scheduling jitter.
+    lags = [stamp - i * BAG_INTERVAL_NS * 1e-9 for i, stamp in frames]
+    assert max(lags) - min(lags) < 0.1, [round(lag - min(lags), 3) for lag in lags]
+    assert_stamped_now(listener)
+
+
+def test_bag_of_compressed_images(start_source, listen, tmp_path: Path, bag_rgbs) -> None:
+    frame_id = unique_frame_id()
+    bag = make_bag(tmp_path, bag_rgbs, fmt="ros1", frame_id=frame_id, compressed=True)
+    listener = listen(frame_id)
+    proc = start_source(source="bag", path=str(bag), topic=BAG_TOPIC, bag_timing="fixed", rate_hz=50.0,
+                        width=0, height=0, qos_depth=50)
+    assert listener.spin_until(lambda: len(listener.images) >= 25, DISCOVERY_TIMEOUT_S), proc.log()
+    indices = []
+    for _, msg in listener.images[:25]:
+        rgb = image_msg_to_rgb(msg)
+        errors = [np.abs(rgb.astype(int) - frame.astype(int)).mean() for frame in bag_rgbs]
+        indices.append(int(np.argmin(errors)))
+        assert errors[indices[-1]] < 4.0, errors  # JPEG quality 90: close, not exact
+    assert indices == [(indices[0] + i) % BAG_FRAMES for i in range(25)], indices
+    assert_stamped_now(listener)
+
+
+def corrupt_bag(tmp_path: Path, rgbs: list[np.ndarray], kind: str) -> Path:
+    if kind == "truncated mcap":
+        bag = make_bag(tmp_path, rgbs, fmt="mcap")
+        data = storage_file(bag).read_bytes()
+        storage_file(bag).write_bytes(data[: len(data) // 2])  # a recording cut short
+    elif kind == "garbage db3":
+        bag = make_bag(tmp_path, rgbs, fmt="sqlite3")
+        storage_file(bag).write_bytes(b"this is not a database " * 1000)
+    else:
+        raise ValueError(kind)
+    return bag
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "bag not found: /nonexistent/run1"),
+        ("unknown topic", f"no topic /rear/image in {{bag}} (image topics: {BAG_TOPIC})"),
+        ("truncated mcap", "cannot open bag {bag}"),
+        ("garbage db3", "cannot open bag {bag}: AnyReaderError: Cannot open database"),
+        ("no path", "source 'bag' needs the parameter path"),
+        ("bad timing", "parameter bag_timing must be one of recorded, fixed, got 'realtime'"),
+    ],
+)
+def test_bad_bag_exits_non_zero_with_a_clear_message(start_source, tmp_path: Path, bag_rgbs, case: str,
+                                                     message: str) -> None:
+    params: dict[str, object] = {"source": "bag"}
+    bag = Path("/nonexistent/run1")
+    if case in ("truncated mcap", "garbage db3"):
+        bag = corrupt_bag(tmp_path, bag_rgbs[:4], case)
+    elif case in ("unknown topic", "bad timing"):
+        bag = make_bag(tmp_path, bag_rgbs[:4])
+    if case == "unknown topic":
+        params["topic"] = "/rear/image"
+    if case == "bad timing":
+        params["bag_timing"] = "realtime"
+    if case != "no path":
+        params["path"] = str(bag)
+    proc = start_source(**params)
+    code = wait_exit(proc)
+    log = proc.log()
+    assert code == 1, log
+    assert message.format(bag=bag) in log, log
+    assert "Traceback" not in log, log
+
+
+# ---- BagSource on its own (in this process, no DDS) -----------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def count_decodes(monkeypatch) -> list[int]:
+    """Indices of the bag frames whose pixels were decoded."""
+    from vlsi_model.data import bags
+
+    decoded: list[int] = []
+    rgb = bags.BagFrame.rgb
+
+    def counting(self, *args, **kwargs):
+        decoded.append(self.index)
+        return rgb(self, *args, **kwargs)
+
+    monkeypatch.setattr(bags.BagFrame, "rgb", counting)
+    return decoded
+
+
+def test_bag_source_recorded_timing_skips_late_frames_undecoded(tmp_path: Path, bag_rgbs, monkeypatch) -> None:
+    rgbs = bag_rgbs[:10]
+    bag = make_bag(tmp_path, rgbs, fmt="mcap")
+    decoded = count_decodes(monkeypatch)
+    clock = FakeClock()
+    source = image_source.BagSource(str(bag), "", "recorded", loop=True, clock=clock)
+    try:
+        assert source.topic == BAG_TOPIC
+
+        def at(t: float) -> int | None:
+            clock.now = 100.0 + t
+            frame = source.next()
+            if frame is None:
+                return None
+            assert frame.stamp_ns is None and frame.frame_id == "front"  # the node stamps the publish time
+            return bag_index(frame.rgb, rgbs)
+
+        assert at(0.0) == 0  # the first call starts the replay clock
+        assert at(0.1) is None  # frame 1 is not due yet: nothing new
+        assert at(0.201) == 1
+        assert at(0.25) is None
+        assert at(1.05) == 5  # 2, 3 and 4 are past: skipped
+        assert at(1.801) == 9  # the last frame
+        assert at(1.9) is None  # the next pass starts one frame interval (0.2 s) after the last frame
+        assert at(2.01) == 0  # looped: the clock restarts
+        assert at(2.1) is None
+        assert at(2.211) == 1
+        assert decoded == [0, 1, 5, 9, 0, 1], "only published frames are decoded"
+    finally:
+        source.close()
+
+
+def test_bag_source_fixed_timing_ends_or_loops(tmp_path: Path, bag_rgbs) -> None:
+    rgbs = bag_rgbs[:5]
+    bag = make_bag(tmp_path, rgbs, fmt="ros1", frame_id="")
+    once = image_source.BagSource(str(bag), BAG_TOPIC, "fixed", loop=False)
+    try:
+        assert once.describe() == f"bag {bag} topic {BAG_TOPIC} (5 frames, 0.8 s, fixed timing)"
+        frames = [once.next() for _ in range(5)]
+        assert [bag_index(f.rgb, rgbs) for f in frames] == [0, 1, 2, 3, 4]
+        assert all(f.frame_id is None for f in frames), "no recorded frame_id: the node's parameter is used"
+        with pytest.raises(image_source.EndOfSource, match="end of bag"):
+            once.next()
+    finally:
+        once.close()
+    looping = image_source.BagSource(str(bag), "", "fixed", loop=True)
+    try:
+        assert [bag_index(looping.next().rgb, rgbs) for _ in range(12)] == [i % 5 for i in range(12)]
+    finally:
+        looping.close()
+
+
+def write_messages_bag(path: Path, messages: list[tuple[str, str, int, object]]) -> Path:
+    """A rosbag2 MCAP bag of arbitrary (topic, msgtype, time_ns, message) records."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections: dict[str, object] = {}
+        for topic, msgtype, time_ns, msg in messages:
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, msgtype, typestore=store)
+            writer.write(connections[topic], time_ns, store.serialize_cdr(msg, msgtype))
+    return path
+
+
+def ros_image(rgb: np.ndarray, time_ns: int, encoding: str = "rgb8"):
+    from rosbags.typesys import Stores, get_typestore
+
+    types = get_typestore(Stores.ROS2_HUMBLE).types
+    header = types["std_msgs/msg/Header"](
+        stamp=types["builtin_interfaces/msg/Time"](sec=time_ns // 10**9, nanosec=time_ns % 10**9), frame_id="front")
+    h, w = rgb.shape[:2]
+    return types["sensor_msgs/msg/Image"](header=header, height=h, width=w, encoding=encoding, is_bigendian=0,
+                                          step=w * 3, data=rgb.reshape(-1).copy())
+
+
+def test_bag_source_skips_undecodable_frames_with_a_throttled_warning(tmp_path: Path, bag_rgbs) -> None:
+    rgbs = bag_rgbs[:6]
+    bad = {1, 3, 4}  # an encoding the decoder does not know
+    messages = [(BAG_TOPIC, "sensor_msgs/msg/Image", BAG_T0_NS + i * BAG_INTERVAL_NS,
+                 ros_image(rgb, BAG_T0_NS + i * BAG_INTERVAL_NS, "hsv8" if i in bad else "rgb8"))
+                for i, rgb in enumerate(rgbs)]
+    bag = write_messages_bag(tmp_path / "bad_frames", messages)
+    warnings: list[str] = []
+    clock = FakeClock()
+    source = image_source.BagSource(str(bag), "", "fixed", loop=True, warn=warnings.append, clock=clock)
+    try:
+        assert [bag_index(source.next().rgb, rgbs) for _ in range(3)] == [0, 2, 5]
+        assert len(warnings) == 1 and "skipping undecodable frame 1" in warnings[0], warnings  # throttled
+        clock.now += image_source.BAG_WARN_INTERVAL_S
+        assert bag_index(source.next().rgb, rgbs) == 0  # looped
+        assert bag_index(source.next().rgb, rgbs) == 2
+        assert len(warnings) == 2 and "frame 1" in warnings[1] and "(4 skipped so far)" in warnings[1], warnings
+    finally:
+        source.close()
+
+    all_bad = write_messages_bag(tmp_path / "all_bad", [m[:3] + (ros_image(rgbs[0], m[2], "hsv8"),)
+                                                         for m in messages[:3]])
+    source = image_source.BagSource(str(all_bad), "", "fixed", loop=True, warn=warnings.append)
+    try:
+        with pytest.raises(image_source.ImageSourceError, match="no frame of .* could be decoded"):
+            source.next()
+    finally:
+        source.close()
+
+
+def test_bag_source_with_several_image_topics_needs_a_topic(tmp_path: Path, bag_rgbs) -> None:
+    messages = [(topic, "sensor_msgs/msg/Image", BAG_T0_NS + i, ros_image(bag_rgbs[i], BAG_T0_NS + i))
+                for i, topic in enumerate(["/front/image", "/rear/image"])]
+    bag = write_messages_bag(tmp_path / "two_cameras", messages)
+    with pytest.raises(image_source.ImageSourceError,
+                       match=r"has 2 image topics \(/front/image \(Image, 1 messages\), /rear/image \(Image, 1 "
+                             r"messages\)\); choose one with the parameter topic"):
+        image_source.BagSource(str(bag), "", "fixed", loop=False)
+    source = image_source.BagSource(str(bag), "/rear/image", "fixed", loop=False)
+    try:
+        assert bag_index(source.next().rgb, bag_rgbs) == 1
+    finally:
+        source.close()
+
+
+def test_bag_source_found_corrupt_while_replaying_ends_the_pass(tmp_path: Path, bag_rgbs) -> None:
+    bag = make_bag(tmp_path, bag_rgbs, fmt="ros1")
+    data = bytearray(bag.read_bytes())
+    record = data.rfind(b"op=\x02", 0, data.find(bag_rgbs[10].tobytes()))  # frame 10's message record
+    assert record > 0
+    data[record - 8:record + 16] = b"\xff" * 24  # its header; the index (at the end) stays intact
+    bag.write_bytes(bytes(data))
+    for loop in (False, True):
+        warnings: list[str] = []
+        source = image_source.BagSource(str(bag), "", "fixed", loop=loop, warn=warnings.append)
+        try:
+            indices = []
+            with pytest.raises(image_source.EndOfSource, match="end of truncated or corrupt bag") if not loop \
+                    else contextlib.nullcontext():
+                for _ in range(BAG_FRAMES + 5):
+                    indices.append(bag_index(source.next().rgb, bag_rgbs))
+            readable = indices.index(0, 1) if loop else len(indices)
+            assert readable == 10 and indices[:readable] == list(range(readable)), indices
+            if loop:
+                assert indices == [i % readable for i in range(len(indices))], "looped to the start each time"
+            assert len(warnings) == 1 and "corrupt or truncated after 10 messages" in warnings[0], warnings
+        finally:
+            source.close()

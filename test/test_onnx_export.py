@@ -237,24 +237,3 @@ def test_dynamo_exporter(windowed_qwen25vl_dir):
     assert m["graphs"]["decoder"]["inputs"]["past_key_0"]["shape"][2] == "past"
     assert max(v for k, v in m["parity"].items() if k.endswith("diff")) < FP32_TOL
 
-
-def test_export_files_get_the_modes_the_umask_gives(tmp_path):
-    """mkdtemp's 0700 folder and onnx's 0600 `.onnx.data` files would hide a large export from
-    another user (a ROS service account) or a copy; the export ends with umask-default modes."""
-    import os
-    import stat
-
-    from vlsi_model.export.onnx_export import readable_as_umask_allows
-
-    out = tmp_path / "export"
-    out.mkdir(mode=0o700)
-    data = out / "decoder.onnx.data"
-    data.write_bytes(b"\0" * 8)
-    data.chmod(0o600)
-    before = os.umask(0o022)
-    try:
-        readable_as_umask_allows(out)
-    finally:
-        os.umask(before)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert stat.S_IMODE(data.stat().st_mode) == 0o644

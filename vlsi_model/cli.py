@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # (module in vlsi_model.commands) in the order `vlsi --help` lists them.
-COMMAND_MODULES = ("data", "train", "distill", "eval", "ask", "export", "build_engine", "bench")
+COMMAND_MODULES = ("data", "label", "train", "distill", "eval", "ask", "export", "build_engine", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,7 +73,15 @@ class FamilyScore:
         return self.answers.most_common(1)[0][1] / self.n if self.n else 0.0
 
 
-def load_eval_samples(data_file: str | os.PathLike[str], max_samples: int | None = None) -> list[EvalSample]:
+def teacher_references(records: Sequence[Any]) -> Counter[str]:
+    """Teachers whose answers stand as references in `records` (`label.source: teacher`), with counts."""
+    from vlsi_model.data.labelling import is_teacher_labelled
+
+    return Counter(str(r["label"].get("teacher", "?")) for r in records if is_teacher_labelled(r))
+
+
+def load_eval_samples(data_file: str | os.PathLike[str], max_samples: int | None = None,
+                      allow_teacher_labels: bool = False) -> list[EvalSample]:
     """The first-turn (question, answer) of every record of a LLaVA JSON/JSONL file.
 
     Image paths are resolved against the file's folder, as in training. A malformed record
@@ -84,6 +92,12 @@ def load_eval_samples(data_file: str | os.PathLike[str], max_samples: int | None
 
     path = Path(data_file).expanduser()
     records = read_records(path)
+    teachers = teacher_references(records[:max_samples] if max_samples is not None else records)
+    if teachers and not allow_teacher_labels:
+        raise DatasetError(
+            f"{path}: {sum(teachers.values())} records hold a teacher's answer ({', '.join(teachers)}), not ground "
+            "truth; scoring against them measures agreement with that teacher. Evaluate on labelled data, or "
+            "pass --allow-teacher-labels to measure the agreement knowingly")
     out: list[EvalSample] = []
     for index, record in enumerate(records):
         if max_samples is not None and len(out) >= max_samples:
@@ -179,15 +193,19 @@ def evaluate(
     progress: bool = False,
     engine: Any = None,
     on_sample: Callable[[int, int], None] | None = None,
+    allow_teacher_labels: bool = False,
 ) -> dict[str, Any]:
     """Greedy answers of the model at `model_dir` (None: the default student) on `data_file`, scored.
 
     Returns `score(...)` plus "model", "data", "backend" and timing. Pass an already loaded
-    `engine` to score without reloading (the study script does so between runs).
+    `engine` to score without reloading (the study script does so between runs). A file whose
+    references are a teacher's answers is refused unless `allow_teacher_labels`; then the result's
+    "references" names the teacher ("ground truth" otherwise).
     """
-    from vlsi_model.training.data import load_image
+    from vlsi_model.training.data import load_image, read_records
 
-    samples = load_eval_samples(data_file, max_samples)
+    samples = load_eval_samples(data_file, max_samples, allow_teacher_labels)
+    teachers = teacher_references(read_records(Path(data_file).expanduser())) if allow_teacher_labels else Counter()
     owns_engine = engine is None
     if engine is None:
         from vlsi_model.engine import load_engine
@@ -219,6 +237,7 @@ def evaluate(
         "backend": backend,
         "max_new_tokens": max_new_tokens,
         "seconds": elapsed,
+        "references": "teacher: " + ", ".join(teachers) if teachers else "ground truth",
         **result,
     }
 

@@ -1,4 +1,4 @@
-"""Publishing a finished output directory in place of an older one.
+"""Publishing a finished output directory in place of an older one, readable by other users.
 
 Why by hand: no library here offers an atomic directory swap. Every artefact writer (model
 directories, ONNX exports, shipped students) builds its output in a temporary sibling and
@@ -29,3 +29,14 @@ def replace_directory(built: Path, dest: Path) -> Path:
     else:
         os.rename(built, dest)
     return dest
+
+
+def readable_as_umask_allows(directory: Path) -> None:
+    """Give `directory` and its files the modes the user's umask gives new files (0755 / 0644 with
+    the usual 022). mkdtemp makes the folder 0700, and onnx writes external `.onnx.data` files 0600:
+    either would hide the export from another user (a ROS service account) or break a copy."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

@@ -3,7 +3,11 @@
 `ros2 launch` needs the `launch` packages, which a ROS 2 installed from pip wheels lacks.
 This runs the same two nodes with the same parameter file and the same overrides as
 vqa.launch.py (model_path, backend, engine_dir, image_topic, transport, image_qos,
-start_image_source), on one MultiThreadedExecutor.
+start_image_source, source, bag, bag_topic), on one MultiThreadedExecutor. As with the launch
+file, an option not given leaves the YAML's value.
+
+A robot's recorded data instead of a robot: `--bag ~/bags/run1 [--bag-topic /camera/image_raw]`
+replays the bag's frames through image_source (`--bag` implies `--source bag`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import rclpy
 from ament_index_python.packages import get_package_share_directory
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
-from vlsi_ros.image_source import ImageSource, ImageSourceError
+from vlsi_ros.image_source import SOURCES, ImageSource, ImageSourceError
 from vlsi_ros.vqa_node import VqaNode, executor_threads
 
 
@@ -35,6 +39,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--transport", choices=("raw", "compressed"), default=None)
     parser.add_argument("--image-qos", choices=("auto", "sensor_data", "reliable", "best_effort"), default=None)
     parser.add_argument("--no-image-source", action="store_true", help="only vqa_node (a real camera publishes)")
+    parser.add_argument("--source", choices=SOURCES, default=None, help="image_source's source")
+    parser.add_argument("--bag", default=None,
+                        help="bag to replay (rosbag2 directory, .mcap / .db3, or ROS 1 .bag): image_source's path; "
+                             "implies --source bag")
+    parser.add_argument("--bag-topic", default=None, help="the bag's image topic (default: its only one)")
     parser.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: run)")
     return parser.parse_known_args(argv)
 
@@ -52,6 +61,10 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
             ros_args += ["-p", f"vqa_node:{name}:={value}"]
     if args.transport is not None:
         ros_args += ["-p", f"image_source:compressed:={str(args.transport == 'compressed').lower()}"]
+    source = args.source or ("bag" if args.bag else None)
+    for name, value in (("source", source), ("path", args.bag), ("topic", args.bag_topic)):
+        if value is not None:  # YAML-quoted: a string whatever it looks like ("2024", "", "true")
+            ros_args += ["-p", "image_source:{}:='{}'".format(name, value.replace("'", "''"))]
     if args.image_topic:
         ros_args += ["-r", f"image:={args.image_topic}", "-r", f"image/compressed:={args.image_topic}/compressed"]
     return ros_args

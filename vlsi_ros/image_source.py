@@ -6,23 +6,34 @@ default source is the project's seeded synthetic scene generator (vlsi_model.sce
 and every synthetic frame's ground truth (objects, exact answers to questions about it)
 goes out on `ground_truth` (std_msgs/String, JSON) carrying the frame's stamp and
 frame_id, so that an answer can be checked against the frame it describes. The same node
-plays a video file, an image folder or a V4L2 camera, so a demo moves to real pictures by
-changing one parameter.
+plays a video file, an image folder, a V4L2 camera or a recorded bag (rosbag2 sqlite3 or
+MCAP, or ROS 1; read without ROS by vlsi_model.data.bags), so a demo moves to real
+pictures, or to a robot's recorded data without the robot, by changing one parameter.
 
 Parameters (all read-only: they are read once at start-up, and a runtime change is
 refused rather than silently ignored):
-  source            synthetic | video | folder | device              (synthetic)
-  path              video file or image folder
+  source            synthetic | video | folder | device | bag        (synthetic)
+  path              video file, image folder, or bag: a rosbag2 directory (or the .mcap /
+                    .db3 in it) or a ROS 1 .bag file
+  topic             bag: the image topic (Image or CompressedImage) to replay; empty: the
+                    bag's only image topic (several: an error that lists them)     ("")
+  bag_timing        bag: recorded | fixed                            (recorded)
+                    recorded: frames at their recorded pace (bag time since the first
+                    frame against wall time since the replay started); each tick at
+                    rate_hz publishes the newest frame that is due, skipping frames
+                    already past (rate_hz below the recording's rate) and publishing
+                    nothing when none is new, so set rate_hz at or above the recording's
+                    rate to see every frame. fixed: one frame per tick at rate_hz.
   device            camera index or /dev/videoN (int or string)     ("0")
   rate_hz           publishing rate                                 (10.0)
   width, height     frame size; non-synthetic frames are resized when > 0 (640x480;
                     one of them 0 keeps the aspect ratio, both 0 the native size)
   encoding          any vlsi_ros.image_conversion encoding           (rgb8)
-  frame_id          header.frame_id                                 (camera)
+  frame_id          header.frame_id; a bag frame keeps its recorded one (camera)
   compressed        publish image/compressed instead of image       (false)
   compressed_format jpeg | png                                      (jpeg)
   jpeg_quality      1..100                                          (90)
-  loop              video/folder restart at the end; otherwise stop (true)
+  loop              video/folder/bag restart at the end; otherwise stop (true)
   seed              synthetic scene sequence seed                   (0)
   scene_period_s    keep each synthetic scene this long; 0 = new scene every frame (0.0)
   scene_layout      grid | random: synthetic objects one per grid cell, or anywhere (grid)
@@ -35,8 +46,16 @@ refused rather than silently ignored):
 QoS can also be overridden per topic with `qos_overrides./image.publisher.*` parameters,
 as in ros2/demos quality_of_service_demo.
 
-Configuration and device errors (missing file, camera not opening, bad parameter) are
-logged as one clear line and the process exits with status 1, not a traceback.
+Bag frames are stamped with their publish time, like a live camera's, not with their
+recorded header stamps: those are minutes or days old, and vqa_node refuses frames older
+than max_frame_age_s, so a replay with original stamps would answer nothing. The recorded
+frame_id is kept (the parameter frame_id is used for frames recorded without one).
+
+Configuration and device errors (missing file, camera not opening, bad parameter, a bag
+that is missing, corrupt or lacks the topic) are logged as one clear line and the process
+exits with status 1, not a traceback. A bag frame the decoder cannot read is skipped with
+a throttled warning; a bag found truncated or corrupt while replaying is logged and ends
+the pass there (restart with loop, else stop, as at the bag's end).
 """
 
 from __future__ import annotations
@@ -73,11 +92,14 @@ from vlsi_ros.image_conversion import (
     rgb_to_image_msg,
 )
 
-SOURCES = ("synthetic", "video", "folder", "device")
+SOURCES = ("synthetic", "video", "folder", "device", "bag")
+BAG_TIMINGS = ("recorded", "fixed")
 RELIABILITIES = ("reliable", "best_effort")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 # A camera that delivers nothing for this long is considered gone (fatal error).
 DEVICE_TIMEOUT_S = 5.0
+# At most one warning about undecodable bag frames per this many seconds (they are counted).
+BAG_WARN_INTERVAL_S = 5.0
 
 
 class ImageSourceError(RuntimeError):
@@ -88,7 +110,7 @@ class ImageSourceError(RuntimeError):
 
 
 class EndOfSource(Exception):
-    """A video or folder has no more frames (and `loop` is false)."""
+    """A video, folder or bag has no more frames (and `loop` is false)."""
 
 
 @dataclass
@@ -97,7 +119,8 @@ class Frame:
 
     `key` identifies frames whose pixels repeat (a synthetic scene shown for
     `scene_period_s`), so their message is encoded once; `stamp_ns` is the capture time
-    when the source knows it (camera), else the node stamps the publish time.
+    when the source knows it (camera), else the node stamps the publish time; `frame_id`
+    is the source's own (a bag's recorded one), else the node's parameter is used.
     """
 
     rgb: np.ndarray
@@ -105,6 +128,7 @@ class Frame:
     stamp_ns: int | None = None
     ground_truth: dict | None = None
     resize: bool = True
+    frame_id: str | None = None
 
 
 @dataclass
@@ -113,6 +137,8 @@ class Settings:
 
     source: str
     path: str
+    topic: str
+    bag_timing: str
     device: str
     rate_hz: float
     width: int
@@ -290,6 +316,192 @@ class FolderSource:
         pass
 
 
+class BagSource:
+    """One image topic of a bag (rosbag2 sqlite3 / MCAP, or ROS 1), replayed.
+
+    Streamed: messages are read one at a time (bags are GBs), and pixels are decoded only
+    for the frames that are published. `timing` "fixed" gives one frame per `next()`;
+    "recorded" gives the newest frame whose bag-time offset from the pass's first frame is
+    <= the time elapsed since the pass started (frames already past are skipped, not
+    decoded), or None when no new frame is due. With `loop` the bag is read again from its
+    start (recorded timing restarts its clock, one mean frame interval after the last
+    frame), else EndOfSource.
+
+    `tick_s` is the caller's period between calls: recorded timing starts each pass's clock
+    half a tick before the call that publishes its first frame, so that frames recorded at
+    the tick rate (or a divisor of it) are due half a tick before a call rather than right
+    on it, where timer jitter would delay them by a tick or skip them.
+
+    Frames carry no stamp (the node stamps the publish time, as for a live camera: the
+    recorded stamps would be refused as stale by vqa_node's max_frame_age_s) and keep the
+    recorded frame_id when the message has one.
+
+    Errors: a missing, unreadable or corrupt bag, or no usable topic, is an
+    ImageSourceError here; an undecodable frame is skipped with a throttled `warn` (and
+    counted); a bag found truncated or corrupt while reading ends the pass there (logged
+    with `warn`) as if the bag ended; a pass in which no frame could be decoded is an
+    ImageSourceError.
+    """
+
+    def __init__(self, path: str, topic: str = "", timing: str = "recorded", loop: bool = True,
+                 warn: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+                 tick_s: float = 0.0) -> None:
+        if not path:
+            raise ImageSourceError("source 'bag' needs the parameter path (a rosbag2 directory, the .mcap or .db3 "
+                                   "in one, or a ROS 1 .bag file)")
+        if timing not in BAG_TIMINGS:
+            raise ImageSourceError(f"parameter bag_timing must be one of {', '.join(BAG_TIMINGS)}, got {timing!r}")
+        try:  # imported here: rosbags is needed only to replay bags
+            from vlsi_model.data.bags import BagError, BagReader
+        except ImportError as exc:
+            raise ImageSourceError(f"source 'bag' needs the Python package rosbags (requirements/ml.txt): {exc}") \
+                from exc
+        self._bag_error = BagError
+        self._timing, self._loop, self._warn, self._clock = timing, loop, warn, clock
+        self._lead_s = max(0.0, tick_s) / 2
+        try:
+            self._reader = BagReader(path)
+        except BagError as exc:
+            raise ImageSourceError(str(exc)) from exc
+        try:
+            self._open(topic)
+        except BaseException:
+            self._reader.close()
+            raise
+        # Undecodable frames: in all, in this pass, and when the last warning went out.
+        self._bad = self._pass_bad = self._pass_ok = 0
+        self._last_error = ""
+        self._last_warn: float | None = None
+        # Recorded timing: the pass's wall-clock start (None: starts at the next call), its
+        # first frame's bag time, and the wall time the next pass may start.
+        self._start: float | None = None
+        self._t0_ns = 0
+        self._pass_end = 0.0
+        self._late = 0  # frames skipped because they were already past when a tick came
+
+    def _open(self, topic: str) -> None:
+        BagError = self._bag_error
+        path = self._reader.path
+        topics = self._reader.image_topics()
+        if not topic:
+            if len(topics) != 1:
+                listing = ", ".join(f"{name} ({msgtype.rsplit('/', 1)[-1]}, {count} messages)"
+                                    for name, (msgtype, count) in sorted(topics.items())) or "none"
+                raise ImageSourceError(f"bag {path} has {len(topics)} image topics ({listing}); "
+                                       "choose one with the parameter topic")
+            topic = next(iter(topics))
+        try:
+            self._topic = self._reader.resolve_topic(topic)
+        except BagError as exc:
+            raise ImageSourceError(str(exc)) from exc
+        self._msgtype, self._count = topics[self._topic]
+        if self._count == 0:
+            raise ImageSourceError(f"topic {self._topic} of bag {path} has no messages")
+        self._truncated = self._truncated_warned = ""
+        self._frames = self._reader.frames(self._topic)
+        try:  # the first message now, so that a bag unreadable from its start fails at start-up
+            self._pending = next(self._frames)
+        except BagError as exc:
+            raise ImageSourceError(str(exc)) from exc
+        except StopIteration:
+            raise ImageSourceError(f"topic {self._topic} of bag {path} has no readable messages") from None
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    @property
+    def recorded_rate_hz(self) -> float:
+        """About the recording's frame rate (from the bag's duration, all topics); 0 if unknown."""
+        duration = self._reader.duration_s
+        return (self._count - 1) / duration if self._count > 1 and duration > 0 else 0.0
+
+    def describe(self) -> str:
+        return (f"bag {self._reader.path} topic {self._topic} ({self._count} frames, {self._reader.duration_s:.1f} s, "
+                f"{self._timing} timing{', looping' if self._loop else ''})")
+
+    def _read(self):
+        """The next BagFrame (deserialised, not decoded), or None at the end of the bag or
+        where it turns out truncated or corrupt (logged; the pass ends there)."""
+        try:
+            return next(self._frames, None)
+        except self._bag_error as exc:
+            if str(exc) != self._truncated_warned:  # once, not on every pass of a looping replay
+                self._truncated_warned = str(exc)
+                self._warn(f"{exc}; ending this pass of the bag there")
+            self._truncated = str(exc)
+            return None
+
+    def _decode(self, bag_frame) -> Frame | None:
+        try:
+            rgb = bag_frame.rgb()
+        except (ImageConversionError, ValueError, cv2.error) as exc:
+            self._bad += 1
+            self._pass_bad += 1
+            self._last_error = f"frame {bag_frame.index}: {exc}"
+            now = self._clock()
+            if self._last_warn is None or now - self._last_warn >= BAG_WARN_INTERVAL_S:
+                self._last_warn = now
+                self._warn(f"skipping undecodable frame {bag_frame.index} of {self._topic} in bag "
+                           f"{self._reader.path}: {exc} ({self._bad} skipped so far)")
+            return None
+        self._pass_ok += 1
+        return Frame(rgb=rgb, frame_id=bag_frame.frame_id or None)
+
+    def _restart(self) -> None:
+        """At the end of a pass: EndOfSource, or read the bag again from its start."""
+        path = self._reader.path
+        if self._pass_bad and not self._pass_ok:
+            raise ImageSourceError(f"no frame of {self._topic} in bag {path} could be decoded "
+                                   f"({self._pass_bad} tried; {self._last_error})")
+        if not self._loop:
+            late = f", frames skipped as late: {self._late}" if self._late else ""
+            bad = f", undecodable frames skipped: {self._bad}" if self._bad else ""
+            where = "truncated or corrupt bag" if self._truncated else "bag"
+            raise EndOfSource(f"end of {where} {path} topic {self._topic}{late}{bad}")
+        self._frames.close()
+        self._frames = self._reader.frames(self._topic)
+        self._truncated = ""
+        self._pending = self._read()
+        if self._pending is None:
+            raise ImageSourceError(f"bag {path} topic {self._topic} has no readable frame any more")
+        self._pass_bad = self._pass_ok = 0
+        self._start = None
+
+    def next(self) -> Frame | None:
+        if self._timing == "fixed":
+            while True:  # one frame per call; an undecodable one is skipped
+                if self._pending is None:
+                    self._restart()
+                bag_frame, self._pending = self._pending, self._read()
+                frame = self._decode(bag_frame)
+                if frame is not None:
+                    return frame
+        now = self._clock()
+        if self._pending is None:
+            if self._loop and now + self._lead_s < self._pass_end:
+                return None  # the last frame's interval is not over yet
+            self._restart()
+        if self._start is None:  # a pass begins: its first frame is due now
+            self._start, self._t0_ns = now - self._lead_s, self._pending.bag_time_ns
+        elapsed_ns = (now - self._start) * 1e9
+        due = None
+        while self._pending is not None and self._pending.bag_time_ns - self._t0_ns <= elapsed_ns:
+            if due is not None:
+                self._late += 1
+            due, self._pending = self._pending, self._read()
+        if due is None:
+            return None
+        if self._pending is None:  # its last frame: the next pass starts one mean frame interval later
+            offset_s = (due.bag_time_ns - self._t0_ns) * 1e-9
+            self._pass_end = self._start + offset_s + (offset_s / due.index if due.index > 0 else 0.0)
+        return self._decode(due)
+
+    def close(self) -> None:
+        self._frames.close()
+        self._reader.close()
+
+
 def _parse_device(device: str) -> int | str:
     text = str(device).strip()
     if re.fullmatch(r"\d+", text):
@@ -430,19 +642,31 @@ class ImageSource(Node):
         size = {(True, True): f"{s.width}x{s.height}", (True, False): f"width {s.width}",
                 (False, True): f"height {s.height}", (False, False): "native size"}[(s.width > 0, s.height > 0)]
         fmt = s.compressed_format if s.compressed else s.encoding
+        bag = isinstance(self._source, BagSource)
+        frame_id = (f"the recorded frame_id (else '{s.frame_id}'), stamped when published" if bag
+                    else f"frame_id '{s.frame_id}'")
         self.get_logger().info(
             f"publishing {self._source.describe()} on {self._image_pub.topic_name} ({fmt}, {size}) at "
-            f"{s.rate_hz:g} Hz, frame_id '{s.frame_id}', "
+            f"{s.rate_hz:g} Hz, {frame_id}, "
             f"QoS {s.qos_reliability} depth {s.qos_depth}"
             + (f"; ground truth on {self._truth_pub.topic_name}" if self._truth_pub else ""))
+        if bag and s.bag_timing == "recorded" and s.rate_hz < 0.95 * self._source.recorded_rate_hz:
+            self.get_logger().info(
+                f"rate_hz {s.rate_hz:g} is below the recording's ~{self._source.recorded_rate_hz:.3g} frames/s: "
+                "frames in between are skipped (raise rate_hz to publish every frame)")
 
     # -- set-up ---------------------------------------------------------------------------
 
     def _read_parameters(self) -> Settings:
         declare = self.declare_parameter
         try:
-            source = declare("source", "synthetic", _descriptor("synthetic | video | folder | device")).value
-            path = declare("path", "", _descriptor("video file (source video) or image folder (source folder)")).value
+            source = declare("source", "synthetic", _descriptor("synthetic | video | folder | device | bag")).value
+            path = declare("path", "", _descriptor("video file (source video), image folder (source folder), or "
+                                                   "bag directory / .mcap / .db3 / ROS 1 .bag (source bag)")).value
+            topic = declare("topic", "", _descriptor("source bag: image topic to replay; empty: the bag's only "
+                                                     "image topic")).value
+            bag_timing = declare("bag_timing", "recorded", _descriptor("source bag: recorded (the recorded pace) "
+                                                                       "| fixed (a frame per tick)")).value
             device = declare("device", "0", _descriptor("camera index or /dev/videoN (source device)", True)).value
             rate_hz = declare("rate_hz", 10.0, _descriptor("publishing rate in Hz", True)).value
             width = declare("width", 640, _descriptor("frame width; 0 with height 0: native size")).value
@@ -452,7 +676,7 @@ class ImageSource(Node):
             compressed = declare("compressed", False, _descriptor("publish image/compressed instead")).value
             fmt = declare("compressed_format", "jpeg", _descriptor("jpeg | png")).value
             quality = declare("jpeg_quality", 90, _descriptor("JPEG quality 1..100")).value
-            loop = declare("loop", True, _descriptor("restart a video or folder at its end")).value
+            loop = declare("loop", True, _descriptor("restart a video, folder or bag at its end")).value
             seed = declare("seed", 0, _descriptor("synthetic scene sequence seed")).value
             period = declare("scene_period_s", 0.0, _descriptor("seconds per synthetic scene; 0: every frame",
                                                                  True)).value
@@ -473,6 +697,8 @@ class ImageSource(Node):
             raise ImageSourceError(f"parameter source must be one of {', '.join(SOURCES)}, got {source!r}")
         if rate_hz <= 0:
             raise ImageSourceError(f"parameter rate_hz must be > 0, got {rate_hz:g}")
+        if bag_timing not in BAG_TIMINGS:
+            raise ImageSourceError(f"parameter bag_timing must be one of {', '.join(BAG_TIMINGS)}, got {bag_timing!r}")
         if width < 0 or height < 0:
             raise ImageSourceError(f"width and height must be >= 0, got {width}x{height}")
         if source == "synthetic" and (width <= 0 or height <= 0):
@@ -499,9 +725,9 @@ class ImageSource(Node):
             raise ImageSourceError(f"encoding {encoding} needs an even width, got {width}")
         if compressed and encoding != "rgb8":
             self.get_logger().warning(f"compressed: true publishes {fmt} colour images; encoding {encoding} is unused")
-        return Settings(source, path, str(device), rate_hz, width, height, encoding, frame_id, bool(compressed),
-                        fmt, quality, bool(loop), seed, period, layout, (int(grid[0]), int(grid[1])), reliability,
-                        depth)
+        return Settings(source, path, topic, bag_timing, str(device), rate_hz, width, height, encoding, frame_id,
+                        bool(compressed), fmt, quality, bool(loop), seed, period, layout,
+                        (int(grid[0]), int(grid[1])), reliability, depth)
 
     def _open_source(self, s: Settings):
         if s.source == "synthetic":
@@ -511,6 +737,9 @@ class ImageSource(Node):
             return VideoSource(s.path, s.loop)
         if s.source == "folder":
             return FolderSource(s.path, s.loop, warn=self.get_logger().warning)
+        if s.source == "bag":
+            return BagSource(s.path, s.topic, s.bag_timing, s.loop, warn=self.get_logger().warning,
+                             tick_s=1.0 / s.rate_hz)
         return DeviceSource(s.device, s.width, s.height, lambda: self.get_clock().now().nanoseconds)
 
     def _create_publishers(self, s: Settings) -> None:
@@ -540,7 +769,7 @@ class ImageSource(Node):
         except ImageSourceError as exc:
             self._fail(str(exc))
             return
-        if frame is None:  # camera: nothing new since the last tick
+        if frame is None:  # camera or recorded bag: nothing new since the last tick
             return
         try:
             msg = self._message(frame)
@@ -549,7 +778,7 @@ class ImageSource(Node):
             return
         stamp_ns = frame.stamp_ns if frame.stamp_ns is not None else self.get_clock().now().nanoseconds
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-        msg.header.frame_id = self._settings.frame_id
+        msg.header.frame_id = frame.frame_id or self._settings.frame_id
         if self._truth_pub is not None and frame.ground_truth is not None:
             # Published first, so a listener holding the image can already look it up.
             truth = {"stamp": {"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec},

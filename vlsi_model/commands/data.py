@@ -1,7 +1,9 @@
-"""`vlsi data ...`: build datasets. `vlsi data scenes` writes synthetic VQA data.
+"""`vlsi data ...`: build datasets.
 
-The scenes are the same ones the ROS `image_source` node publishes, so a model trained on
-this data is evaluated on frames drawn by the same generator (see vlsi_model/scenes.py).
+`vlsi data scenes` writes synthetic VQA data: the scenes are the ones the ROS `image_source`
+node publishes, so a model trained on them is evaluated on frames drawn by the same
+generator (see vlsi_model/scenes.py). `vlsi data from-bag` turns a robot's bag into frames
+and questions without answers, for `vlsi label` (see vlsi_model/data/from_bag.py).
 """
 
 from __future__ import annotations
@@ -113,6 +115,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_scenes)
 
+    b = kinds.add_parser(
+        "from-bag",
+        help="a bag's camera frames -> PNGs + LLaVA JSON with questions (no answers)",
+        description="Read an image topic of a rosbag2 (MCAP or sqlite3) or ROS 1 bag (no ROS install needed), "
+        "sample frames by bag time, skip near-duplicates, and write DIR/images/*.png, DIR/data.json (one record "
+        "per frame and question, each with its bag, topic, stamp and frame_id) and DIR/from_bag.json (counts).",
+    )
+    b.add_argument("bag", type=Path, help="rosbag2 folder (or its .mcap / .db3 file) or ROS 1 .bag file")
+    b.add_argument("--topic", default=None, help="image topic (default: the bag's only Image / CompressedImage topic)")
+    b.add_argument("--every", type=float, default=0.0, metavar="S",
+                   help="keep at most one frame per S seconds of bag time (default 0: every frame)")
+    b.add_argument("--max", type=int, default=None, metavar="N", help="stop after N kept frames")
+    b.add_argument("--dedupe", type=float, default=0.0, metavar="D",
+                   help="skip frames whose mean absolute difference to the last kept frame (grey 32x24 thumbnails, "
+                        "0..1) is below D; 0.02 skips a still scene (default 0: keep all)")
+    qs = b.add_mutually_exclusive_group(required=True)
+    qs.add_argument("--questions", type=Path, help="question file: one per line, or YAML (list, or family -> list)")
+    qs.add_argument("--families", type=_families, help="question families asked of every frame (comma-separated)")
+    b.add_argument("--per-family", type=int, default=1, help="questions per family per frame (default 1)")
+    b.add_argument("--seed", type=_non_negative, default=0, help="seed of the family questions (default 0)")
+    b.add_argument("--out", required=True, type=Path, help="output folder")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=run_from_bag)
+
 
 def run_scenes(args: argparse.Namespace) -> int:
     """Write the dataset and print a per-family summary; 2 with a message on bad settings."""
@@ -150,4 +177,28 @@ def run_scenes(args: argparse.Namespace) -> int:
     for family in scenes.FAMILIES:
         if family in per_family:
             print(f"  {family:<10} {per_family[family]}")
+    return 0
+
+
+def run_from_bag(args: argparse.Namespace) -> int:
+    """Write the dataset; 2 with one clear line for a bad bag, topic, question file or option."""
+    from vlsi_model.data.bags import BagError
+    from vlsi_model.data.from_bag import FromBagOptions, bag_to_dataset
+    from vlsi_model.data.questions import QuestionFileError, load_question_file
+
+    try:
+        questions = load_question_file(args.questions) if args.questions else ()
+        options = FromBagOptions(topic=args.topic, every_s=args.every, max_frames=args.max, dedupe=args.dedupe,
+                                 questions=questions, families=args.families or (), per_family=args.per_family,
+                                 seed=args.seed)
+        report = bag_to_dataset(args.bag, args.out, options, overwrite=args.overwrite,
+                                progress=not args.no_progress)
+    except (BagError, QuestionFileError, ValueError, FileExistsError) as exc:
+        print(f"vlsi data from-bag: error: {exc}", file=sys.stderr)
+        return 2
+    skipped = ", ".join(f"{n} {reason}" for reason, n in report.skipped.items()) or "none"
+    print(f"{report.topic}: read {report.frames_read} frames in {report.seconds:.1f} s "
+          f"({report.frames_per_s:.0f} frames/s); kept {report.frames_kept} ({report.not_sampled} not sampled, "
+          f"{report.near_duplicates} near-duplicates, undecodable: {skipped})")
+    print(f"wrote {report.records} questions to {Path(report.out) / 'data.json'}")
     return 0

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=positive_int, default=None, help="score only the first N records")
     p.add_argument("--backend", default="torch", choices=backend_names())
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--allow-teacher-labels", action="store_true",
+                   help="score against records a teacher labelled (`vlsi label`): agreement, not accuracy")
     add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -41,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
     apply_torch_threads(args.threads)
     try:
         results = evaluate(args.model, args.data, max_samples=args.max_samples, backend=args.backend,
-                           max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                           max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                           allow_teacher_labels=args.allow_teacher_labels)
     except (DatasetError, EngineError, ValueError, OSError) as exc:
         print(f"vlsi eval: {exc}", file=sys.stderr)
         return 1
+    if results["references"] != "ground truth":
+        print(f"references are a teacher's answers ({results['references']}): the figures are agreement with "
+              "it, not accuracy", file=sys.stderr)
     print(format_table(results))
     if results.get("question_types"):
         print("\n" + format_question_type_table(results))

@@ -96,6 +96,7 @@ from vlsi_model.training.config import (
     load_yaml_config,
     save_yaml,
 )
+from vlsi_model.training.mixture import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class VerbalizerSection:
 
 @dataclass
 class DataSection:
-    train: str
+    train: str | list[DataSource]  # one file, or weighted sources (training/mixture.py)
     max_length: int = 2048
     on_error: Literal["raise", "skip"] = "raise"
 
@@ -309,10 +310,12 @@ def _check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
 
 
 def _dataset(cfg: DistillConfig, tokenizer: Any, image_processor: Any) -> Any:
-    from vlsi_model.training.data import ConversationDataset
+    from vlsi_model.training.mixture import data_summary, load_training_data
 
     d = cfg.data
-    return ConversationDataset(d.train, tokenizer, image_processor, d.max_length, d.on_error)
+    dataset = load_training_data(d.train, tokenizer, image_processor, d.max_length, d.on_error, seed=cfg.train.seed)
+    log.info("training data: %s", data_summary(dataset, d.train))
+    return dataset
 
 
 def _targets(spec: TargetSpec, num_layers: int, who: str) -> list[int]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from vlsi_model.export import manifest as mf
-from vlsi_model.fileio import replace_directory
+from vlsi_model.fileio import readable_as_umask_allows, replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +187,6 @@ def _finalize_graph(raw: Path, path: Path, rename: dict[str, dict[int, str]] | N
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
-
-
-def readable_as_umask_allows(directory: Path) -> None:
-    """Give `directory` and its files the modes the user's umask gives new files (0755 / 0644 with
-    the usual 022). mkdtemp makes the folder 0700, and onnx writes external `.onnx.data` files 0600:
-    either would hide the export from another user (a ROS service account) or break a copy."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # ----------------------------------------------------------------------------- export

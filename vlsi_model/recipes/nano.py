@@ -56,6 +56,7 @@ from vlsi_model.training.config import (
     load_yaml_config,
     save_yaml,
 )
+from vlsi_model.training.mixture import data_paths
 from vlsi_model.training.sft import (
     CONFIG_COPY,
     FINAL_DIR,
@@ -248,6 +249,7 @@ def run_nano(
     honouring the `nano:` section. Resumable exactly like every trainer run."""
     from vlsi_model.models import freeze_vision, save_model_dir
     from vlsi_model.training.data import ConversationDataset, make_collate_fn
+    from vlsi_model.training.mixture import data_summary, load_training_data
     from vlsi_model.training.trainer import train
 
     cfg = config if isinstance(config, NanoConfig) else load_nano_config(config)
@@ -256,7 +258,8 @@ def run_nano(
     model, tokenizer, image_processor = build_model_and_processors(cfg.sft())
     frozen = freeze_vision(model, include_merger=cfg.nano.freeze_vision_merger) if cfg.nano.freeze_vision_tower else 0
     data = cfg.data
-    train_set = ConversationDataset(data.train, tokenizer, image_processor, data.max_length, data.on_error)
+    train_set = load_training_data(data.train, tokenizer, image_processor, data.max_length, data.on_error,
+                                   seed=cfg.train.seed)
     eval_set = None
     if data.eval is not None:
         eval_set = ConversationDataset(data.eval, tokenizer, image_processor, data.max_length, data.on_error)
@@ -269,7 +272,8 @@ def run_nano(
     save_model_dir(
         model.eval(), tokenizer, image_processor, out / FINAL_DIR, overwrite=True,
         metadata={"placeholder": False, "recipe": "nano", "steps": result.steps, "final_loss": result.final_loss,
-                  "train_records": len(train_set), "frozen_vision_params": frozen,
+                  "train_records": len(train_set), "data_sources": data_summary(train_set, data.train),
+                  "frozen_vision_params": frozen,
                   "freeze_vision_tower": cfg.nano.freeze_vision_tower,
                   "freeze_vision_merger": cfg.nano.freeze_vision_merger},
     )
@@ -285,13 +289,13 @@ def config_run_state(config: str | Path) -> RunState:
     raw = load_yaml_config(config)
     if "train" in raw and "model" in raw:
         nano_cfg = load_nano_config(config)
-        inputs = [p for p in (nano_cfg.model.path, nano_cfg.data.train, nano_cfg.data.eval) if p]
+        inputs = [p for p in (nano_cfg.model.path, *data_paths(nano_cfg.data.train), nano_cfg.data.eval) if p]
         return run_state(nano_cfg.train.output_path, nano_cfg.to_dict(),
                          lambda saved: load_nano_config(saved).to_dict(), inputs)
     from vlsi_model.distill.pipeline import load_distill_config
 
     distill_cfg = load_distill_config(config)
-    inputs = [p for p in (distill_cfg.teacher.path, distill_cfg.student.path, distill_cfg.data.train,
+    inputs = [p for p in (distill_cfg.teacher.path, distill_cfg.student.path, *data_paths(distill_cfg.data.train),
                           distill_cfg.data.eval) if p]
     return run_state(distill_cfg.out, distill_cfg.to_dict(), lambda saved: load_distill_config(saved).to_dict(),
                      inputs)

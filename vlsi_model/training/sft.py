@@ -55,6 +55,7 @@ from vlsi_model.training.data import (
     parse_conversations,
     read_records,
 )
+from vlsi_model.training.mixture import DataSource, data_paths, data_summary, load_training_data
 from vlsi_model.training.trainer import TrainResult, distributed_state, train
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str
+    train: str | list[DataSource]  # one file, or weighted sources (training/mixture.py)
     eval: str | None = None
     max_length: int = 2048
     on_error: Literal["raise", "skip"] = "raise"
@@ -152,14 +153,14 @@ def _factory(family: str) -> Any:
     return {"qwen2_vl": tiny_qwen2vl_config, "qwen2_5_vl": tiny_qwen25vl_config}[family]
 
 
-def _tokenizer_texts(section: FromConfigSection, train_json: Path) -> list[str]:
+def _tokenizer_texts(section: FromConfigSection, train_jsons: list[str]) -> list[str]:
     """The texts a fresh tokenizer is trained on: the training data's questions and answers, or the scene corpus."""
     if section.train_tokenizer_on == "scenes":
         from vlsi_model.scenes import corpus_texts
 
         return corpus_texts(section.corpus_scenes, seed=0)
     texts = []
-    for record in read_records(train_json):
+    for record in (r for path in train_jsons for r in read_records(Path(path))):
         try:
             _, turns = parse_conversations(record)
         except RecordError:  # bad records are the dataset's to report; skip them here
@@ -184,7 +185,7 @@ def build_model_and_processors(config: SFTConfig) -> tuple[PreTrainedModel, PreT
     if fc.tokenizer is not None:
         tokenizer = load_tokenizer(Path(fc.tokenizer).expanduser())
     else:
-        tokenizer = train_bpe_tokenizer(_tokenizer_texts(fc, Path(config.data.train)), vocab_size=fc.vocab_size)
+        tokenizer = train_bpe_tokenizer(_tokenizer_texts(fc, data_paths(config.data.train)), vocab_size=fc.vocab_size)
     model_config = _factory(fc.family)(tokenizer=tokenizer, **fc.architecture)
     model = build_model(model_config, seed=fc.seed)
     return model, tokenizer, make_image_processor(min_pixels=fc.min_pixels, max_pixels=fc.max_pixels)
@@ -209,7 +210,10 @@ def run_sft(
 
         freeze_vision(model)
     data = cfg.data
-    train_set = ConversationDataset(data.train, tokenizer, image_processor, data.max_length, data.on_error)
+    train_set = load_training_data(data.train, tokenizer, image_processor, data.max_length, data.on_error,
+                                   seed=cfg.train.seed)
+    sources = data_summary(train_set, data.train)
+    log.info("training data: %s", sources)
     eval_set = None
     if data.eval is not None:
         eval_set = ConversationDataset(data.eval, tokenizer, image_processor, data.max_length, data.on_error)
@@ -227,7 +231,7 @@ def run_sft(
             model.eval(), tokenizer, image_processor, out / FINAL_DIR, overwrite=True,
             metadata={"placeholder": False, "recipe": "sft", "freeze_vision": cfg.model.freeze_vision,
                       "steps": result.steps, "final_loss": result.final_loss,
-                      "train_records": len(train_set), "skipped": train_set.skipped},
+                      "train_records": len(train_set), "skipped": train_set.skipped, "data_sources": sources},
         )
     state.wait_for_everyone()
     return result

@@ -71,6 +71,7 @@ import random
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -712,6 +713,20 @@ class _Run:
         if resume_from is not None:
             self.restore_rng(resume_from)
 
+        # Several weighted sources (training/mixture.py): count the samples drawn from each, from the
+        # start of the run (a resumed run recounts what the earlier part drew: the order is seeded).
+        source_name = getattr(self.dataset, "source_name", None)
+        counting = GlobalBatchSampler(self.dataset_len, cfg.per_device_batch_size, cfg.grad_accum_steps,
+                                      self.num_processes, 0, cfg.seed, 0, cfg.max_steps)
+        per_source: Counter[str] = Counter()
+        counted_to = 0
+
+        def count_sources(stop: int) -> dict[str, int]:
+            nonlocal counted_to
+            per_source.update(source_name(i) for i in counting.stream_indices(counted_to, stop))
+            counted_to = stop
+            return {f"samples/{name}": n for name, n in sorted(per_source.items())}
+
         has_progress_hook = callable(getattr(self.unwrapped, "set_progress", None))
         bar = tqdm(total=cfg.max_steps, initial=start_step, desc=self.progress_desc, unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
@@ -763,6 +778,7 @@ class _Run:
                         "elapsed_s": elapsed_before + now - t0,
                         "epoch": sampler.position(done) / self.dataset_len,
                         **{k: v for k, v in metrics.items() if k != "loss"},
+                        **(count_sources(sampler.position(done)) if callable(source_name) else {}),
                     }
                     self.write_metrics(record)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
