@@ -98,6 +98,7 @@ class StressReport:
     burst_replied: int = 0
     burst_answered: int = 0
     checks: dict[str, bool] = field(default_factory=dict)
+    check_replies: dict[str, str] = field(default_factory=dict)  # what the node said, for a failed check
     rss_mb: dict[str, dict[str, float]] = field(default_factory=dict)
     rss_growth_mb_per_1000: dict[str, float] = field(default_factory=dict)
     rss_samples: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -431,15 +432,16 @@ class StressRun:
         """A frame stamped 100 s in the future must go stale like any other; NaN ages are refused."""
         client, fz = self.clients[transport], self.fuzzer
         client.camera.publish(client.valid_frame(fz, ahead_s=100.0))
-        time.sleep(1.5)
+        time.sleep(2.5)  # it ages from its arrival: under load delivery itself can take a second
         future = client.ask.call_async(Ask.Request(question="How many objects are there?", max_frame_age_s=1.0))
         self._count("stamp checks")
         if wait_all([future], REQUEST_TIMEOUT_S):
             self.report.lost_requests += 1
             return
         response = future.result()
-        self.report.checks[f"{transport}: future-stamped frame refused as stale"] = (
-            not response.success and "old" in response.error)
+        name = f"{transport}: future-stamped frame refused as stale"
+        self.report.checks[name] = not response.success and "old" in response.error
+        self.report.check_replies[name] = response.error or f"answered: {response.answer}"
         for bad in (float("nan"), -1.0, float("inf")):
             client.camera.publish(client.valid_frame(fz))
             future = client.ask.call_async(Ask.Request(question="How many objects are there?", max_frame_age_s=bad))

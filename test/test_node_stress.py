@@ -33,6 +33,6 @@ def test_fuzz_burst_bombs_and_lifecycle_leave_no_crash_and_no_lost_request(ros_c
     assert report.lost_requests == 0, harness.format_report(report)
     assert report.burst_sent == 400 and report.burst_replied == 400
     assert report.burst_answered >= 2  # at least the first of each burst; the rest refused at once
-    assert report.checks and all(report.checks.values()), report.checks
+    assert report.checks and all(report.checks.values()), (report.checks, report.check_replies)
     assert report.replies == report.requests_sent
     assert report.total_messages >= 300

@@ -313,7 +313,8 @@ def _dataset(cfg: DistillConfig, tokenizer: Any, image_processor: Any) -> Any:
     from vlsi_model.training.mixture import data_summary, load_training_data
 
     d = cfg.data
-    dataset = load_training_data(d.train, tokenizer, image_processor, d.max_length, d.on_error, seed=cfg.train.seed)
+    dataset = load_training_data(d.train, tokenizer, image_processor, d.max_length, d.on_error,
+                                 seed=int(cfg.train.get("seed", 0)))
     log.info("training data: %s", data_summary(dataset, d.train))
     return dataset
 
