@@ -17,7 +17,13 @@ Rows (each a `vlsi distill` config generated from the row's overrides, or plain 
   order; "full" is vlsi_full);
 * ops_ce_none, ops_kld_none: intermediate / last-layer operation ablation (KLD/KLD = full);
 * no_step3: steps 1-2 only (the paper: worse than the baseline under greedy decoding);
-* cached_teacher: as vlsi_full, with the teacher's top-k distributions precomputed.
+* cached_teacher: as vlsi_full, with the teacher's top-k distributions precomputed;
+* R-unlabelled (docs/study/preregistration.md; `--source labels=FILE --source teacher=FILE
+  --source true=FILE`): sft_labels (A1), sft_pseudo (A2, sequence-level KD), final_kd_t1 /
+  final_kd_t2 (A3, A3b), vlsi_pool (A4), vlsi_plain (A5, residual: false), oracle (O). Their
+  results also get the pre-registered paired comparisons with 95% intervals (H1, H2, and the
+  data-limited check), and `--archive DIR` keeps every finished (row, seed) result as a small JSON
+  that counts as finished in a later session.
 
 Same trainable weights: no row trains the student's vision encoder (merger included) unless
 --train-vision is given, because the nano student was trained on a frozen random one and a
@@ -87,6 +93,7 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
     steps: tuple[str, ...] = ("verbalize", "interact", "sft")
     group: str = "main"
+    data: tuple[str, ...] = ()  # named --source files it trains on (concatenated); () = --train-data
 
 
 def study_rows() -> list[Row]:
@@ -110,7 +117,29 @@ def study_rows() -> list[Row]:
         Row("cached_teacher", "distill", "cached teacher (top-k)", {"teacher_cache": {"enabled": True}},
             group="cost"),
     ]
+    # R-unlabelled (docs/study/preregistration.md): few labels, a pool the teacher labelled, the
+    # pool's true labels for the oracle. --source labels=FILE --source teacher=FILE --source true=FILE.
+    pool = ("labels", "teacher")
+    final_kd = {"loss": {"intermediate_weight": 0.0, "last_op": "kld"}}
+    rows += [
+        Row("sft_labels", "sft", "A1: SFT on the labels", group="r_unlabelled", data=("labels",)),
+        Row("sft_pseudo", "sft", "A2: SFT on labels + teacher labels (sequence-level KD)", group="r_unlabelled",
+            data=pool),
+        Row("final_kd_t1", "distill", "A3: final-layer KD (T=1) + SFT", _merge(final_kd, {"loss": {
+            "temperature": 1.0}}), group="r_unlabelled", data=pool),
+        Row("final_kd_t2", "distill", "A3b: final-layer KD (T=2) + SFT", _merge(final_kd, {"loss": {
+            "temperature": 2.0}}), group="r_unlabelled", data=pool),
+        Row("vlsi_pool", "distill", "A4: VLsI (full) + SFT", group="r_unlabelled", data=pool),
+        Row("vlsi_plain", "distill", "A5: VLsI, plain verbalizer (residual: false)",
+            {"verbalizers": {"residual": False}}, group="r_unlabelled", data=pool),
+        Row("oracle", "sft", "O: SFT on labels + the pool's true labels", group="r_unlabelled",
+            data=("labels", "true")),
+    ]
     return rows
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    return _deep_update(base, changes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +227,39 @@ class StudyArgs:
     # Further test sets, by name: every row is also scored on each (first eval_samples records), a
     # column of the table each; e.g. a split of one question family the main test split holds few of.
     extra_tests: dict[str, Path] = field(default_factory=dict)
+    # Named training files rows combine (Row.data), e.g. labels / teacher / true for R-unlabelled.
+    sources: dict[str, Path] = field(default_factory=dict)
+    # Finished (row, seed) results are also copied here (small JSON, committable) and count as
+    # finished from here: a study spread over several machines or sessions keeps its rows.
+    archive: Path | None = None
+
+
+def row_train_data(row: Row, a: StudyArgs) -> str | list[dict[str, Any]]:
+    """The `data.train` of a row: --train-data, one named source, or several concatenated (each
+    weighted by its record count, so every record appears once per epoch)."""
+    if not row.data:
+        return str(a.train_data)
+    missing = [name for name in row.data if name not in a.sources]
+    if missing:
+        raise ValueError(f"row {row.name} trains on {', '.join(missing)}: give --source NAME=FILE")
+    if len(row.data) == 1:
+        return str(a.sources[row.data[0]])
+    return [{"path": str(a.sources[name]), "name": name, "weight": float(_record_count(a.sources[name]))}
+            for name in row.data]
+
+
+def _record_count(path: Path) -> int:
+    from vlsi_model.training.data import read_records
+
+    return len(read_records(Path(path)))
+
+
+def verbalize_data(a: StudyArgs) -> str | list[dict[str, Any]]:
+    """What the shared step 1 trains the verb-FFNs on: the teacher-labelled mix when the study has
+    one (every distill row of R-unlabelled trains on it), else --train-data."""
+    if {"labels", "teacher"} <= set(a.sources):
+        return row_train_data(Row("verbalize", "distill", "", data=("labels", "teacher")), a)
+    return str(a.train_data)
 
 
 def _student_init(a: StudyArgs, seed: int) -> Path:
@@ -213,14 +275,15 @@ def default_interact_trains(student_init: str) -> str:
     return "language_model" if student_init == "random" else "decoder"
 
 
-def base_distill_config(a: StudyArgs, seed: int, output_dir: Path, interact_steps: int, sft_steps: int) -> dict:
+def base_distill_config(a: StudyArgs, seed: int, output_dir: Path, interact_steps: int, sft_steps: int,
+                        train: str | list[dict[str, Any]] | None = None) -> dict:
     """The distill config every row starts from (the full method), as `vlsi distill` reads it."""
     return {
         "output_dir": str(output_dir),
         "teacher": {"path": str(a.teacher)},
         "student": {"path": str(_student_init(a, seed)), "freeze_vision": a.freeze_vision,
                     "interact_trains": a.interact_trains},
-        "data": {"train": str(a.train_data), "max_length": a.max_length},
+        "data": {"train": train if train is not None else str(a.train_data), "max_length": a.max_length},
         "verbalizers": {"student": dict(a.student_targets), "teacher": dict(a.teacher_targets)},
         "matching": {"variant": "full", "seed": seed},
         "loss": {"intermediate_op": "kld", "last_op": "kld"},
@@ -296,7 +359,7 @@ def _shared_verbalize(a: StudyArgs, seed: int) -> Path:
 
     out = a.out / "shared" / f"seed{seed}" / "distill"
     interact = round(a.budget * a.interact_fraction)
-    cfg = base_distill_config(a, seed, out, interact, a.budget - interact)
+    cfg = base_distill_config(a, seed, out, interact, a.budget - interact, verbalize_data(a))
     with file_lock(out.parent / ".verbalize.lock"):
         run_distill(cfg, steps=["verbalize"], resume=True)
     return out
@@ -311,10 +374,18 @@ def _row_dir(row: Row, a: StudyArgs, seed: int) -> Path:
     return a.out / "rows" / row.name / ("all" if seed_independent(row, a) else f"seed{seed}")
 
 
+def _archived(row: Row, a: StudyArgs, seed: int) -> Path | None:
+    if a.archive is None:
+        return None
+    return a.archive / row.name / ("all.json" if seed_independent(row, a) else f"seed{seed}.json")
+
+
 def finished_result(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
-    """The eval results of a finished (row, seed), or None."""
-    result_file = _row_dir(row, a, seed) / "eval.json"
-    return json.loads(result_file.read_text()) if result_file.is_file() else None
+    """The eval results of a finished (row, seed) (its run folder, or the archive), or None."""
+    for result_file in (_row_dir(row, a, seed) / "eval.json", _archived(row, a, seed)):
+        if result_file is not None and result_file.is_file():
+            return json.loads(result_file.read_text())
+    return None
 
 
 def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
@@ -324,6 +395,9 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
 
     row_dir = _row_dir(row, a, seed)
     result_file = row_dir / "eval.json"
+    archived = _archived(row, a, seed)
+    if not result_file.is_file() and archived is not None and archived.is_file():
+        return json.loads(archived.read_text())  # finished elsewhere (another session or machine)
     if result_file.is_file():
         results = json.loads(result_file.read_text())
         if _add_extra_tests(row_model_dir(row, a, seed), a, row_dir, results):
@@ -333,15 +407,15 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     if row.kind == "sft":  # (teacher and init rows train nothing: they are evaluated as they are)
         cfg = {"model": {"path": str(_student_init(a, seed)), "freeze_vision": a.freeze_vision},
-               "data": {"train": str(a.train_data), "max_length": a.max_length},
+               "data": {"train": row_train_data(row, a), "max_length": a.max_length},
                "train": {"output_dir": str(row_dir / "sft"), "max_steps": a.budget, "per_device_batch_size":
                          a.batch_size, "lr": a.lr, "seed": seed, "warmup_steps": max(1, min(50, a.budget // 20)),
                          "save_every_steps": max(1, a.budget // 4), "log_every_steps": max(1, min(25, a.budget // 10))}}
         run_sft(cfg, resume=True)
     elif row.kind == "distill":
         interact = a.budget if "sft" not in row.steps else round(a.budget * a.interact_fraction)
-        cfg = _deep_update(base_distill_config(a, seed, row_dir / "distill", interact, a.budget - interact),
-                           row.overrides)
+        cfg = _deep_update(base_distill_config(a, seed, row_dir / "distill", interact, a.budget - interact,
+                                               row_train_data(row, a)), row.overrides)
         shared = _shared_verbalize(a, seed)
         for name in (TEACHER_VERBALIZERS_DIR, STUDENT_VERBALIZED_DIR):
             if not (row_dir / "distill" / name).is_dir():
@@ -355,6 +429,9 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     _add_extra_tests(model_dir, a, row_dir, results)
     _write_json_atomic(result_file, results)  # written last: its presence marks the row done
     (row_dir / ".eval_tmp.json").unlink(missing_ok=True)
+    if archived is not None:
+        archived.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(archived, {**results, "seed": seed, "row": row.name})
     return results
 
 
@@ -415,15 +492,60 @@ def constant_templates(result: dict[str, Any]) -> int | None:
                if v.get("n", 0) > 1 and v.get("top_predictions") and v["top_predictions"][0][1] == v["n"])
 
 
-def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    """Markdown table (mean ± std over seeds; the paired difference to the full method; templates
+# t(0.975, df) for the 95% interval of a paired mean difference over n = df + 1 seeds.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}
+
+# The pre-registered comparisons (docs/study/preregistration.md): (better, worse, threshold, hypothesis).
+PREREGISTERED = (("sft_pseudo", "sft_labels", 0.05, "H1"), ("final_kd_t1", "sft_labels", 0.05, "H1"),
+                 ("vlsi_pool", "sft_labels", 0.05, "H1"), ("vlsi_pool", "sft_pseudo", 0.01, "H2"),
+                 ("vlsi_pool", "final_kd_t1", 0.01, "H2"), ("oracle", "sft_labels", 0.10, "data-limited"))
+
+
+def paired_interval(differences: Sequence[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the 95% t-interval of paired differences; None under 2 pairs."""
+    n = len(differences)
+    if n < 2:
+        return None
+    mean = statistics.mean(differences)
+    half = _T975.get(n - 1, 1.96) * statistics.stdev(differences) / n ** 0.5
+    return mean, mean - half, mean + half
+
+
+def preregistered_comparisons(results: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
+    """The pre-registered paired comparisons among the rows present: markdown lines + JSON."""
+    lines, out = [], []
+    for better, worse, threshold, hypothesis in PREREGISTERED:
+        if better not in results or worse not in results:
+            continue
+        deltas = _paired_delta(results[better], results[worse])
+        ci = paired_interval(deltas)
+        mean = statistics.mean(deltas) if deltas else float("nan")
+        held = ci is not None and mean >= threshold and ci[1] > 0
+        interval = f"[{ci[1]:+.3f}, {ci[2]:+.3f}]" if ci else "(one pair: no interval)"
+        verdict = "held" if held else ("did not hold" if ci else "open (needs >= 2 seeds)")
+        lines.append(f"| {hypothesis} | {better} - {worse} | {len(deltas)} | {mean:+.3f} | {interval} | "
+                     f">= {threshold:.2f}, interval above 0 | {verdict} |")
+        out.append({"hypothesis": hypothesis, "better": better, "worse": worse, "pairs": len(deltas),
+                    "differences": deltas, "mean": mean, "ci95": list(ci[1:]) if ci else None,
+                    "threshold": threshold, "verdict": verdict})
+    if not lines:
+        return "", out
+    header = ["| hypothesis | comparison | pairs | mean | 95% interval | threshold | verdict |",
+              "|---|---|---:|---:|---|---|---|"]
+    return "\n".join(header + lines), out
+
+
+def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]],
+              reference_row: str = PAIRED_REFERENCE) -> tuple[str, dict[str, Any]]:
+    """Markdown table (mean ± std over seeds; the paired difference to the reference row; templates
     answered with a constant; the student's training minutes) and the same numbers as JSON."""
     families = sorted({f for rs in results.values() for r in rs for f in r["families"]})
     extras = list(dict.fromkeys(name for rs in results.values() for r in rs for name in r.get("extra", {})))
     columns = families + [f"{name} (set)" for name in extras]
-    reference = results.get(PAIRED_REFERENCE, [])
+    reference = results.get(reference_row, [])
     header = ("| row | seeds | overall | " + " | ".join(columns)
-              + f" | overall - {PAIRED_REFERENCE} (paired) | constant templates | train min |")
+              + f" | overall - {reference_row} (paired) | constant templates | train min |")
     lines = [header, "|" + "---|" * (6 + len(columns))]
     summary: dict[str, Any] = {}
     group = None
@@ -437,7 +559,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
         per_family = {f: [r["families"][f]["accuracy"] for r in rs if f in r["families"]] for f in families}
         per_extra = {name: [r["extra"][name]["overall"]["accuracy"] for r in rs if name in r.get("extra", {})]
                      for name in extras}
-        paired = _paired_delta(rs, reference) if row.kind in ("sft", "distill") and row.name != PAIRED_REFERENCE \
+        paired = _paired_delta(rs, reference) if row.kind in ("sft", "distill") and row.name != reference_row \
             else []
         minutes = [r["train_seconds"] / 60 for r in rs if row.kind in ("sft", "distill") and "train_seconds" in r]
         delta_cell = ""
@@ -457,7 +579,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]]) -> 
             "families": {f: v for f, v in per_family.items()},
             "extra_tests": per_extra,
             "seed_list": [r.get("seed") for r in rs],
-            f"paired_delta_vs_{PAIRED_REFERENCE}": paired,
+            f"paired_delta_vs_{reference_row}": paired,
             "train_minutes": minutes,
             "constant_templates": constants,
         }
@@ -483,13 +605,15 @@ def plot_matching(a: StudyArgs, rows: Sequence[Row], seed: int) -> Path | None:
 
     stats = {}
     for row in rows:
-        if row.name == "vlsi_full" or row.name.startswith("match_"):
+        if row.name in ("vlsi_full", "vlsi_pool") or row.name.startswith("match_"):
             path = a.out / "rows" / row.name / f"seed{seed}" / "distill" / INTERACTION_DIR / "matching_stats.json"
             if path.is_file():
                 stats[row.name] = json.loads(path.read_text())
-    full_png = a.out / "rows" / "vlsi_full" / f"seed{seed}" / "distill" / INTERACTION_DIR / "matching_heatmap.png"
-    if full_png.is_file():
-        shutil.copyfile(full_png, a.out / "matching_heatmap.png")
+    for full in ("vlsi_pool", "vlsi_full"):
+        full_png = a.out / "rows" / full / f"seed{seed}" / "distill" / INTERACTION_DIR / "matching_heatmap.png"
+        if full_png.is_file():
+            shutil.copyfile(full_png, a.out / "matching_heatmap.png")
+            break
     if not stats:
         return None
     fig = Figure(figsize=(3.2 * len(stats), 3.0), layout="constrained")
@@ -509,14 +633,15 @@ def plot_matching(a: StudyArgs, rows: Sequence[Row], seed: int) -> Path | None:
     return out
 
 
-def _parse_extra_tests(p: argparse.ArgumentParser, specs: Sequence[str]) -> dict[str, Path]:
+def _parse_extra_tests(p: argparse.ArgumentParser, specs: Sequence[str], option: str = "--extra-test"
+                       ) -> dict[str, Path]:
     extra: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip() or "|" in name:
-            p.error(f"--extra-test wants NAME=FILE, got {spec!r}")
+            p.error(f"{option} wants NAME=FILE, got {spec!r}")
         if name.strip() in extra:
-            p.error(f"--extra-test {name.strip()!r} given twice")
+            p.error(f"{option} {name.strip()!r} given twice")
         extra[name.strip()] = Path(path.strip())
     return extra
 
@@ -539,7 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-test", action="append", default=[], metavar="NAME=FILE",
                    help="also score every row on this test set (a table column NAME); repeatable; finished rows "
                         "are scored from the models they kept")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=FILE",
+                   help="a named training file rows combine (R-unlabelled: labels, teacher, true); repeatable")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="also keep each finished (row, seed) result here (small JSON to commit); results found "
+                        "here count as finished")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    p.add_argument("--paired-reference", default=None,
+                   help="row the table's paired column subtracts (default vlsi_pool when present, else vlsi_full)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-vision", action="store_true",
                    help="let SFT (the SFT row, step 3) train the student's vision encoder; default: it stays as the "
@@ -567,13 +699,18 @@ def main(argv: list[str] | None = None) -> int:
         seeds, args.budget, args.verbalize_steps, args.batch_size = seeds[:1], 2, 1, 2
         student_targets, teacher_targets = {"stride": 1, "start": 0}, {"stride": 1, "start": 0}
         args.max_length = 64
+        if not args.source:  # the R-unlabelled rows' sources: the smoke's one data file under three names
+            args.source = [f"{name}={args.train_data}" for name in ("labels", "teacher", "true")]
     a = StudyArgs(args.out, args.teacher, args.train_data, args.test_data, args.student_init, seeds, args.budget,
                   args.interact_fraction, args.verbalize_steps, args.batch_size, args.lr, args.max_length,
                   args.eval_samples, student_targets, teacher_targets, lora, freeze_vision=not args.train_vision,
                   extra_tests=_parse_extra_tests(p, args.extra_test),
-                  interact_trains=args.interact_trains or default_interact_trains(args.student_init))
-    for path, what in ((a.teacher, "teacher model"), (a.train_data, "train data"), (a.test_data, "test data"),
-                       *((path, f"extra test {name}") for name, path in a.extra_tests.items())):
+                  interact_trains=args.interact_trains or default_interact_trains(args.student_init),
+                  sources=_parse_extra_tests(p, args.source, "--source"), archive=args.archive)
+    for path, what in ((a.teacher, "teacher model"), (a.test_data, "test data"),
+                       *(((a.train_data, "train data"),) if not a.sources else ()),
+                       *((path, f"extra test {name}") for name, path in a.extra_tests.items()),
+                       *((path, f"source {name}") for name, path in a.sources.items())):
         if not Path(path).exists():
             p.error(f"{what} not found: {path}")
     rows = study_rows()
@@ -600,11 +737,17 @@ def main(argv: list[str] | None = None) -> int:
             if r is not None:
                 results.setdefault(row.name, []).append({**r, "seed": seed})
                 log.info("row %s seed %d: overall %.3f", row.name, seed, r["overall"]["accuracy"])
-    table, summary = summarise(rows, results)
+    reference = args.paired_reference or ("vlsi_pool" if "vlsi_pool" in results else PAIRED_REFERENCE)
+    table, summary = summarise(rows, results, reference)
+    comparisons, comparison_json = preregistered_comparisons(results)
+    summary["preregistered_comparisons"] = comparison_json
     plot_matching(a, rows, seeds[0])
     text = (f"# VLsI study (nano family)\n\nbudget {a.budget} student steps per row, seeds {seeds}, "
             f"device {_device()}, step 2 trains the {a.interact_trains.replace('_', ' ')}, test {a.test_data}"
-            + "".join(f", {name} (set): {path}" for name, path in a.extra_tests.items()) + f"\n\n{table}\n")
+            + "".join(f", {name} (set): {path}" for name, path in a.extra_tests.items())
+            + "".join(f", source {name}: {path}" for name, path in a.sources.items()) + f"\n\n{table}\n"
+            + (f"\n## Pre-registered comparisons (docs/study/preregistration.md)\n\n{comparisons}\n"
+               if comparisons else ""))
     (a.out / "results.md").write_text(text)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                     "rows": summary}, indent=1) + "\n")

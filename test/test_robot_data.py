@@ -214,3 +214,15 @@ def test_weighted_sources_fill_their_share_and_the_metrics_count_them(unlabelled
     sources = meta["data_sources"]
     assert sources["teacher"]["teacher_labelled"] == 23 and sources["labels"]["teacher_labelled"] == 0
     assert sources["labels"]["share"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_a_repeated_image_and_question_is_asked_once(unlabelled, tiny_qwen2vl_dir, tmp_path):
+    """Mixes draw a caption image several times: the teacher answers it once, every copy gets it."""
+    records = json.loads(unlabelled.read_text())[1:5]
+    data = unlabelled.parent / "repeated.json"
+    data.write_text(json.dumps([{**r, "id": f"{r['id']}_{k}"} for k in range(3) for r in records]))
+    teacher = CountingTeacher(LocalTeacher(tiny_qwen2vl_dir, max_new_tokens=8))
+    report = label_file(teacher, data, tmp_path / "out.json", progress=False)
+    assert teacher.asked == report.asked == 4 and report.labelled == 12
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [r["conversations"][1]["value"] for r in out[:4]] * 3 == [r["conversations"][1]["value"] for r in out]

@@ -180,3 +180,42 @@ def test_smoke_runs_every_row_and_resumes(tmp_path):
     assert "later (set)" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["rows"]["student_sft"]["extra_tests"]["later"] == [
         row["overall"]["accuracy"]]
+
+
+def test_preregistered_comparisons_give_paired_intervals_and_verdicts():
+    import vlsi_study
+
+    def result(acc: float, seed: int) -> dict:
+        return {"overall": {"accuracy": acc}, "families": {}, "seed": seed}
+
+    results = {"sft_labels": [result(0.60, s) for s in range(3)],
+               "sft_pseudo": [result(0.70 + 0.01 * s, s) for s in range(3)],
+               "vlsi_pool": [result(0.705 + 0.01 * s, s) for s in range(3)]}
+    table, rows = vlsi_study.preregistered_comparisons(results)
+    by_pair = {(r["better"], r["worse"]): r for r in rows}
+    h1 = by_pair[("sft_pseudo", "sft_labels")]
+    assert h1["hypothesis"] == "H1" and h1["pairs"] == 3 and h1["verdict"] == "held"
+    assert h1["mean"] == pytest.approx(0.11) and h1["ci95"][0] > 0.05
+    h2 = by_pair[("vlsi_pool", "sft_pseudo")]  # +0.005 every seed: an interval above 0, below the threshold
+    assert h2["ci95"][0] > 0 and h2["verdict"] == "did not hold"
+    assert ("final_kd_t1", "sft_labels") not in by_pair  # a row not run is not compared
+    assert "| H2 | vlsi_pool - sft_pseudo | 3 |" in table
+
+
+def test_rows_train_on_their_named_sources(tmp_path):
+    import vlsi_study
+
+    labels, teacher = tmp_path / "labels.json", tmp_path / "teacher.json"
+    labels.write_text(json.dumps([{}] * 3))
+    teacher.write_text(json.dumps([{}] * 12))
+    a = vlsi_study.StudyArgs(tmp_path, tmp_path, tmp_path / "train.json", tmp_path / "test.json", "random", [0], 10,
+                             0.5, 1, 2, 1e-3, 64, None, {}, {}, {}, sources={"labels": labels, "teacher": teacher})
+    rows = {r.name: r for r in vlsi_study.study_rows()}
+    assert vlsi_study.row_train_data(rows["sft_labels"], a) == str(labels)
+    assert vlsi_study.row_train_data(rows["vlsi_pool"], a) == [
+        {"path": str(labels), "name": "labels", "weight": 3.0}, {"path": str(teacher), "name": "teacher",
+                                                                  "weight": 12.0}]
+    assert vlsi_study.row_train_data(rows["student_sft"], a) == str(tmp_path / "train.json")
+    with pytest.raises(ValueError, match="--source NAME=FILE"):
+        vlsi_study.row_train_data(rows["oracle"], a)
+

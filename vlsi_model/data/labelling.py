@@ -70,7 +70,8 @@ class Teacher(Protocol):
 @dataclass
 class LabelReport:
     records: int = 0  # records in the input
-    labelled: int = 0  # answered by the teacher in this run
+    labelled: int = 0  # records answered by the teacher in this run
+    asked: int = 0  # questions the teacher was asked (a repeated image + question is asked once)
     resumed: int = 0  # answered in an earlier, interrupted run and kept
     given: int = 0  # records that already had an answer
     empty_answers: int = 0  # the teacher said nothing: left out (an empty answer cannot be trained on)
@@ -81,8 +82,8 @@ class LabelReport:
 
     @property
     def rate(self) -> float:
-        """Questions answered per second in this run."""
-        return self.labelled / self.seconds if self.seconds > 0 else 0.0
+        """Questions the teacher answered per second in this run."""
+        return self.asked / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "questions_per_s": round(self.rate, 2)}
@@ -212,11 +213,17 @@ def label_file(
     report.resumed = sum(1 for k in keys if k in done)
     base = data_path.parent
     todo = [i for i, r in enumerate(records) if keys[i] not in done and not has_answer(r)]
-    mine = todo[state.process_index::state.num_processes]
+    # The same question about the same image (a caption image drawn into a mix several times) is
+    # asked once; its answer goes to every such record. Groups stay whole within one process.
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i in todo:
+        groups.setdefault((str(records[i]["image"]), first_question(records[i])), []).append(i)
+    leaders = list(groups.values())[state.process_index::state.num_processes]
     # Batch equal questions together: a batch decodes until its longest answer ends, and answers to one
     # question have about one length (a count is one token, a caption tens), so mixed batches idle.
-    mine.sort(key=lambda i: first_question(records[i]))
-    by_key = {k: i for i, k in enumerate(keys)}
+    leaders.sort(key=lambda group: first_question(records[group[0]]))
+    same_as = {keys[group[0]]: group for group in leaders}
+    mine = [group[0] for group in leaders]
     state.wait_for_everyone()  # every process has read the partials before any appends to them
     partial_path = out_path.parent / f"{out_path.name}.partial.{state.process_index}.jsonl"
     bad: Counter[str] = Counter()
@@ -237,14 +244,16 @@ def label_file(
                     continue
                 requests.append(LabelRequest(keys[i], image, first_question(records[i])))
             answers = teacher.answer_batch(requests, images) if requests else []
+            report.asked += len(requests)
             for request, answer in zip(requests, answers, strict=True):
                 if not answer.answer.strip():
                     report.empty_answers += 1
                     continue
-                labelled = with_teacher_answer(records[by_key[request.key]], answer, teacher.name)
-                partial.write(json.dumps({"key": request.key, "teacher": teacher.name, "record": labelled}) + "\n")
+                for i in same_as[request.key]:
+                    labelled = with_teacher_answer(records[i], answer, teacher.name)
+                    partial.write(json.dumps({"key": keys[i], "teacher": teacher.name, "record": labelled}) + "\n")
+                    report.labelled += 1
             partial.flush()
-            report.labelled += len(requests)
             bar.update(len(mine[start:start + batch_size]))
             if on_batch is not None:
                 on_batch(report.labelled)
