@@ -425,7 +425,9 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     model_dir = row_model_dir(row, a, seed)
     results = _evaluate(model_dir, a, row_dir / ".eval_tmp.json")
     results["train_seconds"] = train_s
-    results.pop("predictions", None)
+    # Keep only the answers, in test-file order: what the teacher-error analysis compares, small
+    # enough to archive (the questions and references are in the test file).
+    results["answers"] = [p["prediction"] for p in results.pop("predictions", [])]
     _add_extra_tests(model_dir, a, row_dir, results)
     _write_json_atomic(result_file, results)  # written last: its presence marks the row done
     (row_dir / ".eval_tmp.json").unlink(missing_ok=True)
