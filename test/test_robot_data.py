@@ -5,6 +5,7 @@ and evaluation that never takes a teacher's answer for ground truth."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,27 @@ def test_a_repeated_image_and_question_is_asked_once(unlabelled, tiny_qwen2vl_di
     assert teacher.asked == report.asked == 4 and report.labelled == 12
     out = json.loads((tmp_path / "out.json").read_text())
     assert [r["conversations"][1]["value"] for r in out[:4]] * 3 == [r["conversations"][1]["value"] for r in out]
+
+
+def test_two_processes_label_their_shares_and_the_main_one_merges(unlabelled, tiny_qwen2vl_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each labels half, the output equals one process's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "127.0.0.1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "-m", "vlsi_model.cli", "label", "--teacher", str(tiny_qwen2vl_dir), "--data", str(unlabelled),
+           "--out", str(tmp_path / "two.json"), "--max-new-tokens", "8", "--batch-size", "4", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    label_file(LocalTeacher(tiny_qwen2vl_dir, max_new_tokens=8), unlabelled, tmp_path / "one.json", progress=False)
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+    assert not list(tmp_path.glob("*.partial*"))
