@@ -6,14 +6,12 @@ pair recomputed with checkpointing)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from distill_helpers import build_pair, make_batch, random_verbalizers
 from torch import nn
 
@@ -34,8 +32,6 @@ from vlsi_model.distill.objectives import InteractionObjective
 from vlsi_model.distill.teacher_cache import cached_from_dense
 from vlsi_model.distill.verbalizer import VerbalizedHead
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "distill_step_cost.py"
 STUDENT_TARGETS = [1, 2, 3]
 TEACHER_TARGETS = [1, 3, 5, 7]
 TINY = [
@@ -54,19 +50,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("distill_step_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_benchmark_reports_every_row_ratio_and_memory(tmp_path, capsys):
     """Run in this process (one interpreter start saved); memory of one row in its subprocess."""
     out = tmp_path / "cost.json"
-    script = _load_script()
+    script = load_benchmark("distill_step_cost")
     script.main([*TINY, "--finetune", "both", "--chunk-tokens", "8", "--memory-rows", "cached_lora",
                  "--json", str(out)])
     stdout = capsys.readouterr().out

@@ -5,27 +5,14 @@ gets a reply, and every check holds. The full size (10,000 messages) is the benc
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "node_stress.py"
-
-
-def load_harness():
-    spec = importlib.util.spec_from_file_location("node_stress", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_fuzz_burst_bombs_and_lifecycle_leave_no_crash_and_no_lost_request(ros_context, tmp_path):
-    harness = load_harness()
+    harness = load_benchmark("node_stress")
     config = harness.StressConfig(messages=300, burst=200, lifecycle_cycles=2)
     report = harness.StressRun(config, log_dir=tmp_path).run()
     logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
