@@ -167,3 +167,17 @@ def test_image_qos_auto_follows_the_camera_publishers(ros_context, tiny_qwen2vl_
             assert wait_for(answered, 15, what="answer").image_header.frame_id == "auto_frame"
         finally:
             harness.close()
+
+
+def test_invalid_start_up_parameters_leave_the_node_up_and_saying_why(ros_context, tiny_qwen2vl_dir):
+    node = make_node(tiny_qwen2vl_dir, diagnostics_period_s=0.0, max_frame_age_s=-2.0)
+    try:
+        response = node._on_ask(Ask.Request(question=QUESTION), Ask.Response())
+        assert not response.success and "invalid parameters" in response.error
+        assert "must be a finite number" in response.error
+        fixed = node.set_parameters([Parameter("max_frame_age_s", value=1.0),
+                                     Parameter("diagnostics_period_s", value=0.5)])
+        assert all(r.successful for r in fixed), [r.reason for r in fixed]
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    finally:
+        node.destroy_node()

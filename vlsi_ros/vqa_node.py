@@ -57,7 +57,7 @@ from vlsi_ros.image_conversion import compressed_msg_to_rgb, image_msg_to_rgb, r
 from vlsi_ros.msg import Answer
 from vlsi_ros.qos import AUTO, image_qos, overridable, preset_matching_publishers, request_qos
 from vlsi_ros.srv import Ask
-from vlsi_ros.vqa_parameters import PARAMETERS, STARTUP, change_refusal, clean_list, validate_settings
+from vlsi_ros.vqa_parameters import PARAMETERS, STARTUP, change_refusal, clean_list, new_errors, validate_settings
 
 __all__ = ["PARAMETERS", "VqaNode", "executor_threads", "main"]
 
@@ -103,10 +103,9 @@ class VqaNode(LifecycleNode):
             else:
                 self.declare_parameter(name, spec.default, ParameterDescriptor(
                     description=spec.description, read_only=read_only))
-        self._values: dict[str, Any] = {name: self.get_parameter(name).value for name in PARAMETERS}
-        for name, spec in PARAMETERS.items():
-            if isinstance(spec.default, list):
-                self._values[name] = clean_list(self._values[name])
+        self._values: dict[str, Any] = {}
+        for name in PARAMETERS:
+            self._store(name, self.get_parameter(name).value)
         self._serving_group = ReentrantCallbackGroup()
         self._camera_group = MutuallyExclusiveCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
@@ -131,25 +130,31 @@ class VqaNode(LifecycleNode):
         if self._values["autostart"] and self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
 
+    def _store(self, name: str, value: Any) -> None:
+        """Keep a parameter's current value (string arrays without the blanks YAML needs for [])."""
+        self._values[name] = clean_list(value) if isinstance(PARAMETERS[name].default, list) else value
+
     def _create_interfaces(self) -> None:
         """The node-lifetime interfaces: they answer in every state and are never destroyed."""
-        depth = int(self._values["service_queue_depth"])
+        qos = request_qos(int(self._values["service_queue_depth"]))
         self._answers_pub = self.create_lifecycle_publisher(Answer, "answers", 10)
         self._alerts_pub = self.create_lifecycle_publisher(Answer, "alerts", 10)
         self._annotated_pub = self.create_lifecycle_publisher(Image, "answers/image", 2)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._questions_sub = self.create_subscription(
             String, "questions", self._on_question, 10, callback_group=self._serving_group)
-        self._ask_srv = self.create_service(Ask, "ask", self._on_ask, qos_profile=request_qos(depth),
+        self._ask_srv = self.create_service(Ask, "ask", self._on_ask, qos_profile=qos,
                                             callback_group=self._serving_group)
-        qos = request_qos(depth)
         self._action = ActionServer(
             self, AskAction, "ask_stream", execute_callback=self._execute_stream,
             goal_callback=lambda goal: GoalResponse.ACCEPT,
             cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
             callback_group=self._serving_group, goal_service_qos_profile=qos,
             result_service_qos_profile=qos, cancel_service_qos_profile=qos)
-        self._restart_timer("diagnostics", float(self._values["diagnostics_period_s"]), self._publish_diagnostics)
+        period = self._values["diagnostics_period_s"]
+        if not (isinstance(period, (int, float)) and 0 < period < float("inf")):
+            period = PARAMETERS["diagnostics_period_s"].default  # invalid: configure will say so
+        self._restart_timer("diagnostics", float(period), self._publish_diagnostics)
 
     # ----------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -288,19 +293,16 @@ class VqaNode(LifecycleNode):
             if reason is not None:
                 return SetParametersResult(successful=False, reason=reason)
             candidate[param.name] = param.value
-        try:
-            validate_settings(candidate)
-        except ValueError as exc:
-            return SetParametersResult(successful=False, reason=str(exc))
+        errors = new_errors(self._values, candidate)
+        if errors:
+            return SetParametersResult(successful=False, reason="; ".join(errors))
         return SetParametersResult(successful=True)
 
     def _apply_parameter_change(self, params: list[Parameter]) -> None:
         names = {p.name for p in params if p.name in PARAMETERS}
         for param in params:
-            if param.name in PARAMETERS:
-                value = param.value
-                self._values[param.name] = clean_list(value) if isinstance(PARAMETERS[param.name].default, list) \
-                    else value
+            if param.name in names:
+                self._store(param.name, param.value)
         if names & {"standing_questions", "standing_rate_hz", "alert_questions", "alert_rate_hz"}:
             with self._lock:
                 self._sync_periodic_timers()

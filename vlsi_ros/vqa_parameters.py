@@ -11,8 +11,8 @@ parameter says when it applies:
 - `startup`: read once when the node is constructed (autostart, the request queue depth of the
   service and action); read-only afterwards.
 
-The same `validate_settings` checks a configure and every `ros2 param set`, so a value the
-node cannot use is refused when it is set, not at the next configure.
+The same checks (`settings_errors`) run at configure and on every `ros2 param set`, so a value
+the node cannot use is refused when it is set, not at the next configure.
 """
 
 from __future__ import annotations
@@ -85,17 +85,15 @@ PARAMETERS: dict[str, ParameterSpec] = {
 }
 
 
-def _finite(name: str, value: float, minimum: float, strictly: bool = False) -> None:
+def _finite(name: str, value: Any, minimum: float, strictly: bool = False) -> str | None:
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > minimum if strictly else
                                                                         value >= minimum)
-    if not ok:
-        bound = f"> {minimum:g}" if strictly else f">= {minimum:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    bound = f"> {minimum:g}" if strictly else f">= {minimum:g}"
+    return None if ok else f"{name} must be a finite number {bound}, got {value!r}"
 
 
-def _at_least(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+def _at_least(name: str, value: int, minimum: int) -> str | None:
+    return None if value >= minimum else f"{name} must be at least {minimum}, got {value}"
 
 
 def clean_list(value: Any) -> list[str]:
@@ -104,38 +102,52 @@ def clean_list(value: Any) -> list[str]:
     return [str(v) for v in (value or []) if str(v).strip()]
 
 
-def validate_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """Check a full set of parameter values; returns them with list parameters cleaned.
+def settings_errors(values: dict[str, Any]) -> list[str]:
+    """Every problem with a full set of parameter values, each naming the parameter and value.
 
-    Raises ValueError naming the parameter and the value it refused."""
-    values = dict(values)
-    for name, spec in PARAMETERS.items():
-        if isinstance(spec.default, list):
-            values[name] = clean_list(values[name])
+    All of them, not the first: a change is refused only for problems it brings (`new_errors`),
+    so two bad start-up values can be fixed one `ros2 param set` at a time."""
+    values = {name: clean_list(v) if isinstance(PARAMETERS[name].default, list) else v
+              for name, v in values.items() if name in PARAMETERS}
+    errors = []
     if values["backend"] not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not '{values['backend']}'")
+        errors.append(f"backend must be one of {', '.join(BACKENDS)}, not '{values['backend']}'")
     if values["transport"] not in ("raw", "compressed"):
-        raise ValueError(f"transport must be raw or compressed, not '{values['transport']}'")
+        errors.append(f"transport must be raw or compressed, not '{values['transport']}'")
     for name in ("queue_size", "max_new_tokens", "max_new_tokens_limit", "max_question_chars", "image_qos_depth",
                  "service_queue_depth"):
-        _at_least(name, values[name], 1)
+        errors.append(_at_least(name, values[name], 1))
     for name in ("num_threads", "max_image_pixels"):
-        _at_least(name, values[name], 0)
+        errors.append(_at_least(name, values[name], 0))
     if values["max_new_tokens"] > values["max_new_tokens_limit"]:
-        raise ValueError(f"max_new_tokens ({values['max_new_tokens']}) is above max_new_tokens_limit "
-                         f"({values['max_new_tokens_limit']})")
+        errors.append(f"max_new_tokens ({values['max_new_tokens']}) is above max_new_tokens_limit "
+                      f"({values['max_new_tokens_limit']})")
     for name in ("max_frame_age_s", "standing_rate_hz", "alert_rate_hz", "alert_cooldown_s"):
-        _finite(name, values[name], 0.0)
+        errors.append(_finite(name, values[name], 0.0))
     for name in ("request_timeout_s", "diagnostics_period_s"):
-        _finite(name, values[name], 0.0, strictly=True)
+        errors.append(_finite(name, values[name], 0.0, strictly=True))
     cameras, default_camera = values["cameras"], values["default_camera"]
     if cameras and default_camera and default_camera not in cameras:
-        raise ValueError(f"default_camera '{default_camera}' is not in cameras")
+        errors.append(f"default_camera '{default_camera}' is not in cameras")
     if len(set(cameras)) != len(cameras):
-        raise ValueError("camera names must be unique")
+        errors.append("camera names must be unique")
     if values["image_qos"] not in ("auto", *IMAGE_QOS_PRESETS):
-        raise ValueError(f"image_qos must be one of auto, {', '.join(IMAGE_QOS_PRESETS)}, not '{values['image_qos']}'")
-    return values
+        errors.append(f"image_qos must be one of auto, {', '.join(IMAGE_QOS_PRESETS)}, not '{values['image_qos']}'")
+    return [e for e in errors if e]
+
+
+def validate_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """A full set of parameter values, list parameters cleaned; ValueError naming every problem."""
+    errors = settings_errors(values)
+    if errors:
+        raise ValueError("; ".join(errors))
+    return {name: clean_list(v) if isinstance(PARAMETERS[name].default, list) else v for name, v in values.items()}
+
+
+def new_errors(current: dict[str, Any], candidate: dict[str, Any]) -> list[str]:
+    """The problems `candidate` has that `current` does not: what a change would bring."""
+    before = set(settings_errors(current))
+    return [e for e in settings_errors(candidate) if e not in before]
 
 
 def change_refusal(name: str, configured: bool) -> str | None:
