@@ -80,6 +80,19 @@ def test_bag_to_student_to_the_node_on_a_replay(bags, tmp_path, ros_context, cap
     for step in ("interact", "sft"):  # both sources were drawn from, and counted
         last = json.loads((tmp_path / "distilled" / "runs" / step / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["samples/labels"] + last["samples/teacher"] == 4, last
+    # 3b. the teacher's top-k distributions cached at labelling time serve the interaction step
+    # (the teacher is not loaded there): label again with --cache, then step 2 reads it.
+    cache = tmp_path / "teacher_cache"
+    assert main(["label", "--teacher", str(default_model_path()), "--data", str(unlabelled), "--out",
+                 str(tmp_path / "cached_labels.json"), "--no-progress", "--cache", str(cache), "--top-k", "16",
+                 "--verbalizers", str(tmp_path / "distilled" / "teacher_verbalizers"), "--student", str(student),
+                 "--max-length", "512"]) == 0
+    cached = {**config, "output_dir": str(tmp_path / "from_cache"),
+              "data": {"train": str(tmp_path / "cached_labels.json"), "max_length": 512},
+              "teacher_cache": {"enabled": True, "path": str(cache), "k": 16, "coverage": "dataset"}}
+    (tmp_path / "cached.yaml").write_text(yaml.safe_dump(cached))
+    assert main(["distill", "--config", str(tmp_path / "cached.yaml"), "--steps", "verbalize,interact"]) == 0
+    assert (tmp_path / "from_cache" / "interaction").is_dir()
     # 4. evaluated on ground truth only
     assert main(["eval", "--model", str(final), "--data", str(tmp_path / "labels" / "val.json"),
                  "--no-progress", "--out", str(tmp_path / "eval.json")]) == 0

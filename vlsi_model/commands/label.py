@@ -49,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, default=64, help="entries per distribution in --cache (64)")
     p.add_argument("--verbalizers", type=Path, default=None,
                    help="the teacher's verbalizers for --cache (a distill run's teacher_verbalizers folder)")
+    p.add_argument("--student", type=Path, default=None,
+                   help="the student the cache is for: the cache covers the vocabulary both share (default: the "
+                        "teacher's whole vocabulary)")
+    p.add_argument("--max-length", type=positive_int, default=2048,
+                   help="data.max_length of the distill config the cache is for (2048)")
+    p.add_argument("--cache-temperature", type=float, default=1.0,
+                   help="distill loss.temperature the cache is for (default 1.0)")
     p.add_argument("--no-progress", action="store_true")
     add_threads_argument(p)
     p.set_defaults(func=run)
@@ -96,8 +103,14 @@ def run(args: argparse.Namespace) -> int:
     if args.cache:
         from vlsi_model.data.labelling import write_teacher_cache
 
+        vocab = None
+        if args.student:
+            from vlsi_model.distill.pipeline import load_config_vocab
+
+            vocab = min(load_config_vocab(args.student), load_config_vocab(args.teacher))
         path = write_teacher_cache(args.teacher, args.verbalizers, args.out, args.cache, k=args.top_k,
-                                   batch_size=args.batch_size, device=args.device)
+                                   batch_size=args.batch_size, device=args.device,
+                                   temperature=args.cache_temperature, vocab_size=vocab, max_length=args.max_length)
         print(f"wrote the teacher cache (top-{args.top_k}) to {path}; use it with teacher_cache.path in the "
               "distill config and this labelled file as data.train")
     (args.out.parent / (args.out.name + ".report.json")).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
