@@ -237,3 +237,37 @@ def test_dynamo_exporter(windowed_qwen25vl_dir):
     assert m["graphs"]["decoder"]["inputs"]["past_key_0"]["shape"][2] == "past"
     assert max(v for k, v in m["parity"].items() if k.endswith("diff")) < FP32_TOL
 
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized_export_is_smaller_and_answers_like_the_float_one(tmp_path, bits):
+    """Weight-only int8 / int4 (MatMulNBits) on the shipped student: the decoder's file shrinks
+    about 3x / 6x, ONNX Runtime loads it, and the answers are the float export's (int8) or nearly
+    (int4; the accuracy cost on the test split is measured with vlsi eval, README)."""
+    from vlsi_model.defaults import default_model_path
+    from vlsi_model.engine import load_engine
+    from vlsi_model.export.tensorrt_build import BuildError, build_engines
+    from vlsi_model.scenes import SceneConfig, generate_scene, make_questions, render_scene
+
+    model = default_model_path()
+    float_dir = export_once(model)
+    assert cli_main(["export", "--model", str(model), "--out", str(tmp_path / bits), "--quantize", bits]) == 0
+    m = _manifest(tmp_path / bits)
+    q = m["quantization"]
+    assert q["bits"] == {"int8": 8, "int4": 4}[bits] and q["format"] == "MatMulNBits"
+    decoder = q["graphs"]["decoder.onnx"]
+    assert decoder["quantized"] == decoder["matmuls"] - 8  # every weight matmul; attention's 2 per layer stay
+    assert decoder["bytes_after"] < decoder["bytes_before"] / (2.5 if bits == "int8" else 4.5)
+    assert m["checks"]["decoder.onnx"]["tensorrt10_ops"] != "ok"
+    with pytest.raises(BuildError, match="quantized for ONNX Runtime"):
+        build_engines(tmp_path / bits, tmp_path / "engines")
+    plain = load_engine(float_dir, backend="onnxruntime")
+    quantized = load_engine(tmp_path / bits, backend="onnxruntime")
+    same = total = 0
+    for seed in range(6):
+        scene = generate_scene(seed, SceneConfig(width=112, height=112, layout="grid"))
+        for qa in make_questions(scene, seed):
+            image = render_scene(scene)
+            total += 1
+            same += plain.answer(image, qa.question, 16).text == quantized.answer(image, qa.question, 16).text
+    assert same / total >= (1.0 if bits == "int8" else 0.8), (same, total)

@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "TensorRT builds)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default torchscript: ~20x faster here; see onnx_export.py)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only, block-wise quantization of the decoder's weights for ONNX Runtime "
+                        "(MatMulNBits; activations stay float; not for TensorRT yet)")
+    p.add_argument("--block-size", type=int, default=32, help="weights per quantization scale (default 32)")
     p.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else default_model_path()
     out = args.out if args.out is not None else Path(model) / "onnx"
     options = ExportOptions(image_size=args.image_size, max_image_size=args.max_image_size, opset=args.opset,
-                            dtype=args.dtype, exporter=args.exporter, check_parity=not args.no_parity)
+                            dtype=args.dtype, exporter=args.exporter, check_parity=not args.no_parity,
+                            quantize=args.quantize, quantize_block_size=args.block_size)
     try:
         manifest = export_model(model, out, options, overwrite=args.overwrite,
                                 progress=lambda msg: print(msg, file=sys.stderr))
@@ -74,5 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(json.dumps({"out": str(out), "model": manifest["model_name"], "model_type": manifest["model_type"],
                       "opset": manifest["opset"], "dtype": manifest["dtype"], "image": manifest["image"]["mode"],
-                      "parity": manifest.get("parity"), "seconds": manifest.get("export_seconds")}))
+                      "parity": manifest.get("parity"), "seconds": manifest.get("export_seconds"),
+                      **({"quantization": {k: v for k, v in manifest["quantization"].items() if k != "parity"}}
+                         if manifest.get("quantization") else {})}))
     return EXIT_OK

@@ -328,6 +328,9 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
     say = progress or print
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     em = mf.load_manifest(onnx_dir)
+    if (em.get("quantization") or {}).get("format") == "MatMulNBits":
+        raise BuildError(f"{onnx_dir} is quantized for ONNX Runtime (com.microsoft.MatMulNBits), which TensorRT "
+                         "cannot parse; build engines from an unquantized export (vlsi export without --quantize)")
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "int8":
