@@ -41,7 +41,7 @@ def test_bench_cli_quick_run(tiny_qwen2vl_dir, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     rc = cli_main(["bench", "--model", str(tiny_qwen2vl_dir), "--backends", "torch,onnxruntime,tensorrt",
                    "--questions", "2", "--max-new-tokens", "4", "--threads", "1",
-                   "--onnx", str(export_once(tiny_qwen2vl_dir)), "--json", str(out_json)])
+                   "--onnx", str(export_once(tiny_qwen2vl_dir)), "--json", str(out_json), "--max-load", "0"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     table = captured.out
@@ -61,15 +61,19 @@ def test_bench_cli_quick_run(tiny_qwen2vl_dir, tmp_path, capsys):
         assert len(report["raw"][name]["runs"]) == 2
     for name in ("torch", "onnxruntime"):
         r = results[name]
-        for key in ("vision_ms_p50", "prefill_ms_p50", "decode_tokens_per_s", "speedup_vs_generate",
+        # --max-load 0: any load is too much, so the ratio is kept aside, not printed as a figure
+        for key in ("vision_ms_p50", "prefill_ms_p50", "decode_tokens_per_s", "speedup_vs_generate_under_load",
                     "same_tokens_as_generate"):
             assert key in r, (name, key)
+        assert "speedup_vs_generate" not in r
         assert r["same_tokens_as_generate"] == 2  # greedy: identical answers to generate
     assert results["onnxruntime"]["torch_imported"] is False  # measured without the PyTorch model
     assert results["torch"]["torch_imported"] is True
     if not tensorrt_available():
         assert "skipped" in results["tensorrt"]
     assert report["config"]["max_new_tokens"] == 4
+    assert report["machine"]["busy"] is True and any("busy" in note for note in report["notes"])
+    assert "ratios are not printed" in captured.out
 
 
 def test_bench_cli_rejects_unknown_backend():
@@ -86,3 +90,14 @@ def test_rounds_are_merged():
     assert merged["runs"] == [{"total_ms": 1.0}, {"total_ms": 2.0}] and merged["rounds"] == 2
     assert merged["load_s"] == 2.0 and merged["peak_rss_mb"] == 150.0 and merged["torch_imported"] is True
     assert _merge_rounds([a, {"error": "boom"}]) == {"error": "boom"}
+
+
+def test_load_gate_and_long_answers():
+    from vlsi_model.bench import LONG_ANSWER_QUESTIONS, bench_inputs, load_too_high
+
+    assert not load_too_high([0.4, 1.2], max_load=1.5) and load_too_high([0.4, 1.6], max_load=1.5)
+    assert not load_too_high([], max_load=0.0)
+    questions = [q for _, q in bench_inputs(6)]
+    assert questions[1::2] == [LONG_ANSWER_QUESTIONS[k % 2] for k in range(3)]
+    assert "Where is each object?" not in {q for _, q in bench_inputs(6, long_answers=False)}
+

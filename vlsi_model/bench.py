@@ -57,6 +57,8 @@ class BenchConfig:
     engine_dir: str | None = None
     seed: int = 0
     rounds: int = 1  # workers run round-robin this many times (fairer on a busy machine)
+    long_answers: bool = True  # every other question is a caption / "where is each object?" (>= 16 tokens)
+    max_load: float | None = None  # above this 1-min load average no ratio is printed (default 0.75 x cores)
 
 
 # The families bench questions rotate through, fixed so that a family added to the generator later
@@ -64,8 +66,14 @@ class BenchConfig:
 BENCH_FAMILIES: tuple[str, ...] = ("attribute", "count", "exist", "spatial", "compare", "describe", "caption")
 
 
-def bench_inputs(n: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
-    """n (frame, question) pairs: one question per test-split scene, families in rotation."""
+# Questions whose answers are long (a caption, every object with its region: 16-50 tokens for the
+# default student), so a benchmark measures decode and not only vision + prefill.
+LONG_ANSWER_QUESTIONS: tuple[str, ...] = ("What objects are there?", "Where is each object?")
+
+
+def bench_inputs(n: int, seed: int = 0, long_answers: bool = True) -> list[tuple[np.ndarray, str]]:
+    """n (frame, question) pairs: one question per test-split scene, families in rotation; with
+    `long_answers` every other question is one of LONG_ANSWER_QUESTIONS."""
     from vlsi_model import scenes
 
     out: list[tuple[np.ndarray, str]] = []
@@ -74,10 +82,20 @@ def bench_inputs(n: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
         s = scenes.scene_seed("test", seed, i)
         scene = scenes.generate_scene(s, scenes.SceneConfig(width=FRAME_SIZE[0], height=FRAME_SIZE[1]))
         qas = scenes.make_questions(scene, s, BENCH_FAMILIES)
-        if qas:
+        if long_answers and len(out) % 2 == 1:
+            out.append((scenes.render_scene(scene), LONG_ANSWER_QUESTIONS[(len(out) // 2) % 2]))
+        elif qas:
             out.append((scenes.render_scene(scene), qas[i % len(qas)].question))
         i += 1
     return out
+
+
+def load_too_high(loads: list[float], max_load: float | None) -> bool:
+    """Whether the machine was too busy for a ratio to mean anything: under load torch processes
+    slow down 10-40x while onnxruntime barely moves (measured), so a ratio taken then is wrong by
+    that factor. The bound is the 1-min load average (default 0.75 x the number of cores)."""
+    bound = max_load if max_load is not None else 0.75 * (os.cpu_count() or 1)
+    return bool(loads) and max(loads) > bound
 
 
 def _peak_rss_mb() -> float:
@@ -150,7 +168,7 @@ def _run_engine(cfg: BenchConfig, backend: str, inputs: list[tuple[np.ndarray, s
 
 def worker_main(backend: str, cfg: BenchConfig) -> dict[str, Any]:
     """Measure one backend in this process (called in a fresh subprocess by `run_bench`)."""
-    inputs = bench_inputs(cfg.questions, cfg.seed)
+    inputs = bench_inputs(cfg.questions, cfg.seed, cfg.long_answers)
     out = _run_generate(cfg, inputs) if backend == BASELINE else _run_engine(cfg, backend, inputs)
     out["peak_rss_mb"] = _peak_rss_mb()
     out["torch_imported"] = "torch" in sys.modules
@@ -163,10 +181,12 @@ def _spawn(backend: str, cfg: BenchConfig) -> dict[str, Any]:
     env = dict(os.environ)
     if cfg.threads:  # OpenMP/MKL pools sized like the backend's own threads
         env["OMP_NUM_THREADS"] = str(cfg.threads)
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
-            return json.loads(line[len(_RESULT_MARK):])
+            # The load average includes the worker itself (~1 on a busy core): what matters is the rest.
+            return {**json.loads(line[len(_RESULT_MARK):]), "load_avg": [load_before, os.getloadavg()[0]]}
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
     return {"error": f"worker exited with status {proc.returncode}: " + " | ".join(tail)}
 
@@ -183,6 +203,7 @@ def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
         "torch_imported": any(r["torch_imported"] for r in results),
         "threads": results[0].get("threads"),
         "rounds": len(results),
+        "load_avg": [v for r in results for v in r.get("load_avg", [])],
     }
 
 
@@ -273,11 +294,20 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     names = [BASELINE, *cfg.backends]  # the table's row order: baseline first, then as asked
     results = {name: summarize(raw[name], base_runs) for name in names}
     raw = {name: raw[name] for name in names}
+    loads = [v for r in raw.values() for v in r.get("load_avg", [])]
+    busy = load_too_high(loads, cfg.max_load)
+    if busy:
+        notes.append(f"the machine was busy (1-min load average up to {max(loads):.2f} on {os.cpu_count()} cores): "
+                     "ratios are not printed; rerun on a quiet machine (or with --max-load, knowingly)")
+        for res in results.values():
+            if "speedup_vs_generate" in res:
+                res["speedup_vs_generate_under_load"] = res.pop("speedup_vs_generate")
     return {
         "model": cfg.model_dir,
         "config": asdict(cfg),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)},
+                    "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+                    "load_avg_max": round(max(loads), 2) if loads else None, "busy": busy},
         "notes": notes,
         "results": results,
         "raw": raw,

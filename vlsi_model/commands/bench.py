@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="scene seed of the questions")
     p.add_argument("--rounds", type=positive_int, default=1,
                    help="run the backends round-robin this many times (steadier figures on a busy machine)")
+    p.add_argument("--short-answers", action="store_true",
+                   help="only the question families' (mostly one-word) answers; default: every other question asks "
+                        "for a caption or every object's place (16-50 tokens), so decode counts")
+    p.add_argument("--max-load", type=float, default=None,
+                   help="print no speed-up ratio when the 1-min load average exceeded this during the run "
+                        "(default 0.75 x cores: under load torch slows down 10-40x, onnxruntime does not)")
     p.add_argument("--json", type=Path, default=None, help="also write the full report (per-question runs) here")
     p.set_defaults(func=run)
 
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, threads=args.threads, device=args.device,
                       onnx_dir=str(args.onnx) if args.onnx else None,
                       engine_dir=str(args.engine_dir) if args.engine_dir else None, seed=args.seed,
-                      rounds=args.rounds)
+                      rounds=args.rounds, long_answers=not args.short_answers, max_load=args.max_load)
     try:
         report = run_bench(cfg, progress=lambda msg: print(msg, file=sys.stderr))
     except (ValueError, RuntimeError) as exc:
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"model: {model}  questions: {cfg.questions}  max_new_tokens: {cfg.max_new_tokens}  "
           f"threads: {cfg.threads or 'default'}  rounds: {cfg.rounds}  "
-          f"load avg: {report['machine']['load_avg_1min']}")
+          f"load avg: {report['machine']['load_avg_1min']} (max during the run {report['machine']['load_avg_max']})")
     print(format_table(report))
     for note in report["notes"]:
         print(f"note: {note}")
