@@ -102,7 +102,11 @@ def test_engine_files_are_checked_against_the_manifest(tmp_path):
         "tokenizer.json": mf.sha256_file(tmp_path / "tokenizer.json")})
     manifest["source_export"]["export_manifest_sha256"] = mf.sha256_file(tmp_path / mf.MANIFEST_FILE)
     check_engine_files(manifest, tmp_path)
-    assert plan_bytes(tmp_path, plans["vision"], manifest) == b"vision" * 100
+    plan = plan_bytes(tmp_path, plans["vision"], manifest)  # a read-only map of the file, not a heap copy
+    assert plan[:] == b"vision" * 100
+    with pytest.raises(TypeError):
+        plan[0] = 0
+    plan.close()
 
     (tmp_path / mf.MANIFEST_FILE).write_text('{"model_name": "edited"}\n')
     with pytest.raises(EngineMismatchError, match="sha256 mismatch.*vlsi build-engine"):
@@ -316,3 +320,112 @@ def test_build_and_run_engines_match_onnxruntime(tiny_qwen2vl_dir, tmp_path):
         assert b.token_ids == a.token_ids
     trt_engine.close()
     shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------------------ the builder on a fake TensorRT
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """The builder run against test/fake_tensorrt.py (the TensorRT 10 API surface it calls)."""
+    import fake_tensorrt
+
+    from vlsi_model.export import tensorrt_build
+
+    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: fake_tensorrt)
+    monkeypatch.setattr(tensorrt_build, "gpu_info", lambda: dict(ORIN))
+    monkeypatch.setattr(fake_tensorrt.Builder, "num_DLA_cores", 0)
+    return fake_tensorrt
+
+
+def _plan(out: Path, graph: str) -> dict:
+    return json.loads((out / f"{graph}.plan").read_bytes())
+
+
+def test_fp16_build_pins_the_rmsnorm_arithmetic_and_writes_checked_engines(fake_trt, export_dir, tmp_path):
+    """Weakly typed fp16 from an fp32 export: FP16 + precision constraints, the decoder's two
+    profiles, RMSNorm's pow / reduce / +eps / sqrt / division and softmax pinned to FP32 (and
+    the same pinning in the printed trtexec lines), plans written with their size and sha256."""
+    from vlsi_model.engine.tensorrt_engine import check_engine_files
+    from vlsi_model.export.tensorrt_build import build_engines
+
+    out = tmp_path / "engines"
+    manifest = build_engines(export_dir, out, precision="fp16", progress=lambda msg: None)
+    decoder = _plan(out, "decoder")
+    assert not decoder["strongly_typed"]
+    assert set(decoder["flags"]) == {"FP16", "PREFER_PRECISION_CONSTRAINTS"}
+    assert len(decoder["profiles"]) == 2 and decoder["device"] == "GPU"
+    pinned = manifest["engines"]["decoder"]["fp32_pinned_layer_names"]
+    assert pinned and set(pinned) == set(decoder["fp32_layers"])
+    import onnx
+
+    graph = onnx.load(str(export_dir / "decoder.onnx"), load_external_data=False).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    pinned_ops = {ops[name] for name in pinned}
+    assert {"Pow", "ReduceMean", "Sqrt", "Softmax"} <= pinned_ops and pinned_ops & {"Div", "Reciprocal"}
+    eps_adds = [n for n in graph.node if n.op_type == "Add" and any(
+        i in {o for m in graph.node if m.op_type == "ReduceMean" for o in m.output} for i in n.input)]
+    assert eps_adds and all(n.name in pinned for n in eps_adds)
+    assert all(ops[name] != "MatMul" for name in pinned)  # the heavy math stays fp16
+    trtexec = manifest["trtexec"][1]
+    assert "--layerPrecisions=" in trtexec and pinned[0] + ":fp32" in trtexec
+    check_engine_files(manifest, out)
+
+
+def test_fp16_export_builds_strongly_typed_and_refuses_fp32(fake_trt, tiny_qwen2vl_dir, tmp_path):
+    from vlsi_model.export.tensorrt_build import build_engines
+
+    fp16 = export_once(tiny_qwen2vl_dir, dtype="fp16")
+    build_engines(fp16, tmp_path / "engines", precision="fp16", progress=lambda msg: None)
+    decoder = _plan(tmp_path / "engines", "decoder")
+    assert decoder["strongly_typed"] and decoder["flags"] == [] and decoder["fp32_layers"] == []
+    with pytest.raises(BuildError, match="fp16 export"):
+        build_engines(fp16, tmp_path / "fp32", precision="fp32", progress=lambda msg: None)
+
+
+def test_dla_core_is_checked_against_the_device(fake_trt, export_dir, tmp_path, monkeypatch):
+    from vlsi_model.export.tensorrt_build import build_engines
+
+    with pytest.raises(BuildError, match="has 0 DLA cores"):
+        build_engines(export_dir, tmp_path / "nano", dla_core=0, progress=lambda msg: None)
+    monkeypatch.setattr(fake_trt.Builder, "num_DLA_cores", 2)  # an AGX Orin
+    build_engines(export_dir, tmp_path / "agx", dla_core=1, progress=lambda msg: None)
+    vision = _plan(tmp_path / "agx", "vision")
+    assert vision["device"] == "DLA" and vision["dla_core"] == 1 and "GPU_FALLBACK" in vision["flags"]
+
+
+def test_a_profile_tensorrt_refuses_is_a_build_error(fake_trt, export_dir, tmp_path):
+    from vlsi_model.export.tensorrt_build import build_engine_file
+
+    bad = [{"pixel_values": {"min": [64, 1176], "opt": [16, 1176], "max": [256, 1176]}}]  # min > opt
+    with pytest.raises(BuildError, match="refused optimisation profile 0"):
+        build_engine_file(fake_trt, export_dir / "vision.onnx", tmp_path / "v.plan", bad, "fp16", False, 256,
+                          None, None, lambda msg: None)
+
+
+def test_an_input_shape_outside_the_profile_names_the_range():
+    """`set_input_shape` returns False outside the profile; the engine says which range it was built for."""
+    from vlsi_model.engine.base import EngineError
+    from vlsi_model.engine.tensorrt_engine import TensorRTEngine
+
+    class Ctx:
+        def set_input_shape(self, name, shape):
+            return shape[0] <= 256
+
+    class Engine:
+        def get_tensor_shape(self, name):
+            return (-1, 1176)
+
+        def get_tensor_profile_shape(self, name, profile):
+            return [(4, 1176), (256, 1176), (256, 1176)]
+
+    engine = object.__new__(TensorRTEngine)
+    engine._set_shape(Ctx(), Engine(), "pixel_values", (200, 1176), 0)
+    with pytest.raises(EngineError, match=r"pixel_values of shape \(300, 1176\).*\(4, 1176\) to \(256, 1176\)"):
+        engine._set_shape(Ctx(), Engine(), "pixel_values", (300, 1176), 0)
+
+
+def test_unknown_compute_capability_is_not_refused_forever():
+    """A manifest written where cuda-python was missing has "?" for the compute capability: the
+    runtime lets TensorRT decide at deserialization instead of refusing the engines forever."""
+    check_engine_manifest(engine_manifest(gpu={"name": "Orin", "compute_capability": "?"}), "10.3.0", ORIN)
+    with pytest.raises(EngineMismatchError, match="compute capability"):
+        check_engine_manifest(engine_manifest(gpu={"name": "RTX", "compute_capability": "8.9"}), "10.3.0", ORIN)

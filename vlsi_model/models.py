@@ -1,7 +1,7 @@
-"""Configs, construction and saving of Qwen2-VL / Qwen2.5-VL models built locally.
+"""Configs, construction and saving of Qwen2-VL / Qwen2.5-VL / Qwen3-VL models built locally.
 
-The project's students, teachers and test models are the Hugging Face Qwen2-VL and
-Qwen2.5-VL architectures at small sizes, created from a config (there is no model hub
+The project's students, teachers and test models are the Hugging Face Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL architectures at small sizes, created from a config (there is no model hub
 here). This module is the one place that knows how to size such a config, wire its
 special-token ids to a tokenizer, initialise it reproducibly and write it as a standard
 Hugging Face directory that `from_pretrained` (and `vlsi_model.checkpoint.load_model_dir`)
@@ -30,6 +30,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import logging as hf_logging
@@ -41,11 +43,18 @@ from vlsi_model.tokenizer import SPECIAL_TOKEN_IDS
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
 }
 
-PATCH_SIZE = 14
+PATCH_SIZE = 14  # Qwen2-VL, Qwen2.5-VL
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
+QWEN3VL_PATCH_SIZE = 16
+# Qwen3-VL normalises pixels with mean = std = 0.5 (Qwen2-VL: the CLIP statistics, the
+# image processor's defaults); a processor saved with the wrong ones reloads "fine" and
+# feeds the vision tower shifted inputs.
+QWEN3VL_IMAGE_MEAN = (0.5, 0.5, 0.5)
+QWEN3VL_IMAGE_STD = (0.5, 0.5, 0.5)
 
 # Written next to the weights by `save_model_dir(..., metadata=...)`: provenance the HF files
 # have no place for (placeholder or trained, seed, recipe).
@@ -141,6 +150,19 @@ def _mrope_section(head_dim: int) -> list[int]:
     t = max(1, half // 4)
     h = (half - t) // 2
     return [t, h, half - t - h]
+
+
+def _interleaved_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's [24, 20, 20] of 64 frequencies scaled to head_dim/2 (interleaved T/H/W).
+
+    Qwen3-VL interleaves the axes (frequency k belongs to H if k % 3 == 1 and k < 3 * h, to W
+    if k % 3 == 2 and k < 3 * w, else to T), so h and w must stay below about a third each.
+    """
+    half = head_dim // 2
+    if head_dim % 2 or half < 3:
+        raise ValueError(f"head_dim {head_dim} too small for M-RoPE (needs an even number >= 6)")
+    h = max(1, round(half * 20 / 64))
+    return [half - 2 * h, h, h]
 
 
 def _text_config(
@@ -281,6 +303,99 @@ def tiny_qwen25vl_config(
     )
 
 
+def tiny_qwen3vl_config(
+    vocab_size: int | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate_size: int | None = None,
+    vision_depth: int = 2,
+    vision_hidden_size: int = 64,
+    vision_intermediate_size: int | None = None,
+    vision_heads: int = 4,
+    deepstack_visual_indexes: tuple[int, ...] | None = None,
+    num_position_embeddings: int = 64,
+    max_position_embeddings: int = 4096,
+    rope_theta: float = 5_000_000.0,
+    tie_word_embeddings: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    token_ids: TokenIds | None = None,
+) -> Qwen3VLConfig:
+    """A small Qwen3-VL config (patch 16, merge 2, DeepStack) whose special-token ids match the tokenizer.
+
+    Text side as in Qwen3-VL: explicit `head_dim` (default hidden_size // num_heads; the real
+    models use 128 whatever the width), q/k norms, interleaved M-RoPE. Vision side: a ViT of
+    `vision_depth` blocks with a learned position grid of `num_position_embeddings` (a
+    square; resampled to each image) and DeepStack: the features after the vision blocks in
+    `deepstack_visual_indexes` (default: the first min(2, depth) blocks) go through their own
+    mergers and are added to the outputs of text layers 0, 1, ... at the image tokens. So
+    there must be no more DeepStack indexes than text layers. The image processor to pair
+    it with is `make_image_processor(model_type="qwen3_vl")` (patch 16, mean/std 0.5).
+    """
+    vocab_size, ids = _resolve_ids(vocab_size, tokenizer, token_ids)
+    if head_dim is None:
+        if hidden_size % num_heads:
+            raise ValueError("hidden_size must divide by num_heads (or give head_dim)")
+        head_dim = hidden_size // num_heads
+    if num_heads % num_kv_heads:
+        raise ValueError("num_heads must divide by num_kv_heads")
+    if deepstack_visual_indexes is None:
+        deepstack_visual_indexes = tuple(range(min(2, vision_depth)))
+    deepstack = [int(i) for i in deepstack_visual_indexes]
+    if any(not 0 <= i < vision_depth for i in deepstack) or len(set(deepstack)) != len(deepstack):
+        raise ValueError(f"deepstack_visual_indexes {deepstack} must be distinct vision blocks in [0, {vision_depth})")
+    if len(deepstack) > num_layers:
+        raise ValueError(f"{len(deepstack)} DeepStack indexes but only {num_layers} text layers to add them to")
+    side = int(round(num_position_embeddings**0.5))
+    if side * side != num_position_embeddings:
+        raise ValueError(f"num_position_embeddings {num_position_embeddings} must be a square (a side x side grid)")
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or 4 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(rope_theta),
+            "mrope_section": _interleaved_mrope_section(head_dim),
+            "mrope_interleaved": True,
+        },
+        "bos_token_id": ids.endoftext,
+        "eos_token_id": ids.eos,
+        "pad_token_id": ids.pad,
+    }
+    vision = {
+        "depth": vision_depth,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": vision_intermediate_size or 4 * vision_hidden_size,
+        "num_heads": vision_heads,
+        "out_hidden_size": hidden_size,  # the mergers project vision features to the text width
+        "hidden_act": "gelu_pytorch_tanh",
+        "patch_size": QWEN3VL_PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "num_position_embeddings": num_position_embeddings,
+        "deepstack_visual_indexes": deepstack,
+        "in_channels": 3,
+    }
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids.image,
+        video_token_id=ids.video,
+        vision_start_token_id=ids.vision_start,
+        vision_end_token_id=ids.vision_end,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
 def model_class_for(model_type: str) -> type[PreTrainedModel]:
     """The model class for a config.json `model_type`; ValueError for anything else."""
     try:
@@ -319,8 +434,9 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
 
 
 def freeze_vision(model: PreTrainedModel, include_merger: bool = True) -> int:
-    """Keep the vision encoder of a Qwen2-VL / Qwen2.5-VL model fixed (``requires_grad=False``),
-    its merger too unless `include_merger` is False; returns the number of frozen parameters.
+    """Keep the vision encoder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model fixed (``requires_grad=False``),
+    its merger (Qwen3-VL: and its DeepStack mergers) too unless `include_merger` is False;
+    returns the number of frozen parameters.
 
     Why: the project's small models train their language model on a frozen random vision
     encoder. A linear probe reads an object's shape from its own image token at 0.996 with
@@ -333,28 +449,59 @@ def freeze_vision(model: PreTrainedModel, include_merger: bool = True) -> int:
         raise ValueError(f"{type(model).__name__} has no vision encoder (model.visual) to freeze")
     frozen = 0
     for name, p in visual.named_parameters():
-        if include_merger or not name.startswith("merger."):
+        if include_merger or not name.startswith(("merger.", "deepstack_merger_list.")):
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
 
 
-def make_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224) -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL's image processor (patch 14, merge 2) bounded to [min_pixels, max_pixels] per image.
+def make_image_processor(
+    min_pixels: int = 56 * 56, max_pixels: int = 224 * 224, model_type: str = "qwen2_vl"
+) -> Qwen2VLImageProcessorPil:
+    """The image processor of `model_type` bounded to [min_pixels, max_pixels] per image.
 
+    Qwen2-VL / Qwen2.5-VL: patch 14, merge 2, CLIP mean/std; images are resized keeping
+    aspect ratio to multiples of 28 px, so an image costs (h/28)*(w/28) merged tokens, at
+    most max_pixels/784. Qwen3-VL: patch 16, merge 2, mean = std = 0.5 (what its
+    checkpoints ship); multiples of 32 px, (h/32)*(w/32) merged tokens.
     The PIL variant, because the default one needs torchvision (not installable beside the
-    pinned torch). Images are resized keeping aspect ratio to multiples of 28 px, so an
-    image costs (h/28)*(w/28) merged tokens, at most max_pixels/784.
+    pinned torch). All of these settings are written to preprocessor_config.json by
+    `save_model_dir` and read back by `checkpoint.load_model_dir`.
     """
-    if min_pixels < (PATCH_SIZE * MERGE_SIZE) ** 2 or max_pixels < min_pixels:
-        raise ValueError("need 784 <= min_pixels <= max_pixels")
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(sorted(MODEL_CLASSES))})")
+    patch = QWEN3VL_PATCH_SIZE if model_type == "qwen3_vl" else PATCH_SIZE
+    factor = patch * MERGE_SIZE
+    if min_pixels < factor**2 or max_pixels < min_pixels:
+        raise ValueError(f"need {factor**2} <= min_pixels <= max_pixels for {model_type}")
+    extra: dict[str, Any] = {}
+    if model_type == "qwen3_vl":
+        extra = {"image_mean": list(QWEN3VL_IMAGE_MEAN), "image_std": list(QWEN3VL_IMAGE_STD)}
     return Qwen2VLImageProcessorPil(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
-        patch_size=PATCH_SIZE,
+        patch_size=patch,
         merge_size=MERGE_SIZE,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        **extra,
     )
+
+
+def check_image_processor(config: PretrainedConfig, image_processor: Any) -> None:
+    """ValueError unless `image_processor` cuts images the way `config`'s vision tower expects.
+
+    A processor with the wrong patch or merge size (say Qwen2-VL's 14 for a Qwen3-VL model)
+    produces patch vectors of the wrong length or the wrong number of image tokens.
+    """
+    vision = config.vision_config
+    for attr, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
+                       ("temporal_patch_size", vision.temporal_patch_size)):
+        got = getattr(image_processor, attr, None)
+        if got is not None and int(got) != int(want):
+            raise ValueError(
+                f"image processor has {attr}={got} but the {config.model_type} model's vision tower expects {want} "
+                f"(make it with make_image_processor(model_type={config.model_type!r}))"
+            )
 
 
 def save_model_dir(
@@ -367,12 +514,15 @@ def save_model_dir(
 ) -> Path:
     """Write a complete Hugging Face model directory atomically; returns its path.
 
+    Raises ValueError when `image_processor` does not fit the model (`check_image_processor`).
+
     Files: config.json, model.safetensors, generation_config.json, tokenizer files,
     preprocessor_config.json (+ `vlsi_model.json` with `metadata`). Everything is written to
     a temporary sibling directory which is then renamed into place, so readers (and a
     concurrent writer) never see a half-written model. Without `overwrite` an existing
     directory raises FileExistsError, also when another process wins the race.
     """
+    check_image_processor(model.config, image_processor)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not overwrite:

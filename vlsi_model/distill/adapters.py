@@ -10,12 +10,22 @@ another decoder VLM, subclass `BackboneAdapter`, implement the four module acces
 (if its forward differs) `backbone_forward`, and decorate the class with
 `@register_adapter("that_model_type")`.
 
-Hidden states are collected with forward hooks on the decoder layers, in the same forward
-pass that produces the final hidden state, so "layer i" means exactly *the output of
-decoder layer i* (0-based; the residual stream after that layer, before the final norm).
+Hidden states are collected with hooks, in the same forward pass that produces the final
+hidden state, so "layer i" means exactly *the residual stream after decoder layer i*
+(0-based, before the final norm): what decoder layer i + 1 (or, after the last layer, the
+final norm) receives. Where that is captured is the adapter's `capture_point`:
+
+- "layer_output" (Qwen2-VL, Qwen2.5-VL): a forward hook on decoder layer i, its output;
+- "next_layer_input" (Qwen3-VL): a forward pre-hook on decoder layer i + 1, its input (and
+  on the final norm for the last layer). Qwen3-VL's text model adds the DeepStack visual
+  features to the first layers' outputs at the image tokens *after* each layer returns
+  (`Qwen3VLTextModel._deepstack_process`, on a clone), so layer i's own output misses
+  them; the next layer's input is the stream the model really carries on.
+
 The Hugging Face `output_hidden_states` tuple is not used: its element 0 is the embedding
-output, so layer i is element i + 1, and whether the last element is before or after the
-final norm has changed between transformers versions. A hook cannot be off by one.
+output, so layer i is element i + 1, whether the last element is before or after the
+final norm has changed between transformers versions, and for Qwen3-VL it holds the layer
+outputs before the DeepStack addition. A hook cannot be off by one.
 
 Transformers 5 checkpoints a layer's `forward`, not its `__call__`, so the hooks stay
 outside gradient checkpointing: they fire once per forward (never again during the
@@ -26,7 +36,7 @@ graph. The hooks are removed before `forward_with_hidden_states` returns.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -49,7 +59,8 @@ class HiddenStates(NamedTuple):
 
     final: [B, L, d] hidden state after the final norm (what the LM head consumes), or the
         full-vocabulary logits [B, L, V] when `return_logits=True` was asked for.
-    layers: {layer_index: [B, L, d]} output of each requested decoder layer (before any norm).
+    layers: {layer_index: [B, L, d]} residual stream after each requested decoder layer
+        (before any norm; see the module docstring).
     """
 
     final: torch.Tensor
@@ -70,6 +81,10 @@ class BackboneAdapter:
     """Access to one decoder VLM architecture's text backbone (see the module docstring)."""
 
     model_type: str = ""
+    # Where "layer i" is read (see the module docstring): decoder layer i's output, or the
+    # input of decoder layer i + 1 / the final norm (for models that change the residual
+    # stream between layers, like Qwen3-VL's DeepStack).
+    capture_point: ClassVar[Literal["layer_output", "next_layer_input"]] = "layer_output"
 
     # --- module accessors (override for other architectures) -------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -124,17 +139,7 @@ class BackboneAdapter:
             if not 0 <= i < len(layers):
                 raise IndexError(f"layer index {i} out of range for a model with {len(layers)} decoder layers")
         captured: dict[int, torch.Tensor] = {}
-
-        def make_hook(index: int) -> Callable[..., None]:
-            def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
-                if not isinstance(hidden, torch.Tensor):
-                    raise TypeError(f"decoder layer {index} returned {type(output).__name__}, expected a tensor")
-                captured[index] = hidden
-
-            return hook
-
-        handles = [layers[i].register_forward_hook(make_hook(i)) for i in wanted]
+        handles = self._register_capture_hooks(model, wanted, captured)
         try:
             final = self.backbone_forward(model, self.model_inputs(batch))
         finally:
@@ -146,6 +151,49 @@ class BackboneAdapter:
         if return_logits:
             final = self.lm_head(model)(final)
         return HiddenStates(final=final, layers={i: captured[i] for i in wanted})
+
+
+    def _register_capture_hooks(
+        self, model: nn.Module, wanted: list[int], captured: dict[int, torch.Tensor]
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that store layer i's hidden state in `captured[i]` for every i in `wanted`, as
+        `capture_point` says; the caller removes them."""
+        layers = self.decoder_layers(model)
+
+        def store(index: int, value: Any, what: str) -> None:
+            hidden = value[0] if isinstance(value, (tuple, list)) else value
+            if not isinstance(hidden, torch.Tensor):
+                raise TypeError(f"{what} is {type(value).__name__}, expected a tensor")
+            # The first call of the pass wins: nothing runs a module twice in one forward, but a
+            # module reused later (the final norm by a verbalizer) must not overwrite the state.
+            captured.setdefault(index, hidden)
+
+        if self.capture_point == "layer_output":
+            def output_hook(index: int) -> Callable[..., None]:
+                def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+                    store(index, output, f"the output of decoder layer {index}")
+
+                return hook
+
+            return [layers[i].register_forward_hook(output_hook(i)) for i in wanted]
+        if self.capture_point != "next_layer_input":
+            raise ValueError(f"unknown capture_point {self.capture_point!r}")
+
+        def input_hook(index: int, what: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                value = args[0] if args else kwargs.get("hidden_states")
+                store(index, value, what)
+
+            return hook
+
+        handles = []
+        for i in wanted:
+            if i + 1 < len(layers):
+                module, what = layers[i + 1], f"the input of decoder layer {i + 1}"
+            else:
+                module, what = self.final_norm(model), "the input of the final norm"
+            handles.append(module.register_forward_pre_hook(input_hook(i, what), with_kwargs=True))
+        return handles
 
 
 ADAPTERS: dict[str, type[BackboneAdapter]] = {}
@@ -178,7 +226,7 @@ def get_adapter(model_or_type: nn.Module | str) -> BackboneAdapter:
 
 
 class _QwenVLAdapter(BackboneAdapter):
-    """Qwen2-VL and Qwen2.5-VL: `model.model.language_model.{layers,norm}`, `model.lm_head`.
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: `model.model.language_model.{layers,norm}`, `model.lm_head`.
 
     `backbone_forward` calls the inner `Qwen2VLModel` (vision tower, image-feature scatter,
     M-RoPE positions, text decoder, final norm), i.e. everything `...ForConditionalGeneration`
@@ -210,6 +258,21 @@ class Qwen2VLAdapter(_QwenVLAdapter):
 @register_adapter("qwen2_5_vl")
 class Qwen25VLAdapter(_QwenVLAdapter):
     """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): same text-side layout as Qwen2-VL."""
+
+
+@register_adapter("qwen3_vl")
+class Qwen3VLAdapter(_QwenVLAdapter):
+    """Qwen3-VL (`Qwen3VLForConditionalGeneration`): Qwen2-VL's layout, plus DeepStack.
+
+    The text model adds the merged features of some vision blocks to the outputs of decoder
+    layers 0 .. k-1 at the image tokens (k = len(deepstack_visual_indexes)), after each
+    layer returns, so layer i is read at the input of layer i + 1 (the final norm for the
+    last layer): the residual stream with the DeepStack addition, as the model carries on.
+    `backbone_forward` (the inner `Qwen3VLModel`) runs the vision tower, DeepStack and
+    interleaved M-RoPE itself.
+    """
+
+    capture_point = "next_layer_input"
 
 
 def forward_with_hidden_states(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ from typing import Any
 import numpy as np
 
 from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback, greedy_tokens
+
+log = logging.getLogger(__name__)
 
 ENGINE_MANIFEST = "manifest.json"
 ENGINE_FORMAT = "vlsi-tensorrt-engines"
@@ -81,6 +84,9 @@ def tensorrt_available() -> bool:
 
 
 # ----------------------------------------------------------------------------- manifest (pure)
+UNKNOWN_CC = ("?", "", "None", "unknown")
+
+
 def check_engine_manifest(manifest: dict[str, Any], tensorrt_version: str, gpu: dict[str, Any],
                           engine_dir: str | Path = "<engine dir>") -> None:
     """Raise EngineMismatchError unless `manifest` was built by this TensorRT version for this GPU.
@@ -106,7 +112,12 @@ def check_engine_manifest(manifest: dict[str, Any], tensorrt_version: str, gpu: 
     if built_trt != str(tensorrt_version):
         problems.append(f"built with TensorRT {built_trt}, running TensorRT {tensorrt_version}")
     built_cc, run_cc = str(built_gpu.get("compute_capability", "?")), str(gpu.get("compute_capability", "?"))
-    if built_cc != run_cc:
+    if built_cc in UNKNOWN_CC or run_cc in UNKNOWN_CC:
+        # Not known on one side (cuda-python was missing): TensorRT itself refuses a plan built for
+        # another SM at deserialization, so do not refuse here forever on a missing fact.
+        log.warning("%s: the GPU's compute capability is unknown (built: %s, running: %s); TensorRT checks it "
+                    "when it loads the engines", engine_dir, built_cc, run_cc)
+    elif built_cc != run_cc:
         problems.append(
             f"built for {built_gpu.get('name', '?')} (compute capability {built_cc}), running on "
             f"{gpu.get('name', '?')} (compute capability {run_cc})"
@@ -162,14 +173,23 @@ def check_engine_files(manifest: dict[str, Any], engine_dir: str | Path) -> None
                                       f"(sha256 mismatch). {hint}")
 
 
-def plan_bytes(engine_dir: str | Path, info: dict[str, Any], manifest: dict[str, Any]) -> bytes:
-    """The serialized engine named by `info`, checked against its recorded sha256 when there is one."""
+def plan_bytes(engine_dir: str | Path, info: dict[str, Any], manifest: dict[str, Any]) -> Any:
+    """The serialized engine named by `info` as a read-only memory map (checked against its recorded
+    sha256 when there is one).
+
+    Why a map and not `read_bytes()`: TensorRT copies the weights out of the plan while it
+    deserializes; with the plan also read into the heap, a Jetson (whose GPU shares the DRAM)
+    holds the weights twice at load. A file-backed read-only map costs page cache the kernel can
+    drop. The caller closes the map once the engine is deserialized."""
     import hashlib
+    import mmap
 
     path = Path(engine_dir) / str(info["file"])
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     digest = info.get("sha256")
     if digest and hashlib.sha256(data).hexdigest() != digest:
+        data.close()
         raise EngineMismatchError(f"{path}: sha256 differs from the one recorded at build time. "
                                   f"{rebuild_hint(manifest, engine_dir)}")
     return data
@@ -330,7 +350,11 @@ class TensorRTEngine:
         self._closed = False
 
     def _deserialize(self, info: dict[str, Any]) -> Any:
-        engine = self._runtime.deserialize_cuda_engine(plan_bytes(self.engine_dir, info, self.manifest))
+        plan = plan_bytes(self.engine_dir, info, self.manifest)
+        try:
+            engine = self._runtime.deserialize_cuda_engine(plan)
+        finally:
+            plan.close()
         if engine is None:
             raise EngineMismatchError(f"{self.engine_dir / info['file']}: TensorRT could not deserialize it. "
                                       f"{rebuild_hint(self.manifest, self.engine_dir)}")
@@ -338,6 +362,17 @@ class TensorRTEngine:
 
     def _dtype(self, engine: Any, name: str) -> np.dtype:
         return np.dtype(self.trt.nptype(engine.get_tensor_dtype(name)))
+
+    def _set_shape(self, ctx: Any, engine: Any, name: str, shape: tuple[int, ...], profile: int) -> None:
+        """`ctx.set_input_shape`, whose False (a shape outside the profile) would otherwise surface
+        later as a generic execution failure."""
+        if not ctx.set_input_shape(name, tuple(int(d) for d in shape)):
+            static = tuple(engine.get_tensor_shape(name))
+            allowed = static if all(d >= 0 for d in static) else \
+                " to ".join(str(tuple(d)) for d in engine.get_tensor_profile_shape(name, profile)[::2])
+            raise EngineError(f"input {name} of shape {tuple(shape)} is outside what the engine was built for "
+                              f"({allowed}); rebuild with wider ranges (vlsi build-engine --image-tokens / "
+                              f"--prefill-tokens) or send a smaller image / shorter question")
 
     def _max_shape(self, engine: Any, name: str, profile: int) -> tuple[int, ...]:
         static = tuple(engine.get_tensor_shape(name))
@@ -390,7 +425,7 @@ class TensorRTEngine:
             if name not in self._vbuf:
                 continue
             value = np.ascontiguousarray(value, dtype=self._dtype(ve, name))
-            ctx.set_input_shape(name, value.shape)
+            self._set_shape(ctx, ve, name, value.shape, 0)
             self.cuda.h2d(self._vbuf[name], value)
             ctx.set_tensor_address(name, self._vbuf[name])
         ctx.set_tensor_address("image_embeds", self._vbuf["image_embeds"])
@@ -405,17 +440,18 @@ class TensorRTEngine:
                      past_len: int, src: int) -> np.ndarray:
         """One decoder call reading KV set `src` (length past_len), writing set 1 - src."""
         seq = embeds.shape[1]
+        de, profile = self._decoder_engine, PREFILL_PROFILE if ctx is self._prefill_ctx else DECODE_PROFILE
         for name, value in (("inputs_embeds", embeds), ("rotary_cos", cos), ("rotary_sin", sin),
                             ("attention_bias", bias)):
             value = np.ascontiguousarray(value, dtype=self.float_dtype)
-            ctx.set_input_shape(name, value.shape)
+            self._set_shape(ctx, de, name, value.shape, profile)
             self.cuda.h2d(self._dbuf[name], value)
             ctx.set_tensor_address(name, self._dbuf[name])
         kv_shape = (1, self.num_kv_heads, past_len, self.head_dim)
         for i in range(self.num_layers):
             for j, kv in enumerate(("key", "value")):
                 slot = 2 * i + j
-                ctx.set_input_shape(f"past_{kv}_{i}", kv_shape)
+                self._set_shape(ctx, de, f"past_{kv}_{i}", kv_shape, profile)
                 ctx.set_tensor_address(f"past_{kv}_{i}", self._kv[src][slot])
                 ctx.set_tensor_address(f"present_{kv}_{i}", self._kv[1 - src][slot])
         ctx.set_tensor_address("logits", self._dbuf["logits"])

@@ -1,4 +1,4 @@
-"""PyTorch backend: Hugging Face Qwen2-VL / Qwen2.5-VL modules driven by our own greedy loop.
+"""PyTorch backend: Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL modules driven by our own greedy loop.
 
 Why not `model.generate`: the ROS node and `vlsi bench` need the latency split into vision
 tower, prefill and decode, a callback after every token (action feedback, streaming) and
@@ -13,6 +13,14 @@ reference the ONNX Runtime / TensorRT backends reproduce stage by stage:
   KV cache; its last logits give the first token;
 - decode: one token per step; its M-RoPE position is (tokens so far + rope_delta) on all
   three axes, rope_delta being how far the image's compact 2-D positions shifted the text.
+
+Qwen3-VL (DeepStack): its vision tower also returns features of some intermediate blocks,
+which the text model adds to the outputs of its first decoder layers at the image tokens.
+`DecoderStep` calls the layers itself and would skip that, so a Qwen3-VL prefill runs the
+Hugging Face text model (`language_model(inputs_embeds=..., visual_pos_masks=...,
+deepstack_visual_embeds=...)`, with the [text; t; h; w] position ids `generate` passes) into a
+`DynamicCache`; decode steps carry no image tokens, so they run `DecoderStep` (traced) on
+that cache's tensors as for the other models. Same tokens as `generate`, tested.
 
 Speed (the model's modules, none of their Python): prefill and decode run `DecoderStep`,
 which calls the model's own rotary embedding, decoder layers, final norm and lm_head with
@@ -86,7 +94,7 @@ class _TensorCache:
 
 
 class DecoderStep(nn.Module):
-    """Text decoder + lm_head of a Qwen2-VL / Qwen2.5-VL model for greedy decoding (prefill or one step).
+    """Text decoder + lm_head of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model for greedy decoding (prefill or one step).
 
     forward(inputs_embeds [1, S, hidden], position_ids [3, 1, S], *past) -> (next token id [1],
     *present): `past` / `present` are every layer's key and value ([1, kv_heads, P, head_dim],
@@ -95,6 +103,7 @@ class DecoderStep(nn.Module):
     one `generate` gets (see `fast_path_unsupported` for when that holds). Unlike
     `export.graphs.DecoderGraph` (same idea, but re-implemented attention for a static ONNX
     graph) nothing is re-implemented here. Shares the model's weights.
+    No DeepStack: for Qwen3-VL it serves decode steps only (they hold no image tokens).
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -173,8 +182,15 @@ def trace_decoder_step(step: DecoderStep, example: Sequence[torch.Tensor],
     return frozen
 
 
+def uses_deepstack(model: PreTrainedModel) -> bool:
+    """Whether the model adds vision features inside its text decoder (Qwen3-VL's DeepStack), so a
+    prefill with image tokens must run the Hugging Face text model rather than `DecoderStep`."""
+    vision = getattr(model.config, "vision_config", None)
+    return bool(getattr(vision, "deepstack_visual_indexes", None))
+
+
 class TorchEngine:
-    """`Engine` on PyTorch (CPU or CUDA) for Hugging Face Qwen2-VL and Qwen2.5-VL models.
+    """`Engine` on PyTorch (CPU or CUDA) for Hugging Face Qwen2-VL, Qwen2.5-VL and Qwen3-VL models.
 
     Not thread-safe (callers serialise `answer`, see `Engine`).
     """
@@ -211,6 +227,7 @@ class TorchEngine:
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
         self.stop_token_ids = self._stop_ids(model, tokenizer)
+        self._deepstack = uses_deepstack(model)
         # Decoder: DecoderStep (prefill, and decode unless traced) or None = the Hugging Face forward.
         why_not = fast_path_unsupported(model)
         if why_not is not None:
@@ -328,7 +345,7 @@ class TorchEngine:
 
             # --- vision tower -------------------------------------------------------------
             t0 = time.perf_counter()
-            image_embeds = self._vision(inputs["pixel_values"].to(dev), grid_thw)
+            image_embeds, deepstack = self._vision(inputs["pixel_values"].to(dev), grid_thw)
             self._sync()
             result.vision_ms = _ms(t0)
 
@@ -347,7 +364,10 @@ class TorchEngine:
                 mm_token_type_ids=inputs["mm_token_type_ids"].to(dev),
                 image_grid_thw=grid_thw,
             )
-            next_id, kv = self._prefill(embeds, position_ids)
+            if deepstack is None:
+                next_id, kv = self._prefill(embeds, position_ids)
+            else:
+                next_id, kv = self._prefill_deepstack(embeds, position_ids, image_mask[..., 0], deepstack)
             self._sync()
             result.prefill_ms = _ms(t0)
 
@@ -422,6 +442,29 @@ class TorchEngine:
         out = self._step(embeds, position_ids, *self._empty_past)
         return int(out[0]), out[1:]
 
+    def _prefill_deepstack(self, embeds: torch.Tensor, position_ids: torch.Tensor, visual_mask: torch.Tensor,
+                           deepstack: list[torch.Tensor]) -> tuple[int, Any]:
+        """`_prefill` for Qwen3-VL: the Hugging Face text model adds the DeepStack features
+        (`deepstack[k]` to layer k's output at `visual_mask`). The position ids get the text row
+        generate passes in front ([4, 1, S]: arange, then t, h, w). Returns the KV cache as
+        `_decode` takes it: plain tensors for `DecoderStep`, else the DynamicCache."""
+        lm = self.model.model.language_model
+        seq = embeds.shape[1]
+        text_positions = torch.arange(seq, device=embeds.device).view(1, 1, seq)
+        cache = DynamicCache(config=lm.config)
+        out = lm(inputs_embeds=embeds, position_ids=torch.cat([text_positions, position_ids], dim=0),
+                 cache=cache, use_cache=True, visual_pos_masks=visual_mask,
+                 deepstack_visual_embeds=[d.to(embeds.dtype) for d in deepstack])
+        next_id = self._greedy(self.model, out.last_hidden_state)
+        if self._step is None:
+            return next_id, cache
+        kv: list[torch.Tensor] = []
+        for layer in cache.layers:
+            kv += [layer.keys, layer.values]
+        if len(kv) != len(self._empty_past):
+            raise EngineError(f"prefill cache holds {len(kv) // 2} layers, expected {len(self._empty_past) // 2}")
+        return next_id, kv
+
     def _decode(self, embeds: torch.Tensor, position_ids: torch.Tensor, kv: Any) -> tuple[int, Any]:
         """(next token, KV cache) after one token; `kv` is what `_prefill` / the last step returned."""
         if self._step is None:
@@ -434,11 +477,18 @@ class TorchEngine:
             out = self._decode_fn(embeds, position_ids, *kv)
         return int(out[0]), out[1:]
 
-    def _vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Merged image embeddings [tokens, hidden] from the model's vision tower."""
+    def _vision(self, pixel_values: torch.Tensor,
+                grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(merged image embeddings [tokens, hidden], DeepStack features: one [tokens, hidden] per
+        vision block in deepstack_visual_indexes, or None for models without) from the vision tower."""
         feats = self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
         pooled = feats.pooler_output
-        return torch.cat(list(pooled), dim=0) if isinstance(pooled, (tuple, list)) else pooled
+        pooled = torch.cat(list(pooled), dim=0) if isinstance(pooled, (tuple, list)) else pooled
+        if not self._deepstack:
+            return pooled, None
+        deepstack = [torch.cat(list(f), dim=0) if isinstance(f, (tuple, list)) else f
+                     for f in feats.deepstack_features]
+        return pooled, deepstack
 
     @staticmethod
     def _greedy(model: PreTrainedModel, hidden: torch.Tensor) -> int:

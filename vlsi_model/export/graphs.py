@@ -45,6 +45,17 @@ def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)`, computed in float32 when it is a LayerNorm (Qwen2-VL's vision blocks and merger):
+    an fp16 LayerNorm's variance overflows / loses precision, and TensorRT's strongly typed fp16
+    build computes exactly the graph's types. RMSNorms (Qwen2.5-VL, the text model) upcast
+    inside their own forward already."""
+    if isinstance(norm, nn.LayerNorm) and x.dtype != torch.float32:
+        return nn.functional.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
+                                        norm.eps).to(x.dtype)
+    return norm(x)
+
+
 class VisionGraph(nn.Module):
     """Vision tower of a Qwen2-VL or Qwen2.5-VL model with all index math fed in as inputs.
 
@@ -129,9 +140,10 @@ class VisionGraph(nn.Module):
             window_bias = self._segment_bias(window_segments, dtype)
         for i, blk in enumerate(self.visual.blocks):
             bias = full_bias if (not self.windowed or i in self.full_blocks) else window_bias
-            x = x + self._attention(blk, blk.norm1(x), cos, sin, bias)
-            x = x + blk.mlp(blk.norm2(x))
-        merged = self.visual.merger(x)
+            x = x + self._attention(blk, _norm(blk.norm1, x), cos, sin, bias)
+            x = x + blk.mlp(_norm(blk.norm2, x))
+        merger = self.visual.merger  # its forward, with the norm upcast (see _norm)
+        merged = merger.mlp(_norm(merger.ln_q, x).view(-1, merger.hidden_size))
         if self.windowed:
             merged = torch.index_select(merged, 0, reverse_index)
         return merged

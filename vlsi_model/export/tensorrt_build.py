@@ -26,11 +26,16 @@ Build path (TensorRT 10 Python API):
 
 Precision:
 - `--fp16` (default). An fp32 export is built weakly typed with BuilderFlag.FP16; the
-  layers that overflow in half precision in Qwen2 models (RMSNorm's mean of squares:
-  REDUCE and POW; Softmax) are pinned to FP32 with PREFER_PRECISION_CONSTRAINTS. An fp16
-  export (`vlsi export --dtype fp16`, whose graph already upcasts norms and softmax) is
-  built STRONGLY_TYPED: TensorRT follows the ONNX types exactly (TensorRT 10's
-  recommended mode).
+  layers that lose or overflow in half precision in Qwen2 models (RMSNorm's whole
+  normalisation: POW, REDUCE, the SUM adding epsilon, SQRT, the DIV / RECIP; Softmax) are
+  pinned to FP32 with PREFER_PRECISION_CONSTRAINTS, and the printed trtexec lines pin the same
+  layers (`--layerPrecisions`). An fp16 export (`vlsi export --dtype fp16`, whose graph
+  computes norms and softmax in fp32: `graphs._norm`, HF's RMSNorm) is built STRONGLY_TYPED:
+  TensorRT follows the ONNX types exactly (TensorRT 10's recommended mode); `--fp32` needs an
+  fp32 export. `--dla-core` is checked against the device's DLA count.
+- Memory: the plan is written straight from TensorRT's buffer after the parser and network are
+  freed (no second host copy of a ~3 GB decoder plan), and read back at load as a read-only
+  memory map (no heap copy while TensorRT copies the weights out).
 - `--int8` only when asked, and only for an explicitly quantized export (Q/DQ nodes):
   TensorRT 10 deprecates implicit calibration (IInt8Calibrator). The path: export fp32,
   insert QuantizeLinear/DequantizeLinear with a calibration set (e.g. NVIDIA ModelOpt
@@ -168,7 +173,8 @@ def _shape_arg(profile: dict[str, Any], key: str) -> str:
 
 def trtexec_commands(onnx_dir: str | Path, out_dir: str | Path, profiles: dict[str, list[dict[str, Any]]],
                      precision: str = "fp16", workspace_mb: int = DEFAULT_WORKSPACE_MB, dla_core: int | None = None,
-                     timing_cache: str | Path | None = None, strongly_typed: bool = False) -> list[str]:
+                     timing_cache: str | Path | None = None, strongly_typed: bool = False,
+                     pinned: dict[str, list[str]] | None = None) -> list[str]:
     """The `trtexec` command lines equivalent to `build_engines` (for debugging on the device, or
     where only trtexec is installed; /usr/src/tensorrt/bin/trtexec on JetPack).
 
@@ -186,6 +192,10 @@ def trtexec_commands(onnx_dir: str | Path, out_dir: str | Path, profiles: dict[s
             args.append("--stronglyTyped")
         elif precision == "fp16":
             args += ["--fp16", "--precisionConstraints=prefer"]
+            names = (pinned or {}).get(graph)
+            if names:  # the layers build_engines kept in FP32 (known once the graph was parsed)
+                spec = ",".join(f"{n}:fp32" for n in names)
+                args += [f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
         elif precision == "int8":
             args += ["--int8", "--fp16"]
         args.append(f"--memPoolSize=workspace:{workspace_mb}M")
@@ -250,21 +260,49 @@ def gpu_info() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- build (TensorRT)
-def _pin_fp32(trt: Any, network: Any) -> int:
-    """Keep the half-precision-unsafe layers (reductions, pow, softmax) in FP32 in an FP16 build."""
-    pinned = 0
+def _pin_fp32(trt: Any, network: Any) -> list[str]:
+    """Keep the half-precision-unsafe layers in FP32 in a weakly typed FP16 build; their names.
+
+    Unsafe: reductions and softmax; and RMSNorm's whole normalisation, not only its mean of
+    squares: pow, the sum that adds epsilon to a reduction's output, sqrt and the division (or
+    reciprocal) by it, which in fp16 lose the small variances of near-constant channels."""
+    reduce_outputs: set[str] = set()
+    pinned: list[str] = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         unsafe = layer.type in (trt.LayerType.REDUCE, trt.LayerType.SOFTMAX)
         if layer.type == trt.LayerType.ELEMENTWISE:
             layer.__class__ = trt.IElementWiseLayer  # the documented downcast to read `op`
-            unsafe = layer.op == trt.ElementWiseOperation.POW
+            op = layer.op
+            inputs = {layer.get_input(k).name for k in range(layer.num_inputs) if layer.get_input(k) is not None}
+            unsafe = op in (trt.ElementWiseOperation.POW, trt.ElementWiseOperation.DIV) or (
+                op == trt.ElementWiseOperation.SUM and bool(inputs & reduce_outputs))
+        elif layer.type == trt.LayerType.UNARY:
+            layer.__class__ = trt.IUnaryLayer
+            unsafe = layer.op in (trt.UnaryOperation.SQRT, trt.UnaryOperation.RECIP)
+        if layer.type == trt.LayerType.REDUCE:
+            reduce_outputs.update(layer.get_output(j).name for j in range(layer.num_outputs))
         if unsafe:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
-            pinned += 1
+            pinned.append(layer.name)
     return pinned
+
+
+def _write_plan(plan: Any, plan_path: Path) -> tuple[int, str]:
+    """Write the serialized engine straight from TensorRT's buffer (`bytes(plan)` would make a
+    second host copy: ~2.9 GB for a 2B decoder); returns (size, sha256) computed on the way."""
+    import hashlib
+
+    view = memoryview(plan)
+    digest = hashlib.sha256()
+    with open(plan_path, "wb") as f:
+        for start in range(0, view.nbytes, 1 << 24):
+            chunk = view[start:start + (1 << 24)]
+            f.write(chunk)
+            digest.update(chunk)
+    return view.nbytes, digest.hexdigest()
 
 
 def build_engine_file(trt: Any, onnx_path: Path, plan_path: Path, profiles: list[dict[str, Any]], precision: str,
@@ -273,6 +311,9 @@ def build_engine_file(trt: Any, onnx_path: Path, plan_path: Path, profiles: list
     """Parse one ONNX graph and write its serialized engine; returns build facts for the manifest."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    if dla_core is not None and not 0 <= dla_core < int(builder.num_DLA_cores):
+        raise BuildError(f"--dla-core {dla_core}: this device has {builder.num_DLA_cores} DLA cores (Orin Nano and "
+                         "Orin NX 8 GB have none)")
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -281,7 +322,7 @@ def build_engine_file(trt: Any, onnx_path: Path, plan_path: Path, profiles: list
         raise BuildError(f"TensorRT cannot parse {onnx_path}:\n{errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    pinned = 0
+    pinned: list[str] = []
     if not strongly_typed:
         if precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)
@@ -290,14 +331,17 @@ def build_engine_file(trt: Any, onnx_path: Path, plan_path: Path, profiles: list
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
     if dla_core is not None:
+        # Dynamic shapes and most of these layers are not DLA-capable: expect GPU fallback.
+        say(f"DLA core {dla_core} with GPU fallback (layers the DLA cannot run stay on the GPU)")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    for prof in profiles:
+    for k, prof in enumerate(profiles):
         p = builder.create_optimization_profile()
         for name, shapes in prof.items():
             p.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
-        config.add_optimization_profile(p)
+        if config.add_optimization_profile(p) < 0:
+            raise BuildError(f"TensorRT refused optimisation profile {k} of {onnx_path.name}: {prof}")
     cache = None
     if timing_cache is not None:
         data = timing_cache.read_bytes() if timing_cache.is_file() else b""
@@ -308,12 +352,14 @@ def build_engine_file(trt: Any, onnx_path: Path, plan_path: Path, profiles: list
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"TensorRT failed to build {plan_path.name} (see the TensorRT log above)")
-    plan_path.write_bytes(bytes(plan))
+    del parser, network  # the ONNX weights they hold are not needed to write the plan
+    size, sha256 = _write_plan(plan, plan_path)
+    del plan
     if cache is not None and timing_cache is not None:
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return {"file": plan_path.name, "onnx": onnx_path.name, "build_seconds": round(time.perf_counter() - t0, 1),
-            "size_bytes": plan_path.stat().st_size, "sha256": mf.sha256_file(plan_path),
-            "fp32_pinned_layers": pinned, "profiles": profiles}
+            "size_bytes": size, "sha256": sha256, "fp32_pinned_layers": len(pinned),
+            "fp32_pinned_layer_names": pinned, "profiles": profiles}
 
 
 def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp16",
@@ -333,6 +379,9 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
                          "cannot parse; build engines from an unquantized export (vlsi export without --quantize)")
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" and em.get("dtype") == "fp16":
+        raise BuildError(f"{onnx_dir} is an fp16 export: its graph computes in fp16 whatever the build flags, so "
+                         "fp32 engines need an fp32 export (vlsi export --dtype fp32)")
     if precision == "int8":
         missing = [g for g in (mf.VISION_FILE, mf.DECODER_FILE) if not has_qdq(onnx_dir / g)]
         if missing:
@@ -375,7 +424,8 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
         "created_unix": int(time.time()),
         "build_seconds": round(time.perf_counter() - t0, 1),
         "trtexec": trtexec_commands(onnx_dir, out_dir, profiles, precision, workspace_mb, dla_core, timing_cache,
-                                    strongly_typed),
+                                    strongly_typed,
+                                    pinned={g: e.get("fp32_pinned_layer_names", []) for g, e in engines.items()}),
     }
     tmp = out_dir / (ENGINE_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
