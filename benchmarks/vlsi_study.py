@@ -635,6 +635,18 @@ def plot_matching(a: StudyArgs, rows: Sequence[Row], seed: int) -> Path | None:
     return out
 
 
+def _targets(p: argparse.ArgumentParser, text: str) -> dict[str, Any]:
+    """'stride:start' -> {stride, start}; '0,1,2,3' -> {layers: [...]} (the distill config's forms)."""
+    try:
+        if ":" in text:
+            stride, start = (int(v) for v in text.split(":"))
+            return {"stride": stride, "start": start}
+        return {"layers": [int(v) for v in text.split(",") if v.strip()]}
+    except ValueError:
+        p.error(f"layer targets: expected 'stride:start' or a list like '1,2,3', got {text!r}")
+        raise  # unreachable: p.error exits
+
+
 def _parse_extra_tests(p: argparse.ArgumentParser, specs: Sequence[str], option: str = "--extra-test"
                        ) -> dict[str, Path]:
     extra: dict[str, Path] = {}
@@ -672,6 +684,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="also keep each finished (row, seed) result here (small JSON to commit); results found "
                         "here count as finished")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    p.add_argument("--student-targets", default=None, metavar="LAYERS",
+                   help="the student's verbalized layers: 'stride:start' or a list '1,2,3' (default 1:1, "
+                        "layers 1-3 of the 4-layer nano student)")
+    p.add_argument("--teacher-targets", default=None, metavar="LAYERS",
+                   help="the teacher's verbalized layers, as --student-targets (default 2:1: layers 1, 3, 5, 7 of an "
+                        "8-layer teacher; give '0,1,2,3' for a 4-layer one)")
     p.add_argument("--paired-reference", default=None,
                    help="row the table's paired column subtracts (default vlsi_pool when present, else vlsi_full)")
     p.add_argument("--threads", type=int, default=None)
@@ -692,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    student_targets, teacher_targets, lora = NANO_STUDENT_TARGETS, NANO_TEACHER_TARGETS, NANO_LORA
+    student_targets = _targets(p, args.student_targets) if args.student_targets else NANO_STUDENT_TARGETS
+    teacher_targets = _targets(p, args.teacher_targets) if args.teacher_targets else NANO_TEACHER_TARGETS
+    lora = NANO_LORA
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.smoke:
         paths = build_smoke_inputs(args.out / "smoke_inputs")

@@ -1,4 +1,4 @@
-"""Load a Qwen2-VL / Qwen2.5-VL Hugging Face directory safely, with errors a user can act on.
+"""Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL Hugging Face directory safely, with errors a user can act on.
 
 `from_pretrained` alone would accept too much (pickled `*.bin` weights execute code when
 unpickled; missing tensors are silently re-initialised at random) and report problems as
@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlsi_model.engine.base import ModelLoadError
-from vlsi_model.models import METADATA_FILE, MODEL_CLASSES, quiet_progress_bars
+from vlsi_model.models import METADATA_FILE, MODEL_CLASSES, check_image_processor, quiet_progress_bars
 from vlsi_model.tokenizer import QWEN2VL_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_image_processor(path: Path) -> Qwen2VLImageProcessorPil:
-    """Qwen2-VL's image processor from preprocessor_config.json (the PIL one: no torchvision here)."""
+    """The image processor from preprocessor_config.json (the PIL one: no torchvision here).
+
+    Qwen2-VL's processor class serves all three families: Qwen3-VL's differs only in its
+    settings (patch 16, mean/std 0.5), which the file holds."""
     _read_json(path / "preprocessor_config.json", "image processor settings")
     try:
         return Qwen2VLImageProcessorPil.from_pretrained(str(path), local_files_only=True)
@@ -138,7 +141,7 @@ def load_model_dir(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Qwen2VLImageProcessorPil]:
     """(model in eval mode on `device`, tokenizer, image processor) from a Hugging Face directory.
 
-    Accepts model_type qwen2_vl and qwen2_5_vl. `dtype` None keeps the checkpoint's dtype
+    Accepts model_type qwen2_vl, qwen2_5_vl and qwen3_vl. `dtype` None keeps the checkpoint's dtype
     (as saved in config.json; float32 if unspecified), or give torch.float16/"bf16"/....
     Raises ModelLoadError for anything missing, corrupt or unsupported.
     """
@@ -185,6 +188,10 @@ def load_model_dir(
             f"wrong shape: {detail})"
         )
     _check_token_ids(path, model, tokenizer)
+    try:
+        check_image_processor(model.config, image_processor)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path / 'preprocessor_config.json'}: {exc}") from exc
     return model.to(device).eval(), tokenizer, image_processor
 
 

@@ -87,9 +87,10 @@ class SFTObjective(torch.nn.Module):
 
 @dataclass
 class FromConfigSection:
-    """A fresh small model built with `models.tiny_qwen2vl_config` / `tiny_qwen25vl_config`."""
+    """A fresh small model built with `models.tiny_qwen2vl_config` / `tiny_qwen25vl_config` /
+    `tiny_qwen3vl_config` (and that family's image processor)."""
 
-    family: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_vl"
     seed: int = 0
     architecture: dict[str, Any] = dataclasses.field(default_factory=dict)
     tokenizer: str | None = None
@@ -148,9 +149,10 @@ def load_sft_config(source: str | Path | Mapping[str, Any]) -> SFTConfig:
 
 
 def _factory(family: str) -> Any:
-    from vlsi_model.models import tiny_qwen2vl_config, tiny_qwen25vl_config
+    from vlsi_model.models import tiny_qwen2vl_config, tiny_qwen3vl_config, tiny_qwen25vl_config
 
-    return {"qwen2_vl": tiny_qwen2vl_config, "qwen2_5_vl": tiny_qwen25vl_config}[family]
+    factories = {"qwen2_vl": tiny_qwen2vl_config, "qwen2_5_vl": tiny_qwen25vl_config, "qwen3_vl": tiny_qwen3vl_config}
+    return factories[family]
 
 
 def _tokenizer_texts(section: FromConfigSection, train_jsons: list[str]) -> list[str]:
@@ -188,7 +190,8 @@ def build_model_and_processors(config: SFTConfig) -> tuple[PreTrainedModel, PreT
         tokenizer = train_bpe_tokenizer(_tokenizer_texts(fc, data_paths(config.data.train)), vocab_size=fc.vocab_size)
     model_config = _factory(fc.family)(tokenizer=tokenizer, **fc.architecture)
     model = build_model(model_config, seed=fc.seed)
-    return model, tokenizer, make_image_processor(min_pixels=fc.min_pixels, max_pixels=fc.max_pixels)
+    return model, tokenizer, make_image_processor(min_pixels=fc.min_pixels, max_pixels=fc.max_pixels,
+                                                  model_type=fc.family)
 
 
 def run_sft(
