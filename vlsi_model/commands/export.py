@@ -60,7 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlsi_model.defaults import default_model_path
     from vlsi_model.engine.base import ModelLoadError
-    from vlsi_model.export.onnx_export import ExportError, ExportOptions, ExportOptionsError, export_model
+    from vlsi_model.export.onnx_export import (
+        ExportError,
+        ExportOptions,
+        ExportOptionsError,
+        UnsupportedModelError,
+        export_model,
+    )
 
     apply_torch_threads(args.threads)
     model = args.model if args.model is not None else default_model_path()
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = export_model(model, out, options, overwrite=args.overwrite,
                                 progress=lambda msg: print(msg, file=sys.stderr))
-    except (ModelLoadError, ExportOptionsError) as exc:
+    except (ModelLoadError, ExportOptionsError, UnsupportedModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ExportError as exc:

@@ -87,9 +87,19 @@ def _where(engine_dir: Any, model_path: Path, subdir: str) -> str:
     return str(engine_dir) if engine_dir is not None else f"{model_path} or {model_path / subdir}"
 
 
+def _not_exportable(model_path: Path) -> str | None:
+    """Why no ONNX export (so no onnxruntime / tensorrt engine) can exist for this model (Qwen3-VL)."""
+    from vlsi_model.export.manifest import export_unsupported
+
+    return export_unsupported(model_path)
+
+
 def _onnxruntime_unavailable(model_path: Path, device: str, options: Mapping[str, Any]) -> str | None:
     from vlsi_model.export.manifest import find_export_dir
 
+    not_exportable = _not_exportable(model_path)
+    if not_exportable is not None:
+        return not_exportable
     engine_dir = options.get("engine_dir")
     if find_export_dir(model_path, engine_dir) is None:
         return f"no ONNX export in {_where(engine_dir, model_path, 'onnx')} (make one with `vlsi export`)"
@@ -101,6 +111,9 @@ def _onnxruntime_unavailable(model_path: Path, device: str, options: Mapping[str
 
 
 def _tensorrt_unavailable(model_path: Path, device: str, options: Mapping[str, Any]) -> str | None:
+    not_exportable = _not_exportable(model_path)
+    if not_exportable is not None:
+        return not_exportable
     engine_dir = options.get("engine_dir")
     found = _trt.find_engine_dir(model_path, engine_dir)
     if found is None:
@@ -119,6 +132,8 @@ _BACKENDS: dict[str, _Backend] = {
 }
 # Best first: each is available only when its artefacts for the model are present.
 AUTO_ORDER: tuple[str, ...] = ("tensorrt", "onnxruntime", "torch")
+# Backends that run a `vlsi export` (not for every architecture: export.manifest.EXPORTABLE_MODEL_TYPES).
+_EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def backend_names() -> list[str]:
@@ -185,8 +200,13 @@ def load_engine(
     for another GPU), auto logs a warning and tries the next one. Only an option no backend
     takes is a ValueError under auto.
 
+    Qwen3-VL models run on torch only: onnxruntime / tensorrt named explicitly raise
+    ModelLoadError ("ONNX export of qwen3_vl is not supported yet ..."), and auto passes
+    them over with that reason.
+
     Raises ValueError for an unknown backend or option, ModelLoadError for a bad model
-    directory or artefacts, EngineError when no backend is available at all.
+    directory or artefacts (or a backend that cannot serve the architecture), EngineError
+    when no backend is available at all.
     """
     if backend != "auto" and backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(_BACKENDS)}")
@@ -198,6 +218,10 @@ def load_engine(
 
         model_path = default_model_path()
     if backend != "auto":
+        if backend in _EXPORT_BACKENDS:
+            not_exportable = _not_exportable(Path(model_path))
+            if not_exportable is not None:
+                raise ModelLoadError(f"{model_path}: backend {backend} cannot serve this model: {not_exportable}")
         return _BACKENDS[backend].load(model_path, device=device, **kw)
     return _load_auto(model_path, device, kw)
 

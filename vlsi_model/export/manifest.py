@@ -47,6 +47,30 @@ COPIED_FILES = (
     "vlsi_model.json",
 )
 REQUIRED_KEYS = ("format", "format_version", "model_type", "text", "vision", "image", "graphs", "files")
+# The architectures `vlsi export` (and so ONNX Runtime / TensorRT) handles. Not yet Qwen3-VL:
+# its DeepStack adds vision features inside the decoder, which `DecoderGraph` does not take,
+# and its vision tower (learned position grid resampled per image) has no `VisionGraph`.
+EXPORTABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def model_type_of(model_dir: str | Path) -> str | None:
+    """config.json's model_type in `model_dir` (None if absent or unreadable: the loader reports that)."""
+    try:
+        data = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    return str(model_type) if model_type is not None else None
+
+
+def export_unsupported(model_dir: str | Path) -> str | None:
+    """Why the model in `model_dir` cannot be exported to ONNX (and so served by onnxruntime or
+    tensorrt), or None when it can or its type is unknown here."""
+    model_type = model_type_of(model_dir)
+    if model_type is None or model_type in EXPORTABLE_MODEL_TYPES:
+        return None
+    return (f"ONNX export of {model_type} is not supported yet (supported: {', '.join(EXPORTABLE_MODEL_TYPES)}); "
+            "serve it with the torch backend")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -1,5 +1,7 @@
 """`vlsi export`: a Qwen2-VL / Qwen2.5-VL model directory -> ONNX graphs + everything to run them.
 
+Qwen3-VL is refused (`UnsupportedModelError`, see `manifest.EXPORTABLE_MODEL_TYPES`).
+
 What is written, and why in this shape (see `manifest` for the directory layout):
 
 - `vision.onnx` (`graphs.VisionGraph`): dynamic patch count (or a fixed image size with
@@ -58,6 +60,10 @@ class ExportError(RuntimeError):
 
 class ExportOptionsError(ExportError):
     """Bad options (sizes, opset, dtype) or an output directory that exists: the user's to fix."""
+
+
+class UnsupportedModelError(ExportError):
+    """The model's architecture has no ONNX export (yet): e.g. Qwen3-VL."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +211,8 @@ def export_model(
 ) -> dict[str, Any]:
     """Export `model_dir` into `out_dir` (written atomically); returns the manifest.
 
-    Raises ExportError for bad options, a failed check or parity beyond tolerance, and
+    Raises ExportError for bad options, a failed check or parity beyond tolerance,
+    UnsupportedModelError for an architecture without an export (Qwen3-VL), and
     ModelLoadError for a bad model directory.
     """
     import torch
@@ -217,6 +224,9 @@ def export_model(
     say = progress or (lambda msg: log.info(msg))
     options = options or ExportOptions()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    unsupported = mf.export_unsupported(model_dir)
+    if unsupported is not None:
+        raise UnsupportedModelError(unsupported)
     if out_dir.exists() and not overwrite:
         raise ExportOptionsError(f"{out_dir} already exists (use overwrite / --overwrite to replace it)")
     t_start = time.perf_counter()
