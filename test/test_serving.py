@@ -194,3 +194,47 @@ def test_requests_run_before_background_work_and_are_never_refused_because_of_it
     finally:
         gate.set()
         worker.stop()
+
+
+class Recording:
+    """The real engine, counting what the worker asks of it."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, []
+
+    def answer(self, *args, **kwargs):
+        self.calls.append("answer")
+        return self.engine.answer(*args, **kwargs)
+
+
+def test_waiting_questions_about_one_frame_share_its_resolution(engine):
+    """Jobs with one frame_key that wait together resolve the frame once and get each their own
+    answer (the same answers as one by one); other frames and streaming jobs run on their own."""
+    recording = Recording(engine)
+    worker = AnswerWorker(recording, capacity=8)
+    gate = threading.Event()
+    resolved: list[str] = []
+
+    def frame(name: str, seed: int):
+        return lambda: (resolved.append(name), (image(seed), name))[1]
+
+    questions = ["How many objects are there?", "What objects are there?", "Is there a red circle?"]
+    try:
+        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
+        time.sleep(0.1)
+        same = [worker.submit(AnswerJob(q, frame("front", 2), 8, frame_key=("front", 1.0))) for q in questions]
+        other = worker.submit(AnswerJob(questions[0], frame("back", 3), 8, frame_key=("back", 1.0)))
+        streamed = worker.submit(AnswerJob(questions[1], frame("front-stream", 2), 8, frame_key=("front", 1.0),
+                                           on_token=lambda text, n: True))
+        gate.set()
+        blocker.result(timeout=30)
+        outcomes = [f.result(timeout=60) for f in same]
+        assert resolved.count("front") == 1 and all(o.source == "front" for o in outcomes)
+        for q, outcome in zip(questions, outcomes, strict=True):
+            assert outcome.result.token_ids == engine.answer(image(2), q, max_new_tokens=8).token_ids
+        assert other.result(timeout=30).source == "back" and streamed.result(timeout=30).source == "front-stream"
+        assert resolved == ["front", "back", "front-stream"]
+    finally:
+        gate.set()
+        worker.stop()
+

@@ -421,7 +421,10 @@ class VqaNode(LifecycleNode):
             frame, rgb = frames.take(camera, max_age)
             return rgb, AnsweredFrame(camera, frame.header, frame.age_s(self._now_s()), rgb)
 
-        return AnswerJob(question=question, resolve_image=resolve, max_new_tokens=tokens, on_token=on_token)
+        # Waiting jobs about the same camera under the same age limit resolve to the same frame:
+        # the worker answers them together (one image encoding; see AnswerWorker).
+        return AnswerJob(question=question, resolve_image=resolve, max_new_tokens=tokens, on_token=on_token,
+                         frame_key=(camera, max_age))
 
     def _run(self, job: AnswerJob, cancelled=lambda: False) -> JobOutcome:
         """Queue `job` and block this executor thread until the worker finishes it (or cancel it)."""

@@ -5,6 +5,12 @@ a small board two concurrent generations only slow each other down). Requests be
 queue's capacity are refused at once with a clear error instead of piling up and answering
 stale frames later. Each job resolves its image when its turn comes, so the answer is about
 the newest frame at that moment, not the frame that was newest when the request arrived.
+
+Questions about one frame are answered together: when the worker takes a job with a
+`frame_key` (the node uses the camera and its age limit), every other waiting job with the same
+key joins it, the frame is resolved once, and an engine with `answer_many` encodes the image
+and the prompt prefix once for all of them (standing questions, alerts and several clients
+asking about the same camera). Streaming jobs (`on_token`) always run alone.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class AnswerJob:
     future: Future = field(default_factory=Future)
     submitted_s: float = field(default_factory=time.perf_counter)
     tag: Any = None
+    # Jobs with equal keys resolve to the same frame and may be answered together (module doc).
+    frame_key: Any = None
 
 
 @dataclass(frozen=True)
@@ -146,44 +154,78 @@ class AnswerWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _next_job(self) -> AnswerJob | None:
+    def _next_jobs(self) -> list[AnswerJob] | None:
+        """The next job (a waiting request first), with every waiting job about the same frame."""
         with self._wakeup:
             while not (self._stopping or self._requests or self._background):
                 self._wakeup.wait()
             if self._stopping:
                 return None
             job = self._requests.popleft() if self._requests else self._background.popleft()
+            jobs = [job]
+            if job.frame_key is not None and job.on_token is None:
+                for queue in (self._requests, self._background):
+                    same = [j for j in queue if j.frame_key == job.frame_key and j.on_token is None]
+                    for j in same:
+                        queue.remove(j)
+                    jobs += same
             self._current = job
-            return job
+            return jobs
 
     def _run(self) -> None:
-        while (job := self._next_job()) is not None:
+        while (jobs := self._next_jobs()) is not None:
             try:
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                if job.cancel.is_set():
-                    job.future.set_exception(JobCancelledError("cancelled before it started"))
+                live = []
+                for job in jobs:
+                    if not job.future.set_running_or_notify_cancel():
+                        continue
+                    if job.cancel.is_set():
+                        job.future.set_exception(JobCancelledError("cancelled before it started"))
+                        continue
+                    live.append(job)
+                if not live:
                     continue
                 try:
-                    outcome = self._execute(job)
-                except Exception as exc:  # reported to the requester; the worker keeps serving
-                    self.failed += 1
-                    job.future.set_exception(exc)
-                else:
-                    self.succeeded += 1
-                    job.future.set_result(outcome)
+                    outcomes = self._execute(live)
+                except Exception as exc:  # the frame failed (reported to every requester); the worker keeps serving
+                    outcomes = [exc] * len(live)
+                for job, outcome in zip(live, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        self.failed += 1
+                        job.future.set_exception(outcome)
+                    else:
+                        self.succeeded += 1
+                        job.future.set_result(outcome)
             finally:
                 with self._wakeup:
                     self._current = None
 
-    def _execute(self, job: AnswerJob) -> JobOutcome:
-        queued_ms = 1000.0 * (time.perf_counter() - job.submitted_s)
-        image, source = job.resolve_image()
-        result = self.engine.answer(image, job.question, max_new_tokens=job.max_new_tokens,
-                                    on_token=job.on_token, cancel=job.cancel)
-        if not result.cancelled:
-            with self._stats_lock:
-                self._latencies_ms.append(result.total_ms)
-                if result.decode_ms > 0:
-                    self._token_rates.append(result.tokens_per_s)
-        return JobOutcome(result=result, source=source, queued_ms=queued_ms)
+    def _execute(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception]:
+        """Answer `jobs` (one, or several about one frame) after resolving their frame once; a job
+        that fails gets its exception, the others their outcomes."""
+        queued_ms = [1000.0 * (time.perf_counter() - job.submitted_s) for job in jobs]
+        image, source = jobs[0].resolve_image()
+        answer_many = getattr(self.engine, "answer_many", None)
+        results: list[Any] | None = None
+        if len(jobs) > 1 and answer_many is not None:
+            try:
+                results = answer_many(image, [j.question for j in jobs], [j.max_new_tokens for j in jobs],
+                                      cancels=[j.cancel for j in jobs])
+            except Exception:  # e.g. one bad question: answer one by one, so only that one fails
+                results = None
+        if results is None:
+            results = []
+            for j in jobs:
+                try:
+                    results.append(self.engine.answer(image, j.question, max_new_tokens=j.max_new_tokens,
+                                                      on_token=j.on_token, cancel=j.cancel))
+                except Exception as exc:  # reported to that requester alone
+                    results.append(exc)
+        with self._stats_lock:
+            for result in results:
+                if isinstance(result, AnswerResult) and not result.cancelled:
+                    self._latencies_ms.append(result.total_ms)
+                    if result.decode_ms > 0:
+                        self._token_rates.append(result.tokens_per_s)
+        return [r if isinstance(r, Exception) else JobOutcome(result=r, source=source, queued_ms=q)
+                for r, q in zip(results, queued_ms, strict=True)]

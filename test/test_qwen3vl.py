@@ -1,0 +1,360 @@
+"""Qwen3-VL in the project: tiny config and image processor (patch 16, mean/std 0.5), save/load,
+prompt layout, the distillation adapter against Hugging Face's own hidden states (DeepStack
+included), the torch engine token for token against `generate`, the backends that refuse it,
+a three-step `vlsi distill` of a tiny Qwen3-VL pair and `vlsi eval` / `vlsi ask` on one."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vlsi_model.cli import main
+from vlsi_model.scenes import SceneConfig, generate_scene, make_questions, render_scene
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MAX_PIXELS = 112 * 112
+MAX_NEW = 10
+TEXT_LAYERS = 3  # 2 DeepStack layers (the default) + 1 without
+
+
+def scene(seed: int):
+    """(image, questions) of a 128 x 96 synthetic scene (kept at that size: 12 merged image tokens)."""
+    s = generate_scene(seed, SceneConfig(width=128, height=96))
+    return render_scene(s), [qa.question for qa in make_questions(s, seed)]
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory, tiny_tokenizer, torch_threads):
+    """(model, tokenizer, processor, directory) of a tiny random Qwen3-VL saved with save_model_dir."""
+    from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen3vl_config
+
+    config = tiny_qwen3vl_config(tokenizer=tiny_tokenizer, num_layers=TEXT_LAYERS)
+    model = build_model(config, seed=5)
+    processor = make_image_processor(min_pixels=56 * 56, max_pixels=MAX_PIXELS, model_type="qwen3_vl")
+    path = save_model_dir(model, tiny_tokenizer, processor, tmp_path_factory.mktemp("qwen3vl") / "model",
+                          metadata={"placeholder": False, "test": True})
+    return model, tiny_tokenizer, processor, path
+
+
+@pytest.fixture(scope="module")
+def loaded(qwen3):
+    from vlsi_model.checkpoint import load_model_dir
+
+    return load_model_dir(qwen3[3])
+
+
+def hf_greedy(model, tok, proc, image, question, max_new_tokens=MAX_NEW):
+    from vlsi_model.prompting import build_inputs
+
+    inputs = build_inputs(tok, proc, image, question)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def strip_stop(tokens, stop_ids):
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
+
+
+# ------------------------------------------------------------------------------------ config / files
+def test_config_and_processor(tiny_tokenizer, qwen3):
+    from vlsi_model.models import (
+        TokenIds,
+        check_image_processor,
+        make_image_processor,
+        save_model_dir,
+        tiny_qwen3vl_config,
+    )
+
+    model, _, processor, _ = qwen3
+    cfg = model.config
+    ids = TokenIds.from_tokenizer(tiny_tokenizer)
+    assert cfg.model_type == "qwen3_vl" and cfg.image_token_id == ids.image
+    assert cfg.vision_start_token_id == ids.vision_start and cfg.video_token_id == ids.video
+    assert cfg.vision_config.patch_size == 16 and cfg.vision_config.out_hidden_size == cfg.text_config.hidden_size
+    assert list(cfg.vision_config.deepstack_visual_indexes) == [0, 1]
+    assert len(model.model.visual.deepstack_merger_list) == 2
+    rope = cfg.text_config.rope_parameters
+    assert rope["mrope_interleaved"] and sum(rope["mrope_section"]) == cfg.text_config.head_dim // 2
+    assert (processor.patch_size, processor.merge_size) == (16, 2)
+    assert list(processor.image_mean) == [0.5] * 3 and list(processor.image_std) == [0.5] * 3
+    # Wrong combinations fail loudly rather than silently.
+    with pytest.raises(ValueError, match="DeepStack indexes but only 1 text layers"):
+        tiny_qwen3vl_config(tokenizer=tiny_tokenizer, num_layers=1)
+    with pytest.raises(ValueError, match="deepstack_visual_indexes"):
+        tiny_qwen3vl_config(tokenizer=tiny_tokenizer, deepstack_visual_indexes=(0, 2))
+    with pytest.raises(ValueError, match="special token id"):
+        tiny_qwen3vl_config(vocab_size=8)
+    qwen2_processor = make_image_processor(min_pixels=56 * 56, max_pixels=MAX_PIXELS)
+    with pytest.raises(ValueError, match="patch_size=14 but the qwen3_vl model's vision tower expects 16"):
+        check_image_processor(cfg, qwen2_processor)
+    with pytest.raises(ValueError, match="patch_size=14"):
+        save_model_dir(model, tiny_tokenizer, qwen2_processor, Path("/nonexistent/never_written"))
+    with pytest.raises(ValueError, match="1024 <= min_pixels"):
+        make_image_processor(min_pixels=900, max_pixels=MAX_PIXELS, model_type="qwen3_vl")
+
+
+def test_save_load_round_trip_and_prompt_layout(qwen3, loaded):
+    from vlsi_model.prompting import build_inputs
+
+    model, tok, processor, path = qwen3
+    model2, tok2, processor2 = loaded
+    assert type(model2).__name__ == "Qwen3VLForConditionalGeneration"
+    saved = json.loads((path / "preprocessor_config.json").read_text())
+    assert saved["patch_size"] == 16 and saved["image_mean"] == [0.5] * 3 and saved["image_std"] == [0.5] * 3
+    assert (processor2.patch_size, list(processor2.image_mean), list(processor2.image_std)) == (16, [0.5] * 3,
+                                                                                                [0.5] * 3)
+    state, state2 = model.state_dict(), model2.state_dict()
+    assert set(state) == set(state2) and all(torch.equal(state[k], state2[k]) for k in state)
+    image, questions = scene(0)
+    inputs = build_inputs(tok, processor, image, questions[0])
+    inputs2 = build_inputs(tok2, processor2, image, questions[0])
+    assert set(inputs) == set(inputs2) and all(torch.equal(inputs[k], inputs2[k]) for k in inputs)
+    # 128x96 -> 128x96 (multiples of 32): grid 1 x 6 x 8 patches of 16 px -> 48 // 2**2 = 12 image tokens.
+    grid = inputs["image_grid_thw"][0].tolist()
+    assert grid == [1, 6, 8]
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image == 12 == int(inputs["mm_token_type_ids"].sum())
+    assert inputs["pixel_values"].shape == (48, 3 * 2 * 16 * 16)
+    assert hf_greedy(model, tok, processor, image, questions[0]) == hf_greedy(model2, tok2, processor2, image,
+                                                                            questions[0])
+
+
+# ------------------------------------------------------------------------------------ adapter
+def test_adapter_matches_hf_hidden_states_with_deepstack(qwen3):
+    """Layer i = HF's layer-i output + the DeepStack features at the image tokens (layers 0, 1),
+    HF's layer-i output elsewhere (layer 2); final = HF's last_hidden_state."""
+    from vlsi_model.distill.adapters import Qwen3VLAdapter, get_adapter
+    from vlsi_model.prompting import build_inputs, collate
+
+    model, tok, processor, _ = qwen3
+    adapter = get_adapter(model)
+    assert isinstance(adapter, Qwen3VLAdapter) and adapter.num_layers(model) == TEXT_LAYERS
+    assert adapter.final_norm(model) is model.model.language_model.norm and adapter.lm_head(model) is model.lm_head
+    samples = []
+    for seed in range(2):
+        image, questions = scene(seed)
+        samples.append(build_inputs(tok, processor, image, questions[0], "two"))
+    batch = collate(samples, tok.pad_token_id)
+    layers = model.model.language_model.layers
+    hf_out: dict[int, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(lambda _m, _a, out, i=i: hf_out.__setitem__(i, out))
+               for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            hf = model.model(**adapter.model_inputs(batch), use_cache=False, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        got = adapter.forward_with_hidden_states(model, batch, range(TEXT_LAYERS))
+        feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+    deepstack = [torch.cat(f, dim=0) for f in feats.deepstack_features]
+    assert len(deepstack) == 2
+    image_mask = batch["input_ids"] == model.config.image_token_id
+    for i in range(TEXT_LAYERS):
+        assert torch.equal(hf_out[i], hf.hidden_states[i + 1]) or i == TEXT_LAYERS - 1  # HF's last one is normed
+        want = hf_out[i].clone()
+        if i < len(deepstack):
+            want[image_mask] = want[image_mask] + deepstack[i]
+            # The DeepStack addition is real: the bare layer output is not layer i's stream.
+            assert not torch.allclose(got.layers[i], hf_out[i])
+        assert torch.equal(got.layers[i], want), f"layer {i}"
+    assert torch.equal(got.final, hf.last_hidden_state)
+    assert torch.equal(adapter.final_norm(model)(got.layers[TEXT_LAYERS - 1]), hf.last_hidden_state)
+    with torch.no_grad():
+        logits = adapter.forward_with_hidden_states(model, batch, [1], return_logits=True).final
+        want_logits = model(**adapter.model_inputs(batch), use_cache=False).logits
+    assert torch.equal(logits, want_logits)
+
+
+# ------------------------------------------------------------------------------------ engine
+def test_engine_greedy_tokens_equal_generate(loaded):
+    from vlsi_model.engine.torch_engine import TorchEngine, uses_deepstack
+
+    model, tok, proc = loaded
+    assert uses_deepstack(model)
+    engine = TorchEngine(model, tok, proc)
+    answered = []
+    for seed in range(3):
+        image, questions = scene(seed)
+        for question in questions[:2]:
+            expected = strip_stop(hf_greedy(model, tok, proc, image, question), engine.stop_token_ids)
+            result = engine.answer(image, question, max_new_tokens=MAX_NEW)
+            assert result.token_ids == expected, (seed, question)
+            assert result.text == tok.decode(expected, skip_special_tokens=True).strip()
+            assert result.vision_ms > 0 and result.prefill_ms > 0 and result.decode_ms >= 0
+            answered.append(tuple(result.token_ids))
+    assert engine.decode_mode == "traced"
+    assert len(set(answered)) > 1 and sum(len(a) for a in answered) >= 2 * len(answered)
+    # Control: the same loop without DeepStack (what DecoderStep alone would compute) answers differently.
+    engine._deepstack = False
+    differ = 0
+    for seed in range(3):
+        image, questions = scene(seed)
+        for question in questions[:2]:
+            differ += engine.answer(image, question, max_new_tokens=MAX_NEW).token_ids != strip_stop(
+                hf_greedy(model, tok, proc, image, question), engine.stop_token_ids)
+    assert differ >= 1
+    engine.close()
+
+
+def test_engine_hf_forward_path_equals_generate(loaded):
+    """Eager attention: prefill and decode through the Hugging Face text model and DynamicCache."""
+    from vlsi_model.engine.torch_engine import TorchEngine
+
+    model, tok, proc = loaded
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    engine = TorchEngine(eager, tok, proc)
+    for seed in (3, 4):
+        image, questions = scene(seed)
+        expected = strip_stop(hf_greedy(eager, tok, proc, image, questions[0]), engine.stop_token_ids)
+        assert engine.answer(image, questions[0], max_new_tokens=MAX_NEW).token_ids == expected
+    assert engine.decode_mode == "hf"
+
+
+def test_backends_that_cannot_serve_qwen3vl_say_so(qwen3, tmp_path, capsys):
+    from vlsi_model.engine import load_engine, unavailable_reasons
+    from vlsi_model.engine.base import ModelLoadError
+
+    path = qwen3[3]
+    for backend in ("onnxruntime", "tensorrt"):
+        with pytest.raises(ModelLoadError, match="ONNX export of qwen3_vl is not supported yet"):
+            load_engine(path, backend=backend)
+    reasons = unavailable_reasons(path)
+    assert "ONNX export of qwen3_vl is not supported yet" in reasons["onnxruntime"]
+    assert "ONNX export of qwen3_vl is not supported yet" in reasons["tensorrt"] and reasons["torch"] is None
+    engine = load_engine(path)  # auto: torch
+    assert engine.backend == "torch"
+    engine.close()
+    assert main(["export", "--model", str(path), "--out", str(tmp_path / "onnx")]) == 2
+    assert "ONNX export of qwen3_vl is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_vlsi_eval_and_ask(qwen3, loaded, tmp_path, capsys):
+    """`vlsi eval` on a `vlsi data scenes` file: its predictions are HF generate's answers."""
+    model, tok, proc = loaded
+    path = qwen3[3]
+    data_dir = tmp_path / "scenes"
+    assert main(["data", "scenes", "--out", str(data_dir), "--num", "2", "--split", "test", "--size", "128x96",
+                 "--families", "count,exist", "--no-progress"]) == 0
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", str(path), "--data", str(data_dir / "test.json"), "--out", str(out),
+                 "--max-new-tokens", "6", "--no-progress"]) == 0
+    assert "overall" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    rows = results["predictions"]
+    assert results["backend"] == "torch" and len(rows) == results["overall"]["n"] == 4
+    from vlsi_model.evaluation import load_eval_samples
+    from vlsi_model.training.data import load_image
+
+    samples = load_eval_samples(data_dir / "test.json")
+    stop = {tok.convert_tokens_to_ids("<|im_end|>"), *model.generation_config.eos_token_id}
+    for row, sample in zip(rows[:2], samples[:2], strict=True):
+        expected = strip_stop(hf_greedy(model, tok, proc, load_image(sample.image), sample.question, 6), stop)
+        assert row["prediction"] == tok.decode(expected, skip_special_tokens=True).strip()
+
+    image_file = data_dir / "images" / "test_000000.png"
+    assert main(["ask", "--model", str(path), "--image", str(image_file), "--question", "How many shapes?",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["backend"] == "torch"  # auto passed over onnxruntime / tensorrt
+    assert answer["token_ids"] == strip_stop(hf_greedy(model, tok, proc, load_image(image_file), "How many shapes?", 4),
+                                             stop)
+
+
+# ------------------------------------------------------------------------------------ distillation
+def test_three_step_distill_of_a_qwen3vl_pair(tmp_path_factory, tiny_tokenizer):
+    """Teacher 8 layers x 64 wide, student 4 x 32 (different vocab padding, one tokenizer):
+    verbalize, interact (LoRA), SFT; the final student loads and answers; a teacher cache
+    reproduces the online interaction step."""
+    from distill_helpers import STUDENT_LAYERS, STUDENT_VOCAB, TEACHER_LAYERS, TEACHER_VOCAB
+
+    from vlsi_model.checkpoint import load_model_dir, read_metadata
+    from vlsi_model.engine import load_engine
+    from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen3vl_config
+    from vlsi_model.scenes import write_dataset
+    from vlsi_model.training.data import load_image
+
+    root = tmp_path_factory.mktemp("distill_qwen3vl")
+    processor = make_image_processor(min_pixels=32 * 32, max_pixels=64 * 64, model_type="qwen3_vl")
+    student = build_model(tiny_qwen3vl_config(tokenizer=tiny_tokenizer, vocab_size=STUDENT_VOCAB, hidden_size=32,
+                                              num_layers=STUDENT_LAYERS, vision_hidden_size=32), seed=11)
+    teacher = build_model(tiny_qwen3vl_config(tokenizer=tiny_tokenizer, vocab_size=TEACHER_VOCAB, hidden_size=64,
+                                              num_layers=TEACHER_LAYERS, vision_depth=3,
+                                              deepstack_visual_indexes=(0, 1, 2)), seed=12)
+    save_model_dir(student, tiny_tokenizer, processor, root / "student")
+    save_model_dir(teacher, tiny_tokenizer, processor, root / "teacher")
+    data = write_dataset(root / "data", 6, seed=0, config=SceneConfig(width=64, height=64),
+                         families=("caption", "count"))
+    out = root / "out"
+    cfg = {
+        "output_dir": str(out),
+        "teacher": {"path": str(root / "teacher")},
+        "student": {"path": str(root / "student")},
+        "data": {"train": str(data), "max_length": 256},
+        "verbalizers": {"student": {"layers": [1, 2, 3]}, "teacher": {"stride": 2, "start": 1}, "chunk_tokens": 32},
+        "matching": {"variant": "full", "seed": 0},
+        "loss": {"chunk_tokens": 32},
+        "lora": {"r": 4, "alpha": 4},
+        "train": {"max_steps": 2, "per_device_batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "log_every_steps": 1,
+                  "save_every_steps": 2},
+        "steps": {"interact": {"max_steps": 3}},
+    }
+    (root / "distill.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "--config", str(root / "distill.yaml")]) == 0
+
+    assert json.loads((out / "teacher_verbalizers" / "verbalizers.json").read_text())["target_layers"] == [1, 3, 5, 7]
+    verbalized = json.loads((out / "student_verbalized" / "verbalizers" / "verbalizers.json").read_text())
+    assert verbalized["model_type"] == "qwen3_vl" and verbalized["target_layers"] == [1, 2, 3]
+    stats = json.loads((out / "interaction" / "matching_stats.json").read_text())
+    assert stats["student_layers"] == [1, 2, 3] and stats["teacher_layers"] == [1, 3, 5, 7]
+    assert sum(map(sum, stats["overall"]["counts"])) == 3 * 3
+    for run in ("verbalize_teacher", "verbalize_student", "interact", "sft"):
+        metrics = [json.loads(line) for line in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        losses = [m["loss"] for m in metrics if "loss" in m]
+        assert losses and all(torch.isfinite(torch.tensor(losses))), run
+    final, _, final_proc = load_model_dir(out / "final")
+    assert type(final).__name__ == "Qwen3VLForConditionalGeneration" and final_proc.patch_size == 16
+    assert not any("lora" in k for k in final.state_dict())
+    changed = [k for k, v in final.state_dict().items() if not torch.equal(v, student.state_dict()[k])]
+    assert any(".layers." in k for k in changed)
+    assert read_metadata(out / "final")["step"] == "sft"
+    engine = load_engine(out / "final", backend="torch")
+    try:
+        result = engine.answer(load_image(data.parent / "images" / "train_000000.png"), "How many shapes are there?",
+                               max_new_tokens=4)
+    finally:
+        engine.close()
+    assert isinstance(result.text, str) and 1 <= result.num_tokens <= 4
+
+    # The teacher cache (precomputed verbalized teacher distributions) reproduces the online step 2.
+    cached = root / "cached"
+    cached.mkdir()
+    for name in ("teacher_verbalizers", "student_verbalized"):
+        shutil.copytree(out / name, cached / name)
+    (root / "cached.yaml").write_text(yaml.safe_dump({
+        **cfg, "output_dir": str(cached), "teacher_cache": {"enabled": True, "k": 100000, "batch_size": 3}}))
+    assert main(["distill", "--config", str(root / "cached.yaml"), "--steps", "interact"]) == 0
+
+    def rows(path: Path) -> list[dict]:
+        return [json.loads(line) for line in (path / "runs" / "interact" / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(rows(out)) == len(rows(cached)) == 3
+    for r_online, r_cached in zip(rows(out), rows(cached), strict=True):
+        for key in ("loss", "loss_intermediate", "loss_last", "match_mean_teacher_layer"):
+            assert r_cached[key] == pytest.approx(r_online[key], rel=1e-4, abs=1e-6), key
