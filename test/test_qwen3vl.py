@@ -103,6 +103,10 @@ def test_config_and_processor(tiny_tokenizer, qwen3):
         save_model_dir(model, tiny_tokenizer, qwen2_processor, Path("/nonexistent/never_written"))
     with pytest.raises(ValueError, match="1024 <= min_pixels"):
         make_image_processor(min_pixels=900, max_pixels=MAX_PIXELS, model_type="qwen3_vl")
+    from vlsi_model.growth import GrowthPlan, grow_language_model
+
+    with pytest.raises(ValueError, match="growing a qwen3_vl model is not supported yet"):
+        grow_language_model(model, GrowthPlan(num_layers=2 * TEXT_LAYERS))
 
 
 def test_save_load_round_trip_and_prompt_layout(qwen3, loaded):
@@ -164,7 +168,8 @@ def test_adapter_matches_hf_hidden_states_with_deepstack(qwen3):
     assert len(deepstack) == 2
     image_mask = batch["input_ids"] == model.config.image_token_id
     for i in range(TEXT_LAYERS):
-        assert torch.equal(hf_out[i], hf.hidden_states[i + 1]) or i == TEXT_LAYERS - 1  # HF's last one is normed
+        if i < TEXT_LAYERS - 1:  # HF's output_hidden_states: the bare layer outputs (its last one is normed)
+            assert torch.equal(hf_out[i], hf.hidden_states[i + 1])
         want = hf_out[i].clone()
         if i < len(deepstack):
             want[image_mask] = want[image_mask] + deepstack[i]
@@ -177,6 +182,40 @@ def test_adapter_matches_hf_hidden_states_with_deepstack(qwen3):
         logits = adapter.forward_with_hidden_states(model, batch, [1], return_logits=True).final
         want_logits = model(**adapter.model_inputs(batch), use_cache=False).logits
     assert torch.equal(logits, want_logits)
+
+
+def test_adapter_hooks_under_gradient_checkpointing_and_peft(qwen3):
+    """The pre-hooks fire once per forward under activation checkpointing and LoRA, the captured
+    states equal the plain forward's, and a loss on a captured DeepStack layer reaches LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlsi_model.distill.adapters import get_adapter
+    from vlsi_model.prompting import build_inputs, collate
+
+    model, tok, processor, _ = qwen3
+    image, questions = scene(1)
+    batch = collate([build_inputs(tok, processor, image, questions[0], "two")], tok.pad_token_id)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        ref = adapter.forward_with_hidden_states(model, batch, [0, 2])
+    trained = copy.deepcopy(model)
+    trained.activation_checkpointing_enable()
+    trained.train()
+    peft_model = get_peft_model(trained, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    calls = []
+    layers = adapter.decoder_layers(peft_model)
+    handle = layers[1].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        hs = adapter.forward_with_hidden_states(peft_model, batch, [0, 2])
+        torch.testing.assert_close(hs.layers[0], ref.layers[0])  # LoRA B starts at zero
+        torch.testing.assert_close(hs.layers[2], ref.layers[2])
+        hs.layers[0].pow(2).mean().backward()
+    finally:
+        handle.remove()
+    assert len(calls) == 1, "the pre-hook must fire once: not again in the checkpoint recomputation"
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n and ".layers.0." in n]
+    assert grads and all(g is not None for g in grads)
+    assert not any(h._forward_pre_hooks for h in layers)  # the adapter's hooks are gone
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -358,3 +397,41 @@ def test_three_step_distill_of_a_qwen3vl_pair(tmp_path_factory, tiny_tokenizer):
     for r_online, r_cached in zip(rows(out), rows(cached), strict=True):
         for key in ("loss", "loss_intermediate", "loss_last", "match_mean_teacher_layer"):
             assert r_cached[key] == pytest.approx(r_online[key], rel=1e-4, abs=1e-6), key
+
+
+def test_vlsi_train_from_config_qwen3vl_with_frozen_vision(tmp_path):
+    """`vlsi train` builds a fresh small Qwen3-VL (family qwen3_vl: patch-16 processor) and
+    `freeze_vision` keeps the vision tower, DeepStack mergers included, as it was."""
+    from safetensors.torch import load_file
+
+    from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.models import build_model, freeze_vision, tiny_qwen3vl_config
+    from vlsi_model.scenes import write_dataset
+
+    data = write_dataset(tmp_path / "data", 4, seed=1, config=SceneConfig(width=64, height=64), families=("count",))
+    architecture = {"hidden_size": 32, "num_layers": 2, "vision_hidden_size": 32}
+    model = {"from_config": {"family": "qwen3_vl", "train_tokenizer_on": "data", "vocab_size": 300, "seed": 3,
+                             "architecture": architecture, "min_pixels": 1024, "max_pixels": 64 * 64},
+             "freeze_vision": True}
+    out = tmp_path / "run"
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({
+        "model": model, "data": {"train": str(data), "max_length": 128},
+        "train": {"output_dir": str(out), "max_steps": 2, "per_device_batch_size": 2, "warmup_steps": 1, "lr": 3e-3,
+                  "log_every_steps": 1, "save_every_steps": 2}}))
+    assert main(["train", "--config", str(tmp_path / "sft.yaml")]) == 0
+    loaded, tokenizer, processor = load_model_dir(out / "final")
+    assert loaded.config.model_type == "qwen3_vl" and loaded.config.text_config.hidden_size == 32
+    assert processor.patch_size == 16 and list(processor.image_mean) == [0.5] * 3
+    # The same seed and architecture rebuild the untrained start: the vision tower did not move.
+    start = build_model(tiny_qwen3vl_config(tokenizer=tokenizer, **architecture), seed=3).state_dict()
+    final = load_file(str(out / "final" / "model.safetensors"))
+    vision = [k for k in final if k.startswith("model.visual.")]
+    assert any("deepstack_merger_list" in k for k in vision)
+    assert all(torch.equal(final[k], start[k]) for k in vision)
+    assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("model.language_model.layers."))
+    # include_merger=False leaves the merger and the DeepStack mergers trainable.
+    fresh = build_model(tiny_qwen3vl_config(tokenizer=tokenizer, **architecture), seed=3)
+    freeze_vision(fresh, include_merger=False)
+    trainable = {n for n, p in fresh.model.visual.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("merger.", "deepstack_merger_list.")) for n in trainable)
+    assert any(n.startswith("deepstack_merger_list.") for n in trainable)

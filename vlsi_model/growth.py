@@ -101,12 +101,19 @@ def _grow_norm(dst: torch.Tensor, src: torch.Tensor | None, scale: float) -> Non
     dst[src.shape[0]:] = src.mean() * scale
 
 
+GROWABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
 def grow_language_model(model: PreTrainedModel, plan: GrowthPlan, seed: int = 0) -> PreTrainedModel:
     """A new model of the grown size computing the same function as `model` (see the module doc).
 
     Raises ValueError for a plan that would shrink a size, change head_dim or change the
-    query/key-value head ratio. The source model is not modified.
+    query/key-value head ratio, and for Qwen3-VL (not supported yet: its DeepStack mergers, q/k
+    norms and explicit head_dim are not grown). The source model is not modified.
     """
+    if model.config.model_type not in GROWABLE_MODEL_TYPES:
+        raise ValueError(f"growing a {model.config.model_type} model is not supported yet "
+                         f"(supported: {', '.join(GROWABLE_MODEL_TYPES)})")
     config = copy.deepcopy(model.config)
     text = config.get_text_config()
     old_layers, old_hidden = text.num_hidden_layers, text.hidden_size

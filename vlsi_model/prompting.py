@@ -1,4 +1,4 @@
-"""(image, question[, answer]) -> Qwen2-VL model inputs, in one place.
+"""(image, question[, answer]) -> Qwen2-VL / Qwen2.5-VL / Qwen3-VL model inputs, in one place.
 
 Inference engines, SFT and distillation must all build exactly the same token layout, or a
 model trained by one answers garbage in another. `transformers.Qwen2VLProcessor` does this
@@ -9,7 +9,9 @@ same steps are written out here, on token ids rather than strings:
    (control tokens typed *inside* the question are encoded as plain text, so a question
    cannot smuggle in an extra `<|image_pad|>` or end the turn early);
 2. replace the single `<|image_pad|>` by one per merged image token
-   (`image_grid_thw.prod() // merge_size**2`), as Qwen2VLProcessor does;
+   (`image_grid_thw.prod() // merge_size**2`, merge_size from the image processor), as
+   Qwen2VLProcessor and Qwen3VLProcessor do (the grid counts patches of the processor's
+   patch_size: 14 px for Qwen2-VL / Qwen2.5-VL, 16 px for Qwen3-VL);
 3. add `attention_mask` and `mm_token_type_ids` (1 on image tokens: transformers 5 needs
    it for M-RoPE), and for training the answer + `<|im_end|>` with `labels` that score
    only those response tokens.
