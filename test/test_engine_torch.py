@@ -459,3 +459,26 @@ def test_cli_ask_bad_model_and_question(tmp_path, png, tiny_qwen2vl_dir, capsys)
     assert "not found" in capsys.readouterr().err
     assert cli_main(["ask", "--image", str(png), "--question", "  ", "--model", str(tiny_qwen2vl_dir)]) == 1
     assert "question is empty" in capsys.readouterr().err
+
+
+def test_answer_many_shares_the_image_and_prefix_and_answers_like_answer(loaded):
+    """Several questions about one frame: one vision pass and one shared prefix prefill, the same
+    tokens as answering each alone (identical and differing question prefixes, cancels, limits)."""
+    model, tok, proc = loaded
+    engine = TorchEngine(model, tok, proc)
+    img = rand_image(80)
+    questions = [*QUESTIONS, "How many objects are there?", "How many red circles are there?"]
+    limits = [MAX_NEW, MAX_NEW, 3, MAX_NEW, MAX_NEW, 5][: len(questions)]
+    alone = [engine.answer(img, q, max_new_tokens=n) for q, n in zip(questions, limits, strict=True)]
+    calls = []
+    vision = engine._vision
+    engine._vision = lambda *a: (calls.append(1), vision(*a))[1]
+    together = engine.answer_many(img, questions, limits)
+    assert len(calls) == 1
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert together[0].vision_ms > 0 and all(r.vision_ms == 0 for r in together[1:])
+    stop = threading.Event()
+    stop.set()
+    cancelled = engine.answer_many(img, questions[:2], MAX_NEW, cancels=[None, stop])
+    assert cancelled[1].cancelled and cancelled[0].token_ids == alone[0].token_ids

@@ -249,6 +249,22 @@ def test_engine_greedy_tokens_equal_generate(loaded):
     engine.close()
 
 
+def test_answer_many_carries_deepstack_and_equals_answer(loaded):
+    """Several questions on one frame: DeepStack added once in the shared prefix, every answer the
+    one `answer` gives, on the traced and on the Hugging Face (eager) decode path."""
+    from vlsi_model.engine.torch_engine import TorchEngine
+
+    model, tok, proc = loaded
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    for m in (model, eager):
+        engine = TorchEngine(m, tok, proc)
+        image, questions = scene(5)
+        questions = [*questions[:3], "How many objects are there?"]
+        alone = [engine.answer(image, q, max_new_tokens=MAX_NEW).token_ids for q in questions]
+        assert [r.token_ids for r in engine.answer_many(image, questions, MAX_NEW)] == alone
+
+
 def test_engine_hf_forward_path_equals_generate(loaded):
     """Eager attention: prefill and decode through the Hugging Face text model and DynamicCache."""
     from vlsi_model.engine.torch_engine import TorchEngine

@@ -371,28 +371,134 @@ class TorchEngine:
             self._sync()
             result.prefill_ms = _ms(t0)
 
-            # --- decode -------------------------------------------------------------------
-            t0 = time.perf_counter()
-            seq_len = input_ids.shape[1]
-            rope_delta = rope_deltas.to(dev).view(1, 1, 1)
-
-            def step(last_id: int, n: int) -> int:
-                nonlocal kv
-                step_ids = torch.tensor([[last_id]], dtype=torch.long, device=dev)
-                pos = torch.full((3, 1, 1), seq_len + n - 1, dtype=torch.long, device=dev) + rope_delta
-                new_id, kv = self._decode(embed_tokens(step_ids), pos, kv)
-                return new_id
-
-            tokens, result.cancelled = greedy_tokens(
-                next_id, step, self.stop_token_ids, max_new_tokens,
-                lambda ids: _stream_text(self.tokenizer, ids), on_token, cancel)
-            self._sync()
-            result.decode_ms = _ms(t0)
-
-        result.token_ids = tokens
-        result.text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            self._decode_answer(result, next_id, kv, input_ids.shape[1], rope_deltas, max_new_tokens, on_token,
+                                cancel)
         result.total_ms = _ms(t_start)
         return result
+
+    def _decode_answer(self, result: AnswerResult, next_id: int, kv: Any, seq_len: int, rope_deltas: torch.Tensor,
+                       max_new_tokens: int, on_token: TokenCallback | None, cancel: threading.Event | None) -> None:
+        """The greedy decode loop after a prefill of `seq_len` tokens; fills result's tokens, text, decode_ms."""
+        t0 = time.perf_counter()
+        dev = self.device
+        embed_tokens = self.model.get_input_embeddings()
+        rope_delta = rope_deltas.to(dev).view(1, 1, 1)
+
+        def step(last_id: int, n: int) -> int:
+            nonlocal kv
+            step_ids = torch.tensor([[last_id]], dtype=torch.long, device=dev)
+            pos = torch.full((3, 1, 1), seq_len + n - 1, dtype=torch.long, device=dev) + rope_delta
+            new_id, kv = self._decode(embed_tokens(step_ids), pos, kv)
+            return new_id
+
+        tokens, result.cancelled = greedy_tokens(
+            next_id, step, self.stop_token_ids, max_new_tokens,
+            lambda ids: _stream_text(self.tokenizer, ids), on_token, cancel)
+        self._sync()
+        result.decode_ms = _ms(t0)
+        result.token_ids = tokens
+        result.text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def answer_many(self, image: np.ndarray, questions: list[str], max_new_tokens: list[int] | int = 32,
+                    cancels: list[threading.Event | None] | None = None) -> list[AnswerResult]:
+        """Greedy answers to several questions about one image, sharing what they have in common.
+
+        The image goes through the vision tower once, and the prompt's common prefix (the turn's
+        opening, the image tokens and whatever the questions share after them) is prefilled once;
+        each question then prefills only its own remaining tokens on a copy of that KV cache and
+        decodes. Answers are the ones `answer` gives (tested token for token). The first result
+        carries the shared vision and prefix time; the others their own suffix prefill and decode.
+        """
+        t_start = time.perf_counter()
+        model = self.model
+        if not questions:
+            return []
+        limits = [max_new_tokens] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        cancels = list(cancels) if cancels is not None else [None] * len(questions)
+        if len(limits) != len(questions) or len(cancels) != len(questions):
+            raise EngineError("answer_many needs one max_new_tokens and one cancel per question")
+        if any(n < 1 for n in limits):
+            raise EngineError(f"max_new_tokens must be >= 1, got {limits}")
+        prompts = [build_inputs(self.tokenizer, self.image_processor, image, q,
+                                max_question_chars=self.max_question_chars) for q in questions]
+        if len(questions) == 1:
+            return [self.answer(image, questions[0], limits[0], cancel=cancels[0])]
+        dev = self.device
+        ids = [p["input_ids"][0].tolist() for p in prompts]
+        prefix = min(len(x) for x in ids) - 1  # every question keeps at least one token of its own
+        for k in range(prefix):
+            if any(x[k] != ids[0][k] for x in ids[1:]):
+                prefix = k
+                break
+        results = [AnswerResult(text="") for _ in questions]
+        with torch.inference_mode():
+            self._ensure_decode_fn()
+            grid_thw = prompts[0]["image_grid_thw"].to(dev)
+            t0 = time.perf_counter()
+            image_embeds, deepstack = self._vision(prompts[0]["pixel_values"].to(dev), grid_thw)
+            self._sync()
+            results[0].vision_ms = _ms(t0)
+            t0 = time.perf_counter()
+            full_ids = torch.tensor([ids[0]], dtype=torch.long, device=dev)
+            image_mask = full_ids == self.image_token_id
+            if int(image_mask[0, prefix:].sum()):
+                raise EngineError("the questions differ before the image tokens: no shared prefix")
+            embed_tokens = model.get_input_embeddings()
+            embeds = embed_tokens(full_ids[:, :prefix]).masked_scatter(
+                image_mask[:, :prefix].unsqueeze(-1), image_embeds.to(embed_tokens.weight.dtype))
+            positions = [model.model.get_rope_index(
+                p["input_ids"].to(dev), mm_token_type_ids=p["mm_token_type_ids"].to(dev), image_grid_thw=grid_thw)
+                for p in prompts]
+            prefix_kv = self._prefill_part(embeds, positions[0][0][:, :, :prefix], 0, None,
+                                           (image_mask[:, :prefix], deepstack) if deepstack is not None else None)
+            self._sync()
+            results[0].prefill_ms = _ms(t0)
+            for i, (question_ids, (position_ids, rope_deltas)) in enumerate(zip(ids, positions, strict=True)):
+                result = results[i]
+                if cancels[i] is not None and cancels[i].is_set():
+                    result.cancelled = True
+                    continue
+                t0 = time.perf_counter()
+                suffix = torch.tensor([question_ids[prefix:]], dtype=torch.long, device=dev)
+                next_id, kv = self._prefill_part(embed_tokens(suffix), position_ids[:, :, prefix:], prefix, prefix_kv,
+                                                 None, first_token=True)
+                self._sync()
+                result.prefill_ms += _ms(t0)
+                self._decode_answer(result, next_id, kv, len(question_ids), rope_deltas, limits[i], None, cancels[i])
+        elapsed = _ms(t_start)
+        for result in results:
+            result.total_ms = result.vision_ms + result.prefill_ms + result.decode_ms
+        results[0].total_ms = elapsed - sum(r.total_ms for r in results[1:])  # preprocessing counted once
+        return results
+
+    def _prefill_part(self, embeds: torch.Tensor, position_ids: torch.Tensor, past_len: int, past: Any,
+                      deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None, first_token: bool = False) -> Any:
+        """Prefill `embeds` (positions `position_ids` [3, 1, S]) after `past_len` cached tokens, through
+        the Hugging Face text model, which masks causally on top of a cache. `past` holds the cache as
+        layer tensors (k0, v0, k1, ...), copied so it can serve the next question again. Returns the
+        layer tensors, or (first token, the cache as `_decode` takes it) with `first_token`.
+        Qwen3-VL: `deepstack` (visual mask, features) adds the DeepStack features, and its text
+        position row (arange from `past_len`) goes in front of the M-RoPE rows, as generate does."""
+        lm = self.model.model.language_model
+        cache = DynamicCache(config=lm.config)
+        for layer, start in enumerate(range(0, len(past or []), 2)):
+            cache.update(past[start], past[start + 1], layer)
+        seq = embeds.shape[1]
+        kwargs: dict[str, Any] = {}
+        if self._deepstack:
+            text = torch.arange(past_len, past_len + seq, device=embeds.device).view(1, 1, seq)
+            position_ids = torch.cat([text, position_ids], dim=0)
+            if deepstack is not None:
+                mask, features = deepstack
+                kwargs = {"visual_pos_masks": mask, "deepstack_visual_embeds": [f.to(embeds.dtype) for f in features]}
+        out = lm(inputs_embeds=embeds, position_ids=position_ids, cache=cache, use_cache=True, **kwargs)
+        kv: list[torch.Tensor] = []
+        for layer in cache.layers:
+            kv += [layer.keys, layer.values]
+        if not first_token:
+            return kv
+        next_id = self._greedy(self.model, out.last_hidden_state)
+        return next_id, (kv if self._step is not None else cache)
 
     def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:
         """Answer one throw-away request so the first real one does not pay torch's first-call cost.
