@@ -10,6 +10,7 @@ import logging
 import threading
 from pathlib import Path
 
+import generation_helpers
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,6 @@ from vlsi_model.cli import main as cli_main
 from vlsi_model.engine import backend_names, load_engine, torch_engine
 from vlsi_model.engine.base import EngineError, ModelLoadError
 from vlsi_model.engine.torch_engine import DecoderStep, TorchEngine, trace_decoder_step
-from vlsi_model.prompting import build_inputs
 
 QUESTIONS = [
     "What colour is the circle?",
@@ -45,10 +45,7 @@ def loaded(request):
 
 
 def hf_greedy(model, tok, proc, image, question, max_new_tokens=MAX_NEW):
-    inputs = build_inputs(tok, proc, image, question)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return generation_helpers.hf_greedy(model, tok, proc, image, question, max_new_tokens)
 
 
 def strip_stop(tokens, stop_ids):

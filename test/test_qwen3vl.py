@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import generation_helpers
 import pytest
 import torch
 import yaml
@@ -52,12 +53,7 @@ def loaded(qwen3):
 
 
 def hf_greedy(model, tok, proc, image, question, max_new_tokens=MAX_NEW):
-    from vlsi_model.prompting import build_inputs
-
-    inputs = build_inputs(tok, proc, image, question)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return generation_helpers.hf_greedy(model, tok, proc, image, question, max_new_tokens)
 
 
 def strip_stop(tokens, stop_ids):

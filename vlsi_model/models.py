@@ -198,6 +198,13 @@ def _text_config(
     }
 
 
+def _vl_config(cls: Any, text: dict[str, Any], vision: dict[str, Any], ids: TokenIds, tie_word_embeddings: bool):
+    """A VL config from its text and vision parts, with the special-token ids of the tokenizer."""
+    return cls(text_config=text, vision_config=vision, image_token_id=ids.image, video_token_id=ids.video,
+               vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end,
+               tie_word_embeddings=tie_word_embeddings)
+
+
 def tiny_qwen2vl_config(
     vocab_size: int | None = None,
     hidden_size: int = 64,
@@ -236,15 +243,7 @@ def tiny_qwen2vl_config(
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         "in_channels": 3,
     }
-    return Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids.image,
-        video_token_id=ids.video,
-        vision_start_token_id=ids.vision_start,
-        vision_end_token_id=ids.vision_end,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    return _vl_config(Qwen2VLConfig, text, vision, ids, tie_word_embeddings)
 
 
 def tiny_qwen25vl_config(
@@ -292,15 +291,7 @@ def tiny_qwen25vl_config(
         "tokens_per_second": 2,
         "in_channels": 3,
     }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids.image,
-        video_token_id=ids.video,
-        vision_start_token_id=ids.vision_start,
-        vision_end_token_id=ids.vision_end,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    return _vl_config(Qwen2_5_VLConfig, text, vision, ids, tie_word_embeddings)
 
 
 def tiny_qwen3vl_config(
@@ -385,15 +376,7 @@ def tiny_qwen3vl_config(
         "deepstack_visual_indexes": deepstack,
         "in_channels": 3,
     }
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids.image,
-        video_token_id=ids.video,
-        vision_start_token_id=ids.vision_start,
-        vision_end_token_id=ids.vision_end,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    return _vl_config(Qwen3VLConfig, text, vision, ids, tie_word_embeddings)
 
 
 def model_class_for(model_type: str) -> type[PreTrainedModel]:
