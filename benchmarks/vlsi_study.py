@@ -538,6 +538,43 @@ def preregistered_comparisons(results: dict[str, list[dict[str, Any]]]) -> tuple
     return "\n".join(header + lines), out
 
 
+def teacher_error_copying(results: dict[str, list[dict[str, Any]]], test_data: Path) -> tuple[str, dict[str, Any]]:
+    """Per family: on the test questions the teacher answers wrongly, the share of each row's answers
+    that repeat the teacher's wrong answer (pre-registered: a student taught by the teacher's labels
+    may inherit its mistakes). Rows need their `answers` (test-file order)."""
+    from vlsi_model.answers import exact_match
+    from vlsi_model.evaluation import load_eval_samples
+
+    teacher = next((r for r in results.get("teacher", []) if r.get("answers")), None)
+    if teacher is None:
+        return "", {}
+    samples = load_eval_samples(test_data)
+    wrong = [i for i, s in enumerate(samples) if not exact_match(teacher["answers"][i], s.reference)]
+    families = sorted({samples[i].family for i in wrong})
+    out: dict[str, Any] = {}
+    for name, rs in results.items():
+        if name == "teacher":
+            continue
+        runs = [r for r in rs if len(r.get("answers", [])) == len(samples)]
+        if not runs:
+            continue
+        out[name] = {f: statistics.mean(
+            sum(exact_match(r["answers"][i], teacher["answers"][i]) for i in wrong if samples[i].family == f)
+            / max(1, sum(1 for i in wrong if samples[i].family == f)) for r in runs) for f in families}
+        out[name]["all"] = statistics.mean(sum(exact_match(r["answers"][i], teacher["answers"][i]) for i in wrong)
+                                           / max(1, len(wrong)) for r in runs)
+        out[name]["seeds"] = len(runs)
+    if not out:
+        return "", {}
+    counts = {f: sum(1 for i in wrong if samples[i].family == f) for f in families}
+    header = " | ".join(f"{f} ({counts[f]})" for f in families)
+    lines = [f"| row | seeds | all ({len(wrong)}) | {header} |", "|---|---:|---:|" + "---:|" * len(families)]
+    for name, v in out.items():
+        lines.append(f"| {name} | {v['seeds']} | {v['all']:.3f} | " + " | ".join(f"{v[f]:.3f}" for f in families)
+                     + " |")
+    return "\n".join(lines), out
+
+
 def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]],
               reference_row: str = PAIRED_REFERENCE) -> tuple[str, dict[str, Any]]:
     """Markdown table (mean ± std over seeds; the paired difference to the reference row; templates
@@ -763,13 +800,18 @@ def main(argv: list[str] | None = None) -> int:
     table, summary = summarise(rows, results, reference)
     comparisons, comparison_json = preregistered_comparisons(results)
     summary["preregistered_comparisons"] = comparison_json
+    copying, copying_json = teacher_error_copying(results, a.test_data)
+    summary["teacher_error_copying"] = copying_json
     plot_matching(a, rows, seeds[0])
     text = (f"# VLsI study (nano family)\n\nbudget {a.budget} student steps per row, seeds {seeds}, "
             f"device {_device()}, step 2 trains the {a.interact_trains.replace('_', ' ')}, test {a.test_data}"
             + "".join(f", {name} (set): {path}" for name, path in a.extra_tests.items())
             + "".join(f", source {name}: {path}" for name, path in a.sources.items()) + f"\n\n{table}\n"
             + (f"\n## Pre-registered comparisons (docs/study/preregistration.md)\n\n{comparisons}\n"
-               if comparisons else ""))
+               if comparisons else "")
+            + ("\n## Copying the teacher's errors\n\nOn the test questions the teacher answers wrongly (count per "
+               "family in brackets), the share of each row's answers equal to the teacher's wrong answer:\n\n"
+               f"{copying}\n" if copying else ""))
     (a.out / "results.md").write_text(text)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                     "rows": summary}, indent=1) + "\n")
