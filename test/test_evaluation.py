@@ -136,3 +136,15 @@ def test_bad_data_is_a_clean_error(tmp_path, capsys, yes_model_dir):
     bad.write_text(json.dumps([{"image": "x.png", "conversations": [{"from": "gpt", "value": "hi"}]}]))
     assert main(["eval", "--model", str(yes_model_dir), "--data", str(bad), "--no-progress"]) == 1
     assert "record 0" in capsys.readouterr().err
+
+
+def test_open_forms_eval_scores_content(yes_model_dir, scenes_json, tmp_path, capsys):
+    out = tmp_path / "open.json"
+    assert main(["eval", "--model", str(yes_model_dir), "--data", str(scenes_json), "--out", str(out),
+                 "--no-progress", "--open-forms"]) == 0
+    assert "Content match" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    content = results["content"]
+    assert content["n"] == results["overall"]["n"]
+    assert content["correct"] == results["overall"]["correct"]  # "yes" has one form: the same answers count
+    assert all(r["content_match"] == r["correct"] for r in results["predictions"])

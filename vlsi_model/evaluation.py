@@ -8,7 +8,8 @@ no separate batched decode path whose padding or position handling could differ 
 `Engine.answer`. (For the nano models a sample costs ~10 ms on CPU; 3,000 samples take
 about a minute.)
 
-Scoring: `answers.exact_match` (normalised: case, punctuation, number words, articles).
+Scoring: `answers.exact_match` (normalised: case, punctuation, number words, articles); with
+`open_forms`, also content match and set-F1 (`data/open_answers.py`).
 Records carry "family" (the scene generator writes it); records without one are grouped
 under "all". Each family's *answer prior* (share of its most frequent reference answer) is
 reported beside its accuracy, because on yes/no or small closed answer sets a model that
@@ -149,8 +150,10 @@ def score_object_regions(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | Non
     return {"accuracy": right / n, "objects": n, "correct": right, "prior": top / n, "majority_region": region}
 
 
-def score(samples: Sequence[EvalSample], predictions: Sequence[str]) -> dict[str, Any]:
+def score(samples: Sequence[EvalSample], predictions: Sequence[str], open_forms: bool = False) -> dict[str, Any]:
     """Per-family and overall accuracy of `predictions` (aligned with `samples`), plus the rows.
+    `open_forms` adds "content": the scores that see through synonyms, list order and number
+    words (`vlsi_model.data.open_answers.score_content`), for answers with many valid forms.
 
     Pure function of its inputs, so the scoring is testable without any model.
     """
@@ -178,9 +181,13 @@ def score(samples: Sequence[EvalSample], predictions: Sequence[str]) -> dict[str
         "question_types": {name: f.to_dict() for name, f in sorted(types.items())},
         "predictions": rows,
     }
-    regions = score_object_regions(rows)
+    regions = None if open_forms else score_object_regions(rows)  # it reads the generator's form only
     if regions is not None:
         out["object_regions"] = regions
+    if open_forms:
+        from vlsi_model.data.open_answers import score_content
+
+        out["content"] = score_content(rows)
     return out
 
 
@@ -194,6 +201,7 @@ def evaluate(
     engine: Any = None,
     on_sample: Callable[[int, int], None] | None = None,
     allow_teacher_labels: bool = False,
+    open_forms: bool = False,
 ) -> dict[str, Any]:
     """Greedy answers of the model at `model_dir` (None: the default student) on `data_file`, scored.
 
@@ -230,7 +238,7 @@ def evaluate(
         if owns_engine:
             engine.close()
     elapsed = time.perf_counter() - t0
-    result = score(samples, predictions)
+    result = score(samples, predictions, open_forms=open_forms)
     return {
         "model": str(model_dir) if model_dir is not None else "default",
         "data": str(data_file),
@@ -263,6 +271,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"\nObjects named with their right region in the positions answers: **{r['accuracy']:.3f}** of "
                      f"{r['objects']} (prior {r['prior']:.3f}: always \"{r['majority_region']}\"; objects an "
                      "answer adds that are not there are not counted against it).")
+    if c := results.get("content"):
+        f1 = f"; mean set-F1 of the list answers {c['list_set_f1']:.3f} ({c['list_n']})" if c["list_n"] else ""
+        lines.append(f"\nContent match (synonyms, list order and number words seen through): **{c['accuracy']:.3f}** "
+                     f"of {c['n']}{f1}.")
     return "\n".join(lines)
 
 

@@ -892,6 +892,7 @@ def write_dataset(
     families: Sequence[str] = FAMILIES,
     per_family: int = 1,
     progress: bool = False,
+    open_forms: bool = False,
 ) -> Path:
     """Render `num_images` scenes to out_dir/images/ and write out_dir/<split>.json.
 
@@ -900,8 +901,9 @@ def write_dataset(
     [{"from": "human", "value": "<image>\\n<question>"}, {"from": "gpt", "value": <answer>}],
     "family", "seed"}. out_dir/<split>_scenes.jsonl holds each image's full ground truth.
     Image i uses scene seed `scene_seed(split, seed, i)`; its questions use the same seed.
-    Both files are written to a temporary name first, so a crash never leaves a truncated
-    JSON that looks complete. Returns the JSON path.
+    `open_forms`: each answer rewritten in one random valid form, the generator's answer kept as
+    "canonical_answer" (`vlsi_model.data.open_answers`). Both files are written to a temporary
+    name first, so a crash never leaves a truncated JSON that looks complete. Returns the JSON path.
     """
     from PIL import Image  # only datasets need PIL; the camera path stays numpy-only
 
@@ -945,6 +947,10 @@ def write_dataset(
                     }
                 )
             gt_file.write(json.dumps({"image": rel, **scene_ground_truth(scene, qas)}) + "\n")
+    if open_forms:
+        from vlsi_model.data.open_answers import open_records
+
+        records = open_records(records, seed=f"{split}:{seed}")
     tmp_json = json_path.with_name(json_path.name + ".tmp")
     with tmp_json.open("w") as f:  # one record per line: greppable, and half the size of indent=2
         f.write("[\n" + ",\n".join(json.dumps(r) for r in records) + ("\n]\n" if records else "]\n"))

@@ -3,7 +3,8 @@
 `vlsi data scenes` writes synthetic VQA data: the scenes are the ones the ROS `image_source`
 node publishes, so a model trained on them is evaluated on frames drawn by the same
 generator (see vlsi_model/scenes.py). `vlsi data from-bag` turns a robot's bag into frames
-and questions without answers, for `vlsi label` (see vlsi_model/data/from_bag.py).
+and questions without answers, for `vlsi label` (see vlsi_model/data/from_bag.py). `vlsi data
+open-forms` rewrites a dataset's answers in many valid forms (vlsi_model/data/open_answers.py).
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--grid", type=parse_grid, default=(4, 4),
                    help="grid cells COLSxROWS for --layout grid (default 4x4)")
+    p.add_argument("--open-forms", action="store_true",
+                   help="answers in one of many valid forms (synonyms, free list order, number words); "
+                        "score with `vlsi eval --open-forms`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_scenes)
 
@@ -140,6 +144,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_from_bag)
 
+    o = kinds.add_parser(
+        "open-forms",
+        help="rewrite a dataset's answers in one of many valid forms (the study's R-open data)",
+        description="Each answer becomes one random valid form: 2-3 synonyms per colour / shape / size word, "
+        "list answers in a random object order, counts as digits or words; the original is kept as "
+        "\"canonical_answer\". Score models on such data with `vlsi eval --open-forms`.",
+    )
+    o.add_argument("data", type=Path, help="LLaVA JSON/JSONL with \"family\" fields (`vlsi data scenes`, `nano data`)")
+    o.add_argument("--out", required=True, type=Path, help="output JSON file")
+    o.add_argument("--seed", type=_non_negative, default=0, help="seed of the forms (default 0)")
+    o.set_defaults(func=run_open_forms)
+
 
 def run_scenes(args: argparse.Namespace) -> int:
     """Write the dataset and print a per-family summary; 2 with a message on bad settings."""
@@ -167,13 +183,15 @@ def run_scenes(args: argparse.Namespace) -> int:
             families=args.families,
             per_family=args.per_family,
             progress=args.num >= 500 and not args.no_progress,
+            open_forms=args.open_forms,
         )
     except ValueError as exc:
         print(f"vlsi data scenes: error: {exc}", file=sys.stderr)
         return 2
     records = json.loads(json_path.read_text())
     per_family = Counter(r["family"] for r in records)
-    print(f"wrote {args.num} images ({width}x{height}) and {len(records)} questions to {json_path}")
+    forms = " (answers in open forms)" if args.open_forms else ""
+    print(f"wrote {args.num} images ({width}x{height}) and {len(records)} questions{forms} to {json_path}")
     for family in scenes.FAMILIES:
         if family in per_family:
             print(f"  {family:<10} {per_family[family]}")
@@ -201,4 +219,21 @@ def run_from_bag(args: argparse.Namespace) -> int:
           f"({report.frames_per_s:.0f} frames/s); kept {report.frames_kept} ({report.not_sampled} not sampled, "
           f"{report.near_duplicates} near-duplicates, undecodable: {skipped})")
     print(f"wrote {report.records} questions to {Path(report.out) / 'data.json'}")
+    return 0
+
+
+def run_open_forms(args: argparse.Namespace) -> int:
+    """Write the rewritten dataset; 2 with one line for an unreadable input."""
+    from vlsi_model.data.open_answers import write_open_forms
+    from vlsi_model.training.data import DatasetError
+
+    if args.out.resolve() == args.data.resolve():
+        print("vlsi data open-forms: error: --out must differ from the input (its answers are kept)", file=sys.stderr)
+        return 2
+    try:
+        n = write_open_forms(args.data, args.out, seed=args.seed)
+    except (DatasetError, KeyError, IndexError, TypeError) as exc:
+        print(f"vlsi data open-forms: error: {args.data}: not LLaVA conversation records ({exc!r})", file=sys.stderr)
+        return 2
+    print(f"wrote {n} records with answers in open forms to {args.out}")
     return 0

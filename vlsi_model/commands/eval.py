@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--allow-teacher-labels", action="store_true",
                    help="score against records a teacher labelled (`vlsi label`): agreement, not accuracy")
+    p.add_argument("--open-forms", action="store_true",
+                   help="also score content: synonyms, list order and number words seen through "
+                        "(data from `vlsi data scenes --open-forms`)")
     add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = evaluate(args.model, args.data, max_samples=args.max_samples, backend=args.backend,
                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                           allow_teacher_labels=args.allow_teacher_labels)
+                           allow_teacher_labels=args.allow_teacher_labels, open_forms=args.open_forms)
     except (DatasetError, EngineError, ValueError, OSError) as exc:
         print(f"vlsi eval: {exc}", file=sys.stderr)
         return 1
