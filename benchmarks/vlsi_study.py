@@ -45,6 +45,9 @@ its process, so the processes share the rows instead of repeating them; a row an
 holds is skipped (its result joins the table if it finished). Re-run with --report-only at the
 end for the table over everything that finished.
 
+R-open (`--open-forms`, data from `vlsi data open-forms`): content match (synonyms, list order
+and number words seen through) is every figure; each result keeps its exact match under "exact".
+
 Resumable: a (row, seed) whose eval.json exists is skipped; an unfinished one resumes (its
 completed pipeline steps are skipped, its running step continues from its newest trainer
 checkpoint). Device-agnostic: training runs on CUDA when available (accelerate picks it),
@@ -232,6 +235,9 @@ class StudyArgs:
     # Finished (row, seed) results are also copied here (small JSON, committable) and count as
     # finished from here: a study spread over several machines or sessions keeps its rows.
     archive: Path | None = None
+    # R-open (preregistration amendment 2): answers with many valid forms; content match is every
+    # table's figure, exact match is kept beside it in each result ("exact").
+    open_forms: bool = False
 
 
 def row_train_data(row: Row, a: StudyArgs) -> str | list[dict[str, Any]]:
@@ -305,11 +311,27 @@ def _evaluate(model_dir: Path, a: StudyArgs, dest: Path, test_data: Path | None 
 
     engine = load_engine(model_dir, "torch", device=_device())
     try:
-        results = evaluate(model_dir, test_data or a.test_data, max_samples=a.eval_samples, engine=engine)
+        results = evaluate(model_dir, test_data or a.test_data, max_samples=a.eval_samples, engine=engine,
+                           open_forms=a.open_forms)
     finally:
         engine.close()
+    if a.open_forms:
+        results = content_as_primary(results)
     write_results(results, dest)
     return results
+
+
+def content_as_primary(results: dict[str, Any]) -> dict[str, Any]:
+    """`vlsi eval --open-forms` results with content match as "overall" and per-family "accuracy"
+    (what every table, comparison and log line of the study reads); the exact-match figures move to
+    "exact" so nothing is lost."""
+    content = results["content"]
+    families = {name: {**f, "accuracy": content["families"][name], "exact_accuracy": f["accuracy"]}
+                for name, f in results["families"].items()}
+    overall = {"accuracy": content["accuracy"], "n": content["n"], "correct": content["correct"],
+               "list_set_f1": content["list_set_f1"]}
+    exact = {"overall": results["overall"], "families": results["families"]}
+    return {**results, "overall": overall, "families": families, "exact": exact, "primary": "content match"}
 
 
 def _add_extra_tests(model_dir: Path, a: StudyArgs, row_dir: Path, results: dict[str, Any]) -> bool:
@@ -538,18 +560,22 @@ def preregistered_comparisons(results: dict[str, list[dict[str, Any]]]) -> tuple
     return "\n".join(header + lines), out
 
 
-def teacher_error_copying(results: dict[str, list[dict[str, Any]]], test_data: Path) -> tuple[str, dict[str, Any]]:
+def teacher_error_copying(results: dict[str, list[dict[str, Any]]], test_data: Path,
+                          open_forms: bool = False) -> tuple[str, dict[str, Any]]:
     """Per family: on the test questions the teacher answers wrongly, the share of each row's answers
     that repeat the teacher's wrong answer (pre-registered: a student taught by the teacher's labels
-    may inherit its mistakes). Rows need their `answers` (test-file order)."""
+    may inherit its mistakes). Rows need their `answers` (test-file order). `open_forms`: answers
+    are compared by content (`canonical_match`), so a copied error in other words still counts."""
     from vlsi_model.answers import exact_match
+    from vlsi_model.data.open_answers import canonical_match
     from vlsi_model.evaluation import load_eval_samples
 
+    same = canonical_match if open_forms else exact_match
     teacher = next((r for r in results.get("teacher", []) if r.get("answers")), None)
     if teacher is None:
         return "", {}
     samples = load_eval_samples(test_data)
-    wrong = [i for i, s in enumerate(samples) if not exact_match(teacher["answers"][i], s.reference)]
+    wrong = [i for i, s in enumerate(samples) if not same(teacher["answers"][i], s.reference)]
     families = sorted({samples[i].family for i in wrong})
     out: dict[str, Any] = {}
     for name, rs in results.items():
@@ -559,9 +585,9 @@ def teacher_error_copying(results: dict[str, list[dict[str, Any]]], test_data: P
         if not runs:
             continue
         out[name] = {f: statistics.mean(
-            sum(exact_match(r["answers"][i], teacher["answers"][i]) for i in wrong if samples[i].family == f)
+            sum(same(r["answers"][i], teacher["answers"][i]) for i in wrong if samples[i].family == f)
             / max(1, sum(1 for i in wrong if samples[i].family == f)) for r in runs) for f in families}
-        out[name]["all"] = statistics.mean(sum(exact_match(r["answers"][i], teacher["answers"][i]) for i in wrong)
+        out[name]["all"] = statistics.mean(sum(same(r["answers"][i], teacher["answers"][i]) for i in wrong)
                                            / max(1, len(wrong)) for r in runs)
         out[name]["seeds"] = len(runs)
     if not out:
@@ -736,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interact-trains", choices=("decoder", "language_model"), default=None,
                    help="what step 2 trains: the decoder layers (default for a pretrained --student-init) or the "
                         "whole language model with embeddings and LM head (default for --student-init random)")
+    p.add_argument("--open-forms", action="store_true",
+                   help="R-open: score content match (synonyms, list order, number words) as every figure")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the table from the (row, seed) pairs already finished")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 steps per row, 1 seed: wiring check")
@@ -765,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
                   args.eval_samples, student_targets, teacher_targets, lora, freeze_vision=not args.train_vision,
                   extra_tests=_parse_extra_tests(p, args.extra_test),
                   interact_trains=args.interact_trains or default_interact_trains(args.student_init),
-                  sources=_parse_extra_tests(p, args.source, "--source"), archive=args.archive)
+                  sources=_parse_extra_tests(p, args.source, "--source"), archive=args.archive,
+                  open_forms=args.open_forms)
     for path, what in ((a.teacher, "teacher model"), (a.test_data, "test data"),
                        *(((a.train_data, "train data"),) if not a.sources else ()),
                        *((path, f"extra test {name}") for name, path in a.extra_tests.items()),
@@ -800,11 +829,12 @@ def main(argv: list[str] | None = None) -> int:
     table, summary = summarise(rows, results, reference)
     comparisons, comparison_json = preregistered_comparisons(results)
     summary["preregistered_comparisons"] = comparison_json
-    copying, copying_json = teacher_error_copying(results, a.test_data)
+    copying, copying_json = teacher_error_copying(results, a.test_data, a.open_forms)
     summary["teacher_error_copying"] = copying_json
     plot_matching(a, rows, seeds[0])
     text = (f"# VLsI study (nano family)\n\nbudget {a.budget} student steps per row, seeds {seeds}, "
             f"device {_device()}, step 2 trains the {a.interact_trains.replace('_', ' ')}, test {a.test_data}"
+            + (", figures: content match (open-form answers; exact match in results.json)" if a.open_forms else "")
             + "".join(f", {name} (set): {path}" for name, path in a.extra_tests.items())
             + "".join(f", source {name}: {path}" for name, path in a.sources.items()) + f"\n\n{table}\n"
             + (f"\n## Pre-registered comparisons (docs/study/preregistration.md)\n\n{comparisons}\n"

@@ -219,3 +219,31 @@ def test_rows_train_on_their_named_sources(tmp_path):
     with pytest.raises(ValueError, match="--source NAME=FILE"):
         vlsi_study.row_train_data(rows["oracle"], a)
 
+
+
+def test_open_forms_make_content_match_every_figure(tmp_path):
+    """R-open (amendment 2): tables, comparisons and the copying analysis read content match; the
+    exact-match figures stay in the result."""
+    import vlsi_study
+
+    from vlsi_model.evaluation import EvalSample, score
+
+    samples = [EvalSample(0, "a", Path("x.png"), "What objects are there?", "red circle blue square", "caption"),
+               EvalSample(1, "b", Path("x.png"), "How many circles are there?", "2", "count")]
+    results = vlsi_study.content_as_primary(score(samples, ["azure box and scarlet dot", "3"], open_forms=True))
+    assert results["overall"]["accuracy"] == 0.5 and results["exact"]["overall"]["accuracy"] == 0.0
+    assert results["families"]["caption"]["accuracy"] == 1.0
+    assert results["families"]["caption"]["exact_accuracy"] == 0.0
+    assert results["overall"]["list_set_f1"] == 1.0 and results["primary"] == "content match"
+
+    records = [{"id": str(i), "image": "x.png", "family": s.family,
+                "conversations": [{"from": "human", "value": "<image>\n" + s.question},
+                                  {"from": "gpt", "value": s.reference}]} for i, s in enumerate(samples)]
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps(records))
+    teacher = {"answers": ["red circle green square", "2"], "seed": 0}  # wrong on the caption only
+    student = {"answers": ["lime box and crimson disc", "2"], "seed": 0}  # the teacher's error, other words
+    rows = {"teacher": [teacher], "sft_pseudo": [student]}
+    _, by_content = vlsi_study.teacher_error_copying(rows, test_json, open_forms=True)
+    _, by_string = vlsi_study.teacher_error_copying(rows, test_json)
+    assert by_content["sft_pseudo"]["all"] == 1.0 and by_string["sft_pseudo"]["all"] == 0.0
