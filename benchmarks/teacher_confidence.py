@@ -11,7 +11,14 @@ distillation losses and SFT train on):
 * mean entropy of the teacher's distribution (nats; ln V for a uniform one, 0 for one-hot);
 * mean cross-entropy of the teacher against the data's own tokens (its SFT loss);
 * mean probability of its top token, and the share of tokens where that is below 0.9;
-* how often its top token is the data's token.
+* how often its top token is the data's token;
+* on data with open-form answers (`vlsi data open-forms`: records keep "canonical_answer"), the
+  most entropy per token the forms themselves carry (`open_answers.choice_entropy` summed over the
+  records, divided by their response tokens): a teacher that learned the forms is near it, one
+  that answers in a single form is near 0.
+
+`--seed S` measures a random sample of N records instead of the first N (a file whose families
+come in blocks, as `nano data`'s caption half, needs it).
 
 Why by hand: a few lines of tensor arithmetic over one model's logits; no library computes these
 on a Qwen2-VL's response tokens.
@@ -72,14 +79,24 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
     }
 
 
-def measure(model_dir: Path, data: Path, samples: int, batch_size: int = 32, max_length: int = 128) -> dict[str, Any]:
-    """The teacher-confidence figures of `model_dir` on the first `samples` records of `data`."""
+def measure(model_dir: Path, data: Path, samples: int, batch_size: int = 32, max_length: int = 128,
+            seed: int | None = None) -> dict[str, Any]:
+    """The teacher-confidence figures of `model_dir` on the first `samples` records of `data`
+    (a random sample of them with `seed`)."""
+    import random
+
     from vlsi_model.checkpoint import load_model_dir
-    from vlsi_model.training.data import ConversationDataset, make_collate_fn
+    from vlsi_model.data.open_answers import choice_entropy
+    from vlsi_model.training.data import ConversationDataset, make_collate_fn, read_records
 
     model, tokenizer, processor = load_model_dir(model_dir)
     dataset = ConversationDataset(data, tokenizer, processor, max_length=max_length)
-    subset = Subset(dataset, range(min(samples, len(dataset))))
+    n = min(samples, len(dataset))
+    indices = sorted(random.Random(seed).sample(range(len(dataset)), n)) if seed is not None else list(range(n))
+    subset = Subset(dataset, indices)
+    records = read_records(data)
+    choices = sum(choice_entropy(records[i]["canonical_answer"], str(records[i].get("family", "")))
+                  for i in indices if "canonical_answer" in records[i])
     loader = DataLoader(subset, batch_size=batch_size, collate_fn=make_collate_fn(int(tokenizer.pad_token_id)))
     totals: dict[str, float] = {}
     with torch.no_grad():
@@ -87,7 +104,10 @@ def measure(model_dir: Path, data: Path, samples: int, batch_size: int = 32, max
             labels = batch.pop("labels")
             for key, value in confidence_sums(model(**batch).logits, labels).items():
                 totals[key] = totals.get(key, 0.0) + value
-    return {"model": str(model_dir), "data": str(data), "samples": len(subset), **summarise(totals)}
+    out = {"model": str(model_dir), "data": str(data), "samples": len(subset), "seed": seed, **summarise(totals)}
+    if any("canonical_answer" in records[i] for i in indices):
+        out["open_forms_entropy_nats_at_most"] = choices / totals["tokens"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, required=True, help="Hugging Face-layout model directory (the teacher)")
     p.add_argument("--data", type=Path, required=True, help="LLaVA-format JSON (the distillation data)")
     p.add_argument("--samples", type=int, default=512, help="first N records")
+    p.add_argument("--seed", type=int, default=None, help="a random sample of N records, seeded (default: the first N)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
@@ -105,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, what in ((args.model, "model directory"), (args.data, "data file")):
         if not path.exists():
             p.error(f"{what} not found: {path}")
-    result = measure(args.model, args.data, args.samples, args.batch_size, args.max_length)
+    result = measure(args.model, args.data, args.samples, args.batch_size, args.max_length, args.seed)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

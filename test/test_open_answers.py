@@ -5,7 +5,9 @@ and `vlsi data scenes --open-forms` / `vlsi eval --open-forms` carry both ends."
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from vlsi_model.data.open_answers import (
     SYNONYMS,
     canonical,
     canonical_match,
+    choice_entropy,
     named_items,
     open_form,
     open_records,
@@ -149,3 +152,19 @@ def test_cli_rewrites_any_dataset_and_keeps_its_images(tmp_path: Path, monkeypat
     assert cli.main(["data", "open-forms", str(src), "--out", str(src)]) == 2
     assert cli.main(["data", "open-forms", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_choice_entropy_bounds_the_forms_entropy() -> None:
+    assert choice_entropy("large", "attribute") == pytest.approx(math.log(3))
+    assert choice_entropy("3", "count") == pytest.approx(math.log(2))
+    assert choice_entropy("yes", "exist") == 0.0
+    caption = "red circle blue square"
+    assert choice_entropy(caption, "caption") == pytest.approx(math.log(2) + 4 * math.log(3))
+    assert choice_entropy("red circle top left, blue square middle right", "positions") == pytest.approx(
+        choice_entropy(caption, "caption"))
+    # the empirical entropy of the forms never exceeds it (here: every (order, synonym) choice is distinct)
+    forms = [open_form(caption, "caption", random.Random(k)) for k in range(20000)]
+    counts = Counter(forms)
+    empirical = -sum(c / len(forms) * math.log(c / len(forms)) for c in counts.values())
+    assert empirical <= choice_entropy(caption, "caption") + 1e-9
+    assert empirical > 0.9 * choice_entropy(caption, "caption")

@@ -50,3 +50,21 @@ def test_measure_runs_on_a_tiny_model(tiny_qwen2vl_dir, tmp_path):
     assert 0.0 < result["mean_top_probability"] <= 1.0
     with pytest.raises(SystemExit):  # a missing model is a clear argparse error, not a traceback
         tc.main(["--model", str(tmp_path / "missing"), "--data", str(data)])
+
+
+def test_open_form_data_reports_the_forms_entropy_bound(tiny_qwen2vl_dir, tmp_path):
+    from vlsi_model.data.open_answers import choice_entropy
+    from vlsi_model.scenes import SceneConfig, write_dataset
+
+    data = write_dataset(tmp_path / "data", 6, seed=0, config=SceneConfig(width=56, height=56),
+                         families=("caption", "count"), open_forms=True)
+    first = tc.measure(tiny_qwen2vl_dir, data, samples=5, batch_size=2)
+    records = json.loads(data.read_text())
+    bound = sum(choice_entropy(r["canonical_answer"], r["family"]) for r in records[:5])
+    assert first["open_forms_entropy_nats_at_most"] == pytest.approx(bound / first["response_tokens"])
+    sampled = tc.measure(tiny_qwen2vl_dir, data, samples=5, batch_size=2, seed=1)
+    again = tc.measure(tiny_qwen2vl_dir, data, samples=5, batch_size=2, seed=1)
+    assert sampled == again and sampled["response_tokens"] != first["response_tokens"]
+    plain = write_dataset(tmp_path / "plain", 3, seed=0, config=SceneConfig(width=56, height=56),
+                          families=("count",))
+    assert "open_forms_entropy_nats_at_most" not in tc.measure(tiny_qwen2vl_dir, plain, samples=2, batch_size=2)

@@ -21,6 +21,7 @@ Copying the teacher's wording earns nothing under these metrics: only content co
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -86,6 +87,21 @@ def open_form(answer: str, family: str, rng: random.Random) -> str:
     if text.isdigit() and int(text) < len(NUMBER_WORDS):
         return rng.choice((text, NUMBER_WORDS[int(text)]))
     return " ".join(_synonym(w, rng) for w in text.split())
+
+
+def choice_entropy(answer: str, family: str) -> float:
+    """Nats of randomness `open_form` adds to `answer` (at most): ln k! for the order of a list of
+    k items, ln(synonyms) per rewritable word, ln 2 for a count. An upper bound on the entropy of
+    the forms (two choices can give one string), so a teacher that learned the forms perfectly
+    has at most this much entropy over the answer's tokens: the yardstick for its measured one."""
+    text = answer.strip()
+    if family in LIST_FAMILIES:
+        parts = _objects(text.split()) if family == "caption" else [p.split() for p in text.split(", ")]
+        return math.lgamma(len(parts) + 1) + sum(math.log(len(SYNONYMS[w])) for p in parts for w in p
+                                                 if w in SYNONYMS)
+    if text.isdigit() and int(text) < len(NUMBER_WORDS):
+        return math.log(2)
+    return sum(math.log(len(SYNONYMS[w])) for w in text.split() if w in SYNONYMS)
 
 
 def canonical(answer: str) -> str:
