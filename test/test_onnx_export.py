@@ -271,3 +271,19 @@ def test_quantized_export_is_smaller_and_answers_like_the_float_one(tmp_path, bi
             total += 1
             same += plain.answer(image, qa.question, 16).text == quantized.answer(image, qa.question, 16).text
     assert same / total >= (1.0 if bits == "int8" else 0.8), (same, total)
+
+
+def test_an_architecture_without_an_export_is_refused_by_name(tmp_path, capsys):
+    """Before loading any weights: `vlsi export` exits 2 and the exported backends refuse it, so
+    auto would serve it with torch."""
+    from vlsi_model.engine import load_engine
+    from vlsi_model.engine.base import ModelLoadError
+
+    model = tmp_path / "gemma"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    assert cli_main(["export", "--model", str(model), "--out", str(tmp_path / "onnx")]) == 2
+    assert "ONNX export of gemma3 is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+    with pytest.raises(ModelLoadError, match="ONNX export of gemma3 is not supported yet"):
+        load_engine(model, backend="onnxruntime")

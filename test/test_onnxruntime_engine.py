@@ -141,6 +141,42 @@ def test_vision_index_math_equals_transformers():
             assert np.array_equal(np.concatenate([[0], boundaries, [len(window_ids)]]), ref_cu.numpy())
 
 
+def test_qwen3vl_position_grid_taps_and_interleaved_rotary_equal_transformers():
+    """Qwen3-VL's index math: the bilinear taps of its learned position grid are transformers'
+    own indices and weights bit for bit (any grid, any table side), and the interleaved M-RoPE
+    equals Qwen3VLTextRotaryEmbedding."""
+    from transformers import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    for grid, side in [((1, 6, 8), 8), ((1, 4, 4), 48), ((1, 30, 22), 48), ((1, 2, 2), 8), ((1, 2, 64), 48)]:
+        ref_i, ref_w = get_vision_interpolation_indices_and_weights(
+            torch.tensor([grid]), side, mode="bilinear", align_corners=True, spatial_merge_size=2)
+        indices, weights = npi.position_grid_taps(grid, 2, side)
+        assert indices.dtype == np.int32 and np.array_equal(indices, ref_i.numpy())
+        assert np.array_equal(weights, ref_w.numpy())
+    cfg = Qwen3VLTextConfig(hidden_size=64, num_attention_heads=4, head_dim=32, rope_parameters={
+        "rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True})
+    rotary = Qwen3VLTextRotaryEmbedding(cfg)
+    pos = torch.stack([torch.arange(12), torch.arange(12) * 2 + 3, torch.arange(12) % 4])
+    cos_ref, sin_ref = rotary(torch.zeros(1), pos[:, None])
+    cos, sin = npi.mrope_cos_sin(pos.numpy(), rotary.inv_freq.numpy(), [6, 5, 5], interleaved=True)
+    np.testing.assert_allclose(cos, cos_ref.numpy(), atol=1e-6)
+    np.testing.assert_allclose(sin, sin_ref.numpy(), atol=1e-6)
+    plain, _ = npi.mrope_cos_sin(pos.numpy(), rotary.inv_freq.numpy(), [6, 5, 5])
+    assert np.abs(plain - cos).max() > 0.1  # the layouts really differ: the flag is not cosmetic
+
+
+def test_deepstack_features_land_on_the_image_tokens():
+    ids = np.array([5, 9, 9, 7, 9, 3])
+    features = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    out = npi.deepstack_at_tokens(ids, 9, features, 2, np.float16)
+    assert out.shape == (2, 1, 6, 4) and out.dtype == np.float16
+    assert np.array_equal(out[:, 0, [1, 2, 4]], features) and not out[:, 0, [0, 3, 5]].any()
+    with pytest.raises(EngineError, match="DeepStack features for 2 layers and 3 image tokens"):
+        npi.deepstack_at_tokens(ids, 9, features[:, :2], 2, np.float32)
+
+
 # ------------------------------------------------------------------------------ token parity
 def test_same_greedy_tokens_as_torch_backend(engines):
     torch_engine, ort_engine = engines

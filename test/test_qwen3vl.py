@@ -1,21 +1,26 @@
 """Qwen3-VL in the project: tiny config and image processor (patch 16, mean/std 0.5), save/load,
 prompt layout, the distillation adapter against Hugging Face's own hidden states (DeepStack
-included), the torch engine token for token against `generate`, the backends that refuse it,
-a three-step `vlsi distill` of a tiny Qwen3-VL pair and `vlsi eval` / `vlsi ask` on one."""
+included), the torch engine token for token against `generate`,
+its ONNX export (DeepStack across the vision and decoder graphs) against Hugging Face and the
+torch engine, a three-step `vlsi distill` of a tiny Qwen3-VL pair and `vlsi eval` / `vlsi ask`
+on one."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
 import generation_helpers
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from vlsi_model.cli import main
+from vlsi_model.engine.base import EngineError
 from vlsi_model.scenes import SceneConfig, generate_scene, make_questions, render_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -276,23 +281,119 @@ def test_engine_hf_forward_path_equals_generate(loaded):
     assert engine.decode_mode == "hf"
 
 
-def test_backends_that_cannot_serve_qwen3vl_say_so(qwen3, tmp_path, capsys):
-    from vlsi_model.engine import load_engine, unavailable_reasons
-    from vlsi_model.engine.base import ModelLoadError
+# ------------------------------------------------------------------------------------ ONNX export
+@pytest.fixture(scope="module")
+def exported(qwen3, tmp_path_factory):
+    """(export directory, manifest) of the tiny Qwen3-VL (fp32, the processor's own resize).
+    Not under the model's onnx/: the CLI tests below rely on auto picking torch."""
+    from vlsi_model.export.onnx_export import export_model
 
+    out = tmp_path_factory.mktemp("qwen3vl_export") / "onnx"
+    return out, export_model(qwen3[3], out)
+
+
+def test_export_carries_deepstack_and_matches_pytorch(qwen3, exported):
+    """vision graph -> image embeddings + DeepStack features, decoder graph with their input,
+    every difference to the Hugging Face model (vision, DeepStack, prefill, decode) within fp32
+    tolerance, and the graphs in TensorRT 10's operator set."""
+    model = qwen3[0]
+    _, manifest = exported
+    hidden = model.config.text_config.hidden_size
+    assert manifest["model_type"] == "qwen3_vl"
+    assert manifest["text"]["deepstack_layers"] == 2 and manifest["text"]["mrope_interleaved"] is True
+    assert manifest["vision"]["position_grid"] == 8 and manifest["vision"]["deepstack_visual_indexes"] == [0, 1]
+    vision, decoder = manifest["graphs"]["vision"], manifest["graphs"]["decoder"]
+    assert vision["outputs"]["deepstack_embeds"]["shape"] == [2, "image_tokens", hidden]
+    assert vision["inputs"]["pos_indices"]["shape"] == ["patches", 4]
+    assert vision["inputs"]["pos_indices"]["dtype"] == "int32"
+    assert decoder["inputs"]["deepstack_embeds"]["shape"] == [2, 1, "seq", hidden]
+    parity = manifest["parity"]
+    assert set(parity) >= {"vision_max_abs_diff", "deepstack_max_abs_diff", "prefill_logits_max_abs_diff",
+                           "decode_logits_max_abs_diff"}
+    assert max(v for k, v in parity.items() if k.endswith("max_abs_diff")) < 1e-4 and parity["same_argmax"] == 1.0
+    for graph in manifest["checks"].values():
+        assert graph["tensorrt10_ops"] == "ok"
+
+
+def test_onnxruntime_answers_token_for_token_like_torch(loaded, exported):
+    from vlsi_model.engine.onnxruntime_engine import OnnxRuntimeEngine
+    from vlsi_model.engine.torch_engine import TorchEngine
+
+    ort_engine = OnnxRuntimeEngine(exported[0], num_threads=1)
+    torch_engine = TorchEngine(*loaded)
+    try:
+        for seed in (0, 1, 2):
+            image, questions = scene(seed)
+            for question in questions[:2]:
+                want = torch_engine.answer(image, question, max_new_tokens=MAX_NEW)
+                got = ort_engine.answer(image, question, max_new_tokens=MAX_NEW)
+                assert got.token_ids == want.token_ids and got.text == want.text
+    finally:
+        ort_engine.close()
+        torch_engine.close()
+
+
+def test_deepstack_and_the_position_grid_reach_the_logits(exported):
+    """The export would pass parity by luck if the features it adds were negligible: zeroing the
+    DeepStack input or the position-grid weights moves the prefill logits far beyond tolerance."""
+    from vlsi_model.engine import np_inputs
+    from vlsi_model.engine.onnxruntime_engine import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(exported[0], num_threads=1)
+    try:
+        image, questions = scene(0)
+        prep = engine.prepare(image, questions[0])
+        ids, grid = prep["input_ids"], prep["grid_thw"]
+        embeds, deepstack = engine.run_vision(prep["pixel_values"], grid)
+        logits = engine.prefill(ids, engine.embed(ids, embeds), grid, deepstack)[0]
+        without = engine.prefill(ids, engine.embed(ids, embeds), grid, np.zeros_like(deepstack))[0]
+        assert np.abs(logits - without).max() > 1e-2
+        with pytest.raises(EngineError, match="DeepStack features for 2 layers"):
+            engine.prefill(ids, engine.embed(ids, embeds), grid, None)
+        feeds = np_inputs.vision_aux_inputs(grid, engine.vision_spec, engine.vision_inv_freq)
+        feeds["pixel_values"] = prep["pixel_values"]
+        feeds["pos_weights"] = np.zeros_like(feeds["pos_weights"])
+        no_grid = engine._vision.run(None, feeds)[0]
+        assert np.abs(no_grid - embeds).max() > 1e-2
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("options", [{"dtype": "fp16"}, {"image_size": (96, 128)},
+                                     pytest.param({"exporter": "dynamo", "opset": 18}, marks=[
+                                         pytest.mark.slow, pytest.mark.skipif(
+                                             not os.environ.get("VLSI_SLOW_TESTS"),
+                                             reason="dynamo export takes ~10 s; set VLSI_SLOW_TESTS=1")])])
+def test_export_variants_keep_parity(qwen3, tmp_path, options):
+    """fp16 (the Jetson build's input), a fixed image size (a static vision graph) and the dynamo
+    exporter all carry DeepStack and stay within their tolerance of PyTorch."""
+    from vlsi_model.export.onnx_export import TOLERANCE, ExportOptions, export_model
+
+    manifest = export_model(qwen3[3], tmp_path / "onnx", ExportOptions(**options))
+    parity = manifest["parity"]
+    assert "deepstack_max_abs_diff" in parity and parity["same_argmax"] == 1.0
+    assert max(v for k, v in parity.items() if k.endswith("max_abs_diff")) < TOLERANCE[manifest["dtype"]]
+    if "image_size" in options:
+        assert manifest["graphs"]["vision"]["inputs"]["pos_indices"]["shape"] == [48, 4]
+
+
+def test_cli_export_and_ask_with_onnxruntime(qwen3, loaded, tmp_path, capsys):
     path = qwen3[3]
-    for backend in ("onnxruntime", "tensorrt"):
-        with pytest.raises(ModelLoadError, match="ONNX export of qwen3_vl is not supported yet"):
-            load_engine(path, backend=backend)
-    reasons = unavailable_reasons(path)
-    assert "ONNX export of qwen3_vl is not supported yet" in reasons["onnxruntime"]
-    assert "ONNX export of qwen3_vl is not supported yet" in reasons["tensorrt"] and reasons["torch"] is None
-    engine = load_engine(path)  # auto: torch
-    assert engine.backend == "torch"
-    engine.close()
-    assert main(["export", "--model", str(path), "--out", str(tmp_path / "onnx")]) == 2
-    assert "ONNX export of qwen3_vl is not supported yet" in capsys.readouterr().err
-    assert not (tmp_path / "onnx").exists()
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(path), "--out", str(out)]) == 0
+    image, _ = scene(1)
+    from PIL import Image
+
+    image_file = tmp_path / "frame.png"
+    Image.fromarray(image).save(image_file)
+    capsys.readouterr()
+    assert main(["ask", "--model", str(out), "--backend", "onnxruntime", "--image", str(image_file),
+                 "--question", "How many shapes?", "--max-new-tokens", "5", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    model, tok, proc = loaded
+    stop = {tok.convert_tokens_to_ids("<|im_end|>"), *model.generation_config.eos_token_id}
+    assert answer["backend"] == "onnxruntime"
+    assert answer["token_ids"] == strip_stop(hf_greedy(model, tok, proc, image, "How many shapes?", 5), stop)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -323,7 +424,7 @@ def test_vlsi_eval_and_ask(qwen3, loaded, tmp_path, capsys):
     assert main(["ask", "--model", str(path), "--image", str(image_file), "--question", "How many shapes?",
                  "--max-new-tokens", "4", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
-    assert answer["backend"] == "torch"  # auto passed over onnxruntime / tensorrt
+    assert answer["backend"] == "torch"  # auto: no export or engines beside the model
     assert answer["token_ids"] == strip_stop(hf_greedy(model, tok, proc, load_image(image_file), "How many shapes?", 4),
                                              stop)
 

@@ -252,7 +252,23 @@ def test_int8_needs_qdq_export(export_dir, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ memory arithmetic
-@pytest.mark.parametrize("fixture", ["tiny_qwen2vl_dir", "tiny_qwen25vl_dir"])
+@pytest.fixture(scope="module")
+def tiny_qwen3vl_dir(tmp_path_factory, tiny_tokenizer, torch_threads):
+    """A tiny Qwen3-VL (3 text layers, DeepStack into the first 2), HF layout."""
+    from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen3vl_config
+
+    model = build_model(tiny_qwen3vl_config(tokenizer=tiny_tokenizer, num_layers=3), seed=5)
+    processor = make_image_processor(min_pixels=56 * 56, max_pixels=112 * 112, model_type="qwen3_vl")
+    return save_model_dir(model, tiny_tokenizer, processor, tmp_path_factory.mktemp("qwen3vl_trt") / "model",
+                          metadata={"placeholder": False, "test": True})
+
+
+@pytest.fixture(scope="module")
+def qwen3vl_export(tiny_qwen3vl_dir):
+    return export_once(tiny_qwen3vl_dir)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2vl_dir", "tiny_qwen25vl_dir", "tiny_qwen3vl_dir"])
 def test_param_counts_equal_real_models(request, fixture):
     from vlsi_model.checkpoint import load_model_dir
 
@@ -287,6 +303,28 @@ def test_qwen2vl_2b_memory():
     assert "total" in memory.format_estimate(est)
 
 
+def test_qwen3vl_2b_memory():
+    """The arithmetic against Qwen3-VL-2B built from the same config on the meta device (no weights):
+    2.13B parameters, DeepStack mergers and the position grid included; head_dim 128 (not 2048 / 16)
+    sets the KV cache."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    cfg = memory.QWEN3_VL_2B_CONFIG
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    d = memory.ModelDims.from_config(cfg)
+    counts = memory.param_counts(d)
+    lm = model.model.language_model
+    assert counts["vision"] == sum(p.numel() for p in model.model.visual.parameters())
+    assert counts["decoder_layers"] == sum(p.numel() for p in lm.parameters()) - counts["embed"]
+    assert abs((counts["vision"] + counts["decoder_layers"] + counts["embed"]) / 2.1275e9 - 1) < 0.001
+    assert memory.kv_bytes_per_token(d) == 2 * 28 * 8 * 128 * 2
+    est = memory.estimate_memory(d, image_hw=(448, 448), max_context=1024)
+    assert est.image_tokens == 196  # 448 / 16 = 28 patches a side, 14 x 14 merged
+    assert 4.5 * memory.GB < est.total < 6 * memory.GB
+
+
 # ------------------------------------------------------------------------------ real TensorRT (device only)
 def _cuda_device_present() -> bool:
     try:
@@ -297,7 +335,8 @@ def _cuda_device_present() -> bool:
         return False
 
 
-def test_build_and_run_engines_match_onnxruntime(tiny_qwen2vl_dir, tmp_path):
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl"])
+def test_build_and_run_engines_match_onnxruntime(request, model, tmp_path):
     pytest.importorskip("tensorrt")
     if not _cuda_device_present():
         pytest.skip("no CUDA device")
@@ -305,7 +344,9 @@ def test_build_and_run_engines_match_onnxruntime(tiny_qwen2vl_dir, tmp_path):
     from vlsi_model.engine.tensorrt_engine import TensorRTEngine
     from vlsi_model.export.tensorrt_build import build_engines
 
-    export = export_once(tiny_qwen2vl_dir)
+    # Qwen3-VL: the DeepStack output of the vision engine and input of the decoder engine
+    export = export_once(request.getfixturevalue("tiny_qwen2vl_dir")) if model == "qwen2vl" else \
+        request.getfixturevalue("qwen3vl_export")
     out = tmp_path / "engines"
     manifest = build_engines(export, out, precision="fp32", workspace_mb=512)
     assert (out / "vision.plan").is_file() and (out / "decoder.plan").is_file()
@@ -429,3 +470,31 @@ def test_unknown_compute_capability_is_not_refused_forever():
     check_engine_manifest(engine_manifest(gpu={"name": "Orin", "compute_capability": "?"}), "10.3.0", ORIN)
     with pytest.raises(EngineMismatchError, match="compute capability"):
         check_engine_manifest(engine_manifest(gpu={"name": "RTX", "compute_capability": "8.9"}), "10.3.0", ORIN)
+
+
+
+
+def test_qwen3vl_profiles_and_fp16_build_carry_deepstack(fake_trt, qwen3vl_export, tmp_path):
+    """Qwen3-VL's extra inputs get optimisation profiles like the others (position-grid taps per
+    patch, DeepStack features per prompt token: all of them when prefilling, one when decoding),
+    its per-head q/k RMSNorms are pinned to FP32 like the layer norms, and trtexec gets the same."""
+    from vlsi_model.export.tensorrt_build import build_engines
+
+    em = json.loads((qwen3vl_export / mf.MANIFEST_FILE).read_text())
+    profiles = compute_profiles(em, default_ranges(em))
+    (vision,) = profiles["vision"]
+    assert vision["pos_indices"]["max"] == [vision["pixel_values"]["max"][0], 4]
+    prefill, decode = profiles["decoder"]
+    hidden = em["text"]["hidden_size"]
+    for key in ("min", "opt", "max"):
+        assert prefill["deepstack_embeds"][key] == [2, 1, prefill["inputs_embeds"][key][1], hidden]
+        assert decode["deepstack_embeds"][key] == [2, 1, 1, hidden]
+    manifest = build_engines(qwen3vl_export, tmp_path / "engines", precision="fp16", progress=lambda msg: None)
+    import onnx
+
+    graph = onnx.load(str(qwen3vl_export / "decoder.onnx"), load_external_data=False).graph
+    pows = [n.name for n in graph.node if n.op_type == "Pow"]
+    # per layer: input, post-attention, q and k norms; plus the final norm
+    assert len(pows) == 4 * em["text"]["num_layers"] + 1
+    assert set(pows) <= set(manifest["engines"]["decoder"]["fp32_pinned_layer_names"])
+    assert "deepstack_embeds:2x1x1x" in manifest["trtexec"][1]

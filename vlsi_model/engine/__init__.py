@@ -88,7 +88,7 @@ def _where(engine_dir: Any, model_path: Path, subdir: str) -> str:
 
 
 def _not_exportable(model_path: Path) -> str | None:
-    """Why no ONNX export (so no onnxruntime / tensorrt engine) can exist for this model (Qwen3-VL)."""
+    """Why no ONNX export (so no onnxruntime / tensorrt engine) can exist for this model's architecture."""
     from vlsi_model.export.manifest import export_unsupported
 
     return export_unsupported(model_path)
@@ -200,9 +200,9 @@ def load_engine(
     for another GPU), auto logs a warning and tries the next one. Only an option no backend
     takes is a ValueError under auto.
 
-    Qwen3-VL models run on torch only: onnxruntime / tensorrt named explicitly raise
-    ModelLoadError ("ONNX export of qwen3_vl is not supported yet ..."), and auto passes
-    them over with that reason.
+    An architecture `vlsi export` does not handle (`export.manifest.EXPORTABLE_MODEL_TYPES`)
+    runs on torch only: onnxruntime / tensorrt named explicitly raise ModelLoadError saying
+    so, and auto passes them over with that reason.
 
     Raises ValueError for an unknown backend or option, ModelLoadError for a bad model
     directory or artefacts (or a backend that cannot serve the architecture), EngineError

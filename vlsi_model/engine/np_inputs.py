@@ -13,8 +13,11 @@ one piece of the PyTorch path and is tested to produce *identical* values:
   question, one `<|image_pad|>` per merged image token);
 - `rope_index`        = get_rope_index for one image (3-D M-RoPE positions + rope_delta);
 - `mrope_cos_sin`     = the text rotary embedding (Qwen2VLRotaryEmbedding) from positions;
+  with `interleaved`, Qwen3-VL's (Qwen3VLTextRotaryEmbedding: axes interleaved per band);
 - `vision_aux_inputs` = get_vision_position_ids / cu_seqlens / get_vision_window_index and
-  the vision rotary embedding: the index math `graphs.VisionGraph` takes as inputs.
+  the vision rotary embedding: the index math `graphs.VisionGraph` takes as inputs; for
+  Qwen3-VL also `position_grid_taps` (get_vision_interpolation_indices_and_weights, bilinear
+  with aligned corners: its learned position grid resampled to the image).
 
 The request checks (`validate_image`, `validate_question`) are not re-implemented: they
 live in the torch-free `vlsi_model.engine.validation`, shared with `prompting`, and are
@@ -44,7 +47,9 @@ __all__ = [
     "PromptBuilder",
     "VisionSpec",
     "causal_bias",
+    "deepstack_at_tokens",
     "mrope_cos_sin",
+    "position_grid_taps",
     "preprocess_image",
     "rope_index",
     "smart_resize",
@@ -260,16 +265,22 @@ def rope_index(input_ids: np.ndarray, image_token_id: int, grid_thw: tuple[int, 
 
 
 def mrope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray, mrope_section: list[int],
-                  dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+                  dtype: np.dtype = np.float32, interleaved: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE (cos, sin) [1, S, head_dim] for position_ids [3, S], as Qwen2VLRotaryEmbedding.
 
     Each frequency band takes its angle from one axis (t, h, w in turn per `mrope_section`),
     and the half-width table is repeated to the full head dim (rotate_half layout).
+    `interleaved` (Qwen3-VL): frequency j takes h when j % 3 == 1 and j < 3 * section[1], w
+    when j % 3 == 2 and j < 3 * section[2], t otherwise.
     """
     freqs = position_ids.astype(np.float32)[..., None] * inv_freq.astype(np.float32)  # [3, S, hd/2]
-    bounds = np.cumsum([0, *mrope_section])
-    parts = [freqs[k % 3, :, bounds[k]:bounds[k + 1]] for k in range(len(mrope_section))]
-    f = np.concatenate(parts, axis=-1)
+    if interleaved:
+        f = freqs[0].copy()
+        for axis in (1, 2):
+            f[..., axis:mrope_section[axis] * 3:3] = freqs[axis, ..., axis:mrope_section[axis] * 3:3]
+    else:
+        bounds = np.cumsum([0, *mrope_section])
+        f = np.concatenate([freqs[k % 3, :, bounds[k]:bounds[k + 1]] for k in range(len(mrope_section))], axis=-1)
     f = np.concatenate([f, f], axis=-1)[None]
     return np.cos(f).astype(dtype), np.sin(f).astype(dtype)
 
@@ -317,6 +328,29 @@ def window_index(grid_thw: tuple[int, int, int], merge_size: int, window_size: i
     return order.astype(np.int64), window_ids.astype(np.int64)
 
 
+def position_grid_taps(grid_thw: tuple[int, int, int], merge_size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL: (indices int32 [N, 4], weights float32 [N, 4]) that resample its learned
+    `side` x `side` position grid to the image's patch grid, bilinear with aligned corners, in
+    the processor's patch order: as get_vision_interpolation_indices_and_weights, float32
+    arithmetic in the same order so the weights are the same floats."""
+    t, h, w = grid_thw
+    pos = vision_position_ids((1, h, w), merge_size)
+
+    def axis(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor = np.floor(src)
+        offsets = np.arange(2)
+        taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+        weights = np.maximum(np.float32(1) - np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32)), 0)
+        return taps, weights.astype(np.float32)
+
+    h_taps, h_weights = axis(pos[:, 0], h)
+    w_taps, w_weights = axis(pos[:, 1], w)
+    indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    return np.tile(indices, (t, 1)).astype(np.int32), np.tile(weights, (t, 1)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class VisionSpec:
     """What the runtime needs to know about the exported vision graph (from export_manifest.json)."""
@@ -325,6 +359,7 @@ class VisionSpec:
     merge_size: int
     patch_size: int
     window_size: int = 0
+    position_grid: int = 0  # Qwen3-VL: side of the learned position grid (0: none)
 
 
 def vision_aux_inputs(grid_thw: tuple[int, int, int], spec: VisionSpec, inv_freq: np.ndarray) -> dict[str, np.ndarray]:
@@ -342,6 +377,8 @@ def vision_aux_inputs(grid_thw: tuple[int, int, int], spec: VisionSpec, inv_freq
         out["window_segments"] = window_ids.astype(np.int32)
         out["window_index"] = order.astype(np.int32)
         out["reverse_index"] = np.argsort(order, kind="stable").astype(np.int32)
+    if spec.model_type == "qwen3_vl":
+        out["pos_indices"], out["pos_weights"] = position_grid_taps(grid_thw, spec.merge_size, spec.position_grid)
     return out
 
 
@@ -352,3 +389,18 @@ def causal_bias(seq_len: int, past_len: int, dtype: np.dtype, masked: float) -> 
     k = np.arange(total)[None, :]
     bias = np.where(k <= q, 0.0, masked).astype(dtype)
     return bias[None, None]
+
+
+def deepstack_at_tokens(input_ids: np.ndarray, image_token_id: int, deepstack: np.ndarray | None, layers: int,
+                        dtype: np.dtype) -> np.ndarray:
+    """Qwen3-VL: the decoder's deepstack_embeds [K, 1, L, hidden]: the vision graph's DeepStack
+    features [K, image tokens, hidden] at the image tokens' positions, zeros elsewhere (what
+    Hugging Face's text model adds in place at `visual_pos_masks`)."""
+    mask = np.asarray(input_ids).reshape(-1) == image_token_id
+    if deepstack is None or deepstack.ndim != 3 or deepstack.shape[:2] != (layers, int(mask.sum())):
+        got = None if deepstack is None else deepstack.shape
+        raise EngineError(f"the decoder needs DeepStack features for {layers} layers and {int(mask.sum())} image "
+                          f"tokens, got {got}")
+    out = np.zeros((layers, 1, mask.size, deepstack.shape[2]), dtype=dtype)
+    out[:, 0, mask] = deepstack.astype(dtype)
+    return out

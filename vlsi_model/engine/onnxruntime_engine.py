@@ -12,6 +12,9 @@ The loop mirrors `TorchEngine` stage by stage (same timings, same tokens, tested
   M-RoPE cos/sin from the 3-D positions, causal bias, `decoder.onnx` with an empty past;
 - decode: one token per step with the previous step's present KV as past; the position is
   (tokens so far + rope_delta) on all three M-RoPE axes.
+Qwen3-VL: the vision graph also returns the DeepStack features [K, image tokens, hidden]; the
+prefill scatters them to the image tokens' positions (`deepstack_embeds` [K, 1, S, hidden],
+zeros elsewhere) and a decode step passes zeros (it holds no image token).
 The KV cache stays inside ONNX Runtime between steps (IO binding: present outputs are kept
 as OrtValues and bound as the next step's past inputs, never copied to numpy).
 """
@@ -31,6 +34,7 @@ from vlsi_model.engine.np_inputs import (
     PromptBuilder,
     VisionSpec,
     causal_bias,
+    deepstack_at_tokens,
     mrope_cos_sin,
     preprocess_image,
     rope_index,
@@ -82,6 +86,9 @@ class OnnxRuntimeEngine:
         self.num_kv_heads = int(text["num_kv_heads"])
         self.head_dim = int(text["head_dim"])
         self.mrope_section = [int(s) for s in text["mrope_section"]]
+        self.mrope_interleaved = bool(text.get("mrope_interleaved", False))
+        self.deepstack_layers = int(text.get("deepstack_layers") or 0)
+        self.hidden = int(text["hidden_size"])
         self.stop_token_ids = frozenset(int(t) for t in text["stop_token_ids"])
         self.mask_value = float(text["mask_value"])
         self.vision_spec = VisionSpec(
@@ -89,6 +96,7 @@ class OnnxRuntimeEngine:
             merge_size=int(vision["merge_size"]),
             patch_size=int(vision["patch_size"]),
             window_size=int(vision.get("window_size") or 0),
+            position_grid=int(vision.get("position_grid") or 0),
         )
         base_cfg = ImageConfig.from_json(self.export_dir / "preprocessor_config.json")
         self.image_config = _image_config_with_limits(base_cfg, image)
@@ -136,6 +144,7 @@ class OnnxRuntimeEngine:
         self._present_names = [f"present_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._closed = False
         self._decode_bias = np.zeros((1, 1, 1, 0), dtype=self.float_dtype)
+        self._decode_deepstack = np.zeros((self.deepstack_layers, 1, 1, self.hidden), dtype=self.float_dtype)
         self._rope_cache = np.zeros((2, 0, self.head_dim), dtype=np.float32)
 
     @classmethod
@@ -152,13 +161,16 @@ class OnnxRuntimeEngine:
         ids = self.prompts.prompt_ids(question, n_img)
         return {"input_ids": ids, "pixel_values": pixel_values, "grid_thw": grid}
 
-    def run_vision(self, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> np.ndarray:
-        """Merged image embeddings [tokens, hidden] from the vision graph."""
+    def run_vision(self, pixel_values: np.ndarray,
+                   grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(merged image embeddings [tokens, hidden], DeepStack features [K, tokens, hidden] or
+        None for models without) from the vision graph."""
         feeds = vision_aux_inputs(grid_thw, self.vision_spec, self.vision_inv_freq)
         feeds["pixel_values"] = pixel_values
         feeds = {k: np.ascontiguousarray(v, dtype=self._vision_inputs[k]) for k, v in feeds.items()
                  if k in self._vision_inputs}
-        return self._vision.run(None, feeds)[0]
+        outputs = self._vision.run(None, feeds)
+        return outputs[0], (outputs[1] if self.deepstack_layers else None)
 
     def embed(self, input_ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
         """inputs_embeds [1, L, hidden]: table lookup with image embeddings at the image tokens."""
@@ -175,21 +187,26 @@ class OnnxRuntimeEngine:
         if position >= self._rope_cache.shape[1]:
             n = max(2 * self._rope_cache.shape[1], position + 64)
             pos = np.broadcast_to(np.arange(n, dtype=np.int64), (3, n))
-            cos, sin = mrope_cos_sin(pos, self.text_inv_freq, self.mrope_section)
+            cos, sin = mrope_cos_sin(pos, self.text_inv_freq, self.mrope_section, interleaved=self.mrope_interleaved)
             self._rope_cache = np.stack([cos[0], sin[0]])  # [2, n, head_dim]
         return (self._rope_cache[0, position][None, None].astype(self.float_dtype),
                 self._rope_cache[1, position][None, None].astype(self.float_dtype))
 
-    def prefill(self, input_ids: np.ndarray, inputs_embeds: np.ndarray,
-                grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, Any, int]:
-        """(last logits [vocab], ORT IO binding holding the present KV, rope_delta)."""
+    def prefill(self, input_ids: np.ndarray, inputs_embeds: np.ndarray, grid_thw: tuple[int, int, int],
+                deepstack: np.ndarray | None = None) -> tuple[np.ndarray, Any, int]:
+        """(last logits [vocab], ORT IO binding holding the present KV, rope_delta). `deepstack`:
+        Qwen3-VL's DeepStack features from `run_vision` (required for it, ignored otherwise)."""
         positions, rope_delta = rope_index(input_ids, self.image_token_id, grid_thw, self.vision_spec.merge_size)
-        cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype)
+        cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype,
+                                 interleaved=self.mrope_interleaved)
         seq = inputs_embeds.shape[1]
         empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.float_dtype)
         binding = self._decoder.io_binding()
         feeds = {"inputs_embeds": inputs_embeds, "rotary_cos": cos, "rotary_sin": sin,
                  "attention_bias": causal_bias(seq, 0, self.float_dtype, self.mask_value)}
+        if self.deepstack_layers:
+            feeds["deepstack_embeds"] = deepstack_at_tokens(input_ids, self.image_token_id, deepstack,
+                                                            self.deepstack_layers, self.float_dtype)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self._kv_names:
@@ -212,6 +229,8 @@ class OnnxRuntimeEngine:
         binding.bind_cpu_input("rotary_cos", cos)
         binding.bind_cpu_input("rotary_sin", sin)
         binding.bind_cpu_input("attention_bias", np.ascontiguousarray(self._decode_bias[..., :total]))
+        if self.deepstack_layers:
+            binding.bind_cpu_input("deepstack_embeds", self._decode_deepstack)
         for name, value in zip(self._kv_names, past[1:], strict=True):
             binding.bind_ortvalue_input(name, value)
         for name in self._dec_outputs:
@@ -243,12 +262,13 @@ class OnnxRuntimeEngine:
             return result
         try:
             t0 = time.perf_counter()
-            image_embeds = self.run_vision(inputs["pixel_values"], inputs["grid_thw"])
+            image_embeds, deepstack = self.run_vision(inputs["pixel_values"], inputs["grid_thw"])
             result.vision_ms = _ms(t0)
 
             t0 = time.perf_counter()
             ids = inputs["input_ids"]
-            logits, past, rope_delta = self.prefill(ids, self.embed(ids, image_embeds), inputs["grid_thw"])
+            logits, past, rope_delta = self.prefill(ids, self.embed(ids, image_embeds), inputs["grid_thw"],
+                                                    deepstack)
             next_id = int(np.argmax(logits))
             result.prefill_ms = _ms(t0)
 

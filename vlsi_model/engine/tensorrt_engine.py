@@ -28,6 +28,9 @@ Runtime design (TensorRT 10 name-based API, documented in the TensorRT Python AP
   the mask value, in prefill and every decode step), so no engine input ever has a zero
   length: empty tensors in optimisation profiles are poorly supported across 10.x releases.
   The masked slot gets exactly zero attention weight, so results are unchanged.
+- Qwen3-VL (DeepStack): the vision engine's second output (deepstack_embeds [K, M, hidden])
+  is scattered to the image tokens' positions for the prefill's deepstack_embeds input
+  (`np_inputs.deepstack_at_tokens`); decode steps pass zeros, as the ONNX Runtime backend does.
 """
 
 from __future__ import annotations
@@ -322,10 +325,12 @@ class TensorRTEngine:
         self.num_layers, self.num_kv_heads = int(text["num_layers"]), int(text["num_kv_heads"])
         self.head_dim, self.hidden = int(text["head_dim"]), int(text["hidden_size"])
         self.mrope_section = [int(s) for s in text["mrope_section"]]
+        self.mrope_interleaved = bool(text.get("mrope_interleaved", False))
+        self.deepstack_layers = int(text.get("deepstack_layers") or 0)
         self.stop_token_ids = frozenset(int(t) for t in text["stop_token_ids"])
         self.mask_value = float(text["mask_value"])
         self.vision_spec = VisionSpec(em["model_type"], int(vision["merge_size"]), int(vision["patch_size"]),
-                                      int(vision.get("window_size") or 0))
+                                      int(vision.get("window_size") or 0), int(vision.get("position_grid") or 0))
         self.image_config = _image_config_with_limits(
             ImageConfig.from_json(self.engine_dir / "preprocessor_config.json"), em["image"])
         self.prompts = PromptBuilder.from_dir(self.engine_dir)
@@ -388,9 +393,11 @@ class TensorRTEngine:
             name = ve.get_tensor_name(i)
             if ve.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT:
                 shape = self._max_shape(ve, name, 0)
-            else:  # image_embeds [M, hidden]: M at most the patches / merge_size**2
+            else:  # image_embeds [M, hidden] (+ deepstack_embeds [K, M, hidden]): M <= patches / merge_size**2
                 patches = self._max_shape(ve, "pixel_values", 0)[0]
                 shape = (patches // self.vision_spec.merge_size**2, self.hidden)
+                if name == "deepstack_embeds":
+                    shape = (self.deepstack_layers, *shape)
             self._vbuf[name] = self.cuda.malloc(int(np.prod(shape)) * self._dtype(ve, name).itemsize)
         self.max_patches = self._max_shape(ve, "pixel_values", 0)[0]
         self.max_prefill = self._max_shape(de, "inputs_embeds", PREFILL_PROFILE)[1]
@@ -406,12 +413,16 @@ class TensorRTEngine:
             "rotary_cos": self.cuda.malloc(s * self.head_dim * fsize),
             "rotary_sin": self.cuda.malloc(s * self.head_dim * fsize),
             "attention_bias": self.cuda.malloc(s * max(self.max_total, s + PAD_SLOTS) * fsize),
+            **({"deepstack_embeds": self.cuda.malloc(self.deepstack_layers * s * self.hidden * fsize)}
+               if self.deepstack_layers else {}),
             "logits": self.cuda.malloc(int(self.export["text"]["vocab_size"]) * 4),
         }
         self._logits = np.empty((1, int(self.export["text"]["vocab_size"])), dtype=np.float32)
 
     # ------------------------------------------------------------------ stages
-    def _run_vision(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+    def _run_vision(self, pixel_values: np.ndarray,
+                    grid: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image embeddings [M, hidden], DeepStack features [K, M, hidden] or None)."""
         from vlsi_model.engine.np_inputs import vision_aux_inputs
 
         n = pixel_values.shape[0]
@@ -428,21 +439,30 @@ class TensorRTEngine:
             self._set_shape(ctx, ve, name, value.shape, 0)
             self.cuda.h2d(self._vbuf[name], value)
             ctx.set_tensor_address(name, self._vbuf[name])
-        ctx.set_tensor_address("image_embeds", self._vbuf["image_embeds"])
+        outputs = ["image_embeds", "deepstack_embeds"] if self.deepstack_layers else ["image_embeds"]
+        for name in outputs:
+            ctx.set_tensor_address(name, self._vbuf[name])
         if not ctx.execute_async_v3(self.cuda.stream_handle):
             raise EngineError("TensorRT vision engine failed to run")
-        out = np.empty(tuple(ctx.get_tensor_shape("image_embeds")), dtype=self._dtype(ve, "image_embeds"))
-        self.cuda.d2h(out, self._vbuf["image_embeds"])
+        out = []
+        for name in outputs:
+            out.append(np.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtype(ve, name)))
+            self.cuda.d2h(out[-1], self._vbuf[name])
         self.cuda.sync()
-        return out
+        return out[0], (out[1] if self.deepstack_layers else None)
 
     def _run_decoder(self, ctx: Any, embeds: np.ndarray, cos: np.ndarray, sin: np.ndarray, bias: np.ndarray,
-                     past_len: int, src: int) -> np.ndarray:
-        """One decoder call reading KV set `src` (length past_len), writing set 1 - src."""
+                     past_len: int, src: int, deepstack: np.ndarray | None = None) -> np.ndarray:
+        """One decoder call reading KV set `src` (length past_len), writing set 1 - src.
+        `deepstack`: Qwen3-VL's deepstack_embeds [K, 1, seq, hidden] (zeros when None)."""
         seq = embeds.shape[1]
         de, profile = self._decoder_engine, PREFILL_PROFILE if ctx is self._prefill_ctx else DECODE_PROFILE
-        for name, value in (("inputs_embeds", embeds), ("rotary_cos", cos), ("rotary_sin", sin),
-                            ("attention_bias", bias)):
+        feeds = [("inputs_embeds", embeds), ("rotary_cos", cos), ("rotary_sin", sin), ("attention_bias", bias)]
+        if self.deepstack_layers:
+            if deepstack is None:
+                deepstack = np.zeros((self.deepstack_layers, 1, seq, self.hidden), dtype=self.float_dtype)
+            feeds.append(("deepstack_embeds", deepstack))
+        for name, value in feeds:
             value = np.ascontiguousarray(value, dtype=self.float_dtype)
             self._set_shape(ctx, de, name, value.shape, profile)
             self.cuda.h2d(self._dbuf[name], value)
@@ -472,6 +492,7 @@ class TensorRTEngine:
         """
         from vlsi_model.engine.np_inputs import (
             causal_bias,
+            deepstack_at_tokens,
             mrope_cos_sin,
             preprocess_image,
             rope_index,
@@ -498,19 +519,22 @@ class TensorRTEngine:
             return result
 
         t0 = time.perf_counter()
-        image_embeds = self._run_vision(pixel_values, grid)
+        image_embeds, deepstack = self._run_vision(pixel_values, grid)
         result.vision_ms = _ms(t0)
 
         t0 = time.perf_counter()
         x = np.array(self.embed_tokens[ids], dtype=self.float_dtype)
         x[ids == self.image_token_id] = image_embeds.astype(self.float_dtype)
+        scattered = (deepstack_at_tokens(ids, self.image_token_id, deepstack, self.deepstack_layers,
+                                         self.float_dtype) if self.deepstack_layers else None)
         positions, rope_delta = rope_index(ids, self.image_token_id, grid, self.vision_spec.merge_size)
-        cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype)
+        cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype,
+                                 interleaved=self.mrope_interleaved)
         bias = causal_bias(len(ids), PAD_SLOTS, self.float_dtype, self.mask_value)
         bias[..., :PAD_SLOTS] = self.mask_value
         for slot in range(2 * self.num_layers):  # the pad slot's key/value: zeros
             self.cuda.memset(self._kv[0][slot], self.num_kv_heads * PAD_SLOTS * self.head_dim * self.kv_dtype.itemsize)
-        logits = self._run_decoder(self._prefill_ctx, x[None], cos, sin, bias, PAD_SLOTS, src=0)
+        logits = self._run_decoder(self._prefill_ctx, x[None], cos, sin, bias, PAD_SLOTS, src=0, deepstack=scattered)
         next_id = int(np.argmax(logits))
         src = 1
         result.prefill_ms = _ms(t0)
@@ -524,7 +548,8 @@ class TensorRTEngine:
             if past_len + 1 > self.max_total:  # the engine's profile ends here
                 return None
             pos = np.full((3, 1), seq_len + n - 1 + rope_delta, dtype=np.int64)
-            cos, sin = mrope_cos_sin(pos, self.text_inv_freq, self.mrope_section, self.float_dtype)
+            cos, sin = mrope_cos_sin(pos, self.text_inv_freq, self.mrope_section, self.float_dtype,
+                                     interleaved=self.mrope_interleaved)
             bias = np.zeros((1, 1, 1, past_len + 1), dtype=self.float_dtype)
             bias[..., :PAD_SLOTS] = self.mask_value
             emb = np.array(self.embed_tokens[[last_id]], dtype=self.float_dtype)[None]

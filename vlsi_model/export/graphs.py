@@ -1,4 +1,4 @@
-"""Export-friendly forward passes of Qwen2-VL / Qwen2.5-VL built from the Hugging Face modules' weights.
+"""Export-friendly forward passes of Qwen2-VL / Qwen2.5-VL / Qwen3-VL built from the Hugging Face modules' weights.
 
 Why not export the Hugging Face modules as they are: their forwards compute vision position
 ids, `cu_seqlens` and the window index with `.tolist()` loops and `repeat_interleave`, split
@@ -12,11 +12,16 @@ every data-dependent index computed outside the graph and fed in as an input:
   window permutation) -> merged image embeddings. Attention is one masked softmax over all
   patches; the mask comes from segment ids (`cu_seqlens` expressed per patch), so a
   dynamic patch count needs no loop.
+- `Qwen3VisionGraph`: Qwen3-VL's tower: the same attention blocks, plus its learned position
+  grid resampled to the image (the bilinear taps and weights are inputs) and DeepStack: the
+  features of some intermediate blocks, each through its own merger, as a second output.
 - `DecoderGraph`: one graph for prefill *and* decode (inputs_embeds, M-RoPE cos/sin, an
   additive attention bias, past KV of any length including 0 -> last-position logits +
   present KV). One graph means the weights exist once: in ONNX Runtime one session, in
   TensorRT one engine with a prefill and a decode optimisation profile. Two graphs would
   double the decoder's weights, which an 8 GB Jetson cannot afford for a 2B model.
+  Qwen3-VL: per-head q/k RMSNorms, and the DeepStack features (already scattered to the
+  image tokens' positions, zeros elsewhere) added to the outputs of the first layers.
 
 Only plain tensor arithmetic is used (MatMul, Softmax, Concat, Gather by int32 indices, ...)
 so every op is in TensorRT 10's ONNX operator set (checked by `trt_ops`). Parity with the
@@ -56,6 +61,35 @@ def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+def _vision_attention(blk: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+    """A vision block's attention (Qwen2-VL, Qwen2.5-VL and Qwen3-VL share it): rotary in float32
+    as Hugging Face applies it, one masked softmax over all patches (`bias` from segment ids)."""
+    # Shapes use -1 for the one dynamic size, so each reshape exports as a single Reshape
+    # with a constant shape (no Shape/Gather/Concat chains per layer).
+    attn = blk.attn
+    heads, head_dim = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(-1, 3, heads, head_dim).permute(1, 0, 2, 3)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, head_dim]
+    dtype = q.dtype
+    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    qf, kf = q.float(), k.float()
+    q = (qf * c + _rotate_half(qf, head_dim // 2) * s).to(dtype)
+    k = (kf * c + _rotate_half(kf, head_dim // 2) * s).to(dtype)
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, head_dim]
+    scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling + bias
+    probs = torch.softmax(scores.float(), dim=-1).to(dtype)
+    out = torch.matmul(probs, v).transpose(0, 1).reshape(-1, heads * head_dim)
+    return attn.proj(out)
+
+
+def _segment_bias(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias [1, N, N]: 0 between patches of one segment, masked between segments."""
+    same = segments.unsqueeze(1) == segments.unsqueeze(0)
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(same, zero, torch.full((), mask_value(dtype), dtype=dtype)).unsqueeze(0)
+
+
 class VisionGraph(nn.Module):
     """Vision tower of a Qwen2-VL or Qwen2.5-VL model with all index math fed in as inputs.
 
@@ -86,31 +120,6 @@ class VisionGraph(nn.Module):
         )
         self.full_blocks = set(getattr(cfg, "fullatt_block_indexes", None) or []) if self.windowed else None
 
-    def _attention(self, blk: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   bias: torch.Tensor) -> torch.Tensor:
-        # Shapes use -1 for the one dynamic size, so each reshape exports as a single Reshape
-        # with a constant shape (no Shape/Gather/Concat chains per layer).
-        attn = blk.attn
-        heads, head_dim = attn.num_heads, attn.head_dim
-        qkv = attn.qkv(x).reshape(-1, 3, heads, head_dim).permute(1, 0, 2, 3)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, head_dim]
-        dtype = q.dtype
-        c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-        qf, kf = q.float(), k.float()
-        q = (qf * c + _rotate_half(qf, head_dim // 2) * s).to(dtype)
-        k = (kf * c + _rotate_half(kf, head_dim // 2) * s).to(dtype)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, head_dim]
-        scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(dtype)
-        out = torch.matmul(probs, v).transpose(0, 1).reshape(-1, heads * head_dim)
-        return attn.proj(out)
-
-    @staticmethod
-    def _segment_bias(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        same = segments.unsqueeze(1) == segments.unsqueeze(0)
-        zero = torch.zeros((), dtype=dtype)
-        return torch.where(same, zero, torch.full((), mask_value(dtype), dtype=dtype)).unsqueeze(0)
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -125,7 +134,7 @@ class VisionGraph(nn.Module):
         x = torch.matmul(pixel_values.to(dtype), self.patch_weight)
         width = x.shape[1]
         cos, sin = rotary_cos, rotary_sin
-        full_bias = self._segment_bias(full_segments, dtype)
+        full_bias = _segment_bias(full_segments, dtype)
         window_bias = full_bias
         if self.windowed:
             assert window_segments is not None and window_index is not None and reverse_index is not None
@@ -136,11 +145,11 @@ class VisionGraph(nn.Module):
             cos = torch.index_select(cos.reshape(-1, u * hd), 0, window_index).reshape(-1, hd)
             sin = torch.index_select(sin.reshape(-1, u * hd), 0, window_index).reshape(-1, hd)
             full_segments_w = torch.index_select(full_segments.reshape(-1, u), 0, window_index).reshape(-1)
-            full_bias = self._segment_bias(full_segments_w, dtype)
-            window_bias = self._segment_bias(window_segments, dtype)
+            full_bias = _segment_bias(full_segments_w, dtype)
+            window_bias = _segment_bias(window_segments, dtype)
         for i, blk in enumerate(self.visual.blocks):
             bias = full_bias if (not self.windowed or i in self.full_blocks) else window_bias
-            x = x + self._attention(blk, _norm(blk.norm1, x), cos, sin, bias)
+            x = x + _vision_attention(blk, _norm(blk.norm1, x), cos, sin, bias)
             x = x + blk.mlp(_norm(blk.norm2, x))
         merger = self.visual.merger  # its forward, with the norm upcast (see _norm)
         merged = merger.mlp(_norm(merger.ln_q, x).view(-1, merger.hidden_size))
@@ -149,14 +158,81 @@ class VisionGraph(nn.Module):
         return merged
 
 
+class Qwen3VisionGraph(nn.Module):
+    """Vision tower of a Qwen3-VL model with all index math fed in as inputs.
+
+    Inputs (N patches, M = N / merge_size**2 merged tokens):
+      pixel_values   [N, C*T*P*P]  the image processor's flattened patches (natural order)
+      pos_indices    [N, 4] int32  the four taps of each patch into the learned position grid
+      pos_weights    [N, 4]        their bilinear weights (float32)
+      rotary_cos/sin [N, head_dim] vision rotary tables for the patches' (h, w) positions
+      full_segments  [N] int32     image id of each patch (attention stays within one image)
+    Outputs: image_embeds [M, text_hidden] (the final merger's, as `get_image_features`),
+      deepstack_embeds [K, M, text_hidden]: the features after each vision block in
+      `deepstack_visual_indexes`, through that block's DeepStack merger.
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+        cfg = visual.config
+        self.deepstack = list(visual.deepstack_visual_indexes)
+        pe = visual.patch_embed
+        # The patch Conv3d (stride == kernel) as a MatMul + bias: the same sum (see VisionGraph).
+        self.register_buffer(
+            "patch_weight", pe.proj.weight.detach().reshape(pe.proj.weight.shape[0], -1).t().contiguous(),
+            persistent=False,
+        )
+        self.register_buffer("patch_bias", pe.proj.bias.detach().clone(), persistent=False)
+        self.hidden = int(cfg.hidden_size)
+
+    @staticmethod
+    def _merge(merger: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`merger(x)` with its LayerNorm upcast (see _norm): before the 2x2 shuffle for the final
+        merger, after it for the DeepStack ones (`use_postshuffle_norm`)."""
+        if merger.use_postshuffle_norm:
+            x = _norm(merger.norm, x.reshape(-1, merger.hidden_size))
+        else:
+            x = _norm(merger.norm, x).reshape(-1, merger.hidden_size)
+        return merger.linear_fc2(merger.act_fn(merger.linear_fc1(x)))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pos_indices: torch.Tensor,
+        pos_weights: torch.Tensor,
+        rotary_cos: torch.Tensor,
+        rotary_sin: torch.Tensor,
+        full_segments: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.patch_weight.dtype
+        x = torch.matmul(pixel_values.to(dtype), self.patch_weight) + self.patch_bias
+        # The position grid resampled to this image: a weighted sum of 4 learned rows per patch,
+        # in float32 as Hugging Face computes it (float32 weights promote the product).
+        table = self.visual.pos_embed.weight
+        taps = torch.index_select(table, 0, pos_indices.reshape(-1)).reshape(-1, 4, self.hidden)
+        x = x + (taps.float() * pos_weights.float().unsqueeze(-1)).sum(1).to(dtype)
+        bias = _segment_bias(full_segments, dtype)
+        features = []
+        for i, blk in enumerate(self.visual.blocks):
+            x = x + _vision_attention(blk, _norm(blk.norm1, x), rotary_cos, rotary_sin, bias)
+            x = x + blk.mlp(_norm(blk.norm2, x))
+            if i in self.deepstack:
+                features.append(self._merge(self.visual.deepstack_merger_list[self.deepstack.index(i)], x))
+        return self._merge(self.visual.merger, x), torch.stack(features)
+
+
 class DecoderGraph(nn.Module):
-    """Text decoder + lm_head of a Qwen2-VL / Qwen2.5-VL model with an explicit KV cache.
+    """Text decoder + lm_head of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model with an explicit KV cache.
 
     Inputs (S new tokens, P cached tokens, T = P + S):
       inputs_embeds  [1, S, hidden]   token embeddings, image embeddings already scattered in
       rotary_cos/sin [1, S, head_dim] M-RoPE tables of the new tokens' 3-D positions
       attention_bias [1, 1, S, T]     additive: 0 = may attend, large negative = masked
                                       (prefill: causal; decode: all zeros)
+      deepstack_embeds [K, 1, S, hidden]  Qwen3-VL only: DeepStack features at the image
+                                      tokens' positions (zeros elsewhere and when decoding),
+                                      added to the output of layer k < K
       past_key_i / past_value_i [1, kv_heads, P, head_dim] for each layer i (P may be 0)
     Outputs: logits [1, vocab] (float32, last position only: all greedy decoding needs),
       present_key_i / present_value_i [1, kv_heads, T, head_dim].
@@ -170,7 +246,9 @@ class DecoderGraph(nn.Module):
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        # Qwen3-VL gives head_dim explicitly (128 whatever the width); Qwen2-VL derives it.
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.deepstack_layers = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
         self.groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         self.vocab_size = self.lm_head.out_features
@@ -185,8 +263,11 @@ class DecoderGraph(nn.Module):
         # of materialising repeated K/V.
         attn = layer.self_attn
         nh, kvh, hd, g = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
-        q = attn.q_proj(x).reshape(1, -1, nh, hd).transpose(1, 2)
-        k = attn.k_proj(x).reshape(1, -1, kvh, hd).transpose(1, 2)
+        q = attn.q_proj(x).reshape(1, -1, nh, hd)
+        k = attn.k_proj(x).reshape(1, -1, kvh, hd)
+        if hasattr(attn, "q_norm"):  # Qwen3-VL: RMSNorm over each head's vector, before the rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).reshape(1, -1, kvh, hd).transpose(1, 2)
         c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + _rotate_half(q, hd // 2) * sn
@@ -206,8 +287,10 @@ class DecoderGraph(nn.Module):
         rotary_cos: torch.Tensor,
         rotary_sin: torch.Tensor,
         attention_bias: torch.Tensor,
-        *past: torch.Tensor,
+        *extra: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        # Qwen3-VL: deepstack_embeds comes first in `extra`, then the past KV.
+        deepstack, past = (extra[0], extra[1:]) if self.deepstack_layers else (None, extra)
         x = inputs_embeds
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.lm.layers):
@@ -216,6 +299,8 @@ class DecoderGraph(nn.Module):
             )
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if deepstack is not None and i < self.deepstack_layers:
+                x = x + deepstack[i]
             presents += [k, v]
         last = self.lm.norm(x[:, -1, :])
         logits = self.lm_head(last).float().reshape(1, self.vocab_size)  # static [1, vocab] in the graph

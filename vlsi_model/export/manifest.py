@@ -8,7 +8,9 @@ source weights, tool versions) so a stale export is recognisable.
 
 Directory layout:
   vision.onnx            pixel patches (+ rotary/segment inputs) -> merged image embeddings
+                         (Qwen3-VL: + position-grid taps in, DeepStack features out)
   decoder.onnx           prefill and decode (past length 0 = prefill) -> logits + present KV
+                         (Qwen3-VL: + the DeepStack features at the image tokens in)
   embed_tokens.npy       the token embedding table [vocab, hidden] (model dtype)
   rope.npz               text_inv_freq, vision_inv_freq (exact float32 copies of the model's)
   tokenizer.json, tokenizer_config.json, chat_template.*, preprocessor_config.json,
@@ -47,10 +49,8 @@ COPIED_FILES = (
     "vlsi_model.json",
 )
 REQUIRED_KEYS = ("format", "format_version", "model_type", "text", "vision", "image", "graphs", "files")
-# The architectures `vlsi export` (and so ONNX Runtime / TensorRT) handles. Not yet Qwen3-VL:
-# its DeepStack adds vision features inside the decoder, which `DecoderGraph` does not take,
-# and its vision tower (learned position grid resampled per image) has no `VisionGraph`.
-EXPORTABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# The architectures `vlsi export` (and so ONNX Runtime / TensorRT) handles.
+EXPORTABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def model_type_of(model_dir: str | Path) -> str | None:

@@ -1,4 +1,4 @@
-"""How much memory a Qwen2-VL / Qwen2.5-VL deployment needs on a Jetson, computed from config numbers.
+"""How much memory a Qwen2-VL / Qwen2.5-VL / Qwen3-VL deployment needs on a Jetson, computed from config numbers.
 
 8 GB boards (Orin Nano / Orin NX 8GB) share that memory between the OS, ROS, the CPU-side
 runtime and the GPU, so "does it fit?" has to be answered before building engines (a
@@ -57,6 +57,40 @@ QWEN2_VL_2B_CONFIG: dict[str, Any] = {
 }
 
 
+# config.json numbers of Qwen/Qwen3-VL-2B-Instruct, as several independent public repositories
+# mirror them (the model hub is not reachable here); `param_counts` is checked against a model
+# built from this dict on the meta device, not against the hub's parameter count.
+QWEN3_VL_2B_CONFIG: dict[str, Any] = {
+    "model_type": "qwen3_vl",
+    "tie_word_embeddings": True,
+    "text_config": {
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "default", "mrope_interleaved": True, "mrope_section": [24, 20, 20]},
+    },
+    "vision_config": {
+        "depth": 24,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_heads": 16,
+        "in_channels": 3,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": 2048,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [5, 11, 17],
+    },
+}
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """The sizes that decide memory, read from a config.json dict (`from_config`)."""
@@ -78,10 +112,14 @@ class ModelDims:
     merge_size: int = 2
     temporal_patch_size: int = 2
     in_channels: int = 3
+    explicit_head_dim: int = 0  # Qwen3-VL gives head_dim (128 whatever the width); 0: hidden // heads
+    attention_bias: bool = True  # q/k/v projection biases (Qwen2-VL, Qwen2.5-VL; not Qwen3-VL)
+    position_embeddings: int = 0  # Qwen3-VL's learned vision position grid (side x side rows)
+    deepstack: int = 0  # Qwen3-VL's DeepStack mergers
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
@@ -89,7 +127,7 @@ class ModelDims:
         text = {**cfg, **(cfg.get("text_config") or {})}
         v = cfg["vision_config"]
         model_type = cfg.get("model_type", "qwen2_vl")
-        if model_type == "qwen2_5_vl":
+        if model_type in ("qwen2_5_vl", "qwen3_vl"):
             width, mlp, out = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["out_hidden_size"])
         else:
             width = int(v["embed_dim"])
@@ -112,13 +150,18 @@ class ModelDims:
             merge_size=int(v.get("spatial_merge_size", 2)),
             temporal_patch_size=int(v.get("temporal_patch_size", 2)),
             in_channels=int(v.get("in_channels", 3)),
+            explicit_head_dim=int(text.get("head_dim") or 0) if model_type == "qwen3_vl" else 0,
+            attention_bias=bool(text.get("attention_bias", False)) if model_type == "qwen3_vl" else True,
+            position_embeddings=int(v.get("num_position_embeddings") or 0) if model_type == "qwen3_vl" else 0,
+            deepstack=len(v.get("deepstack_visual_indexes") or []) if model_type == "qwen3_vl" else 0,
         )
 
 
 def param_counts(d: ModelDims) -> dict[str, int]:
     """Parameters per component: vision, decoder_layers (+ final norm), embed, lm_head."""
     e = d.vision_width
-    patch = d.in_channels * d.temporal_patch_size * d.patch_size**2 * e  # Conv3d, no bias
+    qwen3 = d.model_type == "qwen3_vl"
+    patch = d.in_channels * d.temporal_patch_size * d.patch_size**2 * e + (e if qwen3 else 0)  # Conv3d (+ bias)
     attn = e * 3 * e + 3 * e + e * e + e  # qkv + proj (with biases)
     if d.model_type == "qwen2_5_vl":
         norms, mlp = 2 * e, 3 * e * d.vision_mlp + 2 * d.vision_mlp + e  # RMSNorm x2; gated MLP with biases
@@ -127,11 +170,15 @@ def param_counts(d: ModelDims) -> dict[str, int]:
         norms, mlp = 4 * e, 2 * e * d.vision_mlp + d.vision_mlp + e  # LayerNorm x2; fc1 + fc2 with biases
         merger_norm = 2 * e
     m = e * d.merge_size**2
-    merger = merger_norm + m * m + m + m * d.vision_out + d.vision_out
-    vision = patch + d.vision_depth * (norms + attn + mlp) + merger
+    merger_mlp = m * m + m + m * d.vision_out + d.vision_out
+    # Qwen3-VL: the learned position grid, and one DeepStack merger (LayerNorm over the 2x2 shuffle) each
+    extra = d.position_embeddings * e + d.deepstack * (2 * m + merger_mlp)
+    vision = patch + d.vision_depth * (norms + attn + mlp) + merger_norm + merger_mlp + extra
 
-    h, kv = d.hidden, d.kv_heads * d.head_dim
-    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * d.intermediate + 2 * h
+    h, kv, q = d.hidden, d.kv_heads * d.head_dim, d.heads * d.head_dim
+    bias = int(d.attention_bias)
+    layer = (h * q + bias * q) + 2 * (h * kv + bias * kv) + q * h + 3 * h * d.intermediate + 2 * h
+    layer += 2 * d.head_dim if qwen3 else 0  # q_norm, k_norm
     return {"vision": vision, "decoder_layers": d.layers * layer + h, "embed": d.vocab * h, "lm_head": d.vocab * h}
 
 

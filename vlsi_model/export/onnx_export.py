@@ -1,6 +1,9 @@
-"""`vlsi export`: a Qwen2-VL / Qwen2.5-VL model directory -> ONNX graphs + everything to run them.
+"""`vlsi export`: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model directory -> ONNX graphs + everything to run them.
 
-Qwen3-VL is refused (`UnsupportedModelError`, see `manifest.EXPORTABLE_MODEL_TYPES`).
+Qwen3-VL's DeepStack crosses the two graphs: the vision graph also returns the features of
+its DeepStack blocks, the runtime scatters them to the image tokens' positions, and the
+decoder graph adds them to its first layers' outputs (`graphs.Qwen3VisionGraph`, the
+`deepstack_embeds` input of `graphs.DecoderGraph`).
 
 What is written, and why in this shape (see `manifest` for the directory layout):
 
@@ -63,7 +66,7 @@ class ExportOptionsError(ExportError):
 
 
 class UnsupportedModelError(ExportError):
-    """The model's architecture has no ONNX export (yet): e.g. Qwen3-VL."""
+    """The model's architecture has no ONNX export (yet): see manifest.EXPORTABLE_MODEL_TYPES."""
 
 
 @dataclass(frozen=True)
@@ -212,14 +215,14 @@ def export_model(
     """Export `model_dir` into `out_dir` (written atomically); returns the manifest.
 
     Raises ExportError for bad options, a failed check or parity beyond tolerance,
-    UnsupportedModelError for an architecture without an export (Qwen3-VL), and
+    UnsupportedModelError for an architecture without an export, and
     ModelLoadError for a bad model directory.
     """
     import torch
 
     from vlsi_model.checkpoint import load_model_dir, read_metadata
     from vlsi_model.engine.np_inputs import ImageConfig, VisionSpec, preprocess_image, vision_aux_inputs
-    from vlsi_model.export.graphs import DecoderGraph, VisionGraph, mask_value
+    from vlsi_model.export.graphs import DecoderGraph, Qwen3VisionGraph, VisionGraph, mask_value
 
     say = progress or (lambda msg: log.info(msg))
     options = options or ExportOptions()
@@ -254,8 +257,10 @@ def export_model(
     per_patch = patch * patch
     min_patches = max(merge * merge, (min_pixels // (factor * factor)) * merge * merge)
     max_patches = (max_pixels // (factor * factor)) * merge * merge
+    qwen3 = model_type == "qwen3_vl"
     spec = VisionSpec(model_type=model_type, merge_size=merge, patch_size=patch,
-                      window_size=int(getattr(vcfg, "window_size", 0) or 0))
+                      window_size=int(getattr(vcfg, "window_size", 0) or 0),
+                      position_grid=round(int(vcfg.num_position_embeddings) ** 0.5) if qwen3 else 0)
 
     # Example image for tracing and the parity check: a synthetic scene, not square, so the
     # two grid axes differ (catches swapped height/width).
@@ -269,17 +274,23 @@ def export_model(
     try:
         # ---- vision --------------------------------------------------------------------
         say(f"exporting the vision tower ({model_type}, grid {grid[1]}x{grid[2]} patches in the example)")
-        vision = VisionGraph(model.model.visual, model_type).eval()
+        vision = (Qwen3VisionGraph(model.model.visual) if qwen3 else VisionGraph(model.model.visual, model_type)).eval()
         aux = vision_aux_inputs(grid, spec, model.model.visual.rotary_pos_emb.inv_freq.float().numpy())
-        v_names = ["pixel_values", "rotary_cos", "rotary_sin", "full_segments"]
+        v_names = ["pixel_values", "rotary_cos", "rotary_sin", "full_segments"]  # one row per patch
+        if qwen3:
+            v_names = ["pixel_values", "pos_indices", "pos_weights", "rotary_cos", "rotary_sin", "full_segments"]
+        per_patch_inputs = len(v_names)
         if model_type == "qwen2_5_vl":
             v_names += ["window_segments", "window_index", "reverse_index"]
+        v_outputs = ["image_embeds", "deepstack_embeds"] if qwen3 else ["image_embeds"]
         v_args = tuple(torch.from_numpy(pixel_values if n == "pixel_values" else aux[n]) for n in v_names)
         v_dyn: dict[str, dict[int, str]] = {}
         v_shapes: Any = None
         if fixed is None:
-            v_dyn = {n: {0: "patches"} for n in v_names[:4]}
+            v_dyn = {n: {0: "patches"} for n in v_names[:per_patch_inputs]}
             v_dyn["image_embeds"] = {0: "image_tokens"}
+            if qwen3:
+                v_dyn["deepstack_embeds"] = {1: "image_tokens"}
             if model_type == "qwen2_5_vl":
                 v_dyn["window_segments"] = {0: "patches"}
                 v_dyn["window_index"] = {0: "image_tokens"}
@@ -287,10 +298,10 @@ def export_model(
             if options.exporter == "dynamo":
                 m_dim = torch.export.Dim("image_tokens", min=1, max=max(max_patches // (merge * merge), 2))
                 p_dim = merge * merge * m_dim
-                v_shapes = tuple({0: p_dim} for _ in v_names[:4])
+                v_shapes = tuple({0: p_dim} for _ in v_names[:per_patch_inputs])
                 if model_type == "qwen2_5_vl":
                     v_shapes += ({0: p_dim}, {0: m_dim}, {0: m_dim})
-        _torch_export(vision, v_args, tmp / mf.VISION_FILE, v_names, ["image_embeds"], v_dyn, options.opset,
+        _torch_export(vision, v_args, tmp / mf.VISION_FILE, v_names, v_outputs, v_dyn, options.opset,
                       options.exporter, v_shapes)
 
         # ---- decoder -------------------------------------------------------------------
@@ -304,19 +315,25 @@ def export_model(
                   torch.randn(1, s_ex, hd, generator=g).to(torch_dtype),
                   torch.randn(1, s_ex, hd, generator=g).to(torch_dtype),
                   torch.zeros(1, 1, s_ex, p_ex + s_ex, dtype=torch_dtype)]
+        deepstack_layers = decoder.deepstack_layers
+        ds_names = ["deepstack_embeds"] if deepstack_layers else []
+        if deepstack_layers:
+            d_args.append(torch.randn(deepstack_layers, 1, s_ex, hidden, generator=g).to(torch_dtype))
         d_args += [torch.randn(1, kvh, p_ex, hd, generator=g).to(torch_dtype) for _ in range(2 * n_layers)]
         kv_in = [f"past_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
         kv_out = [f"present_{kv}_{i}" for i in range(n_layers) for kv in ("key", "value")]
-        d_names = ["inputs_embeds", "rotary_cos", "rotary_sin", "attention_bias", *kv_in]
+        d_names = ["inputs_embeds", "rotary_cos", "rotary_sin", "attention_bias", *ds_names, *kv_in]
         d_dyn: dict[str, dict[int, str]] = {
             "inputs_embeds": {1: "seq"}, "rotary_cos": {1: "seq"}, "rotary_sin": {1: "seq"},
-            "attention_bias": {2: "seq", 3: "total"},
+            "attention_bias": {2: "seq", 3: "total"}, **{n: {2: "seq"} for n in ds_names},
             **{n: {2: "past"} for n in kv_in}, **{n: {2: "total"} for n in kv_out},
         }
         d_shapes = None
         if options.exporter == "dynamo":
             auto = torch.export.Dim.AUTO
-            d_shapes = ({1: auto}, {1: auto}, {1: auto}, {2: auto, 3: auto}, tuple({2: auto} for _ in kv_in))
+            # DecoderGraph.forward's *extra (DeepStack features, then the past KV) is one tuple here
+            d_shapes = ({1: auto}, {1: auto}, {1: auto}, {2: auto, 3: auto},
+                        tuple({2: auto} for _ in [*ds_names, *kv_in]))
         _torch_export(decoder, tuple(d_args), tmp / mf.DECODER_FILE, d_names, ["logits", *kv_out], d_dyn,
                       options.opset, options.exporter, d_shapes)
 
@@ -364,6 +381,8 @@ def export_model(
                 "vocab_size": int(text_cfg.vocab_size),
                 "max_position_embeddings": int(text_cfg.max_position_embeddings),
                 "mrope_section": [int(s) for s in text_cfg.rope_parameters["mrope_section"]],
+                "mrope_interleaved": qwen3,  # Qwen3-VL's interleaved M-RoPE layout (np_inputs.mrope_cos_sin)
+                "deepstack_layers": deepstack_layers,
                 "image_token_id": int(cfg.image_token_id),
                 "stop_token_ids": _stop_token_ids(model, tokenizer),
                 "mask_value": mask_value(torch_dtype),
@@ -374,6 +393,8 @@ def export_model(
                 "temporal_patch_size": int(vcfg.temporal_patch_size),
                 "patch_dim": int(pixel_values.shape[1]),
                 "window_size": spec.window_size,
+                "position_grid": spec.position_grid,
+                "deepstack_visual_indexes": [int(i) for i in getattr(vcfg, "deepstack_visual_indexes", None) or []],
                 "num_heads": int(vcfg.num_heads),
                 "depth": int(vcfg.depth),
                 "inputs": v_names,
@@ -494,14 +515,19 @@ def parity_check(model: Any, tokenizer: Any, processor: Any, export_dir: str | P
         out["pixel_values_max_abs_diff"] = float(np.abs(ref["pixel_values"].numpy() - prep["pixel_values"]).max())
         dtype = next(model.parameters()).dtype
         with torch.inference_mode():
-            feats = model.model.get_image_features(ref["pixel_values"].to(dtype), ref["image_grid_thw"],
-                                                   return_dict=True).pooler_output
+            vision_out = model.model.get_image_features(ref["pixel_values"].to(dtype), ref["image_grid_thw"],
+                                                        return_dict=True)
+            feats = vision_out.pooler_output
             t_img = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats
-            o_img = engine.run_vision(prep["pixel_values"], prep["grid_thw"])
+            o_img, o_deepstack = engine.run_vision(prep["pixel_values"], prep["grid_thw"])
             out["vision_max_abs_diff"] = float(np.abs(o_img.astype(np.float32) - t_img.float().numpy()).max())
+            if o_deepstack is not None:  # Qwen3-VL: every DeepStack block's features too
+                t_deep = np.stack([torch.cat(list(f), 0).float().numpy() if isinstance(f, (list, tuple))
+                                   else f.float().numpy() for f in vision_out.deepstack_features])
+                out["deepstack_max_abs_diff"] = float(np.abs(o_deepstack.astype(np.float32) - t_deep).max())
 
             ids = prep["input_ids"]
-            o_logits, past, rope_delta = engine.prefill(ids, engine.embed(ids, o_img), prep["grid_thw"])
+            o_logits, past, rope_delta = engine.prefill(ids, engine.embed(ids, o_img), prep["grid_thw"], o_deepstack)
             t_out = model(**{k: v for k, v in ref.items() if k != "labels"}, use_cache=False)
             t_logits = t_out.logits[0, -1].float().numpy()
             out["prefill_logits_max_abs_diff"] = float(np.abs(o_logits - t_logits).max())
