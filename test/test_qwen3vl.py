@@ -548,3 +548,16 @@ def test_vlsi_train_from_config_qwen3vl_with_frozen_vision(tmp_path):
     trainable = {n for n, p in fresh.model.visual.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("merger.", "deepstack_merger_list.")) for n in trainable)
     assert any(n.startswith("deepstack_merger_list.") for n in trainable)
+
+
+@pytest.mark.parametrize(("name", "millions"), [("QWEN3_VL_2B_CONFIG", 88.080384), ("QWEN3_VL_4B_CONFIG", 176.9472)])
+def test_verbalizers_of_the_real_sizes(name, millions):
+    """The README's verbalizer sizes: the project's own Verbalizers at the default targets of the
+    real configs, built on the meta device."""
+    from vlsi_model.distill.verbalizer import Verbalizers, select_target_layers
+    from vlsi_model.export import memory
+
+    text = getattr(memory, name)["text_config"]
+    with torch.device("meta"):
+        verb = Verbalizers(text["hidden_size"], select_target_layers(text["num_hidden_layers"]))
+    assert sum(p.numel() for p in verb.parameters()) == round(millions * 1e6)

@@ -91,6 +91,16 @@ QWEN3_VL_2B_CONFIG: dict[str, Any] = {
 }
 
 
+# Qwen/Qwen3-VL-4B-Instruct: the same vision tower (merged to the wider text model), text
+# 2560 x 36 layers (same sources as the 2B).
+QWEN3_VL_4B_CONFIG: dict[str, Any] = {
+    **QWEN3_VL_2B_CONFIG,
+    "text_config": {**QWEN3_VL_2B_CONFIG["text_config"], "hidden_size": 2560, "intermediate_size": 9728,
+                    "num_hidden_layers": 36, "num_attention_heads": 32},
+    "vision_config": {**QWEN3_VL_2B_CONFIG["vision_config"], "out_hidden_size": 2560},
+}
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """The sizes that decide memory, read from a config.json dict (`from_config`)."""
