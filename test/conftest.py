@@ -85,6 +85,18 @@ def tiny_qwen25vl_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3vl_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
+    """Directory of a tiny random Qwen3-VL (text 64 x 3 layers, DeepStack into the first 2, 16 px
+    patches), HF layout."""
+    from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen3vl_config
+
+    model = build_model(tiny_qwen3vl_config(tokenizer=tiny_tokenizer, num_layers=3), seed=5)
+    processor = make_image_processor(min_pixels=56 * 56, max_pixels=112 * 112, model_type="qwen3_vl")
+    return save_model_dir(model, tiny_tokenizer, processor, tmp_path_factory.mktemp("tiny_qwen3vl") / "model",
+                          metadata={"placeholder": False, "test": True})
+
+
+@pytest.fixture(scope="session")
 def yes_model_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
     """A tiny Qwen2-VL trained in the fixture to answer "yes" to anything.
 

@@ -76,6 +76,19 @@ def test_bench_cli_quick_run(tiny_qwen2vl_dir, tmp_path, capsys):
     assert "ratios are not printed" in captured.out
 
 
+def test_bench_runs_a_qwen3vl_model(tiny_qwen3vl_dir, tmp_path, capsys):
+    """Qwen3-VL through `vlsi bench`: torch and onnxruntime (its export carries DeepStack) give
+    generate's tokens on every question."""
+    out_json = tmp_path / "bench.json"
+    rc = cli_main(["bench", "--model", str(tiny_qwen3vl_dir), "--backends", "torch,onnxruntime", "--questions", "2",
+                   "--max-new-tokens", "4", "--threads", "1", "--onnx", str(export_once(tiny_qwen3vl_dir)),
+                   "--json", str(out_json), "--max-load", "0"])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads(out_json.read_text())["results"]
+    for name in ("torch", "onnxruntime"):
+        assert "error" not in results[name] and results[name]["same_tokens_as_generate"] == 2, results[name]
+
+
 def test_bench_cli_rejects_unknown_backend():
     with pytest.raises(SystemExit):
         cli_main(["bench", "--backends", "torch,jax"])

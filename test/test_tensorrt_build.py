@@ -253,17 +253,6 @@ def test_int8_needs_qdq_export(export_dir, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ memory arithmetic
 @pytest.fixture(scope="module")
-def tiny_qwen3vl_dir(tmp_path_factory, tiny_tokenizer, torch_threads):
-    """A tiny Qwen3-VL (3 text layers, DeepStack into the first 2), HF layout."""
-    from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen3vl_config
-
-    model = build_model(tiny_qwen3vl_config(tokenizer=tiny_tokenizer, num_layers=3), seed=5)
-    processor = make_image_processor(min_pixels=56 * 56, max_pixels=112 * 112, model_type="qwen3_vl")
-    return save_model_dir(model, tiny_tokenizer, processor, tmp_path_factory.mktemp("qwen3vl_trt") / "model",
-                          metadata={"placeholder": False, "test": True})
-
-
-@pytest.fixture(scope="module")
 def qwen3vl_export(tiny_qwen3vl_dir):
     return export_once(tiny_qwen3vl_dir)
 

@@ -522,3 +522,28 @@ def test_request_timeout_gives_clear_error_and_node_keeps_serving(ros_context, t
         spinner.join(5)
         node.release()
         node.destroy_node()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_qwen3vl_model_serves_like_its_engine(ros_context, tiny_qwen3vl_dir, tmp_path, backend):
+    """The node is architecture-agnostic: a Qwen3-VL directory (torch, or its ONNX export with
+    DeepStack) answers about the frame it was sent exactly as the torch engine does."""
+    from onnx_helpers import export_once
+
+    params = {"model_path": str(tiny_qwen3vl_dir), "backend": backend, "max_new_tokens": 8, "max_frame_age_s": 30.0}
+    if backend == "onnxruntime":
+        params["engine_dir"] = str(export_once(tiny_qwen3vl_dir))
+    proc = NodeProcess("vqa_node", params, log_path=tmp_path / "vqa_qwen3vl.log")
+    harness = ClientHarness(f"qwen3vl_client_{backend}")
+    engine = load_engine(tiny_qwen3vl_dir, backend="torch")
+    try:
+        harness.client.wait_until_ready(60)
+        harness.publisher = harness.node.create_publisher(Image, "image", RELIABLE)
+        image = scene_image(4)
+        response = publish_until_answered(harness, rgb_to_image_msg(image, "rgb8", now_header(harness.node, "q3")))
+        assert response.answer == expected_answer(engine, image)
+    finally:
+        engine.close()
+        harness.close()
+        code = proc.stop()
+        assert code == 0, proc.log_text()
