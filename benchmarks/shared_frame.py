@@ -41,15 +41,9 @@ def build_engine(dims: str, threads: int):
     torch.set_num_threads(threads)
     if dims == "nano":
         return TorchEngine.from_dir(default_model_path(), num_threads=threads)
-    from vlsi_model.checkpoint import load_model_dir
-    from vlsi_model.models import build_model, make_image_processor, tiny_qwen2vl_config
+    from real_size_models import build_real_size_model
 
-    _, tokenizer, _ = load_model_dir(default_model_path())  # any Qwen2-VL tokenizer: the ids only
-    config = tiny_qwen2vl_config(vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-                                 intermediate_size=8960, vision_depth=32, vision_embed_dim=1280, vision_heads=16,
-                                 tie_word_embeddings=True, max_position_embeddings=32768, tokenizer=tokenizer)
-    model = build_model(config, seed=0).eval()
-    processor = make_image_processor(min_pixels=56 * 56, max_pixels=448 * 448)
+    model, tokenizer, processor = build_real_size_model("qwen2_vl_2b", max_pixels=448 * 448)
     return TorchEngine(model, tokenizer, processor, model_name="random-2b", num_threads=threads)
 
 
