@@ -238,6 +238,9 @@ class StudyArgs:
     # R-open (preregistration amendment 2): answers with many valid forms; content match is every
     # table's figure, exact match is kept beside it in each result ("exact").
     open_forms: bool = False
+    # Answer tokens decoded per test question: 16 holds every one-form answer (at most 10 tokens);
+    # open-form captions reach 55 (preregistration amendment 4: R-open evaluates with 64).
+    max_new_tokens: int = 16
 
 
 def row_train_data(row: Row, a: StudyArgs) -> str | list[dict[str, Any]]:
@@ -312,7 +315,7 @@ def _evaluate(model_dir: Path, a: StudyArgs, dest: Path, test_data: Path | None 
     engine = load_engine(model_dir, "torch", device=_device())
     try:
         results = evaluate(model_dir, test_data or a.test_data, max_samples=a.eval_samples, engine=engine,
-                           open_forms=a.open_forms)
+                           open_forms=a.open_forms, max_new_tokens=a.max_new_tokens)
     finally:
         engine.close()
     if a.open_forms:
@@ -762,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interact-trains", choices=("decoder", "language_model"), default=None,
                    help="what step 2 trains: the decoder layers (default for a pretrained --student-init) or the "
                         "whole language model with embeddings and LM head (default for --student-init random)")
+    p.add_argument("--max-new-tokens", type=int, default=16,
+                   help="answer tokens decoded per test question (R-open: 64, its captions reach 55)")
     p.add_argument("--open-forms", action="store_true",
                    help="R-open: score content match (synonyms, list order, number words) as every figure")
     p.add_argument("--report-only", action="store_true",
@@ -794,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
                   extra_tests=_parse_extra_tests(p, args.extra_test),
                   interact_trains=args.interact_trains or default_interact_trains(args.student_init),
                   sources=_parse_extra_tests(p, args.source, "--source"), archive=args.archive,
-                  open_forms=args.open_forms)
+                  open_forms=args.open_forms, max_new_tokens=args.max_new_tokens)
     for path, what in ((a.teacher, "teacher model"), (a.test_data, "test data"),
                        *(((a.train_data, "train data"),) if not a.sources else ()),
                        *((path, f"extra test {name}") for name, path in a.extra_tests.items()),
@@ -835,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# VLsI study (nano family)\n\nbudget {a.budget} student steps per row, seeds {seeds}, "
             f"device {_device()}, step 2 trains the {a.interact_trains.replace('_', ' ')}, test {a.test_data}"
             + (", figures: content match (open-form answers; exact match in results.json)" if a.open_forms else "")
+            + (f", up to {a.max_new_tokens} answer tokens" if a.max_new_tokens != 16 else "")
             + "".join(f", {name} (set): {path}" for name, path in a.extra_tests.items())
             + "".join(f", source {name}: {path}" for name, path in a.sources.items()) + f"\n\n{table}\n"
             + (f"\n## Pre-registered comparisons (docs/study/preregistration.md)\n\n{comparisons}\n"
