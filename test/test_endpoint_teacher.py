@@ -238,7 +238,9 @@ def test_answer_from_choice_rules():
     a = answer_from_choice(choice("", [("<|im_end|>", ln(0.4))]))  # empty answer: the stop token's probability
     assert (a.answer, a.num_tokens) == ("", 0) and a.mean_token_prob == pytest.approx(0.4)
     a = answer_from_choice(choice("x", [("x", ln(0.5)), ("<|im_end|>", ln(0.1))], finish="length"))
-    assert a.num_tokens == 2  # cut by max_tokens: nothing is a stop token
+    assert a.num_tokens == 2 and a.truncated  # cut by max_tokens: nothing is a stop token
+    assert not answer_from_choice(choice("two", [("two", ln(0.8)), ("<|im_end|>", ln(0.2))])).truncated
+    assert answer_from_choice(choice("tw", None, finish="length"), usage=SimpleNamespace(completion_tokens=1)).truncated
     a = answer_from_choice(choice("two", None), usage=SimpleNamespace(completion_tokens=2))
     assert (a.answer, a.mean_token_prob, a.num_tokens) == ("two", None, 2)
     assert answer_from_choice(SimpleNamespace(message=SimpleNamespace(content=None), logprobs=None)).num_tokens == 0

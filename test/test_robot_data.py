@@ -180,6 +180,21 @@ def test_local_teacher_labels_in_batches_like_the_engine_and_resumes_after_a_kil
         assert record["conversations"][1]["value"] == engine.answer(image, question, max_new_tokens=8).text
 
 
+def test_answers_cut_at_max_new_tokens_are_marked_and_counted(unlabelled, yes_model_dir, tmp_path, capsys):
+    """A label the token limit cut short would teach the student half an answer: it is kept,
+    marked in its label block, counted, and the CLI says to raise --max-new-tokens."""
+    whole = label_file(LocalTeacher(yes_model_dir, max_new_tokens=4), unlabelled, tmp_path / "whole.json",
+                       progress=False)
+    assert whole.labelled == 23 and whole.truncated_answers == 0  # "yes" and its stop token fit
+    out = tmp_path / "cut.json"
+    assert main(["label", "--teacher", str(yes_model_dir), "--data", str(unlabelled), "--out", str(out),
+                 "--max-new-tokens", "1", "--no-progress"]) == 0  # room for "yes" but not for the stop token
+    assert "23 answers hit --max-new-tokens 1" in capsys.readouterr().err
+    labels = [r["label"] for r in json.loads(out.read_text()) if r["label"]["source"] == "teacher"]
+    assert len(labels) == 23 and all(label["truncated"] for label in labels)
+    assert not any("truncated" in r["label"] for r in json.loads((tmp_path / "whole.json").read_text()))
+
+
 def test_eval_refuses_teacher_answers_as_ground_truth_unless_asked(unlabelled, tiny_qwen2vl_dir, tmp_path, capsys):
     out = tmp_path / "labelled.json"
     assert main(["label", "--teacher", str(tiny_qwen2vl_dir), "--data", str(unlabelled), "--out", str(out),

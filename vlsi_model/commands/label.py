@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"labelled {report.labelled} questions with {report.teacher} in {report.seconds:.1f} s "
           f"({report.rate:.1f} questions/s); kept from an earlier run {report.resumed}, already answered "
           f"{report.given}, empty answers left out {report.empty_answers}, unreadable images: {bad}")
+    if report.truncated_answers:
+        print(f"warning: {report.truncated_answers} answers hit --max-new-tokens {args.max_new_tokens} before the "
+              "teacher stopped (marked \"truncated\" in their label block): raise --max-new-tokens and label again "
+              "to train on whole answers", file=sys.stderr)
     print(f"wrote {args.out}")
     if args.cache:
         from vlsi_model.data.labelling import write_teacher_cache

@@ -85,17 +85,18 @@ def answer_from_choice(choice: Any, usage: Any = None,
                        stop_tokens: Sequence[str] = QWEN_STOP_TOKENS) -> TeacherAnswer:
     """A `TeacherAnswer` from one chat-completion choice (see the module doc on token probabilities)."""
     content = getattr(getattr(choice, "message", None), "content", None) or ""
+    truncated = getattr(choice, "finish_reason", None) == "length"  # the server's max_tokens cut it
     logprobs = getattr(getattr(choice, "logprobs", None), "content", None)
     if logprobs is None:
         completion_tokens = getattr(usage, "completion_tokens", None)
-        return TeacherAnswer(content.strip(), None, int(completion_tokens or 0))
+        return TeacherAnswer(content.strip(), None, int(completion_tokens or 0), truncated=truncated)
     entries = list(logprobs)
     n = len(entries)
     if n and getattr(choice, "finish_reason", None) == "stop" and entries[-1].token in stop_tokens:
         n -= 1  # the stop token the server generated and reported; not part of the answer
     counted = entries[: max(n, 1)]  # an empty answer: its stop token's probability, as LocalTeacher
     mean = sum(math.exp(e.logprob) for e in counted) / len(counted) if counted else None
-    return TeacherAnswer(content.strip(), mean, n)
+    return TeacherAnswer(content.strip(), mean, n, truncated=truncated)
 
 
 class EndpointTeacher:

@@ -56,6 +56,7 @@ class TeacherAnswer:
     answer: str
     mean_token_prob: float | None  # mean probability of the answer's tokens; None if the teacher gives none
     num_tokens: int
+    truncated: bool = False  # the answer hit max_new_tokens before the teacher stopped: cut short
 
 
 class Teacher(Protocol):
@@ -75,6 +76,7 @@ class LabelReport:
     resumed: int = 0  # answered in an earlier, interrupted run and kept
     given: int = 0  # records that already had an answer
     empty_answers: int = 0  # the teacher said nothing: left out (an empty answer cannot be trained on)
+    truncated_answers: int = 0  # cut at max_new_tokens: kept, marked in their label block, counted here
     bad_images: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     teacher: str = ""
@@ -119,6 +121,8 @@ def with_teacher_answer(record: dict[str, Any], answer: TeacherAnswer, teacher: 
     out["label"] = {"source": "teacher", "teacher": teacher,
                     "mean_token_prob": None if answer.mean_token_prob is None else round(answer.mean_token_prob, 6),
                     "num_tokens": answer.num_tokens}
+    if answer.truncated:
+        out["label"]["truncated"] = True
     return out
 
 
@@ -249,6 +253,7 @@ def label_file(
                 if not answer.answer.strip():
                     report.empty_answers += 1
                     continue
+                report.truncated_answers += int(answer.truncated)
                 for i in same_as[request.key]:
                     labelled = with_teacher_answer(records[i], answer, teacher.name)
                     partial.write(json.dumps({"key": keys[i], "teacher": teacher.name, "record": labelled}) + "\n")
@@ -348,7 +353,7 @@ class LocalTeacher:
             n = next((t for t, tok in enumerate(ids) if tok in stops), len(ids))
             token_probs = chosen[row, : max(n, 1)]
             answers.append(TeacherAnswer(self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
-                                         float(token_probs.mean()), n))
+                                         float(token_probs.mean()), n, truncated=n >= self.max_new_tokens))
         return answers
 
 
@@ -369,7 +374,8 @@ class EngineTeacher:
         out = []
         for request, image in zip(requests, images, strict=True):
             result = self.engine.answer(image, request.question, max_new_tokens=self.max_new_tokens)
-            out.append(TeacherAnswer(result.text, None, result.num_tokens))
+            out.append(TeacherAnswer(result.text, None, result.num_tokens,
+                                     truncated=result.num_tokens >= self.max_new_tokens and not result.cancelled))
         return out
 
 
