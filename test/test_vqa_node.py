@@ -533,12 +533,13 @@ def test_a_qwen3vl_model_serves_like_its_engine(ros_context, tiny_qwen3vl_dir, t
     params = {"model_path": str(tiny_qwen3vl_dir), "backend": backend, "max_new_tokens": 8, "max_frame_age_s": 30.0}
     if backend == "onnxruntime":
         params["engine_dir"] = str(export_once(tiny_qwen3vl_dir))
-    proc = NodeProcess("vqa_node", params, log_path=tmp_path / "vqa_qwen3vl.log")
-    harness = ClientHarness(f"qwen3vl_client_{backend}")
+    namespace = f"/qwen3vl_{backend}"  # raw_node is still up: its `ask` must not answer for this one
+    proc = NodeProcess("vqa_node", params, extra=["-r", f"__ns:={namespace}"], log_path=tmp_path / "vqa_qwen3vl.log")
+    harness = ClientHarness(f"qwen3vl_client_{backend}", namespace=namespace)
     engine = load_engine(tiny_qwen3vl_dir, backend="torch")
     try:
         harness.client.wait_until_ready(60)
-        harness.publisher = harness.node.create_publisher(Image, "image", RELIABLE)
+        harness.publisher = harness.node.create_publisher(Image, f"{namespace}/image", RELIABLE)
         image = scene_image(4)
         response = publish_until_answered(harness, rgb_to_image_msg(image, "rgb8", now_header(harness.node, "q3")))
         assert response.answer == expected_answer(engine, image)

@@ -659,7 +659,11 @@ def executor_threads(node: VqaNode) -> int:
 
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args)
-    node = VqaNode()
+    try:
+        node = VqaNode()  # with autostart this loads the model: seconds to minutes for a large one
+    except (KeyboardInterrupt, ExternalShutdownException):
+        rclpy.try_shutdown()  # Ctrl-C while the model loads: stop as asked, without a traceback
+        return 0
     executor = MultiThreadedExecutor(num_threads=executor_threads(node))
     executor.add_node(node)
     try:
