@@ -329,12 +329,15 @@ def content_as_primary(results: dict[str, Any]) -> dict[str, Any]:
     (what every table, comparison and log line of the study reads); the exact-match figures move to
     "exact" so nothing is lost."""
     content = results["content"]
-    families = {name: {**f, "accuracy": content["families"][name], "exact_accuracy": f["accuracy"]}
+    # priors, majority answers and top predictions on canonical forms too ("red" = "crimson")
+    families = {name: {**f, **content["family_details"][name], "exact_accuracy": f["accuracy"]}
                 for name, f in results["families"].items()}
     overall = {"accuracy": content["accuracy"], "n": content["n"], "correct": content["correct"],
                "list_set_f1": content["list_set_f1"]}
-    exact = {"overall": results["overall"], "families": results["families"]}
-    return {**results, "overall": overall, "families": families, "exact": exact, "primary": "content match"}
+    exact = {"overall": results["overall"], "families": results["families"],
+             "question_types": results.get("question_types", {})}
+    return {**results, "overall": overall, "families": families, "question_types": content["question_types"],
+            "exact": exact, "primary": "content match"}
 
 
 def _add_extra_tests(model_dir: Path, a: StudyArgs, row_dir: Path, results: dict[str, Any]) -> bool:
@@ -405,11 +408,22 @@ def _archived(row: Row, a: StudyArgs, seed: int) -> Path | None:
     return a.archive / row.name / ("all.json" if seed_independent(row, a) else f"seed{seed}.json")
 
 
+def _scored_alike(result: dict[str, Any], a: StudyArgs, source: Path) -> dict[str, Any]:
+    """`result`, unless it was scored otherwise than this study scores (content match with
+    --open-forms, exact match without): ValueError rather than one table mixing the two."""
+    if (result.get("primary") == "content match") != a.open_forms:
+        scored = "content match" if result.get("primary") == "content match" else "exact match"
+        raise ValueError(f"{source} was scored by {scored}, this study by "
+                         f"{'content match (--open-forms)' if a.open_forms else 'exact match'}: give it its own "
+                         "--out and --archive, or run it the way it was run")
+    return result
+
+
 def finished_result(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     """The eval results of a finished (row, seed) (its run folder, or the archive), or None."""
     for result_file in (_row_dir(row, a, seed) / "eval.json", _archived(row, a, seed)):
         if result_file is not None and result_file.is_file():
-            return json.loads(result_file.read_text())
+            return _scored_alike(json.loads(result_file.read_text()), a, result_file)
     return None
 
 
@@ -422,9 +436,9 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     result_file = row_dir / "eval.json"
     archived = _archived(row, a, seed)
     if not result_file.is_file() and archived is not None and archived.is_file():
-        return json.loads(archived.read_text())  # finished elsewhere (another session or machine)
+        return _scored_alike(json.loads(archived.read_text()), a, archived)  # finished elsewhere
     if result_file.is_file():
-        results = json.loads(result_file.read_text())
+        results = _scored_alike(json.loads(result_file.read_text()), a, result_file)
         if _add_extra_tests(row_model_dir(row, a, seed), a, row_dir, results):
             _write_json_atomic(result_file, results)
         return results
@@ -573,12 +587,14 @@ def teacher_error_copying(results: dict[str, list[dict[str, Any]]], test_data: P
     from vlsi_model.data.open_answers import canonical_match
     from vlsi_model.evaluation import load_eval_samples
 
-    same = canonical_match if open_forms else exact_match
+    def same(prediction: str, reference: str, family: str) -> bool:
+        return canonical_match(prediction, reference, family) if open_forms else exact_match(prediction, reference)
+
     teacher = next((r for r in results.get("teacher", []) if r.get("answers")), None)
     if teacher is None:
         return "", {}
     samples = load_eval_samples(test_data)
-    wrong = [i for i, s in enumerate(samples) if not same(teacher["answers"][i], s.reference)]
+    wrong = [i for i, s in enumerate(samples) if not same(teacher["answers"][i], s.reference, s.family)]
     families = sorted({samples[i].family for i in wrong})
     out: dict[str, Any] = {}
     for name, rs in results.items():
@@ -588,9 +604,10 @@ def teacher_error_copying(results: dict[str, list[dict[str, Any]]], test_data: P
         if not runs:
             continue
         out[name] = {f: statistics.mean(
-            sum(same(r["answers"][i], teacher["answers"][i]) for i in wrong if samples[i].family == f)
+            sum(same(r["answers"][i], teacher["answers"][i], f) for i in wrong if samples[i].family == f)
             / max(1, sum(1 for i in wrong if samples[i].family == f)) for r in runs) for f in families}
-        out[name]["all"] = statistics.mean(sum(same(r["answers"][i], teacher["answers"][i]) for i in wrong)
+        out[name]["all"] = statistics.mean(sum(same(r["answers"][i], teacher["answers"][i], samples[i].family)
+                                               for i in wrong)
                                            / max(1, len(wrong)) for r in runs)
         out[name]["seeds"] = len(runs)
     if not out:
@@ -817,16 +834,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         for seed in ([seeds[0]] if seed_independent(row, a) else seeds):
-            if args.report_only:
-                r = finished_result(row, a, seed)
-            else:
-                with file_lock(_row_dir(row, a, seed) / ".lock", blocking=False) as mine:
-                    if mine:
-                        log.info("row %s seed %d on %s", row.name, seed, _device())
-                        r = run_row(row, a, seed)
-                    else:
-                        log.info("row %s seed %d: held by another process, skipped", row.name, seed)
-                        r = finished_result(row, a, seed)
+            try:
+                if args.report_only:
+                    r = finished_result(row, a, seed)
+                else:
+                    with file_lock(_row_dir(row, a, seed) / ".lock", blocking=False) as mine:
+                        if mine:
+                            log.info("row %s seed %d on %s", row.name, seed, _device())
+                            r = run_row(row, a, seed)
+                        else:
+                            log.info("row %s seed %d: held by another process, skipped", row.name, seed)
+                            r = finished_result(row, a, seed)
+            except ValueError as exc:  # settings that do not fit the row or its earlier results
+                p.error(f"row {row.name} seed {seed}: {exc}")
             if r is not None:
                 results.setdefault(row.name, []).append({**r, "seed": seed})
                 log.info("row %s seed %d: overall %.3f", row.name, seed, r["overall"]["accuracy"])

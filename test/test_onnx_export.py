@@ -183,6 +183,15 @@ def test_fp16_export(tiny_qwen2vl_dir):
     assert np.load(export_dir / mf.EMBED_FILE).dtype == np.float16
     assert m["parity"]["decode_logits_max_abs_diff"] < 5e-2
     assert trt_ops.check_model(export_dir / mf.DECODER_FILE).ok
+    # The rotary frequencies stay float32, as from_pretrained(dtype=float16) keeps them: rounded to
+    # fp16 they would move far positions by a large fraction of a radian.
+    from vlsi_model.checkpoint import load_model_dir
+
+    model, _, _ = load_model_dir(tiny_qwen2vl_dir)
+    with np.load(export_dir / mf.ROPE_FILE) as rope:
+        for key, module in (("text_inv_freq", model.model.language_model.rotary_emb),
+                            ("vision_inv_freq", model.model.visual.rotary_pos_emb)):
+            assert rope[key].dtype == np.float32 and np.array_equal(rope[key], module.inv_freq.numpy()), key
 
 
 def test_large_models_are_written_with_external_data(tiny_qwen2vl_dir, tmp_path, monkeypatch):

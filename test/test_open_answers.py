@@ -113,8 +113,32 @@ def test_content_scores_see_through_forms_where_exact_match_does_not() -> None:
 
 
 def test_score_content_of_no_rows() -> None:
-    assert score_content([]) == {"accuracy": 0.0, "n": 0, "correct": 0, "families": {}, "list_set_f1": None,
-                                 "list_n": 0}
+    assert score_content([]) == {"accuracy": 0.0, "n": 0, "correct": 0, "families": {}, "family_details": {},
+                                 "question_types": {}, "list_set_f1": None, "list_n": 0}
+
+
+def test_priors_and_constant_answers_are_counted_on_content() -> None:
+    """A model that always says "red" in one of three words is a constant answer, and the prior of
+    a family whose references say "red" in three words is the share of red, not a third of it."""
+    question = "What color is the circle?"
+    refs = ["red", "crimson", "scarlet", "blue"]
+    preds = ["scarlet", "red", "crimson", "red"]
+    rows = [{"family": "attribute", "question": question, "reference": r, "prediction": p}
+            for r, p in zip(refs, preds, strict=True)]
+    content = score_content(rows)
+    attribute = content["family_details"]["attribute"]
+    assert (attribute["prior"], attribute["majority_answer"], attribute["accuracy"]) == (0.75, "red", 0.75)
+    (template,) = content["question_types"].values()
+    assert template["top_predictions"] == [["red", 4]]  # constant: every answer says red
+
+
+def test_order_counts_only_where_it_is_content_and_articles_never() -> None:
+    left_to_right = "There are three objects: a small red circle, a large blue square and a small green triangle."
+    swapped = "There are three objects: a small red circle, a small green triangle and a large blue square."
+    assert not canonical_match(left_to_right, swapped, "describe")
+    assert canonical_match("tiny crimson disc, huge azure box", "blue square and red circle", "caption") is False
+    assert canonical_match("a red circle a blue square", "blue square, red circle", "caption")
+    assert canonical_match("the red circle and a blue square", "red circle blue square")
 
 
 def test_cli_writes_open_forms_that_score_fully(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -247,3 +247,20 @@ def test_open_forms_make_content_match_every_figure(tmp_path):
     _, by_content = vlsi_study.teacher_error_copying(rows, test_json, open_forms=True)
     _, by_string = vlsi_study.teacher_error_copying(rows, test_json)
     assert by_content["sft_pseudo"]["all"] == 1.0 and by_string["sft_pseudo"]["all"] == 0.0
+
+
+def test_results_scored_otherwise_are_refused_not_mixed(tmp_path):
+    """An exact-match result found where an --open-forms study looks (or the reverse) is an error
+    naming the file, not a row silently scored another way."""
+    import vlsi_study
+
+    a = vlsi_study.StudyArgs(tmp_path, tmp_path, tmp_path / "train.json", tmp_path / "test.json", "random", [0], 10,
+                             0.5, 1, 2, 1e-3, 64, None, {}, {}, {}, open_forms=True)
+    row = next(r for r in vlsi_study.study_rows() if r.name == "sft_labels")
+    result_file = vlsi_study._row_dir(row, a, 0) / "eval.json"
+    result_file.parent.mkdir(parents=True)
+    result_file.write_text(json.dumps({"overall": {"accuracy": 0.5}, "families": {}}))
+    with pytest.raises(ValueError, match="scored by exact match, this study by content match"):
+        vlsi_study.finished_result(row, a, 0)
+    result_file.write_text(json.dumps({"overall": {"accuracy": 0.5}, "families": {}, "primary": "content match"}))
+    assert vlsi_study.finished_result(row, a, 0)["overall"]["accuracy"] == 0.5

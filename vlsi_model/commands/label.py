@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
           f"{report.given}, empty answers left out {report.empty_answers}, unreadable images: {bad}")
     if report.truncated_answers:
         print(f"warning: {report.truncated_answers} answers hit --max-new-tokens {args.max_new_tokens} before the "
-              "teacher stopped (marked \"truncated\" in their label block): raise --max-new-tokens and label again "
-              "to train on whole answers", file=sys.stderr)
+              "teacher stopped, so may be cut short (marked \"truncated\" in their label block): raise "
+              "--max-new-tokens and label again to train on whole answers", file=sys.stderr)
     print(f"wrote {args.out}")
     if args.cache:
         from vlsi_model.data.labelling import write_teacher_cache

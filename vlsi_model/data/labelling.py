@@ -76,7 +76,7 @@ class LabelReport:
     resumed: int = 0  # answered in an earlier, interrupted run and kept
     given: int = 0  # records that already had an answer
     empty_answers: int = 0  # the teacher said nothing: left out (an empty answer cannot be trained on)
-    truncated_answers: int = 0  # cut at max_new_tokens: kept, marked in their label block, counted here
+    truncated_answers: int = 0  # records whose answer hit max_new_tokens (maybe cut short): kept, marked, counted
     bad_images: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     teacher: str = ""
@@ -253,7 +253,6 @@ def label_file(
                 if not answer.answer.strip():
                     report.empty_answers += 1
                     continue
-                report.truncated_answers += int(answer.truncated)
                 for i in same_as[request.key]:
                     labelled = with_teacher_answer(records[i], answer, teacher.name)
                     partial.write(json.dumps({"key": keys[i], "teacher": teacher.name, "record": labelled}) + "\n")
@@ -275,6 +274,9 @@ def label_file(
                 report.given += 1
             elif keys[i] in done:
                 merged.append(relocate(done[keys[i]]))
+        # counted on the merged records: every process's share, and answers kept from a killed run
+        report.truncated_answers = sum(1 for r in merged
+                                       if isinstance(r.get("label"), dict) and r["label"].get("truncated"))
         tmp = out_path.with_name(out_path.name + ".tmp")
         tmp.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, out_path)

@@ -49,7 +49,9 @@ CANONICAL.update({form + ("es" if form.endswith("x") else "s"): shape + "s"  # p
                   for shape in SHAPES for form in SYNONYMS[shape]})
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 LIST_FAMILIES = ("caption", "positions")
+ORDERED_FAMILIES = ("describe",)  # answers whose item order is content (left to right)
 _SPLIT = re.compile(r",|\band\b", re.IGNORECASE)
+_ARTICLES = ("a", "an", "the")
 
 
 def _synonym(word: str, rng: random.Random) -> str:
@@ -104,21 +106,26 @@ def choice_entropy(answer: str, family: str) -> float:
     return sum(math.log(len(SYNONYMS[w])) for w in text.split() if w in SYNONYMS)
 
 
-def canonical(answer: str) -> str:
-    """The content of an answer in one form: synonyms mapped back, numbers as digits, list items
-    (comma / "and" separated, or a caption's objects run together) sorted."""
+def canonical(answer: str, family: str | None = None) -> str:
+    """The content of an answer in one form: synonyms mapped back, numbers as digits, articles
+    dropped, list items (comma / "and" separated, or a caption's objects run together) sorted.
+
+    `family`: items keep their order in a family whose order is content (ORDERED_FAMILIES:
+    `describe` lists the objects left to right); any other, or None, sorts them."""
     items = []
     for part in _SPLIT.split(answer):
         words = [CANONICAL.get(w, w) for w in normalize_answer(part).split()]
-        if sum(w in ALL_SHAPES for w in words) > 1:  # objects run together: split at the shape words
-            items += [" ".join(obj) for obj in _objects(words)]
-        elif words:
-            items.append(" ".join(words))
-    return ", ".join(sorted(items))
+        objects = _objects(words) if sum(w in ALL_SHAPES for w in words) > 1 else [words]  # run together
+        for obj in objects:
+            obj = obj[1:] if len(obj) > 1 and obj[0] in _ARTICLES else obj
+            if obj:
+                items.append(" ".join(obj))
+    return ", ".join(items if family in ORDERED_FAMILIES else sorted(items))
 
 
-def canonical_match(prediction: str, reference: str) -> bool:
-    return canonical(prediction) == canonical(reference)
+def canonical_match(prediction: str, reference: str, family: str | None = None) -> bool:
+    """Whether two answers say the same (see `canonical`; `family` decides whether order counts)."""
+    return canonical(prediction, family) == canonical(reference, family)
 
 
 def named_items(answer: str) -> Counter[str]:
@@ -140,23 +147,46 @@ def set_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _content_groups(rows: list[dict[str, Any]], group_of: Any, top: int = 3) -> dict[str, dict[str, Any]]:
+    """Per group of rows: content-match accuracy, and the prior / majority answer / most frequent
+    predictions counted on canonical forms (so "red" and "crimson" are one answer, as they must be
+    for a prior or a constant-answer check)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        key = group_of(row)
+        if key is not None:
+            groups.setdefault(key, []).append(row)
+    out = {}
+    for key, members in sorted(groups.items()):
+        refs = Counter(canonical(r["reference"], r["family"]) for r in members)
+        preds = Counter(canonical(r["prediction"], r["family"]) for r in members)
+        right = sum(bool(r["content_match"]) for r in members)
+        majority, count = refs.most_common(1)[0]
+        out[key] = {"accuracy": right / len(members), "n": len(members), "correct": right,
+                    "prior": count / len(members), "majority_answer": majority,
+                    "top_predictions": [[a, c] for a, c in preds.most_common(top)]}
+    return out
+
+
 def score_content(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Content scores of evaluated rows ({"family", "reference", "prediction"}; `vlsi eval`'s):
-    canonical-match accuracy overall and per family, and the mean set-F1 of the list families.
-    Each row gains "content_match"."""
-    families: dict[str, list[int]] = {}
+    """Content scores of evaluated rows ({"family", "question", "reference", "prediction"}; `vlsi
+    eval`'s): canonical-match accuracy overall, per family and per question template (with priors
+    and top predictions on canonical forms), and the mean set-F1 of the list families. Each row
+    gains "content_match"."""
+    from vlsi_model.scenes import question_type
+
     f1s = []
     for row in rows:
-        row["content_match"] = ok = canonical_match(row["prediction"], row["reference"])
-        hits = families.setdefault(row["family"], [0, 0])
-        hits[0] += int(ok)
-        hits[1] += 1
+        row["content_match"] = canonical_match(row["prediction"], row["reference"], row["family"])
         if row["family"] in LIST_FAMILIES:
             f1s.append(set_f1(row["prediction"], row["reference"]))
-    right, n = sum(h[0] for h in families.values()), sum(h[1] for h in families.values())
+    right, n = sum(bool(r["content_match"]) for r in rows), len(rows)
+    families = _content_groups(rows, lambda r: r["family"])
     return {
         "accuracy": right / n if n else 0.0, "n": n, "correct": right,
-        "families": {name: hits[0] / hits[1] for name, hits in sorted(families.items())},
+        "families": {name: f["accuracy"] for name, f in families.items()},
+        "family_details": families,
+        "question_types": _content_groups(rows, lambda r: question_type(r.get("question", ""))),
         "list_set_f1": sum(f1s) / len(f1s) if f1s else None, "list_n": len(f1s),
     }
 

@@ -370,7 +370,8 @@ def vision_aux_inputs(grid_thw: tuple[int, int, int], spec: VisionSpec, inv_freq
     out = {
         "rotary_cos": cos,
         "rotary_sin": sin,
-        "full_segments": np.zeros(n, dtype=np.int32),  # one image per request: one segment
+        # one image per request; a frame of t > 1 (video) attends within itself, as cu_seqlens says
+        "full_segments": np.repeat(np.arange(grid_thw[0], dtype=np.int32), n // grid_thw[0]),
     }
     if spec.model_type == "qwen2_5_vl":
         order, window_ids = window_index(grid_thw, spec.merge_size, spec.window_size, spec.patch_size)

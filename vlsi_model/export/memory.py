@@ -243,7 +243,7 @@ def _activation_bytes(d: ModelDims, patches: int, prefill_tokens: int, dtype_byt
 def estimate_memory(d: ModelDims, image_hw: tuple[int, int] = (448, 448), max_context: int = 1024,
                     prefill_tokens: int | None = None, dtype_bytes: int = 2, kv_sets: int = 2,
                     runtime_overhead: int = RUNTIME_OVERHEAD_BYTES) -> MemoryEstimate:
-    """Memory of the TensorRT deployment for images of `image_hw` (H, W, multiples of 28) and
+    """Memory of the TensorRT deployment for images of `image_hw` (H, W, multiples of patch x merge) and
     `max_context` tokens (prompt + answer). `prefill_tokens` defaults to the image tokens + 64."""
     p = param_counts(d)
     patches = image_patches(*image_hw, d)

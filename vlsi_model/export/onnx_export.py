@@ -204,6 +204,24 @@ def _finalize_graph(raw: Path, path: Path, rename: dict[str, dict[int, str]] | N
         onnx.save_model(model, str(path))
 
 
+def _to_dtype_keeping_rotary_fp32(model: Any, dtype: Any) -> Any:
+    """`model.to(dtype)` with the rotary frequency buffers (`inv_freq`, `original_inv_freq`) kept
+    in float32, as `from_pretrained(dtype=...)` keeps them.
+
+    Why: `.to(float16)` rounds them too; at head_dim 128 and rope_theta 5e6 that moves the angle
+    of position 4096 by 0.76 rad. The runtimes read them from rope.npz, and the parity check's
+    PyTorch reference must compute positions the way the torch backend does."""
+    import torch
+
+    names = ("inv_freq", "original_inv_freq")
+    saved = [(m, n, m._buffers[n].detach().float().clone()) for m in model.modules() for n in names
+             if isinstance(m._buffers.get(n), torch.Tensor)]
+    model = model.to(dtype)
+    for module, name, value in saved:
+        module._buffers[name] = value
+    return model
+
+
 # ----------------------------------------------------------------------------- export
 def export_model(
     model_dir: str | Path,
@@ -242,7 +260,7 @@ def export_model(
     factor = merge * patch
     options.validate(factor)
     torch_dtype = torch.float16 if options.dtype == "fp16" else torch.float32
-    model = model.to(torch_dtype).eval()
+    model = _to_dtype_keeping_rotary_fp32(model, torch_dtype).eval()
 
     # ---- image limits --------------------------------------------------------------
     base_image = ImageConfig.from_json(model_dir / "preprocessor_config.json")
@@ -275,7 +293,7 @@ def export_model(
         # ---- vision --------------------------------------------------------------------
         say(f"exporting the vision tower ({model_type}, grid {grid[1]}x{grid[2]} patches in the example)")
         vision = (Qwen3VisionGraph(model.model.visual) if qwen3 else VisionGraph(model.model.visual, model_type)).eval()
-        aux = vision_aux_inputs(grid, spec, model.model.visual.rotary_pos_emb.inv_freq.float().numpy())
+        aux = vision_aux_inputs(grid, spec, model.model.visual.rotary_pos_emb.inv_freq.numpy())
         v_names = ["pixel_values", "rotary_cos", "rotary_sin", "full_segments"]  # one row per patch
         if qwen3:
             v_names = ["pixel_values", "pos_indices", "pos_weights", "rotary_cos", "rotary_sin", "full_segments"]
@@ -342,8 +360,8 @@ def export_model(
         embed = model.get_input_embeddings().weight.detach().to(torch.float32).numpy().astype(np_dtype)
         np.save(tmp / mf.EMBED_FILE, embed)
         np.savez(tmp / mf.ROPE_FILE,
-                 text_inv_freq=model.model.language_model.rotary_emb.inv_freq.float().numpy(),
-                 vision_inv_freq=model.model.visual.rotary_pos_emb.inv_freq.float().numpy())
+                 text_inv_freq=model.model.language_model.rotary_emb.inv_freq.numpy(),
+                 vision_inv_freq=model.model.visual.rotary_pos_emb.inv_freq.numpy())
         copied = []
         for name in mf.COPIED_FILES:
             if (model_dir / name).is_file():
@@ -407,7 +425,7 @@ def export_model(
                 "min_patches": min_patches,
                 "max_patches": max_patches,
                 "pixels_per_patch": per_patch,
-                "note": "bounded: images are resized (aspect kept) to multiples of 28 px within [min_pixels, "
+                "note": f"bounded: images are resized (aspect kept) to multiples of {factor} px within [min_pixels, "
                         "max_pixels]; max_patches is exceeded only by extreme aspect ratios (> ~50:1)",
             },
             "graphs": {
