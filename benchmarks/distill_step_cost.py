@@ -36,7 +36,7 @@ teacher (text 256 x 8, vision 4 x 128) from shared/NANO_NOTES.md, at 112 x 112 i
 BPE tokenizer of min(--vocab, 512) tokens and LM heads of `--vocab` rows (teacher: `--vocab +
 --teacher-vocab-extra`, as Qwen2-VL-7B/72B pad 128 rows more than 2B). Real Qwen vocabularies are ~152k rows, where the
 vocabulary projections dominate: run `--vocab 8192` to see that regime on this CPU. Data:
-scenes from `vlsi_model.scenes.write_dataset` (every question family, captions included),
+scenes from `vlsi_model.data.scenes.write_dataset` (every question family, captions included),
 `ConversationDataset` + `make_collate_fn` exactly as the pipeline loads them.
 """
 
@@ -70,11 +70,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from torch_memory import tensor_peak_bytes  # noqa: E402  (benchmarks/torch_memory.py, beside this script)
+
 from vlsi_model.distill.adapters import get_adapter  # noqa: E402
+from vlsi_model.distill.config import LoraSection  # noqa: E402
+from vlsi_model.distill.interaction import InteractionObjective  # noqa: E402
 from vlsi_model.distill.losses import LossConfig  # noqa: E402
 from vlsi_model.distill.matching import LayerMatcher, MatchConfig  # noqa: E402
-from vlsi_model.distill.objectives import InteractionObjective  # noqa: E402
-from vlsi_model.distill.pipeline import LoraSection, _prepare_trainable  # noqa: E402
+from vlsi_model.distill.steps_common import prepare_trainable  # noqa: E402
 from vlsi_model.distill.teacher_cache import (  # noqa: E402
     SAMPLE_INDEX_KEY,
     IndexedDataset,
@@ -83,7 +86,6 @@ from vlsi_model.distill.teacher_cache import (  # noqa: E402
     indexed_collate,
 )
 from vlsi_model.distill.verbalizer import Verbalizers, select_target_layers  # noqa: E402
-from vlsi_model.profiling import tensor_peak_bytes  # noqa: E402
 from vlsi_model.training.sft import SFTObjective  # noqa: E402
 
 GOAL_ONLINE_OVER_FLOOR = 1.25
@@ -129,8 +131,7 @@ class Context:
 
 def make_data(args: argparse.Namespace, data_dir: Path) -> Path:
     """Render the scenes once (enough records for every batch); returns the train JSON path."""
-    from vlsi_model.scenes import write_dataset
-
+    from vlsi_model.data.scene_dataset import write_dataset
     json_path = data_dir / "train.json"
     if not json_path.is_file():
         images = max(1, (args.batch_size * args.num_batches) // 7 + 2)  # 7 question families per image
@@ -139,7 +140,7 @@ def make_data(args: argparse.Namespace, data_dir: Path) -> Path:
 
 
 def make_tokenizer(args: argparse.Namespace) -> Any:
-    from vlsi_model.scenes import corpus_texts
+    from vlsi_model.data.question_families import corpus_texts
     from vlsi_model.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(corpus_texts(300, seed=0), vocab_size=min(args.vocab, 512))
@@ -148,7 +149,7 @@ def make_tokenizer(args: argparse.Namespace) -> Any:
 def make_batches(args: argparse.Namespace, tokenizer: Any, json_path: Path) -> list[dict[str, Any]]:
     """`num_batches` batches of `batch_size` records drawn (seeded) from every question family."""
     from vlsi_model.models import make_image_processor
-    from vlsi_model.training.data import ConversationDataset, make_collate_fn
+    from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
 
     processor = make_image_processor(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     dataset = IndexedDataset(ConversationDataset(json_path, tokenizer, processor, max_length=512))
@@ -289,7 +290,7 @@ def build_row(name: str, ctx: Context, fresh_copy: bool = True) -> Row:
     else:
         kind, mode = name.split("_")
         lora = LoraSection(enabled=mode == "lora", r=args.lora_r, alpha=args.lora_r)
-        model, _ = _prepare_trainable(student, get_adapter(student), lora, "interact", args.seed)
+        model, _ = prepare_trainable(student, get_adapter(student), lora, "interact", args.seed)
         s_verbs = copy.deepcopy(ctx.s_verbs) if fresh_copy else ctx.s_verbs
         loss_cfg = LossConfig(chunk_tokens=args.chunk_tokens, materialize_mib=args.materialize_mib)
         matcher = LayerMatcher(MatchConfig(variant="full", seed=args.seed))

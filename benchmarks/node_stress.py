@@ -61,8 +61,9 @@ from ros_harness import NodeProcess  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header, String  # noqa: E402
 
+from vlsi_model.data.render import render_scene  # noqa: E402
+from vlsi_model.data.scenes import SceneConfig, generate_scene  # noqa: E402
 from vlsi_model.image_codec import SUPPORTED_ENCODINGS  # noqa: E402
-from vlsi_model.scenes import SceneConfig, generate_scene, render_scene  # noqa: E402
 from vlsi_ros.action import Ask as AskAction  # noqa: E402
 from vlsi_ros.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg  # noqa: E402
 from vlsi_ros.srv import Ask  # noqa: E402

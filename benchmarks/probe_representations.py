@@ -40,8 +40,10 @@ import numpy as np
 import torch
 
 from vlsi_model.checkpoint import load_model_dir
+from vlsi_model.data.question_families import attribute_questions
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scenes import Scene, SceneConfig, generate_scene, scene_seed
 from vlsi_model.prompting import IMAGE_TOKEN, build_inputs
-from vlsi_model.scenes import Scene, SceneConfig, attribute_questions, generate_scene, render_scene, scene_seed
 
 OBJECT_ATTRIBUTES = ("shape", "color", "size")
 # Where the object is: the column and row of its image token in the merged token grid. The spatial

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlsi_model.data.bags import write_image_bag  # noqa: E402
 from vlsi_model.data.from_bag import FromBagOptions, bag_to_dataset  # noqa: E402
 from vlsi_model.data.labelling import LocalTeacher, label_file  # noqa: E402
+from vlsi_model.data.render import render_scene  # noqa: E402
+from vlsi_model.data.scenes import SceneConfig, generate_scene  # noqa: E402
 from vlsi_model.defaults import default_model_path  # noqa: E402
-from vlsi_model.scenes import SceneConfig, generate_scene, render_scene  # noqa: E402
 
 
 def recorded_frames(n: int, width: int, height: int):
@@ -47,8 +48,8 @@ def recorded_frames(n: int, width: int, height: int):
 
 def answer_one_at_a_time(data: Path, n: int) -> float:
     """Seconds to answer the first n records with the serving engine, as `vlsi eval` does."""
+    from vlsi_model.data.llava import load_image, read_records
     from vlsi_model.engine import load_engine
-    from vlsi_model.training.data import load_image, read_records
 
     engine = load_engine(default_model_path(), backend="torch")
     engine.warmup()

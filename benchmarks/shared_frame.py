@@ -56,8 +56,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    from vlsi_model.scenes import SceneConfig, generate_scene, render_scene, scene_seed
-
+    from vlsi_model.data.render import render_scene
+    from vlsi_model.data.scenes import SceneConfig, generate_scene, scene_seed
     engine = build_engine(args.dims, args.threads)
     questions = list(QUESTIONS[: args.questions])
     config = SceneConfig(width=448, height=448, layout="grid", grid=(4, 4))

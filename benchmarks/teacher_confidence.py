@@ -86,8 +86,9 @@ def measure(model_dir: Path, data: Path, samples: int, batch_size: int = 32, max
     import random
 
     from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.data.llava import read_records
     from vlsi_model.data.open_answers import choice_entropy
-    from vlsi_model.training.data import ConversationDataset, make_collate_fn, read_records
+    from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
 
     model, tokenizer, processor = load_model_dir(model_dir)
     dataset = ConversationDataset(data, tokenizer, processor, max_length=max_length)

@@ -163,8 +163,10 @@ def _deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
 
 def build_smoke_inputs(root: Path) -> dict[str, Any]:
     """Tiny teacher/student models and data for --smoke: the pipeline wiring, not the claims."""
+    from vlsi_model.data.question_families import corpus_texts
+    from vlsi_model.data.scene_dataset import write_dataset
+    from vlsi_model.data.scenes import SceneConfig
     from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen2vl_config
-    from vlsi_model.scenes import SceneConfig, corpus_texts, write_dataset
     from vlsi_model.tokenizer import train_bpe_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
@@ -258,7 +260,7 @@ def row_train_data(row: Row, a: StudyArgs) -> str | list[dict[str, Any]]:
 
 
 def _record_count(path: Path) -> int:
-    from vlsi_model.training.data import read_records
+    from vlsi_model.data.llava import read_records
 
     return len(read_records(Path(path)))
 
@@ -384,7 +386,6 @@ def _shared_verbalize(a: StudyArgs, seed: int) -> Path:
     Parallel workers wait on one lock here, so the step runs once and the others reuse it.
     """
     from vlsi_model.distill.pipeline import run_distill
-
     out = a.out / "shared" / f"seed{seed}" / "distill"
     interact = round(a.budget * a.interact_fraction)
     cfg = base_distill_config(a, seed, out, interact, a.budget - interact, verbalize_data(a))
@@ -429,7 +430,8 @@ def finished_result(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
 
 def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     """Train (or resume) and evaluate one (row, seed); returns its eval results (cached on disk)."""
-    from vlsi_model.distill.pipeline import STUDENT_VERBALIZED_DIR, TEACHER_VERBALIZERS_DIR, run_distill
+    from vlsi_model.distill.config import STUDENT_VERBALIZED_DIR, TEACHER_VERBALIZERS_DIR
+    from vlsi_model.distill.pipeline import run_distill
     from vlsi_model.training.sft import run_sft
 
     row_dir = _row_dir(row, a, seed)
@@ -478,8 +480,7 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
 
 def row_model_dir(row: Row, a: StudyArgs, seed: int) -> Path:
     """Where a (row, seed)'s model is once trained: the one that row's results describe."""
-    from vlsi_model.distill.pipeline import FINAL_DIR, INTERACTION_DIR
-
+    from vlsi_model.distill.config import FINAL_DIR, INTERACTION_DIR
     if row.kind == "teacher":
         return a.teacher
     if row.kind == "init":
@@ -686,8 +687,7 @@ def plot_matching(a: StudyArgs, rows: Sequence[Row], seed: int) -> Path | None:
     """Copy the full method's heatmap and draw every matching variant's late-training frequencies."""
     from matplotlib.figure import Figure
 
-    from vlsi_model.distill.pipeline import INTERACTION_DIR
-
+    from vlsi_model.distill.config import INTERACTION_DIR
     stats = {}
     for row in rows:
         if row.name in ("vlsi_full", "vlsi_pool") or row.name.startswith("match_"):

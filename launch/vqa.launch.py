@@ -1,4 +1,4 @@
-"""ros2 launch vlsi_ros vqa.launch.py [model_path:=DIR] [backend:=auto] [engine_dir:=DIR]
+"""ros2 launch vlsi_ros vqa.launch.py [model_path:=DIR] [backend:=auto] [engine_dir:=DIR|NAME]
 [image_topic:=/camera/image_raw] [transport:=raw|compressed] [image_qos:=auto|sensor_data|reliable|best_effort]
 [start_image_source:=true] [source:=synthetic|video|folder|device|bag] [bag:=PATH] [bag_topic:=TOPIC]
 [params_file:=config/vqa.yaml]
@@ -55,7 +55,7 @@ def generate_launch_description() -> LaunchDescription:
         "params_file": (os.path.join(share, "config", "vqa.yaml"), "YAML parameter file"),
         "model_path": ("", "model directory (empty: the package's default model)"),
         "backend": ("auto", "auto, torch, onnxruntime or tensorrt"),
-        "engine_dir": ("", "ONNX / TensorRT engine directory"),
+        "engine_dir": ("", "ONNX / TensorRT engine directory, or the name of a set in trt_engines/"),
         "image_topic": ("image", "camera topic vqa_node answers about"),
         "transport": ("raw", "raw or compressed"),
         "image_qos": ("auto", "camera subscription QoS: auto (match the camera's publishers), sensor_data, "

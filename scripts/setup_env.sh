@@ -47,10 +47,20 @@ fi
 
 export VIRTUAL_ENV="$venv_real" PATH="$venv_real/bin:$PATH" AMENT_PREFIX_PATH="$venv_real"
 mkdir -p log  # colcon writes its logs here; the redirect below needs it on a fresh clone
-if ! colcon build --paths . --event-handlers console_cohesion- summary- status- \
+# ament_python_install_package lists the package's files when CMake configures: a module added,
+# moved or removed since then is missed by an incremental build, so reconfigure when the list differs.
+py_list=$(cd vlsi_model && find . -name '*.py' -not -path '*/__pycache__/*' | sort; cd ../vlsi_ros && find . -name '*.py' | sort)
+force=()
+if [ "$py_list" != "$(cat build/.vlsi_py_files 2>/dev/null)" ]; then
+  force=(--cmake-force-configure)
+  rm -rf install/vlsi_ros/lib/python3*/site-packages/vlsi_model install/vlsi_ros/lib/python3*/site-packages/vlsi_ros \
+    build/vlsi_ros/ament_cmake_python
+fi
+if ! colcon build --paths . --event-handlers console_cohesion- summary- status- "${force[@]}" \
     --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$venv_real/bin/python" \
     > log/colcon_build_last.txt 2>&1 < /dev/null; then
   cat log/colcon_build_last.txt
   echo "[setup] colcon build failed" >&2
   exit 1
 fi
+echo "$py_list" > build/.vlsi_py_files

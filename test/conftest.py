@@ -54,7 +54,7 @@ def one_torch_thread(torch_threads):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A BPE tokenizer with Qwen2-VL's specials trained on the synthetic-scene corpus."""
-    from vlsi_model.scenes import corpus_texts
+    from vlsi_model.data.question_families import corpus_texts
     from vlsi_model.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(corpus_texts(60, seed=0), vocab_size=400)
@@ -105,10 +105,11 @@ def yes_model_dir(tmp_path_factory, tiny_tokenizer, torch_threads) -> Path:
     """
     import torch
 
+    from vlsi_model.data.question_families import make_questions
+    from vlsi_model.data.render import render_scene
+    from vlsi_model.data.scenes import SceneConfig, generate_scene
     from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen2vl_config
     from vlsi_model.prompting import build_inputs, collate
-    from vlsi_model.scenes import SceneConfig, generate_scene, make_questions, render_scene
-
     model = build_model(tiny_qwen2vl_config(tokenizer=tiny_tokenizer), seed=3)
     processor = make_image_processor(min_pixels=56 * 56, max_pixels=TINY_MAX_PIXELS)
     samples = []

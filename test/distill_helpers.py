@@ -45,9 +45,10 @@ def build_pair(tokenizer: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def make_samples(tokenizer: Any, image_processor: Any, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """`n` synthetic-scene (image, question, answer) samples as `build_inputs` outputs."""
+    from vlsi_model.data.question_families import make_questions
+    from vlsi_model.data.render import render_scene
+    from vlsi_model.data.scenes import generate_scene
     from vlsi_model.prompting import build_inputs
-    from vlsi_model.scenes import generate_scene, make_questions, render_scene
-
     out = []
     i = 0
     while len(out) < n:

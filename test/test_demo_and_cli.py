@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from ros_harness import NodeProcess, installed_executable
 
-from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scenes import SceneConfig, generate_scene
 
 
 def run_executable(name: str, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ from distill_helpers import build_pair, make_batch, random_verbalizers
 from torch import nn
 
 from vlsi_model.distill.adapters import get_adapter
+from vlsi_model.distill.interaction import InteractionObjective
 from vlsi_model.distill.losses import (
     DenseTeacher,
     FullDistributions,
@@ -28,7 +29,6 @@ from vlsi_model.distill.losses import (
     response_positions,
 )
 from vlsi_model.distill.matching import LayerMatcher, MatchConfig
-from vlsi_model.distill.objectives import InteractionObjective
 from vlsi_model.distill.teacher_cache import cached_from_dense
 from vlsi_model.distill.verbalizer import VerbalizedHead
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vlsi_model.distill.adapters import ADAPTERS, BackboneAdapter, get_adapter, register_adapter
+from vlsi_model.distill.interaction import InteractionObjective
 from vlsi_model.distill.losses import (
     DenseTeacher,
     LossConfig,
@@ -47,7 +50,6 @@ from vlsi_model.distill.matching import (
     static_window,
     uniform_mapping,
 )
-from vlsi_model.distill.objectives import InteractionObjective, VerbalizationObjective
 from vlsi_model.distill.teacher_cache import (
     IndexedDataset,
     TeacherCache,
@@ -58,6 +60,7 @@ from vlsi_model.distill.teacher_cache import (
     encode_topk,
     indexed_collate,
 )
+from vlsi_model.distill.verbalization import VerbalizationObjective
 from vlsi_model.distill.verbalizer import (
     VerbalizedHead,
     Verbalizers,
@@ -67,7 +70,9 @@ from vlsi_model.distill.verbalizer import (
     select_target_layers,
     verbalizer_dir,
 )
-from vlsi_model.profiling import tensor_peak_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from torch_memory import tensor_peak_bytes  # noqa: E402  (a measuring helper, not library code)
 
 STUDENT_TARGETS = [1, 2, 3]
 TEACHER_TARGETS = [1, 3, 5, 7]

@@ -16,8 +16,8 @@ from distill_helpers import build_pair
 from safetensors.torch import load_file
 
 from vlsi_model.cli import main
-from vlsi_model.distill.objectives import InteractionObjective
-from vlsi_model.distill.pipeline import load_distill_config, parse_steps
+from vlsi_model.distill.config import load_distill_config, parse_steps
+from vlsi_model.distill.interaction import InteractionObjective
 from vlsi_model.training.config import ConfigError
 from vlsi_model.training.trainer import drawn_sample_indices
 
@@ -31,9 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer):
     """Teacher and student directories sharing one tokenizer, and a small scenes dataset."""
+    from vlsi_model.data.scene_dataset import write_dataset
+    from vlsi_model.data.scenes import SceneConfig
     from vlsi_model.models import make_image_processor, save_model_dir
-    from vlsi_model.scenes import SceneConfig, write_dataset
-
     root = tmp_path_factory.mktemp("distill")
     student, teacher = build_pair(tiny_tokenizer)
     processor = make_image_processor(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -84,8 +84,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_three_steps_end_to_end(setup, full_run):
     from vlsi_model.checkpoint import load_model_dir, read_metadata
+    from vlsi_model.data.llava import load_image
     from vlsi_model.engine import load_engine
-    from vlsi_model.training.data import load_image
 
     root, data = setup
     rc, elapsed, out, _ = full_run

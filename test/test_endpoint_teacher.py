@@ -25,8 +25,8 @@ MAX_NEW_TOKENS = 24  # the random model never stops: every answer is this long
 
 
 def _images(n: int) -> list[np.ndarray]:
-    from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
-
+    from vlsi_model.data.render import render_scene
+    from vlsi_model.data.scenes import SceneConfig, generate_scene
     return [render_scene(generate_scene(seed, SceneConfig(width=112, height=112))) for seed in range(n)]
 
 

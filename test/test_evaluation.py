@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from vlsi_model.cli import main
+from vlsi_model.data.scene_dataset import write_dataset
+from vlsi_model.data.scenes import SceneConfig
 from vlsi_model.evaluation import NO_FAMILY, EvalSample, evaluate, format_table, load_eval_samples, score
-from vlsi_model.scenes import SceneConfig, write_dataset
 
 
 def _sample(i: int, reference: str, family: str = "count") -> EvalSample:
@@ -71,8 +72,8 @@ def test_question_types_expose_a_constant_answer():
 
 
 def test_question_type_names_every_template_the_generator_writes():
-    from vlsi_model.scenes import FAMILIES, generate_scene, make_questions, question_type
-
+    from vlsi_model.data.question_families import FAMILIES, make_questions, question_type
+    from vlsi_model.data.scenes import generate_scene
     kinds = set()
     for seed in range(40):
         for qa in make_questions(generate_scene(seed), seed, families=FAMILIES, per_family=4):

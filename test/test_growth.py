@@ -14,9 +14,9 @@ DOUBLE = {"num_layers": 4, "hidden_size": 128, "num_heads": 8, "num_kv_heads": 4
 
 def _inputs(model_dir, question: str = "What shape is the red object?", answer: str = "circle"):
     from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.data.render import render_scene
+    from vlsi_model.data.scenes import SceneConfig, generate_scene
     from vlsi_model.prompting import build_inputs
-    from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
-
     model, tokenizer, processor = load_model_dir(model_dir)
     image = render_scene(generate_scene(7, SceneConfig(layout="grid")))
     return model, tokenizer, processor, build_inputs(tokenizer, processor, image, question, answer)

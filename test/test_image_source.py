@@ -33,8 +33,8 @@ from ros_harness import NodeProcess  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from vlsi_model.scenes import COLOR_RGB  # noqa: E402
-from vlsi_ros import image_source  # noqa: E402
+from vlsi_model.data.scenes import COLOR_RGB  # noqa: E402
+from vlsi_ros import frame_sources  # noqa: E402
 from vlsi_ros.image_conversion import compressed_msg_to_rgb, image_msg_to_rgb  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -416,9 +416,9 @@ class FakeCapture:
 
 
 def test_device_source_publishes_the_newest_frame_once(monkeypatch) -> None:
-    monkeypatch.setattr(image_source.cv2, "VideoCapture", FakeCapture)
+    monkeypatch.setattr(frame_sources.cv2, "VideoCapture", FakeCapture)
     clock = iter(range(10**9))
-    source = image_source.DeviceSource("0", 0, 0, now_ns=lambda: next(clock))
+    source = frame_sources.DeviceSource("0", 0, 0, now_ns=lambda: next(clock))
     try:
         time.sleep(0.1)  # the camera thread grabs ~20 frames
         monkeypatch.setattr(FakeCapture, "paused", True)
@@ -436,12 +436,12 @@ def test_device_source_publishes_the_newest_frame_once(monkeypatch) -> None:
 
 
 def test_device_source_reports_a_dead_camera(monkeypatch) -> None:
-    monkeypatch.setattr(image_source.cv2, "VideoCapture", FakeCapture)
+    monkeypatch.setattr(frame_sources.cv2, "VideoCapture", FakeCapture)
     monkeypatch.setattr(FakeCapture, "fail_reads", True)
-    source = image_source.DeviceSource("3", 0, 0, now_ns=time.monotonic_ns, timeout_s=0.2)
+    source = frame_sources.DeviceSource("3", 0, 0, now_ns=time.monotonic_ns, timeout_s=0.2)
     try:
         time.sleep(0.4)
-        with pytest.raises(image_source.ImageSourceError, match="camera 3 delivered no frame for 0.2 s"):
+        with pytest.raises(frame_sources.ImageSourceError, match="camera 3 delivered no frame for 0.2 s"):
             source.next()
     finally:
         source.close()
@@ -449,7 +449,7 @@ def test_device_source_reports_a_dead_camera(monkeypatch) -> None:
 
 def test_synthetic_source_keeps_a_scene_for_its_period() -> None:
     now = [0.0]
-    source = image_source.SyntheticSource(96, 64, seed=1, period_s=1.0, clock=lambda: now[0])
+    source = frame_sources.SyntheticSource(96, 64, seed=1, period_s=1.0, clock=lambda: now[0])
     first = source.next()
     assert first.rgb.shape == (64, 96, 3) and first.ground_truth["scene_index"] == 0
     now[0] = 0.9
@@ -457,18 +457,18 @@ def test_synthetic_source_keeps_a_scene_for_its_period() -> None:
     now[0] = 1.0
     second = source.next()
     assert second.ground_truth["scene_index"] == 1 and second.key != first.key
-    again = image_source.SyntheticSource(96, 64, seed=1, period_s=0.0)
+    again = frame_sources.SyntheticSource(96, 64, seed=1, period_s=0.0)
     np.testing.assert_array_equal(again.next().rgb, first.rgb)  # seeded: same sequence every run
     assert again.next().ground_truth["scene_index"] == 1  # period 0: a new scene per frame
 
 
 def test_fit_size_and_device_names() -> None:
-    assert image_source.fit_size((480, 640, 3), 320, 240) == (320, 240)
-    assert image_source.fit_size((480, 640, 3), 320, 0) == (320, 240)
-    assert image_source.fit_size((480, 640, 3), 0, 120) == (160, 120)
-    assert image_source.fit_size((480, 640, 3), 0, 0) == (640, 480)
-    assert image_source._parse_device("2") == 2
-    assert image_source._parse_device(" /dev/video1 ") == "/dev/video1"
+    assert frame_sources.fit_size((480, 640, 3), 320, 240) == (320, 240)
+    assert frame_sources.fit_size((480, 640, 3), 320, 0) == (320, 240)
+    assert frame_sources.fit_size((480, 640, 3), 0, 120) == (160, 120)
+    assert frame_sources.fit_size((480, 640, 3), 0, 0) == (640, 480)
+    assert frame_sources._parse_device("2") == 2
+    assert frame_sources._parse_device(" /dev/video1 ") == "/dev/video1"
 
 
 # ---- bag replay ------------------------------------------------------------------------
@@ -482,10 +482,9 @@ BAG_TOPIC = "/robot/front/image_raw"
 @pytest.fixture(scope="module")
 def bag_rgbs() -> list[np.ndarray]:
     """BAG_FRAMES distinct synthetic scenes, 96x72 (odd sizes for the decoder are not the point here)."""
-    from vlsi_model import scenes
-
+    from vlsi_model.data import render, scenes
     config = scenes.SceneConfig(width=96, height=72)
-    rgbs = [scenes.render_scene(scenes.generate_scene(scenes.scene_seed("test", 11, i), config))
+    rgbs = [render.render_scene(scenes.generate_scene(scenes.scene_seed("test", 11, i), config))
             for i in range(BAG_FRAMES)]
     assert len({rgb.tobytes() for rgb in rgbs}) == BAG_FRAMES
     return rgbs
@@ -687,7 +686,7 @@ def test_bag_source_recorded_timing_skips_late_frames_undecoded(tmp_path: Path, 
     bag = make_bag(tmp_path, rgbs, fmt="mcap")
     decoded = count_decodes(monkeypatch)
     clock = FakeClock()
-    source = image_source.BagSource(str(bag), "", "recorded", loop=True, clock=clock)
+    source = frame_sources.BagSource(str(bag), "", "recorded", loop=True, clock=clock)
     try:
         assert source.topic == BAG_TOPIC
 
@@ -717,17 +716,17 @@ def test_bag_source_recorded_timing_skips_late_frames_undecoded(tmp_path: Path, 
 def test_bag_source_fixed_timing_ends_or_loops(tmp_path: Path, bag_rgbs) -> None:
     rgbs = bag_rgbs[:5]
     bag = make_bag(tmp_path, rgbs, fmt="ros1", frame_id="")
-    once = image_source.BagSource(str(bag), BAG_TOPIC, "fixed", loop=False)
+    once = frame_sources.BagSource(str(bag), BAG_TOPIC, "fixed", loop=False)
     try:
         assert once.describe() == f"bag {bag} topic {BAG_TOPIC} (5 frames, 0.8 s, fixed timing)"
         frames = [once.next() for _ in range(5)]
         assert [bag_index(f.rgb, rgbs) for f in frames] == [0, 1, 2, 3, 4]
         assert all(f.frame_id is None for f in frames), "no recorded frame_id: the node's parameter is used"
-        with pytest.raises(image_source.EndOfSource, match="end of bag"):
+        with pytest.raises(frame_sources.EndOfSource, match="end of bag"):
             once.next()
     finally:
         once.close()
-    looping = image_source.BagSource(str(bag), "", "fixed", loop=True)
+    looping = frame_sources.BagSource(str(bag), "", "fixed", loop=True)
     try:
         assert [bag_index(looping.next().rgb, rgbs) for _ in range(12)] == [i % 5 for i in range(12)]
     finally:
@@ -769,11 +768,11 @@ def test_bag_source_skips_undecodable_frames_with_a_throttled_warning(tmp_path: 
     bag = write_messages_bag(tmp_path / "bad_frames", messages)
     warnings: list[str] = []
     clock = FakeClock()
-    source = image_source.BagSource(str(bag), "", "fixed", loop=True, warn=warnings.append, clock=clock)
+    source = frame_sources.BagSource(str(bag), "", "fixed", loop=True, warn=warnings.append, clock=clock)
     try:
         assert [bag_index(source.next().rgb, rgbs) for _ in range(3)] == [0, 2, 5]
         assert len(warnings) == 1 and "skipping undecodable frame 1" in warnings[0], warnings  # throttled
-        clock.now += image_source.BAG_WARN_INTERVAL_S
+        clock.now += frame_sources.BAG_WARN_INTERVAL_S
         assert bag_index(source.next().rgb, rgbs) == 0  # looped
         assert bag_index(source.next().rgb, rgbs) == 2
         assert len(warnings) == 2 and "frame 1" in warnings[1] and "(4 skipped so far)" in warnings[1], warnings
@@ -782,9 +781,9 @@ def test_bag_source_skips_undecodable_frames_with_a_throttled_warning(tmp_path: 
 
     all_bad = write_messages_bag(tmp_path / "all_bad", [m[:3] + (ros_image(rgbs[0], m[2], "hsv8"),)
                                                          for m in messages[:3]])
-    source = image_source.BagSource(str(all_bad), "", "fixed", loop=True, warn=warnings.append)
+    source = frame_sources.BagSource(str(all_bad), "", "fixed", loop=True, warn=warnings.append)
     try:
-        with pytest.raises(image_source.ImageSourceError, match="no frame of .* could be decoded"):
+        with pytest.raises(frame_sources.ImageSourceError, match="no frame of .* could be decoded"):
             source.next()
     finally:
         source.close()
@@ -794,11 +793,11 @@ def test_bag_source_with_several_image_topics_needs_a_topic(tmp_path: Path, bag_
     messages = [(topic, "sensor_msgs/msg/Image", BAG_T0_NS + i, ros_image(bag_rgbs[i], BAG_T0_NS + i))
                 for i, topic in enumerate(["/front/image", "/rear/image"])]
     bag = write_messages_bag(tmp_path / "two_cameras", messages)
-    with pytest.raises(image_source.ImageSourceError,
+    with pytest.raises(frame_sources.ImageSourceError,
                        match=r"has 2 image topics \(/front/image \(Image, 1 messages\), /rear/image \(Image, 1 "
                              r"messages\)\); choose one with the parameter topic"):
-        image_source.BagSource(str(bag), "", "fixed", loop=False)
-    source = image_source.BagSource(str(bag), "/rear/image", "fixed", loop=False)
+        frame_sources.BagSource(str(bag), "", "fixed", loop=False)
+    source = frame_sources.BagSource(str(bag), "/rear/image", "fixed", loop=False)
     try:
         assert bag_index(source.next().rgb, bag_rgbs) == 1
     finally:
@@ -814,10 +813,10 @@ def test_bag_source_found_corrupt_while_replaying_ends_the_pass(tmp_path: Path, 
     bag.write_bytes(bytes(data))
     for loop in (False, True):
         warnings: list[str] = []
-        source = image_source.BagSource(str(bag), "", "fixed", loop=loop, warn=warnings.append)
+        source = frame_sources.BagSource(str(bag), "", "fixed", loop=loop, warn=warnings.append)
         try:
             indices = []
-            with pytest.raises(image_source.EndOfSource, match="end of truncated or corrupt bag") if not loop \
+            with pytest.raises(frame_sources.EndOfSource, match="end of truncated or corrupt bag") if not loop \
                     else contextlib.nullcontext():
                 for _ in range(BAG_FRAMES + 5):
                     indices.append(bag_index(source.next().rgb, bag_rgbs))

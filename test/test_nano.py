@@ -114,9 +114,9 @@ def test_grown_teacher_of_the_reproduction_script_is_the_family_teacher_size(tok
 def test_write_mix_reaches_the_caption_share(tmp_path):
     import json
 
+    from vlsi_model.data.scene_dataset import write_dataset
+    from vlsi_model.data.scenes import SceneConfig
     from vlsi_model.recipes.nano import write_mix
-    from vlsi_model.scenes import SceneConfig, write_dataset
-
     cfg = SceneConfig(width=56, height=56, max_objects=3)
     vqa = write_dataset(tmp_path / "vqa", 6, seed=0, config=cfg, families=("count", "exist"))
     cap = write_dataset(tmp_path / "cap", 3, seed=1, config=cfg, families=("caption",))

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
+from vlsi_model.data.scene_dataset import write_dataset
+from vlsi_model.data.scenes import SceneConfig
 from vlsi_model.recipes.nano import main as recipe_main
-from vlsi_model.scenes import SceneConfig, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

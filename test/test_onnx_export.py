@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 from onnx_helpers import build_windowed_qwen25vl, export_once
 
+from vlsi_model import manifest as mf
 from vlsi_model.cli import main as cli_main
-from vlsi_model.export import manifest as mf
 from vlsi_model.export import trt_ops
 from vlsi_model.export.onnx_export import ExportOptions, ExportOptionsError, export_model, parse_hw
 
@@ -54,12 +54,12 @@ def test_export_matches_pytorch(request, which):
 
 def test_qwen25vl_example_really_uses_several_windows(windowed_qwen25vl_dir, qwen25vl_export):
     """The parity above is only meaningful for windowed attention if the example spans windows."""
-    from vlsi_model import scenes
+    from vlsi_model.data import render, scenes
     from vlsi_model.engine.np_inputs import ImageConfig, VisionSpec, preprocess_image, vision_aux_inputs
 
     m = _manifest(qwen25vl_export)
     assert m["model_type"] == "qwen2_5_vl" and m["vision"]["window_size"] == 56
-    image = scenes.render_scene(scenes.generate_scene(7, scenes.SceneConfig(width=200, height=150)))
+    image = render.render_scene(scenes.generate_scene(7, scenes.SceneConfig(width=200, height=150)))
     _, grid = preprocess_image(image, ImageConfig.from_json(windowed_qwen25vl_dir / "preprocessor_config.json"))
     aux = vision_aux_inputs(grid, VisionSpec("qwen2_5_vl", 2, 14, 56), np.ones(4, np.float32))
     assert len(set(aux["window_segments"].tolist())) >= 4
@@ -253,11 +253,12 @@ def test_quantized_export_is_smaller_and_answers_like_the_float_one(tmp_path, bi
     """Weight-only int8 / int4 (MatMulNBits) on the shipped student: the decoder's file shrinks
     about 3x / 6x, ONNX Runtime loads it, and the answers are the float export's (int8) or nearly
     (int4; the accuracy cost on the test split is measured with vlsi eval, README)."""
+    from vlsi_model.data.question_families import make_questions
+    from vlsi_model.data.render import render_scene
+    from vlsi_model.data.scenes import SceneConfig, generate_scene
     from vlsi_model.defaults import default_model_path
     from vlsi_model.engine import load_engine
     from vlsi_model.export.tensorrt_build import BuildError, build_engines
-    from vlsi_model.scenes import SceneConfig, generate_scene, make_questions, render_scene
-
     model = default_model_path()
     float_dir = export_once(model)
     assert cli_main(["export", "--model", str(model), "--out", str(tmp_path / bits), "--quantize", bits]) == 0

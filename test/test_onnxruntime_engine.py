@@ -15,8 +15,8 @@ import pytest
 import torch
 from onnx_helpers import export_once
 
-from vlsi_model import scenes
 from vlsi_model.checkpoint import load_model_dir
+from vlsi_model.data import question_families, render, scenes
 from vlsi_model.engine import available_backends, load_engine
 from vlsi_model.engine import np_inputs as npi
 from vlsi_model.engine.base import EngineError, ModelLoadError
@@ -34,8 +34,8 @@ def bench_style_inputs(n_scenes: int = 5):
     for i in range(n_scenes):
         seed = scenes.scene_seed("test", 0, i)
         scene = scenes.generate_scene(seed, scenes.SceneConfig(width=320, height=240))
-        image = scenes.render_scene(scene)
-        out += [(image, qa.question) for qa in scenes.make_questions(scene, seed)[:3]]
+        image = render.render_scene(scene)
+        out += [(image, qa.question) for qa in question_families.make_questions(scene, seed)[:3]]
     return out
 
 

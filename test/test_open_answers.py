@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vlsi_model import cli, scenes
+from vlsi_model import cli
+from vlsi_model.data import question_families, scene_dataset, scenes
 from vlsi_model.data.open_answers import (
     SYNONYMS,
     canonical,
@@ -27,17 +28,17 @@ from vlsi_model.data.open_answers import (
 from vlsi_model.evaluation import EvalSample, format_table, score
 
 
-def _scene_answers(n_scenes: int = 150) -> list[scenes.QA]:
+def _scene_answers(n_scenes: int = 150) -> list[question_families.QA]:
     config = scenes.SceneConfig(shapes=scenes.ALL_SHAPES, min_objects=0, max_objects=6)
     out = []
     for i in range(n_scenes):
-        out += scenes.make_questions(scenes.generate_scene(i, config), i)
+        out += question_families.make_questions(scenes.generate_scene(i, config), i)
     return out
 
 
 def test_every_form_of_every_family_scores_as_the_original() -> None:
     qas = _scene_answers()
-    assert {qa.family for qa in qas} == set(scenes.FAMILIES)
+    assert {qa.family for qa in qas} == set(question_families.FAMILIES)
     for i, qa in enumerate(qas):
         for k in range(3):
             form = open_form(qa.answer, qa.family, random.Random(f"{k}:{i}"))
@@ -162,7 +163,7 @@ def test_cli_writes_open_forms_that_score_fully(tmp_path: Path, monkeypatch: pyt
 def test_cli_rewrites_any_dataset_and_keeps_its_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(cli, "COMMAND_MODULES", ("data",))
-    scenes.write_dataset(tmp_path / "src", 6, 0, families=("caption", "count"))
+    scene_dataset.write_dataset(tmp_path / "src", 6, 0, families=("caption", "count"))
     src = tmp_path / "src" / "train.json"
     out = tmp_path / "elsewhere" / "open.json"
     assert cli.main(["data", "open-forms", str(src), "--out", str(out), "--seed", "3"]) == 0

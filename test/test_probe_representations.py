@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import probe_representations as probes  # noqa: E402
 
-from vlsi_model.scenes import SceneConfig, generate_scene  # noqa: E402
+from vlsi_model.data.scenes import SceneConfig, generate_scene  # noqa: E402
 
 
 def test_linear_probe_reads_a_linear_label_and_not_a_random_one():
@@ -50,9 +50,8 @@ def test_each_object_maps_to_the_token_of_its_grid_cell():
 
 def test_probe_runs_on_a_tiny_model_and_writes_every_layer(tiny_qwen2vl_dir, tmp_path):
     from vlsi_model.checkpoint import load_image_processor
+    from vlsi_model.data.render import render_scene
     from vlsi_model.prompting import preprocess_image
-    from vlsi_model.scenes import render_scene
-
     # The grid scenes reach the model as 8 x 8 patches = 4 x 4 merged tokens, one per grid cell.
     _, grid_thw = preprocess_image(load_image_processor(tiny_qwen2vl_dir),
                                    render_scene(generate_scene(0, SceneConfig(layout="grid"))))

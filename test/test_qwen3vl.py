@@ -20,8 +20,10 @@ import torch
 import yaml
 
 from vlsi_model.cli import main
+from vlsi_model.data.question_families import make_questions
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scenes import SceneConfig, generate_scene
 from vlsi_model.engine.base import EngineError
-from vlsi_model.scenes import SceneConfig, generate_scene, make_questions, render_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -411,8 +413,8 @@ def test_vlsi_eval_and_ask(qwen3, loaded, tmp_path, capsys):
     results = json.loads(out.read_text())
     rows = results["predictions"]
     assert results["backend"] == "torch" and len(rows) == results["overall"]["n"] == 4
+    from vlsi_model.data.llava import load_image
     from vlsi_model.evaluation import load_eval_samples
-    from vlsi_model.training.data import load_image
 
     samples = load_eval_samples(data_dir / "test.json")
     stop = {tok.convert_tokens_to_ids("<|im_end|>"), *model.generation_config.eos_token_id}
@@ -437,10 +439,10 @@ def test_three_step_distill_of_a_qwen3vl_pair(tmp_path_factory, tiny_tokenizer):
     from distill_helpers import STUDENT_LAYERS, STUDENT_VOCAB, TEACHER_LAYERS, TEACHER_VOCAB
 
     from vlsi_model.checkpoint import load_model_dir, read_metadata
+    from vlsi_model.data.llava import load_image
+    from vlsi_model.data.scene_dataset import write_dataset
     from vlsi_model.engine import load_engine
     from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen3vl_config
-    from vlsi_model.scenes import write_dataset
-    from vlsi_model.training.data import load_image
 
     root = tmp_path_factory.mktemp("distill_qwen3vl")
     processor = make_image_processor(min_pixels=32 * 32, max_pixels=64 * 64, model_type="qwen3_vl")
@@ -518,9 +520,8 @@ def test_vlsi_train_from_config_qwen3vl_with_frozen_vision(tmp_path):
     from safetensors.torch import load_file
 
     from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.data.scene_dataset import write_dataset
     from vlsi_model.models import build_model, freeze_vision, tiny_qwen3vl_config
-    from vlsi_model.scenes import write_dataset
-
     data = write_dataset(tmp_path / "data", 4, seed=1, config=SceneConfig(width=64, height=64), families=("count",))
     architecture = {"hidden_size": 32, "num_layers": 2, "vision_hidden_size": 32}
     model = {"from_config": {"family": "qwen3_vl", "train_tokenizer_on": "data", "vocab_size": 300, "seed": 3,

@@ -16,7 +16,8 @@ from vlsi_model.data.bags import BagError, BagReader, write_image_bag
 from vlsi_model.data.from_bag import FromBagOptions, bag_to_dataset
 from vlsi_model.data.labelling import LabelReport, LocalTeacher, label_file
 from vlsi_model.data.questions import load_question_file, questions_for_frame
-from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scenes import SceneConfig, generate_scene
 
 T0 = 1_700_000_000_000_000_000  # bag times (ns)
 
@@ -153,8 +154,8 @@ def unlabelled(tmp_path_factory):
 
 def test_local_teacher_labels_in_batches_like_the_engine_and_resumes_after_a_kill(unlabelled, tiny_qwen2vl_dir,
                                                                                  tmp_path):
+    from vlsi_model.data.llava import load_image
     from vlsi_model.engine import load_engine
-    from vlsi_model.training.data import load_image
 
     teacher = CountingTeacher(LocalTeacher(tiny_qwen2vl_dir, max_new_tokens=8))
     out = tmp_path / "labelled.json"

@@ -15,8 +15,9 @@ from ros_harness import ClientHarness, NodeProcess, wait_for
 
 from vlsi_model.cli import main
 from vlsi_model.data.bags import write_image_bag
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scenes import SceneConfig, generate_scene, scene_seed
 from vlsi_model.defaults import default_model_path
-from vlsi_model.scenes import SceneConfig, generate_scene, render_scene, scene_seed
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 

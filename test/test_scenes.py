@@ -28,38 +28,38 @@ from PIL import Image
 
 from vlsi_model import cli
 from vlsi_model.answers import exact_match, normalize_answer
-from vlsi_model.scenes import (
-    ALL_SHAPES,
+from vlsi_model.data.question_families import (
     CAPTION_QUESTION,
-    COLOR_RGB,
-    COLORS,
     DESCRIBE_QUESTION,
     FAMILIES,
-    MAX_RUN_SEED,
     POSITIONS_QUESTION,
     QA,
-    SEED_STRIDE,
-    SHAPES,
-    SIZES,
-    TEST_SEED_OFFSET,
     TOKENIZER_FAMILIES,
-    VAL_SEED_OFFSET,
-    Scene,
-    SceneConfig,
-    SceneObject,
     caption_objects,
     corpus_texts,
     describe_scene,
-    generate_scene,
     locate_phrase,
     locate_questions,
     make_questions,
     positions_caption,
-    render_scene,
-    scene_from_ground_truth,
-    scene_ground_truth,
+)
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scene_dataset import scene_from_ground_truth, scene_ground_truth, write_dataset
+from vlsi_model.data.scenes import (
+    ALL_SHAPES,
+    COLOR_RGB,
+    COLORS,
+    MAX_RUN_SEED,
+    SEED_STRIDE,
+    SHAPES,
+    SIZES,
+    TEST_SEED_OFFSET,
+    VAL_SEED_OFFSET,
+    Scene,
+    SceneConfig,
+    SceneObject,
+    generate_scene,
     scene_seed,
-    write_dataset,
 )
 
 BIG = SceneConfig(width=640, height=480)
@@ -204,7 +204,9 @@ def _scenes(n: int, config: SceneConfig | None = None, start: int = 0) -> list[S
 # Run here and in fresh interpreters with other PYTHONHASHSEEDs; prints one JSON line.
 FINGERPRINT = """
 import hashlib, json
-from vlsi_model.scenes import ALL_SHAPES, SceneConfig, generate_scene, make_questions, render_scene
+from vlsi_model.data.scenes import ALL_SHAPES, SceneConfig, generate_scene
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.question_families import make_questions
 out = []
 for s in range(12):
     for config in (None, SceneConfig(width=160, height=96, noise=4.0, shapes=ALL_SHAPES)):

@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scenes import SceneConfig, generate_scene
 from vlsi_model.engine import load_engine
-from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
 from vlsi_model.serving import AnswerJob, AnswerWorker, FrameError, FrameStore, JobCancelledError, QueueFullError
 
 

@@ -35,8 +35,8 @@ def test_uniform_and_one_hot_teachers_and_masked_tokens():
 
 
 def test_measure_runs_on_a_tiny_model(tiny_qwen2vl_dir, tmp_path):
-    from vlsi_model.scenes import SceneConfig, write_dataset
-
+    from vlsi_model.data.scene_dataset import write_dataset
+    from vlsi_model.data.scenes import SceneConfig
     data = write_dataset(tmp_path / "data", 6, seed=0, config=SceneConfig(width=56, height=56),
                          families=("caption", "count"))
     out = tmp_path / "confidence.json"
@@ -54,8 +54,8 @@ def test_measure_runs_on_a_tiny_model(tiny_qwen2vl_dir, tmp_path):
 
 def test_open_form_data_reports_the_forms_entropy_bound(tiny_qwen2vl_dir, tmp_path):
     from vlsi_model.data.open_answers import choice_entropy
-    from vlsi_model.scenes import SceneConfig, write_dataset
-
+    from vlsi_model.data.scene_dataset import write_dataset
+    from vlsi_model.data.scenes import SceneConfig
     data = write_dataset(tmp_path / "data", 6, seed=0, config=SceneConfig(width=56, height=56),
                          families=("caption", "count"), open_forms=True)
     first = tc.measure(tiny_qwen2vl_dir, data, samples=5, batch_size=2)

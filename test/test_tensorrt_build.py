@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx_helpers import export_once
 
+from vlsi_model import manifest as mf
 from vlsi_model.cli import main as cli_main
 from vlsi_model.engine.tensorrt_engine import (
     ENGINE_FORMAT,
@@ -24,11 +25,11 @@ from vlsi_model.engine.tensorrt_engine import (
     plan_bytes,
     tensorrt_available,
 )
-from vlsi_model.export import manifest as mf
 from vlsi_model.export import memory
 from vlsi_model.export.tensorrt_build import (
     EXIT_BAD_INPUT,
     EXIT_NO_TENSORRT,
+    EXIT_OK,
     BuildError,
     ShapeRanges,
     compute_profiles,
@@ -214,23 +215,6 @@ def test_build_engine_without_tensorrt_exits_3(export_dir, tmp_path, capsys):
     assert len(lines) == 2 and "--memPoolSize=workspace:512M" in lines[0]
     assert "TensorRT is not installed" in captured.err and "exit status 3" in captured.err
     assert not out.exists()  # nothing half-built
-
-
-def test_default_engine_dir_is_where_auto_looks(tmp_path):
-    from vlsi_model.commands.build_engine import default_engine_dir
-    from vlsi_model.engine.tensorrt_engine import find_engine_dir
-
-    model = tmp_path / "student"
-    (model / "onnx").mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    out = default_engine_dir(model / "onnx", "student")
-    assert out == model / "tensorrt"
-    out.mkdir()
-    (out / "manifest.json").write_text(json.dumps(engine_manifest()))
-    assert find_engine_dir(model) == out  # what backend auto / tensorrt do with just the model path
-    # an export elsewhere (not a model's onnx/ folder): engines go under trt_engines/<model name>
-    assert default_engine_dir(tmp_path / "exports" / "v1", "student") == Path("trt_engines/student")
-    assert default_engine_dir(tmp_path / "exports" / "v1", None) == Path("trt_engines/v1")
 
 
 def test_build_engine_bad_input(export_dir, tmp_path, capsys):
@@ -489,3 +473,30 @@ def test_qwen3vl_profiles_and_fp16_build_carry_deepstack(fake_trt, qwen3vl_expor
     assert len(pows) == 4 * em["text"]["num_layers"] + 1
     assert set(pows) <= set(manifest["engines"]["decoder"]["fp32_pinned_layer_names"])
     assert "deepstack_embeds:2x1x1x" in manifest["trtexec"][1]
+
+
+def test_engines_go_to_a_named_set_that_engine_dir_finds_by_name(fake_trt, export_dir, tmp_path, monkeypatch, capsys):
+    """`vlsi build-engine` writes a named set under trt_engines/ (default name: the model's;
+    --name picks one; VLSI_TRT_ENGINES moves the folder), and a bare engine_dir name (the node's
+    parameter, `engine_dir:=NAME` in the launch file, --engine-dir) means that set everywhere."""
+    from vlsi_model.engine import _normalise, tensorrt_engine
+    from vlsi_model.engine.tensorrt_engine import find_engine_dir
+    from vlsi_model.engine_dirs import resolve_engine_dir
+
+    monkeypatch.setattr(tensorrt_engine, "tensorrt_available", lambda: True)  # the fake stands in
+    root = tmp_path / "engines"
+    monkeypatch.setenv("VLSI_TRT_ENGINES", str(root))
+    model_name = json.loads((export_dir / mf.MANIFEST_FILE).read_text())["model_name"]
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16"]) == EXIT_OK
+    assert find_engine_dir("unused", resolve_engine_dir(model_name)) == root / model_name
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16", "--name", "student-fp16"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(root / "student-fp16")
+    assert _normalise({"engine_dir": "student-fp16"})["engine_dir"] == root / "student-fp16"
+    assert find_engine_dir("unused", _normalise({"engine_dir": "student-fp16"})["engine_dir"]) == root / "student-fp16"
+    # paths stay paths; an unset ROS parameter ("") stays "not given"
+    assert _normalise({"engine_dir": str(export_dir)})["engine_dir"] == export_dir
+    assert _normalise({"engine_dir": "./student-fp16"})["engine_dir"] == Path("student-fp16")
+    assert "engine_dir" not in _normalise({"engine_dir": ""})
+    # a name is one folder name
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--name", "a/b"]) == EXIT_BAD_INPUT
+    assert "one folder name" in capsys.readouterr().err

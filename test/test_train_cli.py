@@ -17,7 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from vlsi_model.cli import main
-from vlsi_model.scenes import SceneConfig, write_dataset
+from vlsi_model.data.scene_dataset import write_dataset
+from vlsi_model.data.scenes import SceneConfig
 from vlsi_model.training.trainer import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,8 @@ def _write_config(path: Path, model: dict, data: Path, **train) -> Path:
 
 def test_vlsi_train_writes_a_loadable_model(tiny_qwen2vl_dir, train_json, tmp_path, capsys):
     from vlsi_model.checkpoint import load_model_dir, read_metadata
+    from vlsi_model.data.llava import load_image
     from vlsi_model.prompting import build_inputs
-    from vlsi_model.training.data import load_image
 
     cfg = _write_config(tmp_path / "sft.yaml", {"path": str(tiny_qwen2vl_dir)}, train_json, max_steps=50)
     out = tmp_path / "run"

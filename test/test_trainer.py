@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlsi_model.scenes import SceneConfig, write_dataset
+from vlsi_model.data.scene_dataset import write_dataset
+from vlsi_model.data.scenes import SceneConfig
 from vlsi_model.training import trainer as trainer_mod
 from vlsi_model.training.config import ConfigError, TrainConfig
 from vlsi_model.training.trainer import GlobalBatchSampler, drawn_sample_indices, list_checkpoints, train

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlsi_model.data.llava import SKIP_REASONS, DatasetError, load_image
+from vlsi_model.data.scene_dataset import write_dataset
+from vlsi_model.data.scenes import SceneConfig
 from vlsi_model.models import make_image_processor
 from vlsi_model.prompting import IGNORE_INDEX, IMAGE_TOKEN, build_inputs
-from vlsi_model.scenes import SceneConfig, write_dataset
-from vlsi_model.training.data import SKIP_REASONS, ConversationDataset, DatasetError, load_image, make_collate_fn
+from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -173,13 +175,13 @@ def test_skip_mode_counts_each_reason_and_logs_once(scenes_json, tiny_tokenizer,
     (scenes_json.parent / "images" / "corrupt.png").write_bytes(b"not a png at all")
     records.append(_record("images/corrupt.png", ("human", "<image>\nQ?"), ("gpt", "A")))
     path = _write(scenes_json.parent / "mixed.json", records)
-    with caplog.at_level(logging.WARNING, logger="vlsi_model.training.data"):
+    with caplog.at_level(logging.WARNING, logger="vlsi_model.training.dataset"):
         ds = ConversationDataset(path, tiny_tokenizer, processor, max_length=64, on_error="skip")
     assert ds.skipped == {"bad_record": 1, "missing_image": 2, "bad_image": 1, "no_response": 1, "too_long": 1}
     assert set(ds.skipped) <= set(SKIP_REASONS)
     assert [r.record_id for r in ds.records] == ["good1", "good2"]
     assert len(ds) == 2 and ds[1]["input_ids"].shape[1] == ds.num_tokens(1)
-    warnings = [r for r in caplog.records if r.name == "vlsi_model.training.data"]
+    warnings = [r for r in caplog.records if r.name == "vlsi_model.training.dataset"]
     assert len(warnings) == 1 and "skipped 6 of 8 records" in warnings[0].getMessage()
 
     only_bad = _write(scenes_json.parent / "all_bad.json", records[1:3])

@@ -105,8 +105,7 @@ def test_shipped_distill_config_is_the_study_full_row():
     measured is what the script ships."""
     import vlsi_study
 
-    from vlsi_model.distill.pipeline import load_distill_config
-
+    from vlsi_model.distill.config import load_distill_config
     a = vlsi_study.StudyArgs(
         out=Path("unused"), teacher=Path("runs/nano/teacher_grown/final"),
         train_data=Path("runs/nano/data_teacher/train_mix_teacher.json"), test_data=Path("unused"),
@@ -123,8 +122,7 @@ def test_a_random_student_trains_its_whole_language_model_in_step2():
     a pretrained student keeps the paper's decoder-only step 2; an explicit choice wins."""
     import vlsi_study
 
-    from vlsi_model.distill.pipeline import load_distill_config
-
+    from vlsi_model.distill.config import load_distill_config
     assert vlsi_study.default_interact_trains("random") == "language_model"
     assert vlsi_study.default_interact_trains("runs/nano/student_grids/final") == "decoder"
     a = vlsi_study.StudyArgs(

@@ -19,7 +19,8 @@ from ros_harness import ClientHarness, wait_for
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from vlsi_model.scenes import SceneConfig, generate_scene, render_scene
+from vlsi_model.data.render import render_scene
+from vlsi_model.data.scenes import SceneConfig, generate_scene
 from vlsi_ros.image_conversion import rgb_to_image_msg
 from vlsi_ros.srv import Ask
 from vlsi_ros.vqa_node import VqaNode

@@ -5,7 +5,7 @@ peak RSS is that backend's alone and nothing one backend imported or allocated (
 second copy of the weights, a warm allocator) flatters another; the ONNX Runtime worker
 also reports whether torch was ever imported in its process (it must not be). All workers
 answer the same questions about the same synthetic camera frames (640x480 scenes from
-`vlsi_model.scenes`, test split) with the same greedy `max_new_tokens`, after one warm-up
+`vlsi_model.data.scenes`, test split) with the same greedy `max_new_tokens`, after one warm-up
 answer, with the same thread count. With `rounds` > 1 the workers run round-robin that many
 times and every figure is over all rounds, so load from other processes on a shared machine
 hits all backends alike.
@@ -74,18 +74,17 @@ LONG_ANSWER_QUESTIONS: tuple[str, ...] = ("What objects are there?", "Where is e
 def bench_inputs(n: int, seed: int = 0, long_answers: bool = True) -> list[tuple[np.ndarray, str]]:
     """n (frame, question) pairs: one question per test-split scene, families in rotation; with
     `long_answers` every other question is one of LONG_ANSWER_QUESTIONS."""
-    from vlsi_model import scenes
-
+    from vlsi_model.data import question_families, render, scenes
     out: list[tuple[np.ndarray, str]] = []
     i = 0
     while len(out) < n:
         s = scenes.scene_seed("test", seed, i)
         scene = scenes.generate_scene(s, scenes.SceneConfig(width=FRAME_SIZE[0], height=FRAME_SIZE[1]))
-        qas = scenes.make_questions(scene, s, BENCH_FAMILIES)
+        qas = question_families.make_questions(scene, s, BENCH_FAMILIES)
         if long_answers and len(out) % 2 == 1:
-            out.append((scenes.render_scene(scene), LONG_ANSWER_QUESTIONS[(len(out) // 2) % 2]))
+            out.append((render.render_scene(scene), LONG_ANSWER_QUESTIONS[(len(out) // 2) % 2]))
         elif qas:
-            out.append((scenes.render_scene(scene), qas[i % len(qas)].question))
+            out.append((render.render_scene(scene), qas[i % len(qas)].question))
         i += 1
     return out
 
@@ -249,7 +248,7 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     notes: list[str] = []
     try:
         if "onnxruntime" in cfg.backends and not cfg.onnx_dir:
-            from vlsi_model.export.manifest import find_export_dir
+            from vlsi_model.manifest import find_export_dir
 
             found = find_export_dir(cfg.model_dir)
             if found is not None:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlsi_model.engine.base import ModelLoadError
+from vlsi_model.errors import ModelLoadError
 from vlsi_model.models import METADATA_FILE, MODEL_CLASSES, check_image_processor, quiet_progress_bars
 from vlsi_model.tokenizer import QWEN2VL_CHAT_TEMPLATE
 

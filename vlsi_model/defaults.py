@@ -63,16 +63,15 @@ def build_placeholder(path: Path | None = None) -> Path:
     """
     # Imported here: `default_model_path` is called at start-up by the CLI and the node, and
     # importing torch/transformers is only needed when the placeholder has to be built.
-    from vlsi_model import scenes
+    from vlsi_model.data import question_families
     from vlsi_model.models import build_model, make_image_processor, save_model_dir, tiny_qwen2vl_config
     from vlsi_model.tokenizer import train_bpe_tokenizer
 
     path = Path(path) if path is not None else placeholder_model_path()
     if (path / "config.json").is_file():
         return path
-    tokenizer = train_bpe_tokenizer(
-        scenes.corpus_texts(PLACEHOLDER_CORPUS_SCENES, seed=PLACEHOLDER_SEED), vocab_size=PLACEHOLDER_VOCAB_SIZE
-    )
+    corpus = question_families.corpus_texts(PLACEHOLDER_CORPUS_SCENES, seed=PLACEHOLDER_SEED)
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size=PLACEHOLDER_VOCAB_SIZE)
     config = tiny_qwen2vl_config(
         tokenizer=tokenizer,
         hidden_size=128,

@@ -89,7 +89,7 @@ def load_eval_samples(data_file: str | os.PathLike[str], max_samples: int | None
     raises `DatasetError` naming it: an evaluation that silently drops records reports an
     accuracy over a set nobody chose.
     """
-    from vlsi_model.training.data import DatasetError, RecordError, parse_conversations, read_records
+    from vlsi_model.data.llava import DatasetError, RecordError, parse_conversations, read_records
 
     path = Path(data_file).expanduser()
     records = read_records(path)
@@ -159,8 +159,7 @@ def score(samples: Sequence[EvalSample], predictions: Sequence[str], open_forms:
     """
     if len(samples) != len(predictions):
         raise ValueError(f"{len(samples)} samples but {len(predictions)} predictions")
-    from vlsi_model.scenes import question_type
-
+    from vlsi_model.data.question_families import question_type
     families: dict[str, FamilyScore] = {}
     types: dict[str, FamilyScore] = {}
     rows = []
@@ -210,7 +209,7 @@ def evaluate(
     references are a teacher's answers is refused unless `allow_teacher_labels`; then the result's
     "references" names the teacher ("ground truth" otherwise).
     """
-    from vlsi_model.training.data import load_image, read_records
+    from vlsi_model.data.llava import load_image, read_records
 
     samples = load_eval_samples(data_file, max_samples, allow_teacher_labels)
     teachers = teacher_references(read_records(Path(data_file).expanduser())) if allow_teacher_labels else Counter()

@@ -81,7 +81,7 @@ def nano_tokenizer(
     the full vocabulary line), so every word any question family uses is covered while
     test scenes are never seen. Deterministic for the same arguments.
     """
-    from vlsi_model.scenes import corpus_texts
+    from vlsi_model.data.question_families import corpus_texts
     from vlsi_model.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(corpus_texts(num_scenes, seed=seed), vocab_size=vocab_size)

@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vlsi_model.engine.base import EngineError
-
 # The request checks live in the torch-free `engine.validation` (shared with the ONNX Runtime /
 # TensorRT runtimes); re-exported here, where callers have always imported them from.
 from vlsi_model.engine.validation import (
@@ -37,6 +35,7 @@ from vlsi_model.engine.validation import (
     validate_image,
     validate_question,
 )
+from vlsi_model.errors import EngineError
 
 __all__ = [
     "DEFAULT_MAX_QUESTION_CHARS",

@@ -1,5 +1,8 @@
 """vqa_node: answers questions about the newest camera frame (lifecycle node).
 
+Why one file of ~680 lines: a ROS node's whole surface (parameters, lifecycle transitions,
+service, action, topics, QoS) is one contract users read in one place; the work is in vlsi_model.
+
 Thin over vlsi_model: the engine (`load_engine`), the newest-frame store, the single
 inference worker with its bounded queue and the frame annotation all live in the library;
 this file maps them onto ROS: parameters, subscriptions, the `ask` service, the
@@ -47,7 +50,7 @@ from std_msgs.msg import Header, String
 
 from vlsi_model.answers import normalize_answer
 from vlsi_model.engine import load_engine
-from vlsi_model.engine.base import EngineError
+from vlsi_model.errors import EngineError
 from vlsi_model.serving import AnswerJob, AnswerWorker, FrameError, FrameStore, JobCancelledError, QueueFullError
 from vlsi_model.serving.annotate import annotate_answer
 from vlsi_model.serving.frames import check_max_age

@@ -1,11 +1,11 @@
 """`vlsi build-engine`: TensorRT 10 engines from an ONNX export (`vlsi export`), on the target device.
 
-Builds vision.plan and decoder.plan (two optimisation profiles: prefill and decode) into --out
-(default: `<model>/tensorrt` when the export is `vlsi export`'s default `<model>/onnx`, where
-`load_engine(model)` / backend auto finds them without an engine_dir; else
-`trt_engines/<model name>`) with manifest.json (TensorRT version, GPU and compute capability, precision, profile shapes,
-sha256 of the ONNX inputs) and the export's tokenizer/embedding files, so --out is all the
-`tensorrt` backend needs (`ros2 launch vlsi_ros vqa.launch.py backend:=tensorrt engine_dir:=OUT`).
+Builds vision.plan and decoder.plan (two optimisation profiles: prefill and decode) into a named
+engine set, `trt_engines/NAME/` (NAME: --name, default the model's name; `VLSI_TRT_ENGINES` moves
+the folder), or into --out, with manifest.json (TensorRT version, GPU and compute capability,
+precision, profile shapes, sha256 of the ONNX inputs) and the export's tokenizer/embedding files,
+so that folder is all the `tensorrt` backend needs
+(`ros2 launch vlsi_ros vqa.launch.py backend:=tensorrt engine_dir:=NAME`).
 The equivalent `trtexec` commands are printed first.
 
 Exit status: 0 built; 3 TensorRT is not installed here (the export was checked and the
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from vlsi_model.commands._common import non_negative_int
+from vlsi_model.engine_dirs import named_engine_dir
 from vlsi_model.export.tensorrt_build import (
     DEFAULT_WORKSPACE_MB,
     EXIT_BAD_INPUT,
@@ -40,16 +41,12 @@ def _range(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def default_engine_dir(onnx_dir: Path, model_name: str | None) -> Path:
-    """Where engines go without --out: beside the model when the export sits in `<model>/onnx`.
-
-    That is where `find_engine_dir` (backend "tensorrt" and "auto") looks when given only the
-    model directory, so `vlsi export` + `vlsi build-engine` with defaults give a model that
-    `ros2 launch ... model_path:=<model>` serves with TensorRT without naming an engine_dir.
-    """
-    if onnx_dir.name == "onnx" and (onnx_dir.parent / "config.json").is_file():
-        return onnx_dir.parent / "tensorrt"
-    return Path("trt_engines") / (model_name or onnx_dir.name)
+def default_engine_name(onnx_dir: Path, model_name: str | None) -> str:
+    """The engine set's name without --name: the export's model name, else the export folder's
+    (its parent's when the export is a model's `onnx/` folder)."""
+    if model_name:
+        return model_name
+    return onnx_dir.parent.name if onnx_dir.name == "onnx" else onnx_dir.name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,9 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("build-engine", help="build TensorRT engines from an ONNX export",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", required=True, type=Path, help="export directory written by `vlsi export`")
-    p.add_argument("--out", type=Path, default=None,
-                   help="engine directory (default: <model>/tensorrt for an export in <model>/onnx, where backend "
-                        "auto finds it; else trt_engines/<model name>)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--name", default=None,
+                       help="engine set name: engines go to trt_engines/NAME (default: the model's name), "
+                            "served with engine_dir:=NAME")
+    where.add_argument("--out", type=Path, default=None, help="engine directory (instead of a named set)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                       help="half precision (default; norms and softmax kept in fp32)")
@@ -85,9 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from vlsi_model.engine.base import ModelLoadError
+    from vlsi_model import manifest as mf
     from vlsi_model.engine.tensorrt_engine import TensorRTUnavailable, tensorrt_available
-    from vlsi_model.export import manifest as mf
+    from vlsi_model.errors import ModelLoadError
     from vlsi_model.export.tensorrt_build import (
         BuildError,
         build_engines,
@@ -111,7 +110,12 @@ def run(args: argparse.Namespace) -> int:
     except (ModelLoadError, BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = args.out if args.out is not None else default_engine_dir(args.onnx, em.get("model_name"))
+    try:
+        out = args.out if args.out is not None else named_engine_dir(
+            args.name or default_engine_name(args.onnx, em.get("model_name")))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     try:  # the export must be sound before anyone spends an hour building on a Jetson
         from vlsi_model.export.onnx_export import check_graphs

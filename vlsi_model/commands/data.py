@@ -2,7 +2,7 @@
 
 `vlsi data scenes` writes synthetic VQA data: the scenes are the ones the ROS `image_source`
 node publishes, so a model trained on them is evaluated on frames drawn by the same
-generator (see vlsi_model/scenes.py). `vlsi data from-bag` turns a robot's bag into frames
+generator (see vlsi_model/data/scenes.py, question_families.py). `vlsi data from-bag` turns a robot's bag into frames
 and questions without answers, for `vlsi label` (see vlsi_model/data/from_bag.py). `vlsi data
 open-forms` rewrites a dataset's answers in many valid forms (vlsi_model/data/open_answers.py).
 """
@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from vlsi_model import scenes
+from vlsi_model.data import question_families, scene_dataset, scenes
 
 
 def parse_size(text: str, minimum: int = 16) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def parse_grid(text: str) -> tuple[int, int]:
 
 def _families(text: str) -> tuple[str, ...]:
     try:
-        return scenes.parse_families(text)
+        return question_families.parse_families(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-objects", type=_non_negative, default=5, help="objects per image, at most (default 5)"
     )
     p.add_argument(
-        "--families", type=_families, default=scenes.FAMILIES, help="comma-separated list (default: all)"
+        "--families", type=_families, default=question_families.FAMILIES, help="comma-separated list (default: all)"
     )
     p.add_argument("--per-family", type=_non_negative, default=1, help="questions per family per image")
     p.add_argument(
@@ -174,7 +174,7 @@ def run_scenes(args: argparse.Namespace) -> int:
     )
     try:
         config.validate()
-        json_path = scenes.write_dataset(
+        json_path = scene_dataset.write_dataset(
             args.out,
             args.num,
             args.seed,
@@ -192,7 +192,7 @@ def run_scenes(args: argparse.Namespace) -> int:
     per_family = Counter(r["family"] for r in records)
     forms = " (answers in open forms)" if args.open_forms else ""
     print(f"wrote {args.num} images ({width}x{height}) and {len(records)} questions{forms} to {json_path}")
-    for family in scenes.FAMILIES:
+    for family in question_families.FAMILIES:
         if family in per_family:
             print(f"  {family:<10} {per_family[family]}")
     return 0
@@ -224,8 +224,8 @@ def run_from_bag(args: argparse.Namespace) -> int:
 
 def run_open_forms(args: argparse.Namespace) -> int:
     """Write the rewritten dataset; 2 with one line for an unreadable input."""
+    from vlsi_model.data.llava import DatasetError
     from vlsi_model.data.open_answers import write_open_forms
-    from vlsi_model.training.data import DatasetError
 
     if args.out.resolve() == args.data.resolve():
         print("vlsi data open-forms: error: --out must differ from the input (its answers are kept)", file=sys.stderr)

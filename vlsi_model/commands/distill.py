@@ -1,6 +1,6 @@
 """`vlsi distill`: the three VLsI steps (verbalize, interact, sft) from a YAML config.
 
-See vlsi_model/distill/pipeline.py for the config format and the output layout, and
+See vlsi_model/distill/config.py for the config format and the output layout, and
 configs/distill_tiny.yaml for an example. `--steps` runs a subset (in pipeline order);
 `--resume` skips completed steps and continues an interrupted one from its newest
 checkpoint. Several processes / GPUs: run the same command under accelerate, e.g.
@@ -34,10 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlsi_model.distill.pipeline import parse_steps, run_distill
-    from vlsi_model.engine.base import ModelLoadError
+    from vlsi_model.data.llava import DatasetError
+    from vlsi_model.distill.config import parse_steps
+    from vlsi_model.distill.pipeline import run_distill
+    from vlsi_model.errors import ModelLoadError
     from vlsi_model.training.config import ConfigError
-    from vlsi_model.training.data import DatasetError
     from vlsi_model.training.trainer import distributed_state
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -39,9 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlsi_model.engine.base import EngineError
+    from vlsi_model.data.llava import DatasetError
+    from vlsi_model.errors import EngineError
     from vlsi_model.evaluation import evaluate, format_question_type_table, format_table, write_results
-    from vlsi_model.training.data import DatasetError
 
     apply_torch_threads(args.threads)
     try:

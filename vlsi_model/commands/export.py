@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlsi_model.defaults import default_model_path
-    from vlsi_model.engine.base import ModelLoadError
+    from vlsi_model.errors import ModelLoadError
     from vlsi_model.export.onnx_export import (
         ExportError,
         ExportOptions,

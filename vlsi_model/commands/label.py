@@ -82,7 +82,7 @@ def _teacher(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from vlsi_model.data.endpoint_teacher import EndpointError
     from vlsi_model.data.labelling import LabelError, label_file
-    from vlsi_model.engine.base import EngineError
+    from vlsi_model.errors import EngineError
 
     if args.cache and not (args.teacher and args.verbalizers):
         print("vlsi label: error: --cache needs a local --teacher and its --verbalizers", file=sys.stderr)
@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
         vocab = None
         if args.student:
-            from vlsi_model.distill.pipeline import load_config_vocab
-
+            from vlsi_model.distill.steps_common import load_config_vocab
             vocab = min(load_config_vocab(args.student), load_config_vocab(args.teacher))
         path = write_teacher_cache(args.teacher, args.verbalizers, args.out, args.cache, k=args.top_k,
                                    batch_size=args.batch_size, device=args.device,

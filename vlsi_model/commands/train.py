@@ -41,9 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config, apply overrides, train, save output_dir/final."""
 
-    from vlsi_model.engine.base import ModelLoadError
+    from vlsi_model.data.llava import DatasetError
+    from vlsi_model.errors import ModelLoadError
     from vlsi_model.training.config import ConfigError
-    from vlsi_model.training.data import DatasetError
     from vlsi_model.training.sft import FINAL_DIR, load_sft_config, run_sft
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

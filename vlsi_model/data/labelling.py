@@ -173,7 +173,7 @@ def _relocator(data_dir: Path, out_dir: Path) -> Callable[[dict[str, Any]], dict
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    from vlsi_model.training.data import load_image
+    from vlsi_model.data.llava import load_image
 
     return load_image(path)
 
@@ -188,7 +188,7 @@ def label_file(
     on_batch: Callable[[int], None] | None = None,
 ) -> LabelReport:
     """Label every unanswered record of `data_path` with `teacher` into `out_path` (see module doc)."""
-    from vlsi_model.training.data import read_records
+    from vlsi_model.data.llava import read_records
     from vlsi_model.training.trainer import distributed_state
 
     if batch_size < 1:
@@ -394,7 +394,7 @@ def write_teacher_cache(teacher_dir: str | os.PathLike[str], verbalizers_dir: st
     from vlsi_model.distill.teacher_cache import IndexedDataset, build_teacher_cache, indexed_collate
     from vlsi_model.distill.verbalizer import load_verbalizers
     from vlsi_model.fileio import replace_directory
-    from vlsi_model.training.data import ConversationDataset, make_collate_fn
+    from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
 
     teacher, tokenizer, processor = load_model_dir(teacher_dir, device=device)
     verbs = load_verbalizers(verbalizers_dir, expect_hidden_size=get_adapter(teacher).hidden_size(teacher))

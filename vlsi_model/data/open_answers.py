@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vlsi_model.answers import normalize_answer
-from vlsi_model.scenes import ALL_SHAPES, SHAPES
+from vlsi_model.data.scenes import ALL_SHAPES, SHAPES
 
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "red": ("red", "crimson", "scarlet"),
@@ -173,8 +173,7 @@ def score_content(rows: list[dict[str, Any]]) -> dict[str, Any]:
     eval`'s): canonical-match accuracy overall, per family and per question template (with priors
     and top predictions on canonical forms), and the mean set-F1 of the list families. Each row
     gains "content_match"."""
-    from vlsi_model.scenes import question_type
-
+    from vlsi_model.data.question_families import question_type
     f1s = []
     for row in rows:
         row["content_match"] = canonical_match(row["prediction"], row["reference"], row["family"])
@@ -207,7 +206,7 @@ def open_records(records: list[dict[str, Any]], seed: int | str = 0) -> list[dic
 def write_open_forms(data: Path, out: Path, seed: int | str = 0) -> int:
     """Write `data` (a LLaVA JSON/JSONL file with "family" fields) to `out` with its answers in open
     forms; relative image paths are rewritten for `out`'s folder. Returns the record count."""
-    from vlsi_model.training.data import read_records
+    from vlsi_model.data.llava import read_records
 
     records = open_records(read_records(data), seed=seed)
     for record in records:

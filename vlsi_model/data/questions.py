@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from vlsi_model import scenes
+from vlsi_model.data import question_families, scenes
 
 
 class QuestionFileError(ValueError):
@@ -81,11 +81,11 @@ def family_templates(family: str, shapes: Sequence[str] = scenes.SHAPES,
     """Every question of `family` that needs no knowledge of the frame, in the training wording."""
     pairs = [(c, s) for c in colors for s in shapes]
     if family == "caption":
-        return [scenes.CAPTION_QUESTION]
+        return [question_families.CAPTION_QUESTION]
     if family == "positions":
-        return [scenes.POSITIONS_QUESTION]
+        return [question_families.POSITIONS_QUESTION]
     if family == "describe":
-        return [scenes.DESCRIBE_QUESTION]
+        return [question_families.DESCRIBE_QUESTION]
     if family == "count":
         return (["How many objects are there?"] + [f"How many {_plural(s)} are there?" for s in shapes]
                 + [f"How many {c} objects are there?" for c in colors])
@@ -105,7 +105,7 @@ def family_templates(family: str, shapes: Sequence[str] = scenes.SHAPES,
             out += [f"Compared with {b}, are there more, fewer or the same number of {a}?"
                     for a in group for b in group if a != b]
         return out
-    raise ValueError(f"unknown question family {family!r}; choose from {', '.join(scenes.FAMILIES)}")
+    raise ValueError(f"unknown question family {family!r}; choose from {', '.join(question_families.FAMILIES)}")
 
 
 def questions_for_frame(index: int, families: Sequence[str], per_family: int = 1, seed: int = 0) -> list[Question]:

@@ -1,5 +1,8 @@
 """Divergences between verbalized distributions, computed in chunks of tokens.
 
+Why one file of ~660 lines: every divergence and its chunked form sit beside each other so
+they are checked against each other (the chunked forms must equal the plain ones).
+
 The expensive object in VLsI is the vocabulary-sized distribution: every target layer of
 both models is projected to the ~152k-token vocabulary for every response token. Held at
 once, S + T targets x N tokens x V floats do not fit any GPU. Here every quantity is

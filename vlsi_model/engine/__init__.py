@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from vlsi_model.engine.base import AnswerResult, Engine, EngineError, ModelLoadError, TokenCallback
+from vlsi_model.engine_dirs import resolve_engine_dir
+from vlsi_model.manifest import export_unsupported, find_export_dir
 
 __all__ = [
     "AUTO_ORDER",
@@ -89,14 +91,10 @@ def _where(engine_dir: Any, model_path: Path, subdir: str) -> str:
 
 def _not_exportable(model_path: Path) -> str | None:
     """Why no ONNX export (so no onnxruntime / tensorrt engine) can exist for this model's architecture."""
-    from vlsi_model.export.manifest import export_unsupported
-
     return export_unsupported(model_path)
 
 
 def _onnxruntime_unavailable(model_path: Path, device: str, options: Mapping[str, Any]) -> str | None:
-    from vlsi_model.export.manifest import find_export_dir
-
     not_exportable = _not_exportable(model_path)
     if not_exportable is not None:
         return not_exportable
@@ -132,7 +130,7 @@ _BACKENDS: dict[str, _Backend] = {
 }
 # Best first: each is available only when its artefacts for the model are present.
 AUTO_ORDER: tuple[str, ...] = ("tensorrt", "onnxruntime", "torch")
-# Backends that run a `vlsi export` (not for every architecture: export.manifest.EXPORTABLE_MODEL_TYPES).
+# Backends that run a `vlsi export` (not for every architecture: manifest.EXPORTABLE_MODEL_TYPES).
 _EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 
 
@@ -152,6 +150,8 @@ def _normalise(options: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(options)
     if out.get("engine_dir") in (None, ""):  # "" (an unset ROS parameter) means "not given", not the cwd
         out.pop("engine_dir", None)
+    else:  # a bare name is an engine set under trt_engines/ (vlsi_model.engine_dirs)
+        out["engine_dir"] = resolve_engine_dir(out["engine_dir"])
     return out
 
 
@@ -200,7 +200,7 @@ def load_engine(
     for another GPU), auto logs a warning and tries the next one. Only an option no backend
     takes is a ValueError under auto.
 
-    An architecture `vlsi export` does not handle (`export.manifest.EXPORTABLE_MODEL_TYPES`)
+    An architecture `vlsi export` does not handle (`manifest.EXPORTABLE_MODEL_TYPES`)
     runs on torch only: onnxruntime / tensorrt named explicitly raise ModelLoadError saying
     so, and auto passes them over with that reason.
 

@@ -14,17 +14,13 @@ from typing import Protocol
 
 import numpy as np
 
+from vlsi_model.errors import EngineError, ModelLoadError
+
+__all__ = ["AnswerResult", "Engine", "EngineError", "ModelLoadError", "TokenCallback", "greedy_tokens"]
+
 # on_token(text_so_far, num_tokens) is called after every generated token. Returning False
 # stops generation early (the result is marked cancelled), as does setting `cancel`.
 TokenCallback = Callable[[str, int], "bool | None"]
-
-
-class EngineError(RuntimeError):
-    """A request the engine cannot serve (bad image, empty question, ...); message is user-facing."""
-
-
-class ModelLoadError(EngineError):
-    """A model directory that is missing, incomplete or corrupt; message says which file and why."""
 
 
 @dataclass

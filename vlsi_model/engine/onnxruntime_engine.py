@@ -42,6 +42,7 @@ from vlsi_model.engine.np_inputs import (
     validate_question,
     vision_aux_inputs,
 )
+from vlsi_model.manifest import find_export_dir, load_manifest, read_metadata_json
 
 DEFAULT_MAX_QUESTION_CHARS = 1000  # = vlsi_model.prompting.DEFAULT_MAX_QUESTION_CHARS (which imports torch)
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
@@ -67,10 +68,6 @@ class OnnxRuntimeEngine:
     ) -> None:
         """Open `export_dir`. `num_threads`: ONNX Runtime intra-op threads per session (default: ORT's)."""
         import onnxruntime as ort
-
-        # Imported here, not at module level: vlsi_model.engine imports this module for its
-        # registry, and export.manifest imports vlsi_model.engine.base (an import cycle).
-        from vlsi_model.export.manifest import load_manifest, read_metadata_json
 
         if num_threads is not None and num_threads < 1:
             raise ValueError("num_threads must be >= 1")
@@ -324,7 +321,6 @@ def available(model_path: str | Path, device: str = "cpu") -> bool:
     (`model_path` itself or `<model_path>/onnx`, see `manifest.find_export_dir`)."""
     import importlib.util
 
-    from vlsi_model.export.manifest import find_export_dir
 
     if importlib.util.find_spec("onnxruntime") is None:
         return False
@@ -358,7 +354,6 @@ def load(
     is_placeholder: bool | None = None,
 ) -> OnnxRuntimeEngine:
     """Backend registry loader: the export in `engine_dir`, or found next to `model_path`."""
-    from vlsi_model.export.manifest import find_export_dir
 
     export_dir = find_export_dir(model_path, engine_dir)
     if export_dir is None:

@@ -1,5 +1,8 @@
 """TensorRT backend (Jetson / CUDA hosts): the ONNX export's graphs as serialized TensorRT 10 engines.
 
+Why one file of ~600 lines: one backend is one file, and it is the only module that touches
+TensorRT's API, so a reader checks it against the TensorRT headers in one place.
+
 This module is the ONLY place that imports `tensorrt` (`load_tensorrt`; `tensorrt_build`
 uses it too), and it does so lazily, so everything else (including the pure functions below:
 engine-directory manifest checks) imports and is tested where TensorRT is absent.
@@ -46,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback, greedy_tokens
+from vlsi_model.manifest import MANIFEST_FILE, load_manifest, read_metadata_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +151,6 @@ def check_engine_files(manifest: dict[str, Any], engine_dir: str | Path) -> None
     manifest must also be the one the engines were built from. The plans' own sha256 is checked
     when they are read (`plan_bytes`), from the bytes already in memory. An edited manifest or a
     file swapped after the build fails here with a rebuild hint instead of loading a mismatch."""
-    from vlsi_model.export.manifest import MANIFEST_FILE, sha256_file
 
     engine_dir = Path(engine_dir)
     hint = rebuild_hint(manifest, engine_dir)
@@ -304,7 +307,6 @@ class TensorRTEngine:
                  is_placeholder: bool | None = None) -> None:
         from vlsi_model.engine.np_inputs import ImageConfig, PromptBuilder, VisionSpec
         from vlsi_model.engine.onnxruntime_engine import _image_config_with_limits
-        from vlsi_model.export.manifest import load_manifest, read_metadata_json
 
         trt = load_tensorrt()
         self.trt = trt

@@ -1,5 +1,8 @@
 """PyTorch backend: Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL modules driven by our own greedy loop.
 
+Why one file of ~620 lines: one backend is one file (as onnxruntime_engine and tensorrt_engine
+are); its vision, prefill and decode stages share the model state and the timing split.
+
 Why not `model.generate`: the ROS node and `vlsi bench` need the latency split into vision
 tower, prefill and decode, a callback after every token (action feedback, streaming) and
 cancellation between tokens; `generate` offers none of these cleanly. The loop below uses

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vlsi_model.engine.base import EngineError
+from vlsi_model.errors import EngineError
 
 DEFAULT_MAX_QUESTION_CHARS = 1000
 # Bounds on the raw image before resizing: beyond these the request is almost certainly a

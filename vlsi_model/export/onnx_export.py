@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from vlsi_model.export import manifest as mf
+from vlsi_model import manifest as mf
 from vlsi_model.fileio import readable_as_umask_allows, replace_directory
 
 log = logging.getLogger(__name__)
@@ -282,9 +282,8 @@ def export_model(
 
     # Example image for tracing and the parity check: a synthetic scene, not square, so the
     # two grid axes differ (catches swapped height/width).
-    from vlsi_model import scenes
-
-    example = scenes.render_scene(scenes.generate_scene(7, scenes.SceneConfig(width=200, height=150)))
+    from vlsi_model.data import render, scenes
+    example = render.render_scene(scenes.generate_scene(7, scenes.SceneConfig(width=200, height=150)))
     pixel_values, grid = preprocess_image(example, image_cfg)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temporary sibling must be on the same filesystem

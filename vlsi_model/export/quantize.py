@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlsi_model.export import manifest as mf
+from vlsi_model import manifest as mf
 
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_BLOCK_SIZE = 32

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlsi_model import manifest as mf
 from vlsi_model.engine.tensorrt_engine import (
     DECODE_PROFILE,
     ENGINE_FORMAT,
@@ -68,7 +69,6 @@ from vlsi_model.engine.tensorrt_engine import (
     PREFILL_PROFILE,
     load_tensorrt,
 )
-from vlsi_model.export import manifest as mf
 
 EXIT_OK = 0
 EXIT_ERROR = 1

@@ -1,5 +1,8 @@
 """Recipe of the nano family: data mix, family tokenizer and (partly frozen) SFT from scratch.
 
+Why one file of ~720 lines: it is the nano family's whole recipe (data mix, tokenizer, growth,
+shipping, run state) behind one `python -m vlsi_model.recipes.nano` entry point, read top to bottom.
+
 Why this module exists next to `vlsi train` (training/sft.py): shared/NANO_NOTES.md found
 that a small Qwen2-VL trained from scratch on VQA alone stays at the answer prior; what gets
 it off chance is a dense caption task ("What objects are there?" -> "red circle blue
@@ -180,8 +183,9 @@ def prepare_data(
     `size` (width, height) and `grid` (columns, rows) set the frames: the default 112x112 4x4 grid is
     one object per image token; 640x480 with a 4x3 grid is the synthetic camera's frame, which the
     processor turns into 4x3 tokens (see `blend_mixes`)."""
-    from vlsi_model.scenes import SceneConfig, parse_families, write_dataset
-
+    from vlsi_model.data.question_families import parse_families
+    from vlsi_model.data.scene_dataset import write_dataset
+    from vlsi_model.data.scenes import SceneConfig
     out = Path(out_dir)
     scene_config = SceneConfig(layout=layout, width=size[0], height=size[1], grid=grid)
     families = parse_families(families)
@@ -248,7 +252,7 @@ def run_nano(
     """Train as `run_sft` does (same outputs: config.yaml, metrics.jsonl, checkpoints/, final/),
     honouring the `nano:` section. Resumable exactly like every trainer run."""
     from vlsi_model.models import freeze_vision, save_model_dir
-    from vlsi_model.training.data import ConversationDataset, make_collate_fn
+    from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
     from vlsi_model.training.mixture import data_summary, load_training_data
     from vlsi_model.training.trainer import train
 
@@ -292,8 +296,7 @@ def config_run_state(config: str | Path) -> RunState:
         inputs = [p for p in (nano_cfg.model.path, *data_paths(nano_cfg.data.train), nano_cfg.data.eval) if p]
         return run_state(nano_cfg.train.output_path, nano_cfg.to_dict(),
                          lambda saved: load_nano_config(saved).to_dict(), inputs)
-    from vlsi_model.distill.pipeline import load_distill_config
-
+    from vlsi_model.distill.config import load_distill_config
     distill_cfg = load_distill_config(config)
     inputs = [p for p in (distill_cfg.teacher.path, distill_cfg.student.path, *data_paths(distill_cfg.data.train),
                           distill_cfg.data.eval) if p]

@@ -4,8 +4,9 @@ Recipes (SFT here, the VLsI steps in `vlsi_model.distill`) build an objective mo
 dataset and call `train`; see trainer.py for the loop's contract and checkpoint format.
 """
 
+from vlsi_model.data.llava import DatasetError
 from vlsi_model.training.config import ConfigError, TrainConfig, dataclass_from_dict, load_yaml_config
-from vlsi_model.training.data import ConversationDataset, DatasetError, make_collate_fn
+from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
 from vlsi_model.training.trainer import GlobalBatchSampler, TrainResult, list_checkpoints, train
 
 __all__ = [

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from vlsi_model.training.data import ConversationDataset, read_records
+from vlsi_model.data.llava import read_records
+from vlsi_model.training.dataset import ConversationDataset
 
 
 @dataclass

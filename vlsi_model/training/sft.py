@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vlsi_model.data.llava import RecordError, parse_conversations, read_records
 from vlsi_model.training.config import (
     ConfigError,
     TrainConfig,
@@ -48,13 +49,7 @@ from vlsi_model.training.config import (
     load_yaml_config,
     save_yaml,
 )
-from vlsi_model.training.data import (
-    ConversationDataset,
-    RecordError,
-    make_collate_fn,
-    parse_conversations,
-    read_records,
-)
+from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
 from vlsi_model.training.mixture import DataSource, data_paths, data_summary, load_training_data
 from vlsi_model.training.trainer import TrainResult, distributed_state, train
 
@@ -158,8 +153,7 @@ def _factory(family: str) -> Any:
 def _tokenizer_texts(section: FromConfigSection, train_jsons: list[str]) -> list[str]:
     """The texts a fresh tokenizer is trained on: the training data's questions and answers, or the scene corpus."""
     if section.train_tokenizer_on == "scenes":
-        from vlsi_model.scenes import corpus_texts
-
+        from vlsi_model.data.question_families import corpus_texts
         return corpus_texts(section.corpus_scenes, seed=0)
     texts = []
     for record in (r for path in train_jsons for r in read_records(Path(path))):

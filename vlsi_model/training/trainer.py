@@ -1,5 +1,8 @@
 """A small, exact, resumable training loop on `accelerate`, shared by SFT and the VLsI steps.
 
+Why one file of ~850 lines: the loop, its checkpoint format and its resume logic are one contract
+(exact resume after a kill depends on all three agreeing); split, the invariants would be scattered.
+
 What a recipe supplies: an `objective` (an nn.Module whose `forward(batch) -> dict` returns a
 scalar "loss" and any scalar metrics; it owns the models, and its `requires_grad` flags say
 what is trained), a map-style dataset, a collate function and a `TrainConfig`. What this

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlsi_model.engine.base import ModelLoadError
+from vlsi_model.errors import ModelLoadError
 
 MANIFEST_FILE = "export_manifest.json"
 FORMAT = "vlsi-onnx-export"

@@ -1,4 +1,4 @@
-"""Measuring what a piece of torch code allocates, for memory tests and benchmarks."""
+"""Measuring what a piece of torch code allocates (benchmarks and memory tests; not library code)."""
 
 from __future__ import annotations
 
