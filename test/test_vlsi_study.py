@@ -186,18 +186,28 @@ def test_preregistered_comparisons_give_paired_intervals_and_verdicts():
     def result(acc: float, seed: int) -> dict:
         return {"overall": {"accuracy": acc}, "families": {}, "seed": seed}
 
-    results = {"sft_labels": [result(0.60, s) for s in range(3)],
-               "sft_pseudo": [result(0.70 + 0.01 * s, s) for s in range(3)],
-               "vlsi_pool": [result(0.705 + 0.01 * s, s) for s in range(3)]}
+    results = {"sft_labels": [result(0.60, s) for s in range(5)],
+               "sft_pseudo": [result(0.70 + 0.01 * s, s) for s in range(5)],
+               "vlsi_pool": [result(0.75 + 0.01 * s, s) for s in range(5)],
+               "final_kd_t1": [result(0.74 + 0.01 * s + (0.002 if s % 2 else -0.002), s) for s in range(5)]}
     table, rows = vlsi_study.preregistered_comparisons(results)
     by_pair = {(r["better"], r["worse"]): r for r in rows}
     h1 = by_pair[("sft_pseudo", "sft_labels")]
-    assert h1["hypothesis"] == "H1" and h1["pairs"] == 3 and h1["verdict"] == "held"
-    assert h1["mean"] == pytest.approx(0.11) and h1["ci95"][0] > 0.05
-    h2 = by_pair[("vlsi_pool", "sft_pseudo")]  # +0.005 every seed: an interval above 0, below the threshold
-    assert h2["ci95"][0] > 0 and h2["verdict"] == "did not hold"
-    assert ("final_kd_t1", "sft_labels") not in by_pair  # a row not run is not compared
-    assert "| H2 | vlsi_pool - sft_pseudo | 3 |" in table
+    assert h1["hypothesis"] == "H1" and h1["pairs"] == 5 and h1["verdict"] == "held"
+    assert h1["mean"] == pytest.approx(0.12) and h1["ci95"][0] > 0.05
+    h2 = by_pair[("vlsi_pool", "sft_pseudo")]  # +0.05 every seed: held
+    assert h2["verdict"] == "held"
+    h2_kd = by_pair[("vlsi_pool", "final_kd_t1")]  # +0.01 +- 0.002: under 0.02 -> 3 more seeds
+    assert h2_kd["verdict"].startswith("open (|difference| < 0.02")
+    assert ("oracle", "sft_labels") not in by_pair  # a row not run is not compared
+    assert "| H2 | vlsi_pool - sft_pseudo | 5 |" in table
+    # fewer seeds than pre-registered: no verdict yet, whichever way the interim interval points
+    early = {name: rs[:2] for name, rs in results.items()}
+    _, rows = vlsi_study.preregistered_comparisons(early)
+    assert all(r["verdict"].startswith("open (2 of 5 seeds") for r in rows)
+    results["sft_pseudo"] = [result(0.60 + 0.004 * (s % 2), s) for s in range(5)]  # +0.002: interval straddles 0
+    _, rows = vlsi_study.preregistered_comparisons(results)
+    assert next(r for r in rows if r["better"] == "sft_pseudo")["verdict"] == "did not hold"
 
 
 def test_rows_train_on_their_named_sources(tmp_path):
