@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Usage: STUDY_CODE=/path/to/frozen/worktree START_SEEDS="2 3 4" setsid nohup scripts/study/r_open_driver.sh &
+# R-open after R-unlabelled (the pre-registered order): waits for the R-unlabelled driver, then
+# seeds 0-4 of A1-A4 (+ the teacher row at seed 0), two workers sharing rows through file locks.
+cd "$(dirname "$0")/../.."  # the repository root
+mkdir -p runs/ropen/logs
+while pgrep -f r_unlabelled_driver.sh > /dev/null; do sleep 60; done
+for seed in ${START_SEEDS:-0 1 2 3 4}; do
+  rows=sft_labels,sft_pseudo,final_kd_t1,vlsi_pool
+  [ "$seed" -eq 0 ] && rows="teacher,$rows"
+  ROWS=$rows SEEDS=$seed scripts/study/r_open_worker.sh > runs/ropen/logs/seed${seed}_a.log 2>&1 &
+  sleep 30
+  ROWS=$rows SEEDS=$seed scripts/study/r_open_worker.sh > runs/ropen/logs/seed${seed}_b.log 2>&1 &
+  wait
+  echo "seed $seed done $(date)" >> runs/ropen/logs/driver.log
+done

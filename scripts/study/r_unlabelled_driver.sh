@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Usage: STUDY_CODE=/path/to/frozen/worktree START_SEEDS="2 3 4" setsid nohup scripts/study/r_unlabelled_driver.sh &
+# R-unlabelled in the pre-registered order: every arm of seed 0, then seed 1, ... (two workers share
+# the (row, seed) pairs through the study script's file locks).
+cd "$(dirname "$0")/../.."  # the repository root
+for seed in ${START_SEEDS:-0 1 2 3 4}; do
+  rows=sft_labels,sft_pseudo,final_kd_t1,vlsi_pool
+  [ "$seed" -le 1 ] && rows="$rows,oracle"
+  [ "$seed" -eq 0 ] && rows="teacher,$rows"
+  ROWS=$rows SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/seed${seed}_a.log 2>&1 &
+  sleep 30
+  ROWS=$rows SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/seed${seed}_b.log 2>&1 &
+  wait
+  echo "seed $seed done $(date)" >> runs/rstudy/logs/driver.log
+done
