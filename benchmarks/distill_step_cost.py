@@ -36,7 +36,7 @@ teacher (text 256 x 8, vision 4 x 128) from shared/NANO_NOTES.md, at 112 x 112 i
 BPE tokenizer of min(--vocab, 512) tokens and LM heads of `--vocab` rows (teacher: `--vocab +
 --teacher-vocab-extra`, as Qwen2-VL-7B/72B pad 128 rows more than 2B). Real Qwen vocabularies are ~152k rows, where the
 vocabulary projections dominate: run `--vocab 8192` to see that regime on this CPU. Data:
-scenes from `vlsi_model.data.scenes.write_dataset` (every question family, captions included),
+scenes from `vlsi_model.data.scene_dataset.write_dataset` (every question family, captions included),
 `ConversationDataset` + `make_collate_fn` exactly as the pipeline loads them.
 """
 

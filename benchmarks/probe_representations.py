@@ -51,7 +51,7 @@ OBJECT_ATTRIBUTES = ("shape", "color", "size")
 # absolute position to a token's features (2D RoPE in the vision tower, M-RoPE in the LM rotate
 # queries and keys only), so whether they are readable is an open question per model.
 OBJECT_POSITIONS = ("column", "row")
-QUESTION_ATTRIBUTES = ("size", "shape", "color")  # the data's attribute questions (scenes.attribute_questions)
+QUESTION_ATTRIBUTES = ("size", "shape", "color")  # question_families.attribute_questions
 
 
 def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,

@@ -5,7 +5,7 @@ operator check), how long does it take and how much host memory does it need?
     scripts/in_env.sh python benchmarks/real_size_export.py [--model qwen3_vl_2b] [--dtype fp16]
         [--max-image-size 448x448] [--out /tmp/real_size] [--json out.json]
 
-Builds the model (`real_size_models.py`; about 9.5 GB of RAM in fp32 for a 2B model), saves it
+Builds the model (`vlsi_model/real_size.py`; about 9.5 GB of RAM in fp32 for a 2B model), saves it
 in fp16 with `save_model_dir`, frees it, then exports it in this process and prints the seconds,
 the files' sizes, the parity figures and the peak RSS. A tool for sizing, not a test: the tests
 export tiny models of every architecture.
@@ -30,12 +30,11 @@ def _peak_rss_gb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from real_size_models import NAMES, build_real_size_model
-
     from vlsi_model.export.onnx_export import ExportOptions, export_model, parse_hw
+    from vlsi_model.real_size import DIMS, build_real_size_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=NAMES, default="qwen3_vl_2b")
+    p.add_argument("--model", choices=[real for real, _ in DIMS.values()], default="qwen3_vl_2b")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--max-image-size", type=parse_hw, default=(448, 448), metavar="HxW")
     p.add_argument("--out", type=Path, default=Path("/tmp/real_size"))

@@ -41,7 +41,7 @@ def build_engine(dims: str, threads: int):
     torch.set_num_threads(threads)
     if dims == "nano":
         return TorchEngine.from_dir(default_model_path(), num_threads=threads)
-    from real_size_models import build_real_size_model
+    from vlsi_model.real_size import build_real_size_model
 
     model, tokenizer, processor = build_real_size_model("qwen2_vl_2b", max_pixels=448 * 448)
     return TorchEngine(model, tokenizer, processor, model_name="random-2b", num_threads=threads)

@@ -114,3 +114,55 @@ def test_load_gate_and_long_answers():
     assert questions[1::2] == [LONG_ANSWER_QUESTIONS[k % 2] for k in range(3)]
     assert "Where is each object?" not in {q for _, q in bench_inputs(6, long_answers=False)}
 
+
+
+def test_dims_builds_a_real_size_model_once_and_bounds_decode_by_bandwidth(tmp_path, monkeypatch, capsys):
+    """`vlsi bench --dims SIZE` measures a random-weight model at real dimensions, built locally once
+    (no download) and reused; every CPU row gets its decode bound (bandwidth / weight bytes per token)."""
+    from vlsi_model.real_size import decode_weight_bytes, real_size_model_dir
+
+    monkeypatch.setenv("VLSI_REAL_SIZE_CACHE", str(tmp_path / "cache"))
+    out_json = tmp_path / "bench.json"
+    rc = cli_main(["bench", "--dims", "tiny", "--backends", "torch", "--questions", "2", "--max-new-tokens", "4",
+                   "--threads", "1", "--max-load", "0", "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    model_dir = tmp_path / "cache" / "tiny_qwen2_vl"
+    assert json.loads((model_dir / "vlsi_model.json").read_text())["random_weights"] is True
+    assert "of bound" in captured.out and "decode bound: memory read bandwidth" in captured.out
+    report = json.loads(out_json.read_text())
+    bound = report["decode_bound"]
+    assert bound["bandwidth_gbs"] > 0
+    config = json.loads((model_dir / "config.json").read_text())
+    assert bound["bytes_per_token"]["torch"] == decode_weight_bytes(config)
+    torch_row = report["results"]["torch"]
+    assert torch_row["of_decode_bound"] == pytest.approx(
+        torch_row["decode_tokens_per_s"] / (bound["bandwidth_gbs"] * 1e9 / decode_weight_bytes(config)), rel=1e-2)
+    # reused, not rebuilt
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert real_size_model_dir("tiny") == model_dir and (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_decode_bytes_are_the_decoder_and_head_weights(tiny_qwen2vl_dir):
+    """What one decode step reads: decoder layers + final norm + LM head, as the built model counts them."""
+    from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.distill.adapters import get_adapter
+    from vlsi_model.real_size import decode_weight_bytes
+
+    model, _, _ = load_model_dir(tiny_qwen2vl_dir)
+    adapter = get_adapter(model)
+    counted = sum(p.numel() for m in (adapter.decoder_layers(model), adapter.final_norm(model), adapter.lm_head(model))
+                  for p in m.parameters())
+    assert decode_weight_bytes(json.loads((tiny_qwen2vl_dir / "config.json").read_text())) == 4 * counted
+
+
+def test_sizes_that_do_not_fit_are_refused_with_the_numbers(capsys):
+    from vlsi_model.real_size import check_fits, fp32_bytes, resolve
+
+    assert resolve("Qwen2-VL-7B") == resolve("qwen2_vl_7b") == "7b"
+    assert 8.2e9 * 4 < fp32_bytes("7b") < 8.4e9 * 4  # Qwen2-VL-7B: 8.29B parameters
+    with pytest.raises(ValueError, match=r"qwen2_vl_7b needs ~38\.6 GB of RAM in fp32; 16\.0 GB are available"):
+        check_fits("7b", available_bytes=16 << 30)
+    check_fits("tiny", available_bytes=1)
+    assert cli_main(["bench", "--dims", "13b"]) == 2 and "unknown model size" in capsys.readouterr().err
+    assert cli_main(["bench", "--dims", "tiny", "--model", "x"]) == 2

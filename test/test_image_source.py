@@ -479,15 +479,18 @@ BAG_T0_NS = 1_700_000_000 * 1_000_000_000  # recorded long ago: a replay must no
 BAG_TOPIC = "/robot/front/image_raw"
 
 
-@pytest.fixture(scope="module")
-def bag_rgbs() -> list[np.ndarray]:
-    """BAG_FRAMES distinct synthetic scenes, 96x72 (odd sizes for the decoder are not the point here)."""
+def distinct_scenes(n: int) -> list[np.ndarray]:
+    """n distinct synthetic scenes, 96x72 (odd sizes for the decoder are not the point here)."""
     from vlsi_model.data import render, scenes
     config = scenes.SceneConfig(width=96, height=72)
-    rgbs = [render.render_scene(scenes.generate_scene(scenes.scene_seed("test", 11, i), config))
-            for i in range(BAG_FRAMES)]
-    assert len({rgb.tobytes() for rgb in rgbs}) == BAG_FRAMES
+    rgbs = [render.render_scene(scenes.generate_scene(scenes.scene_seed("test", 11, i), config)) for i in range(n)]
+    assert len({rgb.tobytes() for rgb in rgbs}) == n
     return rgbs
+
+
+@pytest.fixture(scope="module")
+def bag_rgbs() -> list[np.ndarray]:
+    return distinct_scenes(BAG_FRAMES)
 
 
 def make_bag(tmp_path: Path, rgbs: list[np.ndarray], fmt: str = "mcap", frame_id: str = "front",
@@ -572,18 +575,22 @@ def test_bag_without_loop_publishes_each_frame_once_and_stops(start_source, list
     assert proc.stop() == 0
 
 
-def test_bag_recorded_timing_follows_the_recorded_pace(start_source, listen, tmp_path: Path, bag_rgbs) -> None:
+def test_bag_recorded_timing_follows_the_recorded_pace(start_source, listen, tmp_path: Path) -> None:
+    """8 s of recorded frames: discovery on a loaded machine can take seconds, and the frames the
+    listener sees after it must still come at the recorded pace, each once."""
+    count = 2 * BAG_FRAMES
+    rgbs = distinct_scenes(count)
     frame_id = unique_frame_id()
-    bag = make_bag(tmp_path, bag_rgbs, fmt="mcap", frame_id=frame_id)
+    bag = make_bag(tmp_path, rgbs, fmt="mcap", frame_id=frame_id)
     listener = listen(frame_id)
     proc = start_source(source="bag", path=str(bag), rate_hz=50.0, width=0, height=0, loop=False, qos_depth=50)
-    log = wait_for_log(proc, "end of bag", listener, timeout_s=DISCOVERY_TIMEOUT_S + 4.0)
+    log = wait_for_log(proc, "end of bag", listener, timeout_s=DISCOVERY_TIMEOUT_S + 8.0)
     listener.spin_for(0.3)
-    assert f"published {BAG_FRAMES} frames" in log and "recorded timing" in log, log
-    frames = [(bag_index(image_msg_to_rgb(msg), bag_rgbs), stamp_s(msg)) for _, msg in listener.images]
+    assert f"published {count} frames" in log and "recorded timing" in log, log
+    frames = [(bag_index(image_msg_to_rgb(msg), rgbs), stamp_s(msg)) for _, msg in listener.images]
     assert len(frames) >= 8, f"only {len(frames)} frames received"
     indices = [i for i, _ in frames]
-    assert indices == list(range(indices[0], BAG_FRAMES)), indices  # every frame once (50 Hz > 5 frames/s)
+    assert indices == list(range(indices[0], count)), indices  # every frame once (50 Hz > 5 frames/s)
     rate = (len(frames) - 1) / (frames[-1][1] - frames[0][1])
     assert 5.0 * 0.85 < rate < 5.0 * 1.15, f"{rate:.2f} frames/s for a bag recorded at 5"
     # Each frame goes out on the first tick after it is due: publish time - recorded offset is

@@ -476,27 +476,58 @@ def test_qwen3vl_profiles_and_fp16_build_carry_deepstack(fake_trt, qwen3vl_expor
 
 
 def test_engines_go_to_a_named_set_that_engine_dir_finds_by_name(fake_trt, export_dir, tmp_path, monkeypatch, capsys):
-    """`vlsi build-engine` writes a named set under trt_engines/ (default name: the model's;
-    --name picks one; VLSI_TRT_ENGINES moves the folder), and a bare engine_dir name (the node's
-    parameter, `engine_dir:=NAME` in the launch file, --engine-dir) means that set everywhere."""
+    """`vlsi build-engine` writes a named set under trt_engines/ (default name: the model's, the
+    run's name for a `final/` folder; --name picks one; VLSI_TRT_ENGINES moves the folder); a bare
+    engine_dir name means that set everywhere, and backend auto finds a model's default set from
+    the model directory alone (only a set built from that model); another model's set is not
+    overwritten without --overwrite."""
+    import shutil
+
     from vlsi_model.engine import _normalise, tensorrt_engine
     from vlsi_model.engine.tensorrt_engine import find_engine_dir
-    from vlsi_model.engine_dirs import resolve_engine_dir
+    from vlsi_model.engine_dirs import engine_set_name, resolve_engine_dir
 
     monkeypatch.setattr(tensorrt_engine, "tensorrt_available", lambda: True)  # the fake stands in
     root = tmp_path / "engines"
     monkeypatch.setenv("VLSI_TRT_ENGINES", str(root))
-    model_name = json.loads((export_dir / mf.MANIFEST_FILE).read_text())["model_name"]
+    em = json.loads((export_dir / mf.MANIFEST_FILE).read_text())
+    model = Path(em["source_dir"])
+    default = engine_set_name(model, em["model_name"])
     assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16"]) == EXIT_OK
-    assert find_engine_dir("unused", resolve_engine_dir(model_name)) == root / model_name
+    assert f"engine_dir:={default}" in capsys.readouterr().err
+    assert find_engine_dir("unused", resolve_engine_dir(default)) == root / default
+    assert find_engine_dir(model) == root / default  # what backend auto / tensorrt do with just the model path
     assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16", "--name", "student-fp16"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(root / "student-fp16")
     assert _normalise({"engine_dir": "student-fp16"})["engine_dir"] == root / "student-fp16"
-    assert find_engine_dir("unused", _normalise({"engine_dir": "student-fp16"})["engine_dir"]) == root / "student-fp16"
-    # paths stay paths; an unset ROS parameter ("") stays "not given"
-    assert _normalise({"engine_dir": str(export_dir)})["engine_dir"] == export_dir
+    # a set wins over a same-named folder where the command runs; paths stay paths; "" is "not given"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "student-fp16").mkdir()
+    assert resolve_engine_dir("student-fp16") == root / "student-fp16"
     assert _normalise({"engine_dir": "./student-fp16"})["engine_dir"] == Path("student-fp16")
+    assert _normalise({"engine_dir": str(export_dir)})["engine_dir"] == export_dir
     assert "engine_dir" not in _normalise({"engine_dir": ""})
-    # a name is one folder name
+    # a copy of the model elsewhere is another model: its default set is not taken for it
+    other = tmp_path / "copies" / model.name
+    shutil.copytree(model, other)
+    assert find_engine_dir(other) is None
+    # a name is one folder name; another model's set is not replaced silently
     assert cli_main(["build-engine", "--onnx", str(export_dir), "--name", "a/b"]) == EXIT_BAD_INPUT
     assert "one folder name" in capsys.readouterr().err
+    em["source_dir"] = str(other)
+    (root / "student-fp16" / mf.MANIFEST_FILE).write_text(json.dumps(em))
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16", "--name", "student-fp16"]) == EXIT_BAD_INPUT
+    assert "holds the engines of" in capsys.readouterr().err
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16", "--name", "student-fp16",
+                     "--overwrite"]) == EXIT_OK
+
+
+def test_default_set_names_come_from_the_run_not_its_final_folder():
+    from vlsi_model.engine_dirs import engine_set_name, is_engine_name
+
+    assert engine_set_name("/x/runs/my_robot/final") == "my_robot"
+    assert engine_set_name("/x/runs/my_robot/final", "final") == "my_robot"
+    assert engine_set_name("/x/models/student") == "student"
+    assert engine_set_name("/x/runs/r/final", "default_student") == "default_student"
+    assert [is_engine_name(t) for t in ("student", "a/b", "./x", "~/x", "..", "", " ")] == [
+        True, False, False, False, False, False, False]

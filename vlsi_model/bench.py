@@ -59,6 +59,7 @@ class BenchConfig:
     rounds: int = 1  # workers run round-robin this many times (fairer on a busy machine)
     long_answers: bool = True  # every other question is a caption / "where is each object?" (>= 16 tokens)
     max_load: float | None = None  # above this 1-min load average no ratio is printed (default 0.75 x cores)
+    dims: str | None = None  # a random-weight model at real dimensions (`real_size.DIMS`) instead of model_dir
 
 
 # The families bench questions rotate through, fixed so that a family added to the generator later
@@ -246,6 +247,15 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(ENGINE_BACKENDS)}")
     tmp_export: str | None = None
     notes: list[str] = []
+    if cfg.engine_dir:  # a bare name is a set in trt_engines/ (vlsi_model.engine_dirs)
+        from vlsi_model.engine_dirs import resolve_engine_dir
+
+        cfg.engine_dir = str(resolve_engine_dir(cfg.engine_dir))
+    if cfg.dims:
+        from vlsi_model.real_size import real_size_model_dir
+
+        cfg.model_dir = str(real_size_model_dir(cfg.dims, progress=say))
+        notes.append(f"random weights at {cfg.dims} dimensions: speed and memory are real, answers are not")
     try:
         if "onnxruntime" in cfg.backends and not cfg.onnx_dir:
             from vlsi_model.manifest import find_export_dir
@@ -293,6 +303,7 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     names = [BASELINE, *cfg.backends]  # the table's row order: baseline first, then as asked
     results = {name: summarize(raw[name], base_runs) for name in names}
     raw = {name: raw[name] for name in names}
+    bound = decode_bounds(cfg, results)
     loads = [v for r in raw.values() for v in r.get("load_avg", [])]
     busy = load_too_high(loads, cfg.max_load)
     if busy:
@@ -308,9 +319,47 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
                     "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
                     "load_avg_max": round(max(loads), 2) if loads else None, "busy": busy},
         "notes": notes,
+        "decode_bound": bound,
         "results": results,
         "raw": raw,
     }
+
+
+def _decoder_file_bytes(onnx_dir: str) -> int:
+    """Bytes of an export's decoder graph and its external weights: what ONNX Runtime reads per
+    decode step (the embedding table is a separate file, read one row per token)."""
+    return sum(p.stat().st_size for p in Path(onnx_dir).glob("decoder.onnx*") if p.is_file())
+
+
+def decode_bounds(cfg: BenchConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The memory-bandwidth bound of decode, per backend: this machine's read bandwidth over the
+    weight bytes one decode step reads, and each backend's measured decode tok/s as a share of it.
+
+    Why: at real model size decode streams every weight once per token, so tok/s cannot beat
+    bandwidth / bytes; how close a backend gets says how much is left to win (quantized weights
+    shrink the bytes, batching shares them). CPU only: TensorRT runs on a GPU's memory."""
+    from vlsi_model.real_size import FP32_BYTES, decode_weight_bytes, measure_read_bandwidth
+
+    try:
+        config = json.loads((Path(cfg.model_dir) / "config.json").read_text(encoding="utf-8"))
+        torch_bytes = decode_weight_bytes(config, FP32_BYTES)
+    except (OSError, ValueError, KeyError) as exc:
+        return {"error": f"no decode bound: {exc}"}
+    bandwidth = measure_read_bandwidth(cfg.threads)
+    out: dict[str, Any] = {"bandwidth_gbs": round(bandwidth, 2), "threads": cfg.threads or os.cpu_count(),
+                           "bytes_per_token": {}}
+    for name, res in results.items():
+        if name == "tensorrt" or "decode_tokens_per_s" not in res or cfg.device != "cpu":
+            continue
+        per_token = _decoder_file_bytes(cfg.onnx_dir) if name == "onnxruntime" and cfg.onnx_dir else torch_bytes
+        if not per_token:
+            continue
+        bound_tok_s = bandwidth * 1e9 / per_token
+        out["bytes_per_token"][name] = per_token
+        res["decode_bound_tok_s"] = bound_tok_s
+        if res["decode_tokens_per_s"]:
+            res["of_decode_bound"] = res["decode_tokens_per_s"] / bound_tok_s
+    return out
 
 
 COLUMNS = (
@@ -318,6 +367,7 @@ COLUMNS = (
     ("vision_ms_p50", "vision ms", "{:.1f}"),
     ("prefill_ms_p50", "prefill ms", "{:.1f}"),
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("of_decode_bound", "of bound", "{:.0%}"),
     ("total_ms_p50", "total ms", "{:.1f}"),
     ("total_ms_p90", "p90 ms", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),

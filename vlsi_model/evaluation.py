@@ -176,7 +176,7 @@ def score(samples: Sequence[EvalSample], predictions: Sequence[str], open_forms:
     out = {
         "overall": {"accuracy": correct / total if total else 0.0, "n": total, "correct": correct},
         "families": {name: f.to_dict() for name, f in sorted(families.items())},
-        # the synthetic scenes' question templates (none for other data): see scenes.question_type
+        # the synthetic scenes' question templates (none for other data): see question_families.question_type
         "question_types": {name: f.to_dict() for name, f in sorted(types.items())},
         "predictions": rows,
     }

@@ -80,8 +80,9 @@ class SyntheticSource:
                  clock: Callable[[], float] = time.monotonic, layout: str = "random",
                  grid: tuple[int, int] = (4, 3)) -> None:
         # Imported here so that video/folder/device users don't pay for the ML library.
-        from vlsi_model.data import scenes
-        self._scenes = scenes
+        from vlsi_model.data import question_families, render, scene_dataset, scenes
+
+        self._scenes, self._questions, self._render, self._truth = scenes, question_families, render, scene_dataset
         if not 0 <= seed <= scenes.MAX_RUN_SEED:
             raise ImageSourceError(f"seed must be in 0..{scenes.MAX_RUN_SEED}, got {seed}")
         self._config = scenes.SceneConfig(width=width, height=height, layout=layout, grid=tuple(grid))
@@ -111,14 +112,12 @@ class SyntheticSource:
         return self._frame
 
     def _make(self, index: int) -> Frame:
-        from vlsi_model.data import question_families, render, scene_dataset  # cached after the first frame
-
         scenes = self._scenes
         seed = scenes.scene_seed("test", self._seed, index % scenes.SEED_STRIDE)
         scene = scenes.generate_scene(seed, self._config)
-        truth = scene_dataset.scene_ground_truth(scene, question_families.make_questions(scene, seed))
+        truth = self._truth.scene_ground_truth(scene, self._questions.make_questions(scene, seed))
         truth["scene_index"] = index
-        return Frame(rgb=render.render_scene(scene), key=("scene", index), ground_truth=truth, resize=False)
+        return Frame(rgb=self._render.render_scene(scene), key=("scene", index), ground_truth=truth, resize=False)
 
     def close(self) -> None:
         pass

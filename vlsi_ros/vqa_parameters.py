@@ -39,8 +39,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "model_path": ParameterSpec("", "Hugging Face-layout model directory; empty: the package's default model",
                                 CONFIGURE),
     "backend": ParameterSpec("auto", "inference backend: " + ", ".join(BACKENDS), CONFIGURE),
-    "engine_dir": ParameterSpec("", "TensorRT engine / ONNX directory for the tensorrt and onnxruntime backends",
-                                CONFIGURE),
+    "engine_dir": ParameterSpec("", "TensorRT engine / ONNX directory for the tensorrt and onnxruntime backends, "
+                                "or the name of a set in trt_engines/", CONFIGURE),
     "device": ParameterSpec("cpu", "torch device for the torch backend", CONFIGURE),
     "num_threads": ParameterSpec(0, "CPU threads of the torch and onnxruntime backends; 0: library default",
                                  CONFIGURE),

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CPU threads for every backend (default: each library's own default)")
     p.add_argument("--device", default="cpu", help="torch / onnxruntime device (tensorrt always uses cuda)")
     p.add_argument("--onnx", type=Path, default=None, help="ONNX export to use (default: <model>/onnx or a fresh one)")
-    p.add_argument("--engine-dir", type=Path, default=None, help="TensorRT engine directory")
+    p.add_argument("--engine-dir", default=None,
+                   help="TensorRT engine directory, or the name of a set in trt_engines/")
     p.add_argument("--seed", type=int, default=0, help="scene seed of the questions")
     p.add_argument("--rounds", type=positive_int, default=1,
                    help="run the backends round-robin this many times (steadier figures on a busy machine)")
@@ -52,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-load", type=float, default=None,
                    help="print no speed-up ratio when the 1-min load average exceeded this during the run "
                         "(default 0.75 x cores: under load torch slows down 10-40x, onnxruntime does not)")
+    p.add_argument("--dims", default=None, metavar="SIZE",
+                   help="instead of --model: a random-weight model at real dimensions, built locally once "
+                        "(tiny, 2b, 7b: Qwen2-VL; qwen3-2b, qwen3-4b; cached in $VLSI_REAL_SIZE_CACHE or "
+                        "~/.cache/vlsi_ros/real_size): real speed and memory, meaningless answers")
     p.add_argument("--json", type=Path, default=None, help="also write the full report (per-question runs) here")
     p.set_defaults(func=run)
 
@@ -60,24 +65,41 @@ def run(args: argparse.Namespace) -> int:
     from vlsi_model.bench import BenchConfig, format_table, run_bench
     from vlsi_model.defaults import default_model_is_placeholder, default_model_path
 
+    if args.dims is not None and args.model is not None:
+        print("error: give --model or --dims, not both", file=sys.stderr)
+        return 2
+    if args.dims is not None:
+        from vlsi_model.real_size import check_fits, resolve
+
+        try:
+            args.dims = resolve(args.dims)
+            check_fits(args.dims)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     model = args.model if args.model is not None else default_model_path()
-    cfg = BenchConfig(model_dir=str(model), backends=args.backends, questions=args.questions,
+    cfg = BenchConfig(model_dir=str(model), backends=args.backends, questions=args.questions, dims=args.dims,
                       max_new_tokens=args.max_new_tokens, threads=args.threads, device=args.device,
                       onnx_dir=str(args.onnx) if args.onnx else None,
-                      engine_dir=str(args.engine_dir) if args.engine_dir else None, seed=args.seed,
+                      engine_dir=args.engine_dir or None, seed=args.seed,
                       rounds=args.rounds, long_answers=not args.short_answers, max_load=args.max_load)
     try:
         report = run_bench(cfg, progress=lambda msg: print(msg, file=sys.stderr))
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
-    if args.model is None and default_model_is_placeholder():
+    if args.model is None and args.dims is None and default_model_is_placeholder():
         print("note: the default model is the untrained PLACEHOLDER (timings are real, answers are not)",
               file=sys.stderr)
-    print(f"model: {model}  questions: {cfg.questions}  max_new_tokens: {cfg.max_new_tokens}  "
+    print(f"model: {cfg.model_dir}  questions: {cfg.questions}  max_new_tokens: {cfg.max_new_tokens}  "
           f"threads: {cfg.threads or 'default'}  rounds: {cfg.rounds}  "
           f"load avg: {report['machine']['load_avg_1min']} (max during the run {report['machine']['load_avg_max']})")
     print(format_table(report))
+    bound = report.get("decode_bound") or {}
+    if bound.get("bandwidth_gbs"):
+        per_token = ", ".join(f"{name} {b / 1e6:.1f} MB" for name, b in bound["bytes_per_token"].items())
+        print(f"decode bound: memory read bandwidth {bound['bandwidth_gbs']:.1f} GB/s ({bound['threads']} threads); "
+              f"weight bytes per decode token: {per_token}; 'of bound' = decode tok/s / (bandwidth / bytes)")
     for note in report["notes"]:
         print(f"note: {note}")
     if args.json is not None:

@@ -1,8 +1,9 @@
 """`vlsi build-engine`: TensorRT 10 engines from an ONNX export (`vlsi export`), on the target device.
 
 Builds vision.plan and decoder.plan (two optimisation profiles: prefill and decode) into a named
-engine set, `trt_engines/NAME/` (NAME: --name, default the model's name; `VLSI_TRT_ENGINES` moves
-the folder), or into --out, with manifest.json (TensorRT version, GPU and compute capability,
+engine set, `trt_engines/NAME/` (NAME: --name, default the model's name, e.g. `my_robot` for
+`runs/my_robot/final`; `VLSI_TRT_ENGINES` moves the folder; a set of another model is not
+overwritten without --overwrite), or into --out, with manifest.json (TensorRT version, GPU and compute capability,
 precision, profile shapes, sha256 of the ONNX inputs) and the export's tokenizer/embedding files,
 so that folder is all the `tensorrt` backend needs
 (`ros2 launch vlsi_ros vqa.launch.py backend:=tensorrt engine_dir:=NAME`).
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 from vlsi_model.commands._common import non_negative_int
-from vlsi_model.engine_dirs import named_engine_dir
+from vlsi_model.engine_dirs import engine_set_name, named_engine_dir, set_source
 from vlsi_model.export.tensorrt_build import (
     DEFAULT_WORKSPACE_MB,
     EXIT_BAD_INPUT,
@@ -41,12 +42,20 @@ def _range(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def default_engine_name(onnx_dir: Path, model_name: str | None) -> str:
-    """The engine set's name without --name: the export's model name, else the export folder's
-    (its parent's when the export is a model's `onnx/` folder)."""
-    if model_name:
-        return model_name
-    return onnx_dir.parent.name if onnx_dir.name == "onnx" else onnx_dir.name
+def default_engine_name(onnx_dir: Path, export_manifest: dict) -> str:
+    """The engine set's name without --name: the model's (`engine_dirs.engine_set_name` of the
+    directory the export came from: `runs/my_robot/final` -> my_robot), else the export folder's."""
+    source = export_manifest.get("source_dir")
+    return engine_set_name(source or onnx_dir, export_manifest.get("model_name"))
+
+
+def another_models_set(out: Path, export_manifest: dict) -> str | None:
+    """Why building into `out` would replace another model's engines (None when it would not):
+    `out` holds a set exported from a different model directory."""
+    old, new = set_source(out), export_manifest.get("source_dir")
+    if old and new and Path(old) != Path(new):
+        return f"{out} holds the engines of {old}, not of {new}"
+    return None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="engine set name: engines go to trt_engines/NAME (default: the model's name), "
                             "served with engine_dir:=NAME")
     where.add_argument("--out", type=Path, default=None, help="engine directory (instead of a named set)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="build into a set that holds another model's engines (default: refused)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                       help="half precision (default; norms and softmax kept in fp32)")
@@ -111,10 +122,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        out = args.out if args.out is not None else named_engine_dir(
-            args.name or default_engine_name(args.onnx, em.get("model_name")))
+        name = args.name if args.name is not None else default_engine_name(args.onnx, em)
+        out = args.out if args.out is not None else named_engine_dir(name)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    clash = another_models_set(out, em)
+    if clash and not args.overwrite:
+        print(f"error: {clash}; choose another --name, or pass --overwrite to replace them", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     try:  # the export must be sound before anyone spends an hour building on a Jetson
@@ -149,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     except (BuildError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    served_as = out.name if args.out is None else str(out)
+    print(f"serve with: ros2 launch vlsi_ros vqa.launch.py model_path:={em.get('source_dir', '<model>')} "
+          f"backend:=tensorrt engine_dir:={served_as}", file=sys.stderr)
     print(json.dumps({"out": str(out), "tensorrt": manifest["tensorrt_version"], "gpu": manifest["gpu"],
                       "precision": manifest["precision"], "seconds": manifest["build_seconds"]}))
     return EXIT_OK

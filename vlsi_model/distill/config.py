@@ -219,3 +219,11 @@ def parse_steps(text: str | Sequence[str] | None) -> tuple[str, ...]:
     if bad or not items:
         raise ConfigError(f"--steps: expected a comma-separated subset of {','.join(STEPS)}, got {text!r}")
     return tuple(s for s in STEPS if s in items)
+
+
+__all__ = [
+    "CONFIG_COPY", "DEFAULT_LORA_TARGETS", "FINAL_DIR", "INTERACTION_DIR", "MATCHING_NAME", "RUNS_DIR", "STEPS",
+    "STUDENT_VERBALIZED_DIR", "TEACHER_CACHE_DIR", "TEACHER_VERBALIZERS_DIR", "DataSection", "DistillConfig",
+    "LoraSection", "ModelRef", "TargetSpec", "TeacherCacheSection", "VerbalizerSection", "load_distill_config",
+    "parse_steps",
+]

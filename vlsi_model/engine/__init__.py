@@ -2,8 +2,8 @@
 
 Backends are registered as (availability check, factory) pairs and imported only when
 used: importing this package must stay cheap and must not import torch, onnxruntime or
-tensorrt unless that backend is actually loaded (it also keeps `vlsi_model.prompting`,
-which imports `engine.base`, free of import cycles). To add a backend, write its module
+tensorrt unless that backend is actually loaded (`vlsi_model.prompting`, which the backends
+use, imports only `engine.validation` and `errors` from here: no import cycle). To add a backend, write its module
 and add one `_BACKENDS` entry; "auto" tries them in the order of `AUTO_ORDER`.
 
 A backend's options are the keyword parameters of its loader (after model_path, device);
@@ -115,7 +115,9 @@ def _tensorrt_unavailable(model_path: Path, device: str, options: Mapping[str, A
     engine_dir = options.get("engine_dir")
     found = _trt.find_engine_dir(model_path, engine_dir)
     if found is None:
-        return f"no TensorRT engines in {_where(engine_dir, model_path, 'tensorrt')}"
+        where = engine_dir if engine_dir is not None else (
+            f"{model_path}, {model_path / 'tensorrt'} or its set in trt_engines/")
+        return f"no TensorRT engines in {where}"
     if not _trt.tensorrt_available():
         return f"engines in {found}, but TensorRT is not installed"
     if not device.startswith("cuda"):
@@ -186,8 +188,9 @@ def load_engine(
       intra-op threads), max_question_chars, is_placeholder;
     - onnxruntime: engine_dir (the export; default `model_path` itself or `<model_path>/onnx`),
       num_threads (ONNX Runtime intra-op threads), max_question_chars, is_placeholder;
-    - tensorrt: engine_dir (the engines of `vlsi build-engine`; default `model_path` itself or
-      `<model_path>/tensorrt`), max_question_chars, is_placeholder.
+    - tensorrt: engine_dir (the engines of `vlsi build-engine`: a path or a set name in trt_engines/;
+      default `model_path` itself, `<model_path>/tensorrt` or the model's default set built from
+      it), max_question_chars, is_placeholder.
 
     An explicitly named backend raises ValueError for an option it does not take (a setting
     is never silently ignored). backend "auto" takes the first of `AUTO_ORDER` that can serve

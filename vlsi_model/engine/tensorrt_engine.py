@@ -215,9 +215,26 @@ def load_engine_manifest(engine_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def _default_set_of(model_path: Path) -> list[Path]:
+    """The model's default engine set (`vlsi build-engine` without --name/--out), when it was built
+    from this very model directory (a same-named set of another model is not taken)."""
+    from vlsi_model.engine_dirs import engine_set_name, engines_root, set_source
+
+    try:
+        name = json.loads((model_path / "vlsi_model.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError):
+        name = None
+    candidate = engines_root() / engine_set_name(model_path, name)
+    source = set_source(candidate)
+    return [candidate] if source and Path(source) == model_path.expanduser().resolve() else []
+
+
 def find_engine_dir(model_path: str | Path, engine_dir: str | Path | None = None) -> Path | None:
-    """`engine_dir`, or `model_path` itself, or `<model_path>/tensorrt`, whichever holds an engine manifest."""
-    candidates = [Path(engine_dir)] if engine_dir is not None else [Path(model_path), Path(model_path) / "tensorrt"]
+    """`engine_dir`; or, without one, `model_path` itself, `<model_path>/tensorrt` or the model's
+    default set in trt_engines/ (built from this model), whichever holds an engine manifest."""
+    model_path = Path(model_path)
+    candidates = [Path(engine_dir)] if engine_dir is not None else [
+        model_path, model_path / "tensorrt", *_default_set_of(model_path)]
     for cand in candidates:
         path = cand / ENGINE_MANIFEST
         if path.is_file():
@@ -591,12 +608,16 @@ def available(model_path: str | Path, device: str = "cuda") -> bool:
 
 def load(model_path: str | Path, device: str = "cuda", engine_dir: str | Path | None = None,
          max_question_chars: int | None = None, is_placeholder: bool | None = None) -> TensorRTEngine:
-    """Backend registry loader: engines in `engine_dir`, `model_path` or `<model_path>/tensorrt`."""
+    """Backend registry loader: engines in `engine_dir`, or found from `model_path` (`find_engine_dir`)."""
     found = find_engine_dir(model_path, engine_dir)
     if found is None:
-        where = engine_dir if engine_dir is not None else f"{model_path} or {Path(model_path) / 'tensorrt'}"
-        raise ModelLoadError(f"no TensorRT engines found in {where}; build them with "
-                             "`vlsi build-engine --onnx ONNX_DIR --out ENGINE_DIR`")
+        from vlsi_model.engine_dirs import ENGINES_ENV, engines_root
+
+        where = engine_dir if engine_dir is not None else (
+            f"{model_path}, {Path(model_path) / 'tensorrt'} or this model's set in {engines_root()}")
+        raise ModelLoadError(f"no TensorRT engines found in {where}; build them on this device with "
+                             "`vlsi build-engine --onnx ONNX_DIR --name NAME` and serve with engine_dir:=NAME "
+                             f"(sets are looked up in {engines_root()}; {ENGINES_ENV} moves that folder)")
     if device == "cpu":
         device = "cuda"  # the node's default device; TensorRT only runs on the GPU
     return TensorRTEngine(found, device=device, max_question_chars=max_question_chars or 1000,

@@ -57,6 +57,20 @@ QWEN2_VL_2B_CONFIG: dict[str, Any] = {
 }
 
 
+# config.json numbers of Qwen/Qwen2-VL-7B-Instruct (public; the hub is not reachable here): the
+# 2B's vision tower with a 3584-wide merger output, an untied 152,064-token head.
+QWEN2_VL_7B_CONFIG: dict[str, Any] = {
+    "model_type": "qwen2_vl",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+    "vision_config": {**QWEN2_VL_2B_CONFIG["vision_config"], "hidden_size": 3584},
+}
+
 # config.json numbers of Qwen/Qwen3-VL-2B-Instruct, as several independent public repositories
 # mirror them (the model hub is not reachable here); `param_counts` is checked against a model
 # built from this dict on the meta device, not against the hub's parameter count.
