@@ -90,12 +90,29 @@ def bench_inputs(n: int, seed: int = 0, long_answers: bool = True) -> list[tuple
     return out
 
 
-def load_too_high(loads: list[float], max_load: float | None) -> bool:
+def load_too_high(others: list[float], max_load: float | None) -> bool:
     """Whether the machine was too busy for a ratio to mean anything: under load torch processes
     slow down 10-40x while onnxruntime barely moves (measured), so a ratio taken then is wrong by
-    that factor. The bound is the 1-min load average (default 0.75 x the number of cores)."""
-    bound = max_load if max_load is not None else 0.75 * (os.cpu_count() or 1)
-    return bool(loads) and max(loads) > bound
+    that factor. `others`: CPU cores used by other processes while each worker measured
+    (`other_cpu_cores`); the bound defaults to 0.25 x the number of cores (0: always too busy)."""
+    bound = max_load if max_load is not None else 0.25 * (os.cpu_count() or 1)
+    return bool(others) and max(others) >= bound
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all cores have spent busy since boot (/proc/stat), or None off Linux."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the bench and its workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _peak_rss_mb() -> float:
@@ -182,11 +199,16 @@ def _spawn(backend: str, cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads:  # OpenMP/MKL pools sized like the backend's own threads
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     load_before = os.getloadavg()[0]
+    busy0, own0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=env)
+    busy1, own1, wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter() - t0
+    # Why not the load average: it counts the worker itself (its threads keep a 2-core machine at
+    # ~2), so a bench using every core always looks busy. What matters is what others took meanwhile.
+    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
-            # The load average includes the worker itself (~1 on a busy core): what matters is the rest.
-            return {**json.loads(line[len(_RESULT_MARK):]), "load_avg": [load_before, os.getloadavg()[0]]}
+            return {**json.loads(line[len(_RESULT_MARK):]), "load_avg": [load_before, os.getloadavg()[0]],
+                    "other_cpu_cores": [] if others is None else [round(others, 3)]}
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
     return {"error": f"worker exited with status {proc.returncode}: " + " | ".join(tail)}
 
@@ -204,6 +226,7 @@ def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
         "threads": results[0].get("threads"),
         "rounds": len(results),
         "load_avg": [v for r in results for v in r.get("load_avg", [])],
+        "other_cpu_cores": [v for r in results for v in r.get("other_cpu_cores", [])],
     }
 
 
@@ -273,6 +296,7 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
                 if proc.returncode != 0:
                     raise RuntimeError(f"vlsi export failed: {proc.stderr.strip()[-500:]}")
                 notes.append(f"ONNX export made for this run in {time.perf_counter() - t0:.1f} s (not timed below)")
+        onnx_bytes = _decoder_file_bytes(cfg.onnx_dir) if cfg.onnx_dir else 0  # before a temporary export goes
         raw: dict[str, Any] = {}
         order: list[str] = []
         for backend in [BASELINE, *cfg.backends]:
@@ -303,12 +327,14 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     names = [BASELINE, *cfg.backends]  # the table's row order: baseline first, then as asked
     results = {name: summarize(raw[name], base_runs) for name in names}
     raw = {name: raw[name] for name in names}
-    bound = decode_bounds(cfg, results)
+    bound = decode_bounds(cfg, results, onnx_bytes)
     loads = [v for r in raw.values() for v in r.get("load_avg", [])]
-    busy = load_too_high(loads, cfg.max_load)
+    others = [v for r in raw.values() for v in r.get("other_cpu_cores", [])]
+    busy = load_too_high(others, cfg.max_load)
     if busy:
-        notes.append(f"the machine was busy (1-min load average up to {max(loads):.2f} on {os.cpu_count()} cores): "
-                     "ratios are not printed; rerun on a quiet machine (or with --max-load, knowingly)")
+        notes.append(f"the machine was busy (other processes used up to {max(others):.2f} of {os.cpu_count()} cores "
+                     "while a backend measured): ratios are not printed; rerun on a quiet machine (or with "
+                     "--max-load, knowingly)")
         for res in results.values():
             if "speedup_vs_generate" in res:
                 res["speedup_vs_generate_under_load"] = res.pop("speedup_vs_generate")
@@ -317,7 +343,8 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         "config": asdict(cfg),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
-                    "load_avg_max": round(max(loads), 2) if loads else None, "busy": busy},
+                    "load_avg_max": round(max(loads), 2) if loads else None,
+                    "other_cpu_cores_max": round(max(others), 2) if others else None, "busy": busy},
         "notes": notes,
         "decode_bound": bound,
         "results": results,
@@ -331,13 +358,14 @@ def _decoder_file_bytes(onnx_dir: str) -> int:
     return sum(p.stat().st_size for p in Path(onnx_dir).glob("decoder.onnx*") if p.is_file())
 
 
-def decode_bounds(cfg: BenchConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def decode_bounds(cfg: BenchConfig, results: dict[str, dict[str, Any]], onnx_bytes: int = 0) -> dict[str, Any]:
     """The memory-bandwidth bound of decode, per backend: this machine's read bandwidth over the
     weight bytes one decode step reads, and each backend's measured decode tok/s as a share of it.
 
     Why: at real model size decode streams every weight once per token, so tok/s cannot beat
     bandwidth / bytes; how close a backend gets says how much is left to win (quantized weights
-    shrink the bytes, batching shares them). CPU only: TensorRT runs on a GPU's memory."""
+    shrink the bytes, batching shares them). CPU only: TensorRT runs on a GPU's memory.
+    `onnx_bytes`: the ONNX Runtime decoder's file bytes (`_decoder_file_bytes`)."""
     from vlsi_model.real_size import FP32_BYTES, decode_weight_bytes, measure_read_bandwidth
 
     try:
@@ -351,7 +379,7 @@ def decode_bounds(cfg: BenchConfig, results: dict[str, dict[str, Any]]) -> dict[
     for name, res in results.items():
         if name == "tensorrt" or "decode_tokens_per_s" not in res or cfg.device != "cpu":
             continue
-        per_token = _decoder_file_bytes(cfg.onnx_dir) if name == "onnxruntime" and cfg.onnx_dir else torch_bytes
+        per_token = onnx_bytes if name == "onnxruntime" else torch_bytes
         if not per_token:
             continue
         bound_tok_s = bandwidth * 1e9 / per_token

@@ -83,10 +83,21 @@ def check_fits(name: str, available_bytes: int | None = None) -> None:
     available memory: a 7B model (33 GB in fp32) on a 16 GB machine fails here, not in the OOM killer."""
     need = int(fp32_bytes(name) * 1.25)
     if available_bytes is None:
-        available_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        available_bytes = available_memory()
     if need > available_bytes:
         raise ValueError(f"a random-weight {DIMS[resolve(name)][0]} needs ~{need / memory.GB:.1f} GB of RAM in fp32; "
                          f"{available_bytes / memory.GB:.1f} GB are available here")
+
+
+def available_memory() -> int:
+    """Bytes a new process can use: Linux's MemAvailable (free + reclaimable page cache), else free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def build_real_size_model(name: str, max_pixels: int = MAX_PIXELS, seed: int = 0) -> tuple[Any, Any, Any]:

@@ -51,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="only the question families' (mostly one-word) answers; default: every other question asks "
                         "for a caption or every object's place (16-50 tokens), so decode counts")
     p.add_argument("--max-load", type=float, default=None,
-                   help="print no speed-up ratio when the 1-min load average exceeded this during the run "
-                        "(default 0.75 x cores: under load torch slows down 10-40x, onnxruntime does not)")
+                   help="print no speed-up ratio when other processes used this many CPU cores while a backend "
+                        "measured (default 0.25 x cores; 0: never print one): under load torch slows down "
+                        "10-40x, onnxruntime does not")
     p.add_argument("--dims", default=None, metavar="SIZE",
                    help="instead of --model: a random-weight model at real dimensions, built locally once "
                         "(tiny, 2b, 7b: Qwen2-VL; qwen3-2b, qwen3-4b; cached in $VLSI_REAL_SIZE_CACHE or "
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"model: {cfg.model_dir}  questions: {cfg.questions}  max_new_tokens: {cfg.max_new_tokens}  "
           f"threads: {cfg.threads or 'default'}  rounds: {cfg.rounds}  "
-          f"load avg: {report['machine']['load_avg_1min']} (max during the run {report['machine']['load_avg_max']})")
+          f"load avg: {report['machine']['load_avg_1min']} (max during the run {report['machine']['load_avg_max']}; "
+          f"other processes' CPU while measuring: up to {report['machine']['other_cpu_cores_max']} cores)")
     print(format_table(report))
     bound = report.get("decode_bound") or {}
     if bound.get("bandwidth_gbs"):
