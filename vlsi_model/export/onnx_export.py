@@ -83,6 +83,7 @@ class ExportOptions:
     check_parity: bool = True
     quantize: str | None = None  # "int8" | "int4": weight-only, block-wise (export/quantize.py)
     quantize_block_size: int = 32
+    quantize_accuracy_level: int = 4  # quantize.DEFAULT_ACCURACY_LEVEL: int8 activations in MatMulNBits
 
     def validate(self, factor: int) -> None:
         if self.opset not in SUPPORTED_OPSETS:
@@ -454,7 +455,8 @@ def export_model(
 
             say(f"quantizing the decoder's weights to {options.quantize} (MatMulNBits, block "
                 f"{options.quantize_block_size})")
-            manifest["quantization"] = quantize_export(tmp, BITS[options.quantize], options.quantize_block_size)
+            manifest["quantization"] = quantize_export(tmp, BITS[options.quantize], options.quantize_block_size,
+                                                       accuracy_level=options.quantize_accuracy_level)
             manifest["checks"] = check_graphs(tmp, tensorrt=False)
             if options.check_parity:
                 # Recorded, not enforced: what a quantized model costs is measured with `vlsi eval`.
