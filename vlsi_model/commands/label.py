@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
               "--max-new-tokens and label again to train on whole answers", file=sys.stderr)
     print(f"wrote {args.out}")
     if args.cache:
-        from vlsi_model.data.labelling import write_teacher_cache
+        from vlsi_model.distill.teacher_cache import write_teacher_cache
 
         vocab = None
         if args.student:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -379,32 +378,3 @@ class EngineTeacher:
             out.append(TeacherAnswer(result.text, None, result.num_tokens,
                                      truncated=result.num_tokens >= self.max_new_tokens and not result.cancelled))
         return out
-
-
-def write_teacher_cache(teacher_dir: str | os.PathLike[str], verbalizers_dir: str | os.PathLike[str],
-                        labelled: str | os.PathLike[str], cache_dir: str | os.PathLike[str], k: int = 64,
-                        batch_size: int = 4, device: str = "cpu", temperature: float = 1.0,
-                        vocab_size: int | None = None, max_length: int = 2048) -> Path:
-    """The teacher's top-k verbalized distributions over every record of `labelled`, in the
-    teacher-cache format `vlsi distill` reads (`teacher_cache.path`, with `labelled` as data.train,
-    the same max_length and temperature; `vocab_size`: the vocabulary shared with the student,
-    default the teacher's). Sample ids are the dataset's indices, as in the distill pipeline."""
-    from vlsi_model.checkpoint import load_model_dir
-    from vlsi_model.distill.adapters import get_adapter
-    from vlsi_model.distill.teacher_cache import IndexedDataset, build_teacher_cache, indexed_collate
-    from vlsi_model.distill.verbalizer import load_verbalizers
-    from vlsi_model.fileio import replace_directory
-    from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
-
-    teacher, tokenizer, processor = load_model_dir(teacher_dir, device=device)
-    verbs = load_verbalizers(verbalizers_dir, expect_hidden_size=get_adapter(teacher).hidden_size(teacher))
-    verbs = verbs.to(next(teacher.parameters()).device)
-    dataset = IndexedDataset(ConversationDataset(labelled, tokenizer, processor, max_length))
-    collate = indexed_collate(make_collate_fn(tokenizer.pad_token_id))
-    batches = (collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-               for start in range(0, len(dataset), batch_size))
-    out = Path(cache_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    build_teacher_cache(teacher, verbs, batches, tmp, k=k, vocab_size=vocab_size, temperature=temperature)
-    return replace_directory(tmp, out)
