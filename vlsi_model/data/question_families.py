@@ -427,3 +427,28 @@ def corpus_texts(num_scenes: int, seed: int = 0) -> list[str]:
             texts.append(qa.answer)
     return texts
 
+
+__all__ = [
+    "CAPTION_QUESTION",
+    "COLUMNS_THIRDS",
+    "DESCRIBE_QUESTION",
+    "EMPTY_CAPTION",
+    "FAMILIES",
+    "LOCATE_MARGIN",
+    "POSITIONS_QUESTION",
+    "QA",
+    "ROWS_THIRDS",
+    "SPATIAL_MIN_SEPARATION",
+    "TOKENIZER_FAMILIES",
+    "attribute_questions",
+    "caption_objects",
+    "corpus_texts",
+    "describe_scene",
+    "locate_phrase",
+    "locate_questions",
+    "make_questions",
+    "parse_families",
+    "positions_caption",
+    "question_type",
+    "vocabulary_words",
+]

@@ -105,3 +105,8 @@ def render_scene(scene: Scene) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Text: descriptions, captions and questions
+
+
+__all__ = [
+    "render_scene",
+]

@@ -144,3 +144,10 @@ def write_dataset(
     os.replace(tmp_json, json_path)
     return json_path
 
+
+__all__ = [
+    "image_name",
+    "scene_from_ground_truth",
+    "scene_ground_truth",
+    "write_dataset",
+]

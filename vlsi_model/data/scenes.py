@@ -339,3 +339,27 @@ def scene_seed(split: str, seed: int, index: int) -> int:
         raise ValueError(f"index must be in 0..{SEED_STRIDE - 1}, got {index}")
     return _SPLIT_OFFSETS[split] + seed * SEED_STRIDE + index
 
+
+__all__ = [
+    "ALL_SHAPES",
+    "COLORS",
+    "COLOR_RGB",
+    "EXTRA_SHAPES",
+    "MAX_RUN_SEED",
+    "SEED_STRIDE",
+    "SHAPES",
+    "SIZES",
+    "SPLITS",
+    "STREAM_LAYOUT",
+    "STREAM_NOISE",
+    "STREAM_QUESTIONS",
+    "Scene",
+    "SceneConfig",
+    "SceneObject",
+    "TEST_SEED_OFFSET",
+    "VAL_SEED_OFFSET",
+    "generate_scene",
+    "pick_one",
+    "scene_rng",
+    "scene_seed",
+]
