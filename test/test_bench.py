@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from onnx_helpers import export_once
@@ -113,12 +114,28 @@ def test_load_gate_and_long_answers():
     from vlsi_model.bench import LONG_ANSWER_QUESTIONS, bench_inputs, load_too_high
 
     assert not load_too_high([0.1, 0.3], max_load=0.5) and load_too_high([0.1, 0.6], max_load=0.5)
-    assert not load_too_high([], max_load=0.0) and load_too_high([0.0], max_load=0.0)
+    assert load_too_high([], max_load=0.0) and load_too_high([0.0], max_load=0.0)  # 0: never print a ratio
     questions = [q for _, q in bench_inputs(6)]
     assert questions[1::2] == [LONG_ANSWER_QUESTIONS[k % 2] for k in range(3)]
     assert "Where is each object?" not in {q for _, q in bench_inputs(6, long_answers=False)}
 
 
+def test_busy_gate_bounds_scale_with_this_process_cpus(monkeypatch):
+    """The default bounds follow the CPUs this process may use (a container's cpuset), and without
+    /proc/stat the gate falls back to the load average instead of switching itself off."""
+    from vlsi_model import bench
+
+    monkeypatch.setattr(bench, "usable_cpus", lambda: [0, 1])
+    assert not bench.load_too_high([0.4], None) and bench.load_too_high([0.5], None)  # 0.25 x 2 cores
+    assert not bench.load_too_high([], None, loads=[1.4]) and bench.load_too_high([], None, loads=[1.6])
+    monkeypatch.setattr(bench, "usable_cpus", lambda: list(range(8)))
+    assert not bench.load_too_high([1.9], None) and bench.load_too_high([2.0], None)
+    # others = busy seconds of the CPU set minus the bench's own, per second of wall time
+    assert bench.others_cores(busy_s=5.0, own_s=3.0, wall_s=4.0) == 0.5
+    assert bench.others_cores(busy_s=2.9, own_s=3.0, wall_s=1.0) == 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="CPU accounting reads Linux's /proc/stat")
 def test_other_processes_cpu_is_measured_apart_from_the_bench_itself():
     """The busy gate counts what other processes took while a worker measured, not the load average
     (which counts the worker's own threads): a worker that keeps its cores busy is not "others"."""

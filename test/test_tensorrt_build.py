@@ -520,6 +520,9 @@ def test_engines_go_to_a_named_set_that_engine_dir_finds_by_name(fake_trt, expor
     assert "holds the engines of" in capsys.readouterr().err
     assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16", "--name", "student-fp16",
                      "--overwrite"]) == EXIT_OK
+    # nor a folder that is no engine set (a model directory given as --out by mistake)
+    assert cli_main(["build-engine", "--onnx", str(export_dir), "--fp16", "--out", str(other)]) == EXIT_BAD_INPUT
+    assert "holds no engine set" in capsys.readouterr().err
 
 
 def test_default_set_names_come_from_the_run_not_its_final_folder():

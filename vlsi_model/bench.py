@@ -58,7 +58,7 @@ class BenchConfig:
     seed: int = 0
     rounds: int = 1  # workers run round-robin this many times (fairer on a busy machine)
     long_answers: bool = True  # every other question is a caption / "where is each object?" (>= 16 tokens)
-    max_load: float | None = None  # above this 1-min load average no ratio is printed (default 0.75 x cores)
+    max_load: float | None = None  # other processes' CPU cores above which no ratio is printed (load_too_high)
     dims: str | None = None  # a random-weight model at real dimensions (`real_size.DIMS`) instead of model_dir
 
 
@@ -90,23 +90,49 @@ def bench_inputs(n: int, seed: int = 0, long_answers: bool = True) -> list[tuple
     return out
 
 
-def load_too_high(others: list[float], max_load: float | None) -> bool:
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity set: a container's cpuset, `taskset`)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def load_too_high(others: list[float], max_load: float | None, loads: list[float] | None = None) -> bool:
     """Whether the machine was too busy for a ratio to mean anything: under load torch processes
     slow down 10-40x while onnxruntime barely moves (measured), so a ratio taken then is wrong by
-    that factor. `others`: CPU cores used by other processes while each worker measured
-    (`other_cpu_cores`); the bound defaults to 0.25 x the number of cores (0: always too busy)."""
-    bound = max_load if max_load is not None else 0.25 * (os.cpu_count() or 1)
-    return bool(others) and max(others) >= bound
+    that factor. `others`: cores of this process's CPU set used by other processes while each
+    worker measured (`other_cpu_cores`); the bound defaults to 0.25 x those cores; 0 means always
+    too busy. Where that cannot be measured (no /proc/stat), the 1-min load average (`loads`,
+    which counts the bench's own threads) is held against 0.75 x the cores instead."""
+    cores = len(usable_cpus())
+    if max_load == 0:
+        return True
+    if others:
+        return max(others) >= (max_load if max_load is not None else 0.25 * cores)
+    return bool(loads) and max(loads) > (max_load if max_load is not None else 0.75 * cores)
 
 
 def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all cores have spent busy since boot (/proc/stat), or None off Linux."""
+    """CPU seconds the CPUs of this process's set have spent busy since boot (/proc/stat's per-CPU
+    lines), or None where there is no /proc/stat."""
     try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    wanted, busy = {f"cpu{i}" for i in usable_cpus()}, 0
+    for line in lines:
+        name, *values = line.split()
+        if name in wanted:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = ([int(v) for v in values] + [0] * 8)[:8]
+            busy += user + nice + system + irq + softirq + steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def others_cores(busy_s: float, own_s: float, wall_s: float) -> float:
+    """Cores other processes kept busy over `wall_s`: the CPU set's busy seconds minus the bench's
+    own (its workers' included). Clamped at 0: the two clocks tick at different granularities."""
+    return max(0.0, busy_s - own_s) / wall_s if wall_s > 0 else 0.0
 
 
 def _own_cpu_seconds() -> float:
@@ -204,7 +230,7 @@ def _spawn(backend: str, cfg: BenchConfig) -> dict[str, Any]:
     busy1, own1, wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter() - t0
     # Why not the load average: it counts the worker itself (its threads keep a 2-core machine at
     # ~2), so a bench using every core always looks busy. What matters is what others took meanwhile.
-    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    others = None if busy0 is None or busy1 is None else others_cores(busy1 - busy0, own1 - own0, wall)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
             return {**json.loads(line[len(_RESULT_MARK):]), "load_avg": [load_before, os.getloadavg()[0]],
@@ -330,11 +356,12 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     bound = decode_bounds(cfg, results, onnx_bytes)
     loads = [v for r in raw.values() for v in r.get("load_avg", [])]
     others = [v for r in raw.values() for v in r.get("other_cpu_cores", [])]
-    busy = load_too_high(others, cfg.max_load)
+    busy = load_too_high(others, cfg.max_load, loads)
     if busy:
-        notes.append(f"the machine was busy (other processes used up to {max(others):.2f} of {os.cpu_count()} cores "
-                     "while a backend measured): ratios are not printed; rerun on a quiet machine (or with "
-                     "--max-load, knowingly)")
+        used = (f"other processes used up to {max(others):.2f} of its {len(usable_cpus())} cores" if others
+                else f"1-min load average up to {max(loads, default=0):.2f}")
+        notes.append(f"the machine was busy ({used} while a backend measured): ratios are not printed; "
+                     "rerun on a quiet machine (or with --max-load, knowingly)")
         for res in results.values():
             if "speedup_vs_generate" in res:
                 res["speedup_vs_generate_under_load"] = res.pop("speedup_vs_generate")
@@ -366,11 +393,12 @@ def decode_bounds(cfg: BenchConfig, results: dict[str, dict[str, Any]], onnx_byt
     bandwidth / bytes; how close a backend gets says how much is left to win (quantized weights
     shrink the bytes, batching shares them). CPU only: TensorRT runs on a GPU's memory.
     `onnx_bytes`: the ONNX Runtime decoder's file bytes (`_decoder_file_bytes`)."""
-    from vlsi_model.real_size import FP32_BYTES, decode_weight_bytes, measure_read_bandwidth
+    from vlsi_model.real_size import checkpoint_dtype_bytes, decode_weight_bytes, measure_read_bandwidth
 
     try:
         config = json.loads((Path(cfg.model_dir) / "config.json").read_text(encoding="utf-8"))
-        torch_bytes = decode_weight_bytes(config, FP32_BYTES)
+        # torch serves the checkpoint in its own dtype (load_model_dir keeps it): bf16 reads half of fp32
+        torch_bytes = decode_weight_bytes(config, checkpoint_dtype_bytes(config))
     except (OSError, ValueError, KeyError) as exc:
         return {"error": f"no decode bound: {exc}"}
     bandwidth = measure_read_bandwidth(cfg.threads)

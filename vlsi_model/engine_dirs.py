@@ -55,7 +55,7 @@ def engine_set_name(model_dir: str | Path, recorded_name: str | None = None) -> 
     name, or its run's name when the folder is a generic one (`runs/my_robot/final` -> my_robot)."""
     if recorded_name and recorded_name not in GENERIC_MODEL_DIRS:
         return recorded_name
-    path = Path(model_dir).expanduser().absolute()
+    path = Path(model_dir).expanduser().resolve()  # the same name at build and at run time, links or not
     while path.name in GENERIC_MODEL_DIRS and path.parent != path:
         path = path.parent
     return path.name or "model"

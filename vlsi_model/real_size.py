@@ -71,11 +71,27 @@ def real_size_config(name: str, tokenizer: Any) -> Any:
 
 
 def fp32_bytes(name: str) -> int:
-    """Bytes of `name`'s weights in fp32 (what building and loading it here costs in RAM)."""
+    """Bytes of `name`'s weights in fp32 (what building and loading it here costs in RAM); a head
+    tied to the embeddings is one tensor, counted once."""
     cfg = DIMS[resolve(name)][1]
     if cfg is None:
         return 0
-    return FP32_BYTES * sum(memory.param_counts(memory.ModelDims.from_config(cfg)).values())
+    dims = memory.ModelDims.from_config(cfg)
+    counts = memory.param_counts(dims)
+    if dims.tied_embeddings:
+        counts.pop("lm_head")
+    return FP32_BYTES * sum(counts.values())
+
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def checkpoint_dtype_bytes(config: dict[str, Any]) -> int:
+    """Bytes per weight of a checkpoint as torch serves it (its config's `dtype` / `torch_dtype`;
+    fp32 when unsaid)."""
+    text = config.get("text_config") or {}
+    dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    return _DTYPE_BYTES.get(str(dtype).replace("torch.", ""), FP32_BYTES)
 
 
 def check_fits(name: str, available_bytes: int | None = None) -> None:

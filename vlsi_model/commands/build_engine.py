@@ -50,11 +50,13 @@ def default_engine_name(onnx_dir: Path, export_manifest: dict) -> str:
 
 
 def another_models_set(out: Path, export_manifest: dict) -> str | None:
-    """Why building into `out` would replace another model's engines (None when it would not):
-    `out` holds a set exported from a different model directory."""
+    """Why building into `out` would replace something else (None when it would not): `out` holds
+    a set exported from a different model directory, or is a non-empty folder that is no engine set."""
     old, new = set_source(out), export_manifest.get("source_dir")
-    if old and new and Path(old) != Path(new):
+    if old and new and Path(old).resolve() != Path(new).resolve():
         return f"{out} holds the engines of {old}, not of {new}"
+    if old is None and out.is_dir() and any(out.iterdir()):
+        return f"{out} is a non-empty folder that holds no engine set"
     return None
 
 

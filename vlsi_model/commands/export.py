@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch.onnx exporter (default torchscript: ~20x faster here; see onnx_export.py)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only, block-wise quantization of the decoder's weights for ONNX Runtime "
-                        "(MatMulNBits; activations stay float; not for TensorRT yet)")
+                        "(MatMulNBits; see --accuracy-level; not for TensorRT yet)")
     p.add_argument("--block-size", type=int, default=32, help="weights per quantization scale (default 32)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                    help="ONNX Runtime MatMulNBits compute: 4 (default) quantizes activations to int8 in the "

@@ -7,8 +7,9 @@ is small and measured (`vlsi eval` on the quantized export).
 
 Why `accuracy_level` 4 by default: it lets ONNX Runtime's MatMulNBits kernel quantize each block
 of activations to int8 on the fly and use its integer dot-product path. Measured at Qwen2-VL-2B
-size on 2 CPU cores (2026-12-05): int4 decode 19.4 -> 33.0 tokens/s (76% of the memory-bandwidth
-bound) and int8 0.3 -> 22.6 tokens/s (without it, 8-bit weights take a slow fallback kernel). The
+size on 2 CPU cores (2026-12-05, docs/benchmarks.md): int4 decode 19.5 -> 32.7 tokens/s (75% of
+the bandwidth bound) and int8 0.3 -> 22.5 tokens/s (without it, 8-bit weights take a slow
+fallback kernel). The
 answers it costs on the shipped student are measured beside the float-activation ones
 (docs/inference.md); `accuracy_level` 0 keeps float activations.
 
