@@ -37,7 +37,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,28 +151,16 @@ def quantize(llama_python: str, src: Path, kind: str) -> Path:
     return out
 
 
-def _busy_seconds() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def run_worker(cmd: list[str]) -> dict:
-    """Run one measuring process; its result plus the CPU cores other processes used meanwhile."""
-    import resource
+    """Run one measuring process; its result plus the CPU cores other processes used meanwhile
+    (`vlsi bench`'s own accounting)."""
+    from vlsi_model.bench import run_counting_others
 
-    def own() -> float:
-        r = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return r.ru_utime + r.ru_stime
-
-    b0, o0, t0 = _busy_seconds(), own(), time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - t0
-    others = max(0.0, (_busy_seconds() - b0) - (own() - o0)) / wall
+    done, others = run_counting_others(cmd, timeout=3600)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{cmd[:3]} failed: {done.stderr[-2000:]}")
-    return {**json.loads(line[len("RESULT "):]), "other_cpu_cores": round(others, 3)}
+    return {**json.loads(line[len("RESULT "):]), "other_cpu_cores": None if others is None else round(others, 3)}
 
 
 def main() -> int:
@@ -191,6 +178,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
 
+    from vlsi_model.bench import decoder_file_bytes
     from vlsi_model.real_size import real_size_model_dir
 
     vlm = real_size_model_dir("2b", progress=print)
@@ -214,8 +202,7 @@ def main() -> int:
                                                             str(a.threads), str(prompt_len), str(a.tokens)]))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
     sizes = {f"llama.cpp {k}": v.stat().st_size for k, v in ggufs.items()}
-    sizes |= {f"ours {n}": sum(f.stat().st_size for f in Path(e).expanduser().glob("decoder.onnx*"))
-              for n, e in ours.items()}
+    sizes |= {f"ours {n}": decoder_file_bytes(str(Path(e).expanduser())) for n, e in ours.items()}
     print(f"decode tokens/s, language model of Qwen2-VL-2B dims (random weights), {a.threads} threads, "
           f"{a.tokens} tokens after a ~{prompt_len}-token prompt; median of {a.rounds} alternating runs")
     # "file MB": the GGUF holds the embedding table too (tied: it is also the head); ours is the
@@ -228,7 +215,7 @@ def main() -> int:
         summary[name] = {"decode_tok_s": tok_s, "weights_bytes": sizes[name], "runs": runs}
         print(f"{name:<18} {tok_s:>12.1f} {min(rates):>5.1f}-{max(rates):<5.1f} {sizes[name] / 1e6:>8.0f} "
               f"{statistics.median(x['prefill_ms'] for x in runs):>10.0f} "
-              f"{max(x['other_cpu_cores'] for x in runs):>10.2f}")
+              f"{max((x['other_cpu_cores'] or 0.0) for x in runs):>10.2f}")
     if a.json:
         a.json.write_text(json.dumps(summary, indent=2))
     return 0

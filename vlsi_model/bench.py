@@ -135,6 +135,19 @@ def others_cores(busy_s: float, own_s: float, wall_s: float) -> float:
     return max(0.0, busy_s - own_s) / wall_s if wall_s > 0 else 0.0
 
 
+def run_counting_others(cmd: list[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess, float | None]:
+    """Run `cmd` to completion (`subprocess.run(cmd, capture_output=True, text=True, **kwargs)`) and
+    measure the CPU cores other processes kept busy meanwhile (None without /proc/stat).
+
+    Why not the load average: it counts the measured process itself (its threads keep a 2-core
+    machine at ~2), so a run using every core always looks busy. What matters is what others took."""
+    busy0, own0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    busy1, own1, wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter() - t0
+    others = None if busy0 is None or busy1 is None else others_cores(busy1 - busy0, own1 - own0, wall)
+    return proc, others
+
+
 def _own_cpu_seconds() -> float:
     """CPU seconds of this process and its finished children (the bench and its workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -225,12 +238,7 @@ def _spawn(backend: str, cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads:  # OpenMP/MKL pools sized like the backend's own threads
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     load_before = os.getloadavg()[0]
-    busy0, own0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=env)
-    busy1, own1, wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter() - t0
-    # Why not the load average: it counts the worker itself (its threads keep a 2-core machine at
-    # ~2), so a bench using every core always looks busy. What matters is what others took meanwhile.
-    others = None if busy0 is None or busy1 is None else others_cores(busy1 - busy0, own1 - own0, wall)
+    proc, others = run_counting_others(cmd, timeout=WORKER_TIMEOUT_S, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
             return {**json.loads(line[len(_RESULT_MARK):]), "load_avg": [load_before, os.getloadavg()[0]],
@@ -322,7 +330,7 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
                 if proc.returncode != 0:
                     raise RuntimeError(f"vlsi export failed: {proc.stderr.strip()[-500:]}")
                 notes.append(f"ONNX export made for this run in {time.perf_counter() - t0:.1f} s (not timed below)")
-        onnx_bytes = _decoder_file_bytes(cfg.onnx_dir) if cfg.onnx_dir else 0  # before a temporary export goes
+        onnx_bytes = decoder_file_bytes(cfg.onnx_dir) if cfg.onnx_dir else 0  # before a temporary export goes
         raw: dict[str, Any] = {}
         order: list[str] = []
         for backend in [BASELINE, *cfg.backends]:
@@ -379,7 +387,7 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
     }
 
 
-def _decoder_file_bytes(onnx_dir: str) -> int:
+def decoder_file_bytes(onnx_dir: str) -> int:
     """Bytes of an export's decoder graph and its external weights: what ONNX Runtime reads per
     decode step (the embedding table is a separate file, read one row per token)."""
     return sum(p.stat().st_size for p in Path(onnx_dir).glob("decoder.onnx*") if p.is_file())
@@ -392,7 +400,7 @@ def decode_bounds(cfg: BenchConfig, results: dict[str, dict[str, Any]], onnx_byt
     Why: at real model size decode streams every weight once per token, so tok/s cannot beat
     bandwidth / bytes; how close a backend gets says how much is left to win (quantized weights
     shrink the bytes, batching shares them). CPU only: TensorRT runs on a GPU's memory.
-    `onnx_bytes`: the ONNX Runtime decoder's file bytes (`_decoder_file_bytes`)."""
+    `onnx_bytes`: the ONNX Runtime decoder's file bytes (`decoder_file_bytes`)."""
     from vlsi_model.real_size import checkpoint_dtype_bytes, decode_weight_bytes, measure_read_bandwidth
 
     try:

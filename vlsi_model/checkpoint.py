@@ -20,7 +20,8 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlsi_model.errors import ModelLoadError
-from vlsi_model.models import METADATA_FILE, MODEL_CLASSES, check_image_processor, quiet_progress_bars
+from vlsi_model.manifest import read_metadata_json
+from vlsi_model.models import MODEL_CLASSES, check_image_processor, quiet_progress_bars
 from vlsi_model.tokenizer import QWEN2VL_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The project's `vlsi_model.json` next to the weights ({} if absent or unreadable)."""
-    try:
-        data = json.loads((Path(path) / METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_metadata_json(path)
 
 
 def _check_safetensors(file: Path) -> None:

@@ -11,9 +11,7 @@ matter), with the vocabulary padded to the real size. Answers from random weight
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -141,29 +139,24 @@ def real_size_model_dir(name: str, root: str | Path | None = None, progress: Any
 
     Saved beside its destination and renamed into place, so a directory that exists is complete.
     The 2B model takes ~9 GB of disk and RAM in fp32 and a minute or two to build."""
-    from vlsi_model.fileio import replace_directory
+    from vlsi_model.manifest import read_metadata_json
     from vlsi_model.models import save_model_dir
 
     name = resolve(name)
     real = DIMS[name][0]
     dest = Path(root) if root is not None else cache_root()
     dest = dest / real
-    meta = dest / "vlsi_model.json"
-    if (dest / "config.json").is_file() and meta.is_file() \
-            and json.loads(meta.read_text(encoding="utf-8")).get("real_size") == real:
+    if (dest / "config.json").is_file() and read_metadata_json(dest).get("real_size") == real:
         return dest
     check_fits(name)
     say = progress or (lambda msg: None)
     say(f"building a random-weight {real} in {dest} (once; reused by later runs)")
     t0 = time.perf_counter()
     model, tokenizer, processor = build_real_size_model(name)
-    partial = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_model_dir(model, tokenizer, processor, partial,
+    save_model_dir(model, tokenizer, processor, dest, overwrite=True,  # written aside, renamed into place
                    metadata={"placeholder": False, "real_size": real, "random_weights": True,
                              "note": "random weights at real dimensions: for speed and memory only"})
     del model
-    replace_directory(partial, dest)
     say(f"built {real} in {time.perf_counter() - t0:.0f} s")
     return dest
 

@@ -220,11 +220,7 @@ def _default_set_of(model_path: Path) -> list[Path]:
     from this very model directory (a same-named set of another model is not taken)."""
     from vlsi_model.engine_dirs import engine_set_name, engines_root, set_source
 
-    try:
-        name = json.loads((model_path / "vlsi_model.json").read_text(encoding="utf-8")).get("name")
-    except (OSError, ValueError):
-        name = None
-    candidate = engines_root() / engine_set_name(model_path, name)
+    candidate = engines_root() / engine_set_name(model_path, read_metadata_json(model_path).get("name"))
     source = set_source(candidate)
     return [candidate] if source and Path(source) == model_path.expanduser().resolve() else []
 
