@@ -120,6 +120,19 @@ def test_load_gate_and_long_answers():
     assert "Where is each object?" not in {q for _, q in bench_inputs(6, long_answers=False)}
 
 
+def test_the_shipped_student_answers_the_long_questions_at_length():
+    """The bench's long questions on its frames (the demo camera's grid scenes) get lists of
+    objects from the shipped student, so a benchmark measures decode and not only the prefill."""
+    from vlsi_model.bench import bench_inputs
+    from vlsi_model.defaults import default_model_path
+    from vlsi_model.engine import load_engine
+
+    engine = load_engine(default_model_path(), backend="torch")
+    lengths = [len(engine.answer(image, question, 64).token_ids) for image, question in bench_inputs(16)[1::2]]
+    assert max(lengths) >= 30 and sum(lengths) / len(lengths) >= 12, lengths  # 16.5 on average (was 3 on
+    # the random-layout scenes the bench used before)
+
+
 def test_busy_gate_bounds_scale_with_this_process_cpus(monkeypatch):
     """The default bounds follow the CPUs this process may use (a container's cpuset), and without
     /proc/stat the gate falls back to the load average instead of switching itself off."""

@@ -162,6 +162,36 @@ def test_trt_ops_requires_constant_axes():
                          helper.make_node("ReduceMean", ["x", "ax"], ["y"])], inputs=[x], opset=18)
     assert trt_ops.check_model(const).ok
 
+def test_trt_ops_checks_quantize_nodes_as_tensorrts_parser_does():
+    """onnx-tensorrt 10.x: symmetric only, INT8/INT4/FP8 only, blocked scales for INT4 along one
+    axis only, INT4 with an even last dimension; opset 21 (INT4 DequantizeLinear) only warns."""
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 2])
+
+    def dq(dtype, dims, scale_dims, zero=None, opset=21):
+        count = int(np.prod(dims))
+        inits = [helper.make_tensor("q", dtype, dims, [1] * count),
+                 helper.make_tensor("s", TensorProto.FLOAT, scale_dims, [0.5] * int(np.prod(scale_dims)))]
+        inputs = ["q", "s"]
+        if zero is not None:
+            inits.append(helper.make_tensor("z", dtype, scale_dims, [zero] * int(np.prod(scale_dims))))
+            inputs.append("z")
+        model = _tiny_graph([helper.make_node("DequantizeLinear", inputs, ["w"], axis=0)], inputs=[],
+                            outputs=[w], opset=opset)
+        model.graph.initializer.extend(inits)
+        return trt_ops.check_model(model)
+
+    good = dq(TensorProto.INT4, [4, 2], [1, 2])  # blocks of 4 along axis 0, what quantize.py writes
+    assert good.ok and any("opset 21" in x for x in good.warnings)
+    assert dq(TensorProto.INT4, [4, 2], [1, 2], zero=0).ok  # an all-zero zero point is symmetric
+    assert dq(TensorProto.INT8, [4, 2], [2], opset=18).ok and not dq(TensorProto.INT8, [4, 2], [2], opset=18).warnings
+    for report, words in ((dq(TensorProto.INT4, [4, 2], [1, 2], zero=3), "non-zero zero point"),
+                          (dq(TensorProto.UINT4, [4, 2], [1, 2]), "UINT4"),
+                          (dq(TensorProto.INT8, [4, 2], [1, 2]), "non-INT4"),
+                          (dq(TensorProto.INT4, [4, 2], [2, 1]), "one"),
+                          (dq(TensorProto.INT4, [2, 3], [1, 3]), "odd last dimension")):
+        assert not report.ok and any(words in e for e in report.errors), (words, report.errors)
+
+
 # ------------------------------------------------------------------------------------- options
 def test_fixed_image_size_export_is_static(tiny_qwen2vl_dir):
     export_dir = export_once(tiny_qwen2vl_dir, image_size=(56, 84))
@@ -248,14 +278,27 @@ def test_dynamo_exporter(windowed_qwen25vl_dir):
 
 
 
+def _identical_answers(plain, quantized, scenes: int) -> tuple[int, int]:
+    """(answers the two engines give identically, questions) over the questions of `scenes` scenes."""
+    from vlsi_model.data.question_families import make_questions
+    from vlsi_model.data.render import render_scene
+    from vlsi_model.data.scenes import SceneConfig, generate_scene
+
+    same = total = 0
+    for seed in range(scenes):
+        scene = generate_scene(seed, SceneConfig(width=112, height=112, layout="grid"))
+        image = render_scene(scene)
+        for qa in make_questions(scene, seed):
+            total += 1
+            same += plain.answer(image, qa.question, 16).text == quantized.answer(image, qa.question, 16).text
+    return same, total
+
+
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_quantized_export_is_smaller_and_answers_like_the_float_one(tmp_path, bits):
     """Weight-only int8 / int4 (MatMulNBits) on the shipped student: the decoder's file shrinks
     about 3x / 6x, ONNX Runtime loads it, and the answers are the float export's (int8) or nearly
     (int4; the accuracy cost on the test split is measured with vlsi eval, README)."""
-    from vlsi_model.data.question_families import make_questions
-    from vlsi_model.data.render import render_scene
-    from vlsi_model.data.scenes import SceneConfig, generate_scene
     from vlsi_model.defaults import default_model_path
     from vlsi_model.engine import load_engine
     from vlsi_model.export.tensorrt_build import BuildError, build_engines
@@ -280,14 +323,66 @@ def test_quantized_export_is_smaller_and_answers_like_the_float_one(tmp_path, bi
         build_engines(tmp_path / bits, tmp_path / "engines")
     plain = load_engine(float_dir, backend="onnxruntime")
     quantized = load_engine(tmp_path / bits, backend="onnxruntime")
-    same = total = 0
-    for seed in range(6):
-        scene = generate_scene(seed, SceneConfig(width=112, height=112, layout="grid"))
-        for qa in make_questions(scene, seed):
-            image = render_scene(scene)
-            total += 1
-            same += plain.answer(image, qa.question, 16).text == quantized.answer(image, qa.question, 16).text
+    same, total = _identical_answers(plain, quantized, scenes=6)
     assert same / total >= (1.0 if bits == "int8" else 0.8), (same, total)
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_path, bits, monkeypatch):
+    """`--quantize-format qdq`: symmetric INT4 blocks (opset 21) / INT8 per channel in
+    DequantizeLinear -> MatMul, passing the TensorRT 10 checks; ONNX Runtime answers like the float
+    export; the builder (fake TensorRT 10 API) builds the decoder strongly typed, the vision graph
+    as before, and records the weights."""
+    import fake_tensorrt
+    import onnx
+
+    from vlsi_model.defaults import default_model_path
+    from vlsi_model.engine import load_engine
+    from vlsi_model.export import tensorrt_build
+
+    model = default_model_path()
+    out = tmp_path / bits
+    assert cli_main(["export", "--model", str(model), "--out", str(out), "--quantize", bits,
+                     "--quantize-format", "qdq"]) == 0
+    m = _manifest(out)
+    q = m["quantization"]
+    assert q["format"] == "QDQ" and m["opset"] == 18 and m["checks"]["decoder.onnx"]["tensorrt10_ops"] == "ok"
+    decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    inits = {t.name: t for t in decoder.graph.initializer}
+    dqs = [n for n in decoder.graph.node if n.op_type == "DequantizeLinear"]
+    # every weight MatMul but the lm_head's (float, as ModelOpt leaves it); attention's 2 per layer stay
+    assert len(dqs) == q["graphs"]["decoder.onnx"]["quantized"] == q["graphs"]["decoder.onnx"]["matmuls"] - 9
+    lm_head = next(n for n in decoder.graph.node if n.name == "/lm_head/MatMul")
+    assert inits[lm_head.input[1]].data_type == TensorProto.FLOAT
+    assert all(len(n.input) == 2 for n in dqs)  # no zero point: symmetric
+    weight, scale = inits[dqs[0].input[0]], inits[dqs[0].input[1]]
+    if bits == "int4":
+        assert decoder.opset_import[0].version == 21 and weight.data_type == TensorProto.INT4
+        assert list(scale.dims) == [weight.dims[0] // 128, weight.dims[1]] and q["block_size"] == 128
+    else:
+        assert weight.data_type == TensorProto.INT8 and list(scale.dims) == [weight.dims[1]]
+    ratio = q["graphs"]["decoder.onnx"]["bytes_before"] / q["graphs"]["decoder.onnx"]["bytes_after"]
+    assert ratio > (2.5 if bits == "int8" else 3.5), ratio  # the nano student's lm_head is a third of it
+    plain = load_engine(export_once(model), backend="onnxruntime")
+    quantized = load_engine(out, backend="onnxruntime")
+    same, total = _identical_answers(plain, quantized, scenes=4)
+    assert same / total >= 0.8, (same, total)
+    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: fake_tensorrt)
+    monkeypatch.setattr(tensorrt_build, "gpu_info", lambda: {"name": "Orin", "compute_capability": "8.7"})
+    monkeypatch.setattr(fake_tensorrt.Builder, "num_DLA_cores", 0)
+    manifest = tensorrt_build.build_engines(out, tmp_path / "engines", progress=lambda msg: None)
+    plans = {g: json.loads((tmp_path / "engines" / f"{g}.plan").read_bytes()) for g in ("vision", "decoder")}
+    assert plans["decoder"]["strongly_typed"] and plans["decoder"]["flags"] == []
+    assert not plans["vision"]["strongly_typed"] and "FP16" in plans["vision"]["flags"]
+    assert manifest["strongly_typed"] == {"vision": False, "decoder": True} and manifest["weights"] == q["scheme"]
+    assert "--stronglyTyped" in manifest["trtexec"][1] and "--stronglyTyped" not in manifest["trtexec"][0]
+
+
+def test_qdq_needs_opset_18(tmp_path):
+    from vlsi_model.export.onnx_export import ExportOptions, ExportOptionsError
+
+    with pytest.raises(ExportOptionsError, match="opset 18"):
+        ExportOptions(opset=17, quantize="int4", quantize_format="qdq").validate(28)
 
 
 def test_an_architecture_without_an_export_is_refused_by_name(tmp_path, capsys):

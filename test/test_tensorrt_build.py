@@ -298,6 +298,16 @@ def test_qwen3vl_real_size_memory(name, billions, layers, fits_8gb):
     est = memory.estimate_memory(d, image_hw=(448, 448), max_context=1024)
     assert est.image_tokens == 196  # 448 / 16 = 28 patches a side, 14 x 14 merged
     assert (est.total < 6 * memory.GB) == fits_8gb
+    # weight-only INT4 / INT8 (the Q/DQ export): the Linear weights of the language model and the lm_head
+    linear = [mod for mod in lm.modules() if isinstance(mod, torch.nn.Linear)] + [model.lm_head]
+    assert memory.matmul_weight_counts(d) == (sum(mod.weight.numel() for mod in linear),
+                                              sum(mod.out_features for mod in linear))
+    int8 = memory.estimate_memory(d, image_hw=(448, 448), max_context=1024, weight_bits=8)
+    int4 = memory.estimate_memory(d, image_hw=(448, 448), max_context=1024, weight_bits=4)
+    lm_head = model.lm_head.weight.numel() * 2  # kept in fp16 by the Q/DQ export
+    assert 0.49 < (int8.decoder_weights - lm_head) / (est.decoder_weights - lm_head) < 0.51
+    assert 0.25 < (int4.decoder_weights - lm_head) / (est.decoder_weights - lm_head) < 0.27  # + a scale per 128
+    assert int4.total < 6 * memory.GB  # INT4 puts even the 4B on an 8 GB board
 
 
 # ------------------------------------------------------------------------------ real TensorRT (device only)
@@ -308,6 +318,16 @@ def _cuda_device_present() -> bool:
         return bool(gpu_info().get("compute_capability", "?") != "?")
     except Exception:  # noqa: BLE001
         return False
+
+
+def _assert_same_tokens(engine, reference) -> None:
+    """Greedy tokens of `engine` equal `reference`'s on three random frames (answers of > 1 token)."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image = rng.integers(0, 256, (60 + 10 * i, 90, 3), dtype=np.uint8)
+        a = reference.answer(image, "How many objects are there?", max_new_tokens=8)
+        b = engine.answer(image, "How many objects are there?", max_new_tokens=8)
+        assert b.token_ids == a.token_ids and len(b.token_ids) > 1
 
 
 @pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl"])
@@ -327,13 +347,7 @@ def test_build_and_run_engines_match_onnxruntime(request, model, tmp_path):
     assert (out / "vision.plan").is_file() and (out / "decoder.plan").is_file()
     assert manifest["source_export"]["onnx_sha256"]["decoder.onnx"] == mf.sha256_file(export / "decoder.onnx")
     trt_engine = TensorRTEngine(out)
-    ort_engine = OnnxRuntimeEngine(export, num_threads=1)
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        image = rng.integers(0, 256, (60 + 10 * i, 90, 3), dtype=np.uint8)
-        a = ort_engine.answer(image, "How many objects are there?", max_new_tokens=8)
-        b = trt_engine.answer(image, "How many objects are there?", max_new_tokens=8)
-        assert b.token_ids == a.token_ids
+    _assert_same_tokens(trt_engine, OnnxRuntimeEngine(export, num_threads=1))
     trt_engine.close()
     shutil.rmtree(out)
 
@@ -395,6 +409,39 @@ def test_fp16_export_builds_strongly_typed_and_refuses_fp32(fake_trt, tiny_qwen2
     assert decoder["strongly_typed"] and decoder["flags"] == [] and decoder["fp32_layers"] == []
     with pytest.raises(BuildError, match="fp16 export"):
         build_engines(fp16, tmp_path / "fp32", precision="fp32", progress=lambda msg: None)
+
+
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl"])
+def test_the_backend_runs_its_engines_token_for_token_like_onnxruntime(request, fake_trt, model, tmp_path,
+                                                                      monkeypatch):
+    """The TensorRT backend's runtime logic in CI, on the fake TensorRT 10 runtime (engines built by
+    the builder; each executes its ONNX graph with ONNX Runtime on fake device memory): shapes in
+    the profiles, addresses, the KV cache's two buffer sets (a step never writes the set it reads),
+    the pad slot, DeepStack; the three contexts share one USER_MANAGED scratch buffer of the
+    largest profile's size. Greedy tokens equal the ONNX Runtime backend's."""
+    from vlsi_model.engine import tensorrt_engine
+    from vlsi_model.engine.base import EngineError
+    from vlsi_model.engine.onnxruntime_engine import OnnxRuntimeEngine
+    from vlsi_model.export.tensorrt_build import build_engines
+
+    monkeypatch.setattr(tensorrt_engine, "load_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(tensorrt_engine, "_Cuda", fake_trt.FakeCuda)
+    export = request.getfixturevalue("export_dir" if model == "qwen2vl" else "qwen3vl_export")
+    out = tmp_path / "engines"
+    build_engines(export, out, progress=lambda msg: None)
+    engine = tensorrt_engine.TensorRTEngine(out)
+    contexts = (engine._vision_ctx, engine._prefill_ctx, engine._decode_ctx)
+    assert {ctx.strategy for ctx in contexts} == {fake_trt.ExecutionContextAllocationStrategy.USER_MANAGED}
+    assert {ctx.device_memory for ctx in contexts} == {(engine._scratch, engine.scratch_bytes)}
+    assert engine.scratch_bytes == max(engine._vision_engine.get_device_memory_size_for_profile_v2(0),
+                                       engine._decoder_engine.get_device_memory_size_for_profile_v2(0),
+                                       engine._decoder_engine.get_device_memory_size_for_profile_v2(1))
+    assert [ctx.active_optimization_profile for ctx in contexts] == [0, 0, 1]
+    _assert_same_tokens(engine, OnnxRuntimeEngine(export, num_threads=1))
+    assert engine._decode_ctx.executions > 0
+    engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        engine.answer(np.zeros((60, 90, 3), dtype=np.uint8), "How many?")
 
 
 def test_dla_core_is_checked_against_the_device(fake_trt, export_dir, tmp_path, monkeypatch):

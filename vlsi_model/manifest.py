@@ -97,8 +97,10 @@ def find_export_dir(model_path: str | Path, engine_dir: str | Path | None = None
     return None
 
 
-def load_manifest(export_dir: str | Path) -> dict[str, Any]:
-    """Read and sanity-check `export_manifest.json`; ModelLoadError saying what is wrong."""
+def load_manifest(export_dir: str | Path, graphs: bool = True) -> dict[str, Any]:
+    """Read and sanity-check `export_manifest.json`; ModelLoadError saying what is wrong.
+    `graphs=False`: the ONNX graphs need not be there (an engine set holds the manifest, the
+    embedding table and the rope tables beside its plans, not the graphs)."""
     export_dir = Path(export_dir)
     path = export_dir / MANIFEST_FILE
     if not path.is_file():
@@ -120,7 +122,7 @@ def load_manifest(export_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ModelLoadError(f"{path}: manifest lacks {', '.join(missing)}")
-    for key in ("vision", "decoder", "embed_tokens", "rope"):
+    for key in ("vision", "decoder", "embed_tokens", "rope") if graphs else ("embed_tokens", "rope"):
         name = data["files"].get(key)
         if not name or not (export_dir / name).is_file():
             raise ModelLoadError(f"{export_dir}: missing {name or key} listed in {MANIFEST_FILE}; re-run `vlsi export`")

@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         build_engines,
         compute_profiles,
         default_ranges,
+        strongly_typed_graphs,
         trtexec_commands,
     )
 
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: the export in {args.onnx} fails its checks: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
-    strongly_typed = em.get("dtype") == "fp16" and args.precision != "int8"
+    strongly_typed = strongly_typed_graphs(em, args.precision)
     print("# equivalent trtexec commands:")
     for cmd in trtexec_commands(args.onnx, out, profiles, args.precision, args.workspace_mb, args.dla_core,
                                 args.timing_cache, strongly_typed):

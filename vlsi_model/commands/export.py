@@ -41,16 +41,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--max-image-size", type=_hw, default=None, metavar="HxW",
                       help="bound the pixel count to H*W (images keep their aspect ratio; only narrows the "
                            "image processor's max_pixels, which is the default bound)")
-    p.add_argument("--opset", type=int, choices=(17, 18), default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, choices=(17, 18), default=None,
+                   help="ONNX opset (default 17; 18 with --quantize-format qdq, which raises the INT4 decoder to 21)")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="graph precision (default fp32; fp16 halves the files and gives strongly typed "
                         "TensorRT builds)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default torchscript: ~20x faster here; see onnx_export.py)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only, block-wise quantization of the decoder's weights for ONNX Runtime "
-                        "(MatMulNBits; see --accuracy-level; not for TensorRT yet)")
-    p.add_argument("--block-size", type=int, default=32, help="weights per quantization scale (default 32)")
+                   help="weight-only quantization of the decoder's weights (see --quantize-format)")
+    p.add_argument("--quantize-format", choices=("matmulnbits", "qdq"), default="matmulnbits",
+                   help="matmulnbits (default): ONNX Runtime's fused kernels, asymmetric blocks, fastest on CPU; "
+                        "qdq: DequantizeLinear + MatMul, symmetric (INT4 blocks, INT8 per channel), what "
+                        "TensorRT 10 builds engines from (vlsi build-engine); ONNX Runtime runs it too")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="weights per INT4 / MatMulNBits scale (default 32 for matmulnbits, 128 for qdq)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                    help="ONNX Runtime MatMulNBits compute: 4 (default) quantizes activations to int8 in the "
                         "kernel, the fast CPU path (2B size: int4 decode 1.7x, int8 75x); 0 keeps them float")
@@ -74,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
     apply_torch_threads(args.threads)
     model = args.model if args.model is not None else default_model_path()
     out = args.out if args.out is not None else Path(model) / "onnx"
-    options = ExportOptions(image_size=args.image_size, max_image_size=args.max_image_size, opset=args.opset,
+    opset = args.opset if args.opset is not None else (18 if args.quantize and args.quantize_format == "qdq" else 17)
+    options = ExportOptions(image_size=args.image_size, max_image_size=args.max_image_size, opset=opset,
                             dtype=args.dtype, exporter=args.exporter, check_parity=not args.no_parity,
                             quantize=args.quantize, quantize_block_size=args.block_size,
-                            quantize_accuracy_level=args.accuracy_level)
+                            quantize_accuracy_level=args.accuracy_level, quantize_format=args.quantize_format)
     try:
         manifest = export_model(model, out, options, overwrite=args.overwrite,
                                 progress=lambda msg: print(msg, file=sys.stderr))

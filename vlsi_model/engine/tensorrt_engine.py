@@ -17,7 +17,8 @@ Runtime design (TensorRT 10 name-based API, documented in the TensorRT Python AP
 - `trt.Runtime(logger).deserialize_cuda_engine(bytes)` per graph; one execution context
   for the vision engine and TWO for the decoder engine, one per optimisation profile
   (profile 0 "prefill": many tokens, profile 1 "decode": one token, built by
-  `tensorrt_build`), each selected once with `set_optimization_profile_async`.
+  `tensorrt_build`), each selected once with `set_optimization_profile_async`. The three are
+  USER_MANAGED and share one scratch buffer (`_create_contexts`).
 - Per call: `context.set_input_shape(name, shape)` for every input, `set_tensor_address`
   for every input and output, `execute_async_v3(stream)`.
 - Device memory and copies via NVIDIA's cuda-python (`cuda.bindings.runtime`, or the older
@@ -331,7 +332,8 @@ class TensorRTEngine:
         self.cuda = _Cuda(index)
         check_engine_manifest(self.manifest, trt.__version__, self.cuda.gpu_info(), self.engine_dir)
         check_engine_files(self.manifest, self.engine_dir)
-        self.export = em = load_manifest(self.engine_dir)  # the export's files are copied beside the engines
+        # the export's manifest, embedding and rope tables are copied beside the plans (not its graphs)
+        self.export = em = load_manifest(self.engine_dir, graphs=False)
         self.model_name = str(self.manifest.get("model_name") or em.get("model_name") or self.engine_dir.name)
         meta = read_metadata_json(self.engine_dir)
         self.is_placeholder = bool(meta.get("placeholder", False)) if is_placeholder is None else is_placeholder
@@ -360,14 +362,33 @@ class TensorRTEngine:
         engines = self.manifest["engines"]
         self._vision_engine = self._deserialize(engines["vision"])
         self._decoder_engine = self._deserialize(engines["decoder"])
-        self._vision_ctx = self._vision_engine.create_execution_context()
-        self._prefill_ctx = self._decoder_engine.create_execution_context()
-        self._decode_ctx = self._decoder_engine.create_execution_context()
-        self._prefill_ctx.set_optimization_profile_async(PREFILL_PROFILE, self.cuda.stream_handle)
-        self._decode_ctx.set_optimization_profile_async(DECODE_PROFILE, self.cuda.stream_handle)
-        self.cuda.sync()
+        self._create_contexts()
         self._allocate()
         self._closed = False
+
+    def _create_contexts(self) -> None:
+        """The three execution contexts (vision; decoder prefill and decode profiles) on ONE scratch
+        buffer: they run one at a time on one stream, so the activation memory each would otherwise
+        allocate for its largest profile (STATIC) is shared: max of the three instead of their sum
+        (TensorRT 10.1+: USER_MANAGED contexts, `get_device_memory_size_for_profile_v2`,
+        `set_device_memory`)."""
+        trt, ve, de = self.trt, self._vision_engine, self._decoder_engine
+        user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        contexts = [(ve, 0), (de, PREFILL_PROFILE), (de, DECODE_PROFILE)]
+        self.scratch_bytes = max(int(engine.get_device_memory_size_for_profile_v2(profile))
+                                 for engine, profile in contexts)
+        self._scratch = self.cuda.malloc(self.scratch_bytes)
+        made = []
+        for engine, profile in contexts:
+            ctx = engine.create_execution_context(user_managed)
+            if ctx is None:
+                raise EngineError("TensorRT could not create an execution context")
+            ctx.set_device_memory(self._scratch, self.scratch_bytes)
+            if engine is de and not ctx.set_optimization_profile_async(profile, self.cuda.stream_handle):
+                raise EngineError(f"TensorRT refused optimisation profile {profile} of the decoder engine")
+            made.append(ctx)
+        self._vision_ctx, self._prefill_ctx, self._decode_ctx = made
+        self.cuda.sync()
 
     def _deserialize(self, info: dict[str, Any]) -> Any:
         plan = plan_bytes(self.engine_dir, info, self.manifest)

@@ -254,18 +254,47 @@ def _activation_bytes(d: ModelDims, patches: int, prefill_tokens: int, dtype_byt
     return max(vision, text)
 
 
+def matmul_weight_counts(d: ModelDims) -> tuple[int, int]:
+    """(weights of the decoder's MatMuls incl. the lm_head, their output channels): what weight-only
+    quantization (`vlsi export --quantize`) turns to INT4 / INT8; biases and norms stay float."""
+    h, kv, q, inter = d.hidden, d.kv_heads * d.head_dim, d.heads * d.head_dim, d.intermediate
+    weights = d.layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + d.vocab * h
+    channels = d.layers * (q + 2 * kv + h + 2 * inter + h) + d.vocab
+    return weights, channels
+
+
+def decoder_weight_bytes(d: ModelDims, dtype_bytes: int = 2, weight_bits: int | None = None,
+                         block_size: int = 128, float_lm_head: bool = True) -> int:
+    """Bytes of the decoder engine's weights (layers + lm_head): float, or with the MatMul weights in
+    `weight_bits` (4: one `dtype_bytes` scale per `block_size` weights; 8: one per output channel),
+    the Q/DQ form of `vlsi export --quantize-format qdq`, which keeps the lm_head float."""
+    p = param_counts(d)
+    total = p["decoder_layers"] + p["lm_head"]
+    if weight_bits is None:
+        return total * dtype_bytes
+    if weight_bits not in (4, 8):
+        raise ValueError(f"weight_bits must be 4, 8 or None, got {weight_bits}")
+    weights, channels = matmul_weight_counts(d)
+    if float_lm_head:
+        weights, channels = weights - d.vocab * d.hidden, channels - d.vocab
+    scales = weights // block_size if weight_bits == 4 else channels
+    return (total - weights) * dtype_bytes + weights * weight_bits // 8 + scales * dtype_bytes
+
+
 def estimate_memory(d: ModelDims, image_hw: tuple[int, int] = (448, 448), max_context: int = 1024,
                     prefill_tokens: int | None = None, dtype_bytes: int = 2, kv_sets: int = 2,
-                    runtime_overhead: int = RUNTIME_OVERHEAD_BYTES) -> MemoryEstimate:
+                    runtime_overhead: int = RUNTIME_OVERHEAD_BYTES, weight_bits: int | None = None,
+                    block_size: int = 128) -> MemoryEstimate:
     """Memory of the TensorRT deployment for images of `image_hw` (H, W, multiples of patch x merge) and
-    `max_context` tokens (prompt + answer). `prefill_tokens` defaults to the image tokens + 64."""
+    `max_context` tokens (prompt + answer). `prefill_tokens` defaults to the image tokens + 64.
+    `weight_bits` 4 / 8: the decoder's MatMul weights quantized (`decoder_weight_bytes`)."""
     p = param_counts(d)
     patches = image_patches(*image_hw, d)
     image_tokens = patches // d.merge_size**2
     prefill = prefill_tokens if prefill_tokens is not None else image_tokens + 64
     return MemoryEstimate(
         vision_weights=p["vision"] * dtype_bytes,
-        decoder_weights=(p["decoder_layers"] + p["lm_head"]) * dtype_bytes,
+        decoder_weights=decoder_weight_bytes(d, dtype_bytes, weight_bits, block_size),
         embed_table_host=p["embed"] * dtype_bytes,
         kv_cache=kv_sets * max_context * kv_bytes_per_token(d, dtype_bytes),
         activations=_activation_bytes(d, patches, prefill, dtype_bytes),
@@ -276,14 +305,14 @@ def estimate_memory(d: ModelDims, image_hw: tuple[int, int] = (448, 448), max_co
 
 
 def estimate_build_memory(d: ModelDims, onnx_dtype_bytes: int = 4, engine_dtype_bytes: int = 2,
-                          workspace_mb: int = 2048) -> dict[str, float]:
+                          workspace_mb: int = 2048, weight_bits: int | None = None,
+                          block_size: int = 128) -> dict[str, float]:
     """Peak host+device MB while building the larger (decoder) engine: parsed ONNX weights +
     the engine's weights + builder workspace + overhead. An fp32 export doubles the first term,
-    which is why 8 GB boards should build from `vlsi export --dtype fp16`."""
-    p = param_counts(d)
-    weights = p["decoder_layers"] + p["lm_head"]
-    parsed = weights * onnx_dtype_bytes
-    built = weights * engine_dtype_bytes
+    which is why 8 GB boards should build from `vlsi export --dtype fp16`; a Q/DQ export
+    (`weight_bits`) holds its MatMul weights quantized in both terms."""
+    parsed = decoder_weight_bytes(d, onnx_dtype_bytes, weight_bits, block_size)
+    built = decoder_weight_bytes(d, engine_dtype_bytes, weight_bits, block_size)
     total = parsed + built + workspace_mb * MB + RUNTIME_OVERHEAD_BYTES
     return {"parsed_onnx_mb": round(parsed / MB, 1), "engine_mb": round(built / MB, 1),
             "workspace_mb": float(workspace_mb), "overhead_mb": round(RUNTIME_OVERHEAD_BYTES / MB, 1),

@@ -82,8 +82,9 @@ class ExportOptions:
     exporter: str = "torchscript"
     check_parity: bool = True
     quantize: str | None = None  # "int8" | "int4": weight-only, block-wise (export/quantize.py)
-    quantize_block_size: int = 32
+    quantize_block_size: int | None = None  # None: the format's default (quantize.quantize_export)
     quantize_accuracy_level: int = 4  # quantize.DEFAULT_ACCURACY_LEVEL: int8 activations in MatMulNBits
+    quantize_format: str = "matmulnbits"  # or "qdq": the Q/DQ form TensorRT builds (needs opset 18)
 
     def validate(self, factor: int) -> None:
         if self.opset not in SUPPORTED_OPSETS:
@@ -92,10 +93,15 @@ class ExportOptions:
             raise ExportOptionsError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.exporter not in EXPORTERS:
             raise ExportOptionsError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
-        from vlsi_model.export.quantize import BITS
+        from vlsi_model.export.quantize import BITS, FORMATS
 
         if self.quantize is not None and self.quantize not in BITS:
             raise ExportOptionsError(f"quantize must be one of {', '.join(BITS)}, got {self.quantize!r}")
+        if self.quantize_format not in FORMATS:
+            raise ExportOptionsError(f"quantize_format must be one of {FORMATS}, got {self.quantize_format!r}")
+        if self.quantize is not None and self.quantize_format == "qdq" and self.opset < 18:
+            raise ExportOptionsError("the Q/DQ form needs opset 18 (an opset-17 graph cannot be raised to the INT4 "
+                                     "DequantizeLinear of opset 21); export with --opset 18")
         if self.image_size is not None and self.max_image_size is not None:
             raise ExportOptionsError("give either image_size (fixed) or max_image_size (bounded), not both")
         for name, size in (("image_size", self.image_size), ("max_image_size", self.max_image_size)):
@@ -453,11 +459,11 @@ def export_model(
         if options.quantize is not None:
             from vlsi_model.export.quantize import BITS, quantize_export
 
-            say(f"quantizing the decoder's weights to {options.quantize} (MatMulNBits, block "
-                f"{options.quantize_block_size})")
+            say(f"quantizing the decoder's weights to {options.quantize} ({options.quantize_format})")
             manifest["quantization"] = quantize_export(tmp, BITS[options.quantize], options.quantize_block_size,
-                                                       accuracy_level=options.quantize_accuracy_level)
-            manifest["checks"] = check_graphs(tmp, tensorrt=False)
+                                                       accuracy_level=options.quantize_accuracy_level,
+                                                       fmt=options.quantize_format)
+            manifest["checks"] = check_graphs(tmp, tensorrt=options.quantize_format == "qdq")
             if options.check_parity:
                 # Recorded, not enforced: what a quantized model costs is measured with `vlsi eval`.
                 manifest["quantization"]["parity"] = parity_check(

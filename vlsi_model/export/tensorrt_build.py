@@ -12,7 +12,7 @@ is absent the command stops after validating the export with exit status 3
 Build path (TensorRT 10 Python API):
   builder = trt.Builder(logger); network = builder.create_network(flags)   # explicit batch is
       # the only mode in TRT 10 (the EXPLICIT_BATCH flag is deprecated and implied);
-      # flags = STRONGLY_TYPED for an fp16 export (precision comes from the ONNX types)
+      # flags = STRONGLY_TYPED for an fp16 export or a Q/DQ decoder (types from the ONNX graph)
   parser = trt.OnnxParser(network, logger); parser.parse_from_file(onnx)   # external data ok
   config = builder.create_builder_config()
   config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, bytes)
@@ -42,8 +42,10 @@ Precision:
   `python -m modelopt.onnx.quantization --onnx_path decoder.onnx --quantize_mode int8
   --calibration_data calib.npz`, or onnxruntime.quantization.quantize_static with
   QuantFormat.QDQ), calibration inputs taken from `vlsi data scenes` images run through the
-  ONNX Runtime backend; then `vlsi build-engine --int8`. Weight-only INT8/INT4 for the LLM
-  (what makes a 2B model comfortable on 8 GB) is also a ModelOpt Q/DQ export.
+  ONNX Runtime backend; then `vlsi build-engine --int8`.
+- Weight-only INT4 / INT8 for the LLM (what puts a 4B model on an 8 GB board) is `vlsi export
+  --quantize int4|int8 --quantize-format qdq` (export/quantize.py): its decoder is built
+  STRONGLY_TYPED whatever the precision flag (`strongly_typed_graphs`).
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def _shape_arg(profile: dict[str, Any], key: str) -> str:
 
 def trtexec_commands(onnx_dir: str | Path, out_dir: str | Path, profiles: dict[str, list[dict[str, Any]]],
                      precision: str = "fp16", workspace_mb: int = DEFAULT_WORKSPACE_MB, dla_core: int | None = None,
-                     timing_cache: str | Path | None = None, strongly_typed: bool = False,
+                     timing_cache: str | Path | None = None, strongly_typed: bool | dict[str, bool] = False,
                      pinned: dict[str, list[str]] | None = None) -> list[str]:
     """The `trtexec` command lines equivalent to `build_engines` (for debugging on the device, or
     where only trtexec is installed; /usr/src/tensorrt/bin/trtexec on JetPack).
@@ -183,12 +185,13 @@ def trtexec_commands(onnx_dir: str | Path, out_dir: str | Path, profiles: dict[s
     profiles; trtexec refuses repeated shape flags without it). trtexec releases that predate
     build-time `--profile` cannot build the two-profile decoder: use `vlsi build-engine`.
     trtexec writes no manifest.json, so the engines it builds need one written by hand before
-    the `tensorrt` backend accepts them."""
+    the `tensorrt` backend accepts them. `strongly_typed`: one value for both graphs, or per graph
+    (`strongly_typed_graphs`)."""
     cmds = []
     for graph in ("vision", "decoder"):
         args = ["trtexec", f"--onnx={Path(onnx_dir) / f'{graph}.onnx'}",
                 f"--saveEngine={Path(out_dir) / f'{graph}.plan'}"]
-        if strongly_typed:
+        if strongly_typed if isinstance(strongly_typed, bool) else strongly_typed[graph]:
             args.append("--stronglyTyped")
         elif precision == "fp16":
             args += ["--fp16", "--precisionConstraints=prefer"]
@@ -305,6 +308,16 @@ def _write_plan(plan: Any, plan_path: Path) -> tuple[int, str]:
     return view.nbytes, digest.hexdigest()
 
 
+def strongly_typed_graphs(em: dict[str, Any], precision: str) -> dict[str, bool]:
+    """Which graphs of an export are built STRONGLY_TYPED: both for an fp16 export (its types are
+    the precision), and the decoder of a weight-only Q/DQ export whatever its dtype (explicit
+    quantization: TensorRT 10 takes the INT4 / INT8 weights from the graph's DequantizeLinear types;
+    an fp32 export then computes its GEMMs in fp32, so export Q/DQ for TensorRT with --dtype fp16)."""
+    fp16 = em.get("dtype") == "fp16" and precision != "int8"
+    qdq = (em.get("quantization") or {}).get("format") == "QDQ"
+    return {"vision": fp16, "decoder": fp16 or qdq}
+
+
 def build_engine_file(trt: Any, onnx_path: Path, plan_path: Path, profiles: list[dict[str, Any]], precision: str,
                       strongly_typed: bool, workspace_mb: int, dla_core: int | None,
                       timing_cache: Path | None, say: Callable[[str], None]) -> dict[str, Any]:
@@ -376,7 +389,8 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
     em = mf.load_manifest(onnx_dir)
     if (em.get("quantization") or {}).get("format") == "MatMulNBits":
         raise BuildError(f"{onnx_dir} is quantized for ONNX Runtime (com.microsoft.MatMulNBits), which TensorRT "
-                         "cannot parse; build engines from an unquantized export (vlsi export without --quantize)")
+                         "cannot parse; export again with --quantize-format qdq (the Q/DQ form TensorRT builds) "
+                         "or without --quantize")
     if precision not in PRECISIONS:
         raise BuildError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32" and em.get("dtype") == "fp16":
@@ -389,7 +403,11 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
                              "have none. See `vlsi_model/export/tensorrt_build.py` (ModelOpt / quantize_static QDQ).")
     ranges = ranges or default_ranges(em)
     profiles = compute_profiles(em, ranges)
-    strongly_typed = em.get("dtype") == "fp16" and precision != "int8"
+    strongly_typed = strongly_typed_graphs(em, precision)
+    if strongly_typed["decoder"] and em.get("dtype") != "fp16":
+        say("note: the decoder's weights are Q/DQ quantized and the export is fp32, so its GEMMs run in fp32 with "
+            "dequantized weights; an fp16 export (vlsi export --dtype fp16 --quantize ... --quantize-format qdq) "
+            "runs them in fp16")
     trt = load_tensorrt()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(timing_cache) if timing_cache is not None else None
@@ -397,7 +415,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
     engines = {}
     for graph, file in (("vision", mf.VISION_FILE), ("decoder", mf.DECODER_FILE)):
         engines[graph] = build_engine_file(trt, onnx_dir / file, out_dir / f"{graph}.plan", profiles[graph],
-                                           precision, strongly_typed, workspace_mb, dla_core, cache, say)
+                                           precision, strongly_typed[graph], workspace_mb, dla_core, cache, say)
     engines["decoder"]["profile_names"] = ["prefill", "decode"]
     copied = {}
     for name in [mf.MANIFEST_FILE, em["files"]["embed_tokens"], em["files"]["rope"], *em["files"].get("copied", [])]:
@@ -412,6 +430,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
         "gpu": gpu_info(),
         "precision": precision,
         "strongly_typed": strongly_typed,
+        "weights": (em.get("quantization") or {}).get("scheme", em.get("dtype")),
         "workspace_mb": workspace_mb,
         "dla_core": dla_core,
         "ranges": {"image_tokens": list(ranges.image_tokens), "prefill_tokens": list(ranges.prefill_tokens),

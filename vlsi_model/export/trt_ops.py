@@ -18,6 +18,13 @@ Restrictions from the same table that are checked: the `axes` of Slice, Squeeze,
 Unsqueeze, Pad and Reduce* (an input since opset 13/18) must be constants (an initializer or
 a Constant node's output), as must CumSum's `axis`.
 
+Quantization (onnx-tensorrt 10.1 `onnxOpImporters.cpp`, QuantizeLinear/DequantizeLinear): the
+zero point must be absent or all zeros (symmetric only); the quantized type is INT8, INT4 or
+FP8 (not UINT8/UINT4); a scale of the input's rank (blocked quantization) may block one
+dimension only and only for INT4; an INT4 tensor needs an even last dimension. The parser sets no
+upper opset bound (only a lower one, 7); blocked INT4 `DequantizeLinear` is opset 21, so an
+opset-21 graph gets a warning (the operators.md range is 9-20), not an error.
+
 Types (same document): TensorRT 10 supports FLOAT32/FLOAT16/BFLOAT16/INT32/INT64/INT8/BOOL
 tensors; DOUBLE only by casting down with clamping, and STRING/COMPLEX/sequence/optional
 types not at all. So:
@@ -128,6 +135,37 @@ def _elem_type(value: onnx.ValueInfoProto) -> int | None:
     return None
 
 
+QUANTIZED_TYPES = {_T.INT8: "INT8", _T.INT4: "INT4", _T.FLOAT8E4M3FN: "FP8"}
+DOCUMENTED_MAX_OPSET = 20
+
+
+def _qdq_problems(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[str]:
+    """What TensorRT's parser rejects in one QuantizeLinear / DequantizeLinear node (module docstring)."""
+    from onnx import numpy_helper
+
+    problems = []
+    data, scale = inits.get(node.input[0]), inits.get(node.input[1])
+    zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero is not None:
+        if zero.data_location == onnx.TensorProto.EXTERNAL:
+            problems.append("zero point stored as external data: cannot check that it is zero")
+        elif numpy_helper.to_array(zero).astype("float64").any():
+            problems.append("non-zero zero point: TensorRT takes symmetric quantization only")
+    qtype = (zero.data_type if zero is not None else None) if node.op_type == "QuantizeLinear" else (
+        data.data_type if data is not None else None)
+    if qtype is not None and qtype not in QUANTIZED_TYPES:
+        problems.append(f"quantized type {onnx.TensorProto.DataType.Name(qtype)}: TensorRT takes INT8, INT4, FP8")
+    if data is not None and scale is not None and len(scale.dims) == len(data.dims) > 0:
+        blocked = [i for i, (a, b) in enumerate(zip(data.dims, scale.dims, strict=True)) if a != b]
+        if len(blocked) > 1:
+            problems.append(f"blocked along {len(blocked)} dimensions: TensorRT allows one")
+        if blocked and qtype != _T.INT4:
+            problems.append("blocked quantization of a non-INT4 tensor: TensorRT blocks INT4 only")
+    if qtype == _T.INT4 and data is not None and data.dims and data.dims[-1] % 2:
+        problems.append("INT4 tensor with an odd last dimension (TensorRT packs two per byte)")
+    return problems
+
+
 def check_model(model: onnx.ModelProto | str | Path, supported: frozenset[str] | None = None) -> CompatReport:
     """Check every operator and type of `model` against TensorRT 10's ONNX support."""
     if not isinstance(model, onnx.ModelProto):
@@ -137,6 +175,11 @@ def check_model(model: onnx.ModelProto | str | Path, supported: frozenset[str] |
     constants = {i.name for i in model.graph.initializer}
     constants |= {o for _, n in iter_nodes(model) if n.op_type == "Constant" for o in n.output}
     report = CompatReport()
+    inits = {i.name: i for i in model.graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 0)
+    if opset > DOCUMENTED_MAX_OPSET:
+        report.warnings.append(f"opset {opset}: TensorRT 10's operators.md documents opsets 9-{DOCUMENTED_MAX_OPSET}; "
+                               "its parser has no upper bound and reads opset-21 INT4 DequantizeLinear")
     for where, node in iter_nodes(model):
         report.op_counts[node.op_type] += 1
         if (node.domain, node.op_type) in local_functions:
@@ -150,6 +193,8 @@ def check_model(model: onnx.ModelProto | str | Path, supported: frozenset[str] |
         if idx is not None and len(node.input) > idx and node.input[idx] and node.input[idx] not in constants:
             report.errors.append(f"{where}: {node.op_type} {node.name!r} takes input {idx} ({node.input[idx]}) from "
                                  "a computed tensor; TensorRT needs it constant (an initializer)")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            report.errors += [f"{where}: {node.op_type} {node.name!r}: {p}" for p in _qdq_problems(node, inits)]
         if node.op_type == "Cast":
             to = next((a.i for a in node.attribute if a.name == "to"), None)
             if to in UNSUPPORTED_TYPES:
