@@ -479,3 +479,25 @@ def test_answer_many_shares_the_image_and_prefix_and_answers_like_answer(loaded)
     stop.set()
     cancelled = engine.answer_many(img, questions[:2], MAX_NEW, cancels=[None, stop])
     assert cancelled[1].cancelled and cancelled[0].token_ids == alone[0].token_ids
+
+
+def test_answer_batch_decodes_different_frames_together_like_answer(loaded):
+    """Questions about different frames (prompts of different lengths, different limits) decode in
+    one batch with the same tokens as answering each alone; a bad question gets its error in its
+    place and a cancelled one is cancelled, without stopping the others."""
+    model, tok, proc = loaded
+    engine = TorchEngine(model, tok, proc)
+    images = [rand_image(81), rand_image(82)[:60], rand_image(83), rand_image(84)[:, :70]]
+    questions = [*QUESTIONS, "How many objects are there?", "How many red circles are there in this picture?"][:4]
+    limits = [MAX_NEW, 3, MAX_NEW, 5]
+    alone = [engine.answer(i, q, max_new_tokens=n) for i, q, n in zip(images, questions, limits, strict=True)]
+    together = engine.answer_batch(images, questions, limits)
+    assert engine._batch_fn is not None
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert all(r.decode_ms > 0 and r.total_ms >= r.decode_ms for r in together if r.token_ids)
+    stop = threading.Event()
+    stop.set()
+    mixed = engine.answer_batch(images[:3], [questions[0], "  ", questions[2]], MAX_NEW, cancels=[None, None, stop])
+    assert isinstance(mixed[1], EngineError) and mixed[2].cancelled
+    assert mixed[0].token_ids == alone[0].token_ids

@@ -239,3 +239,47 @@ def test_waiting_questions_about_one_frame_share_its_resolution(engine):
         gate.set()
         worker.stop()
 
+
+
+class RecordingBatches(Recording):
+    """The real engine with `answer_batch`, recording each batch's size."""
+
+    def answer_batch(self, images, questions, max_new_tokens, cancels=None):
+        self.calls.append(len(questions))
+        return self.engine.answer_batch(images, questions, max_new_tokens, cancels=cancels)
+
+
+def test_waiting_requests_about_different_frames_are_decoded_together(engine):
+    """Requests about different frames that wait together go to the engine as one batch (up to
+    max_batch), each frame resolved once, each answer the one the engine gives alone; a frame that
+    cannot be resolved fails its own requests only."""
+    recording = RecordingBatches(engine)
+    worker = AnswerWorker(recording, capacity=8, max_batch=3)
+    gate = threading.Event()
+
+    def broken():
+        raise FrameError("no frame received yet on camera 'left'")
+
+    try:
+        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
+        time.sleep(0.1)
+        jobs = [worker.submit(AnswerJob("How many objects are there?", lambda s=s: (image(s), s), 8,
+                                        frame_key=("cam", s))) for s in (12, 13)]
+        failing = worker.submit(AnswerJob("How many objects are there?", broken, 8, frame_key=("left", 1.0)))
+        later = worker.submit(AnswerJob("What objects are there?", lambda: (image(14), 14), 8))
+        gate.set()
+        blocker.result(timeout=30)
+        for seed, future in zip((12, 13), jobs, strict=True):
+            outcome = future.result(timeout=60)
+            assert outcome.source == seed
+            assert outcome.result.token_ids == engine.answer(image(seed), "How many objects are there?", 8).token_ids
+        with pytest.raises(FrameError):
+            failing.result(timeout=30)
+        assert later.result(timeout=60).result.token_ids == engine.answer(image(14), "What objects are there?",
+                                                                           8).token_ids
+        assert recording.calls == ["answer", 2, "answer"]  # blocker; a batch of 3 with one frame failed; the 4th
+    finally:
+        gate.set()
+        worker.stop()
+    with pytest.raises(ValueError, match="max_batch"):
+        AnswerWorker(engine, capacity=1, max_batch=0)

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +41,7 @@ ENGINE_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 FRAME_SIZE = (640, 480)  # the image_source node's default camera frame
 WORKER_TIMEOUT_S = 1800
 _RESULT_MARK = "VLSI_BENCH_RESULT "
+T = TypeVar("T")
 _WORKER_T0 = time.perf_counter()  # in a worker process: its start, so load_s includes imports
 
 
@@ -139,17 +141,22 @@ def others_cores(busy_s: float, own_s: float, wall_s: float) -> float:
     return max(0.0, busy_s - own_s) / wall_s if wall_s > 0 else 0.0
 
 
-def run_counting_others(cmd: list[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess, float | None]:
-    """Run `cmd` to completion (`subprocess.run(cmd, capture_output=True, text=True, **kwargs)`) and
-    measure the CPU cores other processes kept busy meanwhile (None without /proc/stat).
+def call_counting_others(fn: Callable[[], T]) -> tuple[T, float | None]:
+    """`fn()` and the CPU cores other processes kept busy while it ran (None without /proc/stat).
 
     Why not the load average: it counts the measured process itself (its threads keep a 2-core
     machine at ~2), so a run using every core always looks busy. What matters is what others took."""
     busy0, own0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    result = fn()
     busy1, own1, wall = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter() - t0
     others = None if busy0 is None or busy1 is None else others_cores(busy1 - busy0, own1 - own0, wall)
-    return proc, others
+    return result, others
+
+
+def run_counting_others(cmd: list[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess, float | None]:
+    """Run `cmd` to completion (`subprocess.run(cmd, capture_output=True, text=True, **kwargs)`) and
+    measure the CPU cores other processes kept busy meanwhile (`call_counting_others`)."""
+    return call_counting_others(lambda: subprocess.run(cmd, capture_output=True, text=True, **kwargs))
 
 
 def _own_cpu_seconds() -> float:

@@ -194,7 +194,7 @@ class VqaNode(LifecycleNode):
         placeholder = bool(getattr(self._engine, "is_placeholder", False))
         self._model_note = "placeholder: untrained tiny model, answers are meaningless" if placeholder else ""
         self._set_model_label()
-        self._worker = AnswerWorker(self._engine, capacity=s["queue_size"])
+        self._worker = AnswerWorker(self._engine, capacity=s["queue_size"], max_batch=s["max_batch"])
         cameras = list(s["cameras"]) or [s["default_camera"] or "default"]
         self._frames = FrameStore(cameras, self._decoder(s["transport"]), clock=self._now_s)
         for camera in cameras:

@@ -62,6 +62,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
                                       "header); 0: no limit", LIVE),
     "queue_size": ParameterSpec(4, "requests waiting for the model beyond this are refused at once (the "
                                    "executor has a thread for each)", STARTUP),
+    "max_batch": ParameterSpec(4, "waiting requests about different frames decoded together, up to this many "
+                                  "(engines with answer_batch: torch); 1: one at a time", CONFIGURE),
     "request_timeout_s": ParameterSpec(30.0, "a request not answered in this time fails with a timeout", LIVE),
     "standing_questions": ParameterSpec([], "questions answered on every camera at standing_rate_hz, on `answers`",
                                         LIVE),
@@ -115,7 +117,7 @@ def settings_errors(values: dict[str, Any]) -> list[str]:
     if values["transport"] not in ("raw", "compressed"):
         errors.append(f"transport must be raw or compressed, not '{values['transport']}'")
     for name in ("queue_size", "max_new_tokens", "max_new_tokens_limit", "max_question_chars", "image_qos_depth",
-                 "service_queue_depth"):
+                 "service_queue_depth", "max_batch"):
         errors.append(_at_least(name, values[name], 1))
     for name in ("num_threads", "max_image_pixels"):
         errors.append(_at_least(name, values[name], 0))

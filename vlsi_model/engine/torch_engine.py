@@ -238,6 +238,7 @@ class TorchEngine:
         self._step: DecoderStep | None = DecoderStep(model).eval() if why_not is None else None
         self._trace_decoder = trace_decoder
         self._decode_fn: Any = None  # the traced step, or self._step; built on first use
+        self._batch_fn: Any = None  # torch_batch.BatchDecoderStep, traced or not; built by answer_batch
         self._empty_past: list[torch.Tensor] = []
         if self._step is not None:
             lm = model.model.language_model
@@ -328,56 +329,114 @@ class TorchEngine:
         (resize, tokenize) counts only in `total_ms`.
         """
         t_start = time.perf_counter()
-        model = self.model
         if max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        with torch.inference_mode():
+            self._ensure_decode_fn()  # first answer only: builds the trace (counts in total_ms alone)
+            result, state = self._prefilled(image, question, cancel)
+            if state is not None:
+                self._decode_answer(result, *state, max_new_tokens, on_token, cancel)
+        result.total_ms = _ms(t_start)
+        return result
+
+    def _prefilled(self, image: np.ndarray, question: str, cancel: threading.Event | None
+                   ) -> tuple[AnswerResult, tuple[int, Any, int, torch.Tensor] | None]:
+        """Preprocess, vision tower and prefill of one question: (result with vision_ms and
+        prefill_ms, (first token, KV cache, prompt length, rope_deltas)), or (a cancelled result,
+        None) when `cancel` was set before it started. Call under `torch.inference_mode()`."""
+        model = self.model
         inputs = build_inputs(
             self.tokenizer, self.image_processor, image, question, max_question_chars=self.max_question_chars
         )
         result = AnswerResult(text="")
         if cancel is not None and cancel.is_set():
             result.cancelled = True
-            result.total_ms = _ms(t_start)
-            return result
-
+            return result, None
         dev = self.device
         input_ids = inputs["input_ids"].to(dev)
         grid_thw = inputs["image_grid_thw"].to(dev)
-        with torch.inference_mode():
-            self._ensure_decode_fn()  # first answer only: builds the trace (counts in total_ms alone)
-
-            # --- vision tower -------------------------------------------------------------
-            t0 = time.perf_counter()
-            image_embeds, deepstack = self._vision(inputs["pixel_values"].to(dev), grid_thw)
-            self._sync()
-            result.vision_ms = _ms(t0)
-
-            # --- prefill ------------------------------------------------------------------
-            t0 = time.perf_counter()
-            embed_tokens = model.get_input_embeddings()
-            embeds = embed_tokens(input_ids)
-            image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
-            if int(image_mask.sum()) != image_embeds.shape[0]:
-                raise EngineError(
-                    f"{int(image_mask.sum())} image tokens but {image_embeds.shape[0]} image embeddings"
-                )
-            embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
-            position_ids, rope_deltas = model.model.get_rope_index(
-                input_ids,
-                mm_token_type_ids=inputs["mm_token_type_ids"].to(dev),
-                image_grid_thw=grid_thw,
+        # --- vision tower -------------------------------------------------------------
+        t0 = time.perf_counter()
+        image_embeds, deepstack = self._vision(inputs["pixel_values"].to(dev), grid_thw)
+        self._sync()
+        result.vision_ms = _ms(t0)
+        # --- prefill ------------------------------------------------------------------
+        t0 = time.perf_counter()
+        embed_tokens = model.get_input_embeddings()
+        embeds = embed_tokens(input_ids)
+        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        if int(image_mask.sum()) != image_embeds.shape[0]:
+            raise EngineError(
+                f"{int(image_mask.sum())} image tokens but {image_embeds.shape[0]} image embeddings"
             )
-            if deepstack is None:
-                next_id, kv = self._prefill(embeds, position_ids)
-            else:
-                next_id, kv = self._prefill_deepstack(embeds, position_ids, image_mask[..., 0], deepstack)
-            self._sync()
-            result.prefill_ms = _ms(t0)
+        embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+        position_ids, rope_deltas = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"].to(dev),
+            image_grid_thw=grid_thw,
+        )
+        if deepstack is None:
+            next_id, kv = self._prefill(embeds, position_ids)
+        else:
+            next_id, kv = self._prefill_deepstack(embeds, position_ids, image_mask[..., 0], deepstack)
+        self._sync()
+        result.prefill_ms = _ms(t0)
+        return result, (next_id, kv, input_ids.shape[1], rope_deltas)
 
-            self._decode_answer(result, next_id, kv, input_ids.shape[1], rope_deltas, max_new_tokens, on_token,
-                                cancel)
-        result.total_ms = _ms(t_start)
-        return result
+    def answer_batch(self, images: list[np.ndarray], questions: list[str], max_new_tokens: list[int] | int = 32,
+                     cancels: list[threading.Event | None] | None = None) -> list[AnswerResult | Exception]:
+        """Greedy answers to questions about different images, decoded together (`torch_batch`).
+
+        Each question is preprocessed, encoded and prefilled alone; then every answer advances one
+        token per step in one batch. A question that fails (bad image, too long) gets its
+        exception in its place and the others go on. `total_ms` of each answer is its own
+        vision + prefill + the batch's decode time until it finished. Without the fast decode
+        path (`fast_path_unsupported`) the answers run one after another."""
+        from vlsi_model.engine.torch_batch import BatchedAnswer, decode_batch
+
+        limits = [max_new_tokens] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        cancels = list(cancels) if cancels is not None else [None] * len(questions)
+        if not len(images) == len(questions) == len(limits) == len(cancels):
+            raise EngineError("answer_batch needs one image, max_new_tokens and cancel per question")
+        if self._step is None or len(questions) < 2:
+            return [self._answer_or_error(*args) for args in zip(images, questions, limits, cancels, strict=True)]
+        out: list[AnswerResult | Exception] = []
+        batch: list[BatchedAnswer] = []
+        with torch.inference_mode():
+            self._ensure_decode_fn()
+            self._ensure_batch_fn()
+            for image, question, limit, cancel in zip(images, questions, limits, cancels, strict=True):
+                try:
+                    if limit < 1:
+                        raise EngineError(f"max_new_tokens must be >= 1, got {limit}")
+                    result, state = self._prefilled(image, question, cancel)
+                except Exception as exc:  # noqa: BLE001 - reported to that question alone
+                    out.append(exc)
+                    continue
+                out.append(result)
+                if state is not None:
+                    next_id, kv, seq_len, rope_deltas = state
+                    batch.append(BatchedAnswer(result, next_id, list(kv), seq_len, int(rope_deltas.view(-1)[0]),
+                                               limit, cancel))
+            t0 = time.perf_counter()
+            decode_batch(self._batch_fn, self.model.get_input_embeddings(), batch, self.stop_token_ids)
+            self._sync()
+            decode_ms = _ms(t0)
+        for item in batch:
+            item.result.token_ids = item.tokens or []
+            item.result.text = self.tokenizer.decode(item.result.token_ids, skip_special_tokens=True).strip()
+            item.result.decode_ms = decode_ms
+        for result in out:
+            if isinstance(result, AnswerResult):
+                result.total_ms = result.vision_ms + result.prefill_ms + result.decode_ms
+        return out
+
+    def _answer_or_error(self, image: np.ndarray, question: str, limit: int,
+                         cancel: threading.Event | None) -> AnswerResult | Exception:
+        try:
+            return self.answer(image, question, limit, cancel=cancel)
+        except Exception as exc:  # noqa: BLE001 - reported to that question alone
+            return exc
 
     def _decode_answer(self, result: AnswerResult, next_id: int, kv: Any, seq_len: int, rope_deltas: torch.Tensor,
                        max_new_tokens: int, on_token: TokenCallback | None, cancel: threading.Event | None) -> None:
@@ -514,6 +573,24 @@ class TorchEngine:
         return self.answer(image, "What is in the image?", max_new_tokens=max_new_tokens)
 
     # ------------------------------------------------------------------ decoder
+    def _ensure_batch_fn(self) -> None:
+        """Build the batched decode step once: traced like the single one when this engine traced
+        that (checked against the untraced step on two batch shapes), else untraced."""
+        if self._batch_fn is not None:
+            return
+        from vlsi_model.engine.torch_batch import BatchDecoderStep, example_batch_step
+
+        step = BatchDecoderStep(self.model).eval()
+        self._batch_fn = step
+        if self._decode_fn is self._step or self._decode_fn is None:
+            return
+        hidden = int(self.model.model.language_model.config.hidden_size)
+        try:
+            self._batch_fn = trace_decoder_step(step, example_batch_step(self._empty_past, hidden, 2, 5, 0),
+                                                example_batch_step(self._empty_past, hidden, 3, 9, 1))
+        except Exception as exc:  # same tokens untraced, only slower
+            log.warning("torch backend: batched decode step not traced (%s: %s)", type(exc).__name__, exc)
+
     def _ensure_decode_fn(self) -> None:
         """Build the decode step once: the traced DecoderStep, or the untraced one if tracing fails."""
         if self._step is None or self._decode_fn is not None:
@@ -615,7 +692,7 @@ class TorchEngine:
             return
         on_cuda = self.device.type == "cuda"
         self._model = None
-        self._step = self._decode_fn = None  # both hold the weights (the trace as constants)
+        self._step = self._decode_fn = self._batch_fn = None  # they hold the weights (traces as constants)
         self._empty_past = []
         gc.collect()
         if on_cuda:

@@ -11,6 +11,12 @@ Questions about one frame are answered together: when the worker takes a job wit
 key joins it, the frame is resolved once, and an engine with `answer_many` encodes the image
 and the prompt prefix once for all of them (standing questions, alerts and several clients
 asking about the same camera). Streaming jobs (`on_token`) always run alone.
+
+Questions about different frames are decoded together when the engine has `answer_batch`
+(torch): the worker takes up to `max_batch` waiting requests at once (several cameras, several
+clients), resolves each frame once, and every answer advances one token per step in one batch
+(`engine/torch_batch.py`): on a memory-bound robot computer the weights are read once per step
+for all of them.
 """
 
 from __future__ import annotations
@@ -74,10 +80,13 @@ class AnswerWorker:
     """
 
     def __init__(self, engine: Engine, capacity: int, stats_window: int = 100,
-                 background_capacity: int = 64) -> None:
+                 background_capacity: int = 64, max_batch: int = 4) -> None:
         if capacity < 1:
             raise ValueError("queue capacity must be at least 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.engine = engine
+        self.max_batch = max_batch  # requests about different frames decoded together (1: never)
         self.capacity = capacity
         self.background_capacity = background_capacity
         self._requests: deque[AnswerJob] = deque()
@@ -85,6 +94,7 @@ class AnswerWorker:
         self._wakeup = threading.Condition()
         self._stopping = False
         self._current: AnswerJob | None = None
+        self._running: list[AnswerJob] = []
         self._latencies_ms: deque[float] = deque(maxlen=stats_window)
         self._token_rates: deque[float] = deque(maxlen=stats_window)
         self._stats_lock = threading.Lock()
@@ -141,8 +151,8 @@ class AnswerWorker:
             waiting = [*self._requests, *self._background]
             self._requests.clear()
             self._background.clear()
-            if self._current is not None:
-                self._current.cancel.set()
+            for job in self._running:
+                job.cancel.set()
             self._wakeup.notify()
         for job in waiting:
             job.cancel.set()
@@ -169,7 +179,13 @@ class AnswerWorker:
                     for j in same:
                         queue.remove(j)
                     jobs += same
+            if job.on_token is None and self.max_batch > 1 and hasattr(self.engine, "answer_batch"):
+                others = [j for j in self._requests if j.on_token is None][:max(0, self.max_batch - len(jobs))]
+                for j in others:
+                    self._requests.remove(j)
+                jobs += others
             self._current = job
+            self._running = jobs
             return jobs
 
     def _run(self) -> None:
@@ -199,10 +215,55 @@ class AnswerWorker:
             finally:
                 with self._wakeup:
                     self._current = None
+                    self._running = []
 
     def _execute(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception]:
-        """Answer `jobs` (one, or several about one frame) after resolving their frame once; a job
-        that fails gets its exception, the others their outcomes."""
+        """Answer `jobs` (one, several about one frame, or a batch across frames) after resolving
+        each frame once; a job that fails gets its exception, the others their outcomes."""
+        groups: dict[Any, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(("frame", job.frame_key) if job.frame_key is not None else ("job", i), []).append(i)
+        if len(groups) == 1:
+            return self._execute_one_frame(jobs)
+        return self._execute_batch(jobs, list(groups.values()))
+
+    def _execute_batch(self, jobs: list[AnswerJob], groups: list[list[int]]) -> list[JobOutcome | Exception]:
+        """Jobs about several frames: each frame resolved once (a failure fails its jobs alone),
+        then one `answer_batch` call decodes every answer together."""
+        queued_ms = [1000.0 * (time.perf_counter() - job.submitted_s) for job in jobs]
+        frames: dict[int, tuple[np.ndarray, Any] | Exception] = {}
+        for group in groups:
+            try:
+                frame: tuple[np.ndarray, Any] | Exception = jobs[group[0]].resolve_image()
+            except Exception as exc:  # noqa: BLE001 - that frame's requesters get it
+                frame = exc
+            frames.update({i: frame for i in group})
+        ready = [i for i in range(len(jobs)) if not isinstance(frames[i], Exception)]
+        answers = self.engine.answer_batch([frames[i][0] for i in ready], [jobs[i].question for i in ready],
+                                           [jobs[i].max_new_tokens for i in ready],
+                                           cancels=[jobs[i].cancel for i in ready]) if ready else []
+        by_job: dict[int, AnswerResult | Exception] = dict(zip(ready, answers, strict=True))
+        self._record(list(by_job.values()))
+        out: list[JobOutcome | Exception] = []
+        for i in range(len(jobs)):
+            frame, answer = frames[i], by_job.get(i)
+            if isinstance(frame, Exception):
+                out.append(frame)
+            elif isinstance(answer, Exception):
+                out.append(answer)
+            else:
+                out.append(JobOutcome(result=answer, source=frame[1], queued_ms=queued_ms[i]))
+        return out
+
+    def _record(self, results: list[Any]) -> None:
+        with self._stats_lock:
+            for result in results:
+                if isinstance(result, AnswerResult) and not result.cancelled:
+                    self._latencies_ms.append(result.total_ms)
+                    if result.decode_ms > 0:
+                        self._token_rates.append(result.tokens_per_s)
+
+    def _execute_one_frame(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception]:
         queued_ms = [1000.0 * (time.perf_counter() - job.submitted_s) for job in jobs]
         image, source = jobs[0].resolve_image()
         answer_many = getattr(self.engine, "answer_many", None)
@@ -221,11 +282,6 @@ class AnswerWorker:
                                                       on_token=j.on_token, cancel=j.cancel))
                 except Exception as exc:  # reported to that requester alone
                     results.append(exc)
-        with self._stats_lock:
-            for result in results:
-                if isinstance(result, AnswerResult) and not result.cancelled:
-                    self._latencies_ms.append(result.total_ms)
-                    if result.decode_ms > 0:
-                        self._token_rates.append(result.tokens_per_s)
+        self._record(results)
         return [r if isinstance(r, Exception) else JobOutcome(result=r, source=source, queued_ms=q)
                 for r, q in zip(results, queued_ms, strict=True)]
