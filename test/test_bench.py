@@ -190,6 +190,11 @@ def test_dims_builds_a_real_size_model_once_and_bounds_decode_by_bandwidth(tmp_p
     # reused, not rebuilt
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
     assert real_size_model_dir("tiny") == model_dir and (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    # built from other dimensions (its recorded config hash differs): rebuilt, not measured
+    meta = json.loads((model_dir / "vlsi_model.json").read_text())
+    (model_dir / "vlsi_model.json").write_text(json.dumps({**meta, "config_sha256": "other"}))
+    assert real_size_model_dir("tiny") == model_dir
+    assert json.loads((model_dir / "vlsi_model.json").read_text())["config_sha256"] == meta["config_sha256"]
 
 
 def test_decode_bytes_are_the_decoder_and_head_weights(tiny_qwen2vl_dir):
@@ -203,6 +208,19 @@ def test_decode_bytes_are_the_decoder_and_head_weights(tiny_qwen2vl_dir):
     counted = sum(p.numel() for m in (adapter.decoder_layers(model), adapter.final_norm(model), adapter.lm_head(model))
                   for p in m.parameters())
     assert decode_weight_bytes(json.loads((tiny_qwen2vl_dir / "config.json").read_text())) == 4 * counted
+
+
+def test_available_memory_stays_inside_the_containers_cgroup_limit(tmp_path, monkeypatch):
+    from vlsi_model import real_size
+
+    monkeypatch.setattr(real_size, "CGROUP_DIR", tmp_path)
+    host = real_size.available_memory()  # no cgroup files: the host's MemAvailable
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    assert abs(real_size.available_memory() - host) < (256 << 20)
+    (tmp_path / "memory.max").write_text(f"{1 << 30}\n")
+    (tmp_path / "memory.current").write_text(f"{1 << 28}\n")
+    assert real_size.available_memory() == min(host, (1 << 30) - (1 << 28))
 
 
 def test_sizes_that_do_not_fit_are_refused_with_the_numbers(capsys):

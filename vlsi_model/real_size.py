@@ -103,15 +103,28 @@ def check_fits(name: str, available_bytes: int | None = None) -> None:
                          f"{available_bytes / memory.GB:.1f} GB are available here")
 
 
+CGROUP_DIR = Path("/sys/fs/cgroup")  # cgroup v2: memory.max / memory.current of this container
+
+
 def available_memory() -> int:
-    """Bytes a new process can use: Linux's MemAvailable (free + reclaimable page cache), else free pages."""
+    """Bytes a new process can use: Linux's MemAvailable (free + reclaimable page cache), else free
+    pages; and no more than this cgroup's limit minus its use (a container sees the host's
+    MemAvailable, while its own memory.max is what the OOM killer enforces)."""
+    available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = (CGROUP_DIR / "memory.max").read_text().strip()
+        used = int((CGROUP_DIR / "memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return available
+    return available if limit == "max" else max(0, min(available, int(limit) - used))
 
 
 def build_real_size_model(name: str, max_pixels: int = MAX_PIXELS, seed: int = 0) -> tuple[Any, Any, Any]:
@@ -127,6 +140,21 @@ def build_real_size_model(name: str, max_pixels: int = MAX_PIXELS, seed: int = 0
     processor = make_image_processor(min_pixels=(2 * factor) ** 2, max_pixels=max_pixels,
                                      model_type=config.model_type)
     return model, tokenizer, processor
+
+
+def config_fingerprint(name: str) -> str:
+    """sha256 of the transformers config `name` builds (the cache key: a cached model built from
+    other dimensions, or by an older version of this table, is rebuilt rather than measured)."""
+    import hashlib
+    import json
+
+    from vlsi_model.checkpoint import load_model_dir
+    from vlsi_model.defaults import default_model_path
+
+    _, tokenizer, _ = load_model_dir(default_model_path())
+    config = real_size_config(name, tokenizer).to_dict()
+    config.pop("transformers_version", None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def cache_root() -> Path:
@@ -146,8 +174,13 @@ def real_size_model_dir(name: str, root: str | Path | None = None, progress: Any
     real = DIMS[name][0]
     dest = Path(root) if root is not None else cache_root()
     dest = dest / real
-    if (dest / "config.json").is_file() and read_metadata_json(dest).get("real_size") == real:
+    fingerprint = config_fingerprint(name)
+    meta = read_metadata_json(dest)
+    if (dest / "config.json").is_file() and meta.get("real_size") == real and meta.get("config_sha256") == fingerprint:
         return dest
+    if (dest / "config.json").is_file():
+        say_stale = progress or (lambda msg: None)
+        say_stale(f"{dest} was built from other dimensions (or before they were recorded): rebuilding it")
     check_fits(name)
     say = progress or (lambda msg: None)
     say(f"building a random-weight {real} in {dest} (once; reused by later runs)")
@@ -155,6 +188,7 @@ def real_size_model_dir(name: str, root: str | Path | None = None, progress: Any
     model, tokenizer, processor = build_real_size_model(name)
     save_model_dir(model, tokenizer, processor, dest, overwrite=True,  # written aside, renamed into place
                    metadata={"placeholder": False, "real_size": real, "random_weights": True,
+                             "config_sha256": fingerprint,
                              "note": "random weights at real dimensions: for speed and memory only"})
     del model
     say(f"built {real} in {time.perf_counter() - t0:.0f} s")
