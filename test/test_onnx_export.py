@@ -327,12 +327,13 @@ def test_quantized_export_is_smaller_and_answers_like_the_float_one(tmp_path, bi
     assert same / total >= (1.0 if bits == "int8" else 0.8), (same, total)
 
 
-@pytest.mark.parametrize("bits", ["int4", "int8"])
-def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_path, bits, monkeypatch):
-    """`--quantize-format qdq`: symmetric INT4 blocks (opset 21) / INT8 per channel in
-    DequantizeLinear -> MatMul, passing the TensorRT 10 checks; ONNX Runtime answers like the float
-    export; the builder (fake TensorRT 10 API) builds the decoder strongly typed, the vision graph
-    as before, and records the weights."""
+@pytest.mark.parametrize(("bits", "dtype"), [("int4", None), ("int8", None), ("int4", "fp32")])
+def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_path, bits, dtype, monkeypatch):
+    """`--quantize-format qdq` (fp16 graphs unless --dtype says otherwise): symmetric INT4 blocks /
+    INT8 per channel in DequantizeLinear -> MatMul at opset 21, scales in the graph's dtype,
+    passing onnx.checker and the TensorRT 10 checks; ONNX Runtime answers like the fp32 export;
+    the builder (fake TensorRT 10 API) builds the decoder strongly typed, the vision graph as its
+    dtype says, and records the weights."""
     import fake_tensorrt
     import onnx
 
@@ -343,26 +344,30 @@ def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_p
     model = default_model_path()
     out = tmp_path / bits
     assert cli_main(["export", "--model", str(model), "--out", str(out), "--quantize", bits,
-                     "--quantize-format", "qdq"]) == 0
+                     "--quantize-format", "qdq", *(["--dtype", dtype] if dtype else [])]) == 0
     m = _manifest(out)
     q = m["quantization"]
     assert q["format"] == "QDQ" and m["opset"] == 18 and m["checks"]["decoder.onnx"]["tensorrt10_ops"] == "ok"
+    assert m["dtype"] == (dtype or "fp16")
+    float_type = TensorProto.FLOAT16 if m["dtype"] == "fp16" else TensorProto.FLOAT
     decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     inits = {t.name: t for t in decoder.graph.initializer}
     dqs = [n for n in decoder.graph.node if n.op_type == "DequantizeLinear"]
     # every weight MatMul but the lm_head's (float, as ModelOpt leaves it); attention's 2 per layer stay
     assert len(dqs) == q["graphs"]["decoder.onnx"]["quantized"] == q["graphs"]["decoder.onnx"]["matmuls"] - 9
     lm_head = next(n for n in decoder.graph.node if n.name == "/lm_head/MatMul")
-    assert inits[lm_head.input[1]].data_type == TensorProto.FLOAT
+    assert inits[lm_head.input[1]].data_type == float_type
     assert all(len(n.input) == 2 for n in dqs)  # no zero point: symmetric
     weight, scale = inits[dqs[0].input[0]], inits[dqs[0].input[1]]
+    assert decoder.opset_import[0].version == 21 and scale.data_type == float_type
     if bits == "int4":
-        assert decoder.opset_import[0].version == 21 and weight.data_type == TensorProto.INT4
+        assert weight.data_type == TensorProto.INT4
         assert list(scale.dims) == [weight.dims[0] // 128, weight.dims[1]] and q["block_size"] == 128
     else:
         assert weight.data_type == TensorProto.INT8 and list(scale.dims) == [weight.dims[1]]
     ratio = q["graphs"]["decoder.onnx"]["bytes_before"] / q["graphs"]["decoder.onnx"]["bytes_after"]
-    assert ratio > (2.5 if bits == "int8" else 3.5), ratio  # the nano student's lm_head is a third of it
+    # the nano student's lm_head (float) is a third of its decoder; an fp16 graph starts half as big
+    assert ratio > (2.5 if bits == "int8" else 3.0) / (2 if m["dtype"] == "fp16" else 1), ratio
     plain = load_engine(export_once(model), backend="onnxruntime")
     quantized = load_engine(out, backend="onnxruntime")
     same, total = _identical_answers(plain, quantized, scenes=4)
@@ -372,17 +377,20 @@ def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_p
     monkeypatch.setattr(fake_tensorrt.Builder, "num_DLA_cores", 0)
     manifest = tensorrt_build.build_engines(out, tmp_path / "engines", progress=lambda msg: None)
     plans = {g: json.loads((tmp_path / "engines" / f"{g}.plan").read_bytes()) for g in ("vision", "decoder")}
+    fp16 = m["dtype"] == "fp16"
     assert plans["decoder"]["strongly_typed"] and plans["decoder"]["flags"] == []
-    assert not plans["vision"]["strongly_typed"] and "FP16" in plans["vision"]["flags"]
-    assert manifest["strongly_typed"] == {"vision": False, "decoder": True} and manifest["weights"] == q["scheme"]
-    assert "--stronglyTyped" in manifest["trtexec"][1] and "--stronglyTyped" not in manifest["trtexec"][0]
+    assert plans["vision"]["strongly_typed"] == fp16 and ("FP16" in plans["vision"]["flags"]) != fp16
+    assert manifest["strongly_typed"] == {"vision": fp16, "decoder": True} and manifest["weights"] == q["scheme"]
+    assert "--stronglyTyped" in manifest["trtexec"][1] and ("--stronglyTyped" in manifest["trtexec"][0]) == fp16
 
 
-def test_qdq_needs_opset_18(tmp_path):
+def test_qdq_needs_opset_18_and_a_quantization(tmp_path, capsys):
     from vlsi_model.export.onnx_export import ExportOptions, ExportOptionsError
 
     with pytest.raises(ExportOptionsError, match="opset 18"):
         ExportOptions(opset=17, quantize="int4", quantize_format="qdq").validate(28)
+    assert cli_main(["export", "--out", str(tmp_path / "x"), "--quantize-format", "qdq"]) == 2
+    assert "--quantize-format needs --quantize" in capsys.readouterr().err
 
 
 def test_an_architecture_without_an_export_is_refused_by_name(tmp_path, capsys):

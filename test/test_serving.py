@@ -242,18 +242,28 @@ def test_waiting_questions_about_one_frame_share_its_resolution(engine):
 
 
 class RecordingBatches(Recording):
-    """The real engine with `answer_batch`, recording each batch's size."""
+    """The real engine with `answer_batch`, recording each batch's size (`fail`: the batch raises)."""
+
+    supports_batch = True
+
+    def __init__(self, engine, fail: bool = False) -> None:
+        super().__init__(engine)
+        self.fail = fail
 
     def answer_batch(self, images, questions, max_new_tokens, cancels=None):
         self.calls.append(len(questions))
+        if self.fail:
+            raise RuntimeError("out of memory in the batch")
         return self.engine.answer_batch(images, questions, max_new_tokens, cancels=cancels)
 
 
-def test_waiting_requests_about_different_frames_are_decoded_together(engine):
+@pytest.mark.parametrize("batch_fails", [False, True])
+def test_waiting_requests_about_different_frames_are_decoded_together(engine, batch_fails):
     """Requests about different frames that wait together go to the engine as one batch (up to
     max_batch), each frame resolved once, each answer the one the engine gives alone; a frame that
-    cannot be resolved fails its own requests only."""
-    recording = RecordingBatches(engine)
+    cannot be resolved fails its own requests only; a batch that fails is answered one by one."""
+    recording = RecordingBatches(engine, fail=batch_fails)
+    assert engine.supports_batch
     worker = AnswerWorker(recording, capacity=8, max_batch=3)
     gate = threading.Event()
 
@@ -277,7 +287,9 @@ def test_waiting_requests_about_different_frames_are_decoded_together(engine):
             failing.result(timeout=30)
         assert later.result(timeout=60).result.token_ids == engine.answer(image(14), "What objects are there?",
                                                                            8).token_ids
-        assert recording.calls == ["answer", 2, "answer"]  # blocker; a batch of 3 with one frame failed; the 4th
+        # blocker; a batch of 3 with one frame failed (or the batch failed: the 2 answered alone); the 4th
+        assert recording.calls == (["answer", 2, "answer", "answer", "answer"] if batch_fails
+                                   else ["answer", 2, "answer"])
     finally:
         gate.set()
         worker.stop()

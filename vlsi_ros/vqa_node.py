@@ -21,7 +21,7 @@ What lives when (ros2/demos lifecycle_py, adapted so that every request gets a r
 
 Threads: the executor serves callbacks on several threads (service and action callbacks are in
 a reentrant group and block only their own thread while waiting for the worker; at most
-queue_size + 1 of them wait, every other request is refused at once). Generation runs on the
+queue_size + max_batch of them wait, every other request is refused at once). Generation runs on the
 worker thread, so diagnostics keep flowing while a long answer is being generated.
 
 Parameters: see `vqa_parameters`; live ones apply at once, configure-time ones are refused
@@ -655,9 +655,9 @@ class VqaNode(LifecycleNode):
 
 
 def executor_threads(node: VqaNode) -> int:
-    """Enough threads that every request the queue holds (and the one running) can wait while
-    frames, diagnostics, parameter and lifecycle services and refusals still flow."""
-    return int(node.get_parameter("queue_size").value) + 5
+    """Enough threads that every request the queue holds (and the max_batch running) can wait
+    while frames, diagnostics, parameter and lifecycle services and refusals still flow."""
+    return int(node.get_parameter("queue_size").value) + int(node.get_parameter("max_batch").value) + 4
 
 
 def main(args: list[str] | None = None) -> int:

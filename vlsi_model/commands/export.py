@@ -43,14 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "image processor's max_pixels, which is the default bound)")
     p.add_argument("--opset", type=int, choices=(17, 18), default=None,
                    help="ONNX opset (default 17; 18 with --quantize-format qdq, which raises the INT4 decoder to 21)")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
-                   help="graph precision (default fp32; fp16 halves the files and gives strongly typed "
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default=None,
+                   help="graph precision (default fp32, fp16 with --quantize-format qdq: TensorRT's INT4 / INT8 "
+                        "weight-only GEMMs take fp16 activations; fp16 halves the files and gives strongly typed "
                         "TensorRT builds)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter (default torchscript: ~20x faster here; see onnx_export.py)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only quantization of the decoder's weights (see --quantize-format)")
-    p.add_argument("--quantize-format", choices=("matmulnbits", "qdq"), default="matmulnbits",
+    p.add_argument("--quantize-format", choices=("matmulnbits", "qdq"), default=None,
                    help="matmulnbits (default): ONNX Runtime's fused kernels, asymmetric blocks, fastest on CPU; "
                         "qdq: DequantizeLinear + MatMul, symmetric (INT4 blocks, INT8 per channel), what "
                         "TensorRT 10 builds engines from (vlsi build-engine); ONNX Runtime runs it too")
@@ -79,11 +80,17 @@ def run(args: argparse.Namespace) -> int:
     apply_torch_threads(args.threads)
     model = args.model if args.model is not None else default_model_path()
     out = args.out if args.out is not None else Path(model) / "onnx"
-    opset = args.opset if args.opset is not None else (18 if args.quantize and args.quantize_format == "qdq" else 17)
+    if args.quantize_format is not None and args.quantize is None:
+        print("error: --quantize-format needs --quantize int8|int4", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    qdq = args.quantize_format == "qdq"
+    opset = args.opset if args.opset is not None else (18 if qdq else 17)
+    dtype = args.dtype or ("fp16" if qdq else "fp32")
     options = ExportOptions(image_size=args.image_size, max_image_size=args.max_image_size, opset=opset,
-                            dtype=args.dtype, exporter=args.exporter, check_parity=not args.no_parity,
+                            dtype=dtype, exporter=args.exporter, check_parity=not args.no_parity,
                             quantize=args.quantize, quantize_block_size=args.block_size,
-                            quantize_accuracy_level=args.accuracy_level, quantize_format=args.quantize_format)
+                            quantize_accuracy_level=args.accuracy_level,
+                            quantize_format=args.quantize_format or "matmulnbits")
     try:
         manifest = export_model(model, out, options, overwrite=args.overwrite,
                                 progress=lambda msg: print(msg, file=sys.stderr))

@@ -80,9 +80,11 @@ def load_tensorrt() -> Any:
             "on an x86 CUDA host `pip install tensorrt` (NVIDIA's index). The ONNX export runs without it "
             "(backend onnxruntime)."
         ) from exc
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} found, but 10.x is required (JetPack 6.1+)")
+    major, minor = (int(x) for x in (str(trt.__version__).split(".") + ["0"])[:2])
+    if (major, minor) < (10, 1):
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} found, but 10.1 or newer is required (JetPack 6.1+ "
+                                  "ships 10.3): the runtime shares one scratch buffer between its contexts with "
+                                  "the 10.1 API (get_device_memory_size_for_profile_v2, set_device_memory)")
     return trt
 
 

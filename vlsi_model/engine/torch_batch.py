@@ -10,13 +10,16 @@ dtype's minimum is exactly 0 in the softmax, so a padded sequence sees what it s
 step feeds every live sequence's last token at its own M-RoPE position. A sequence that stops
 (stop token, its max_new_tokens, its cancel) leaves the batch, whose tensors shrink with it. The
 stopping rules are `greedy_tokens`'s. Greedy tokens equal the one-at-a-time answers up to float
-reassociation in batched matmuls (a near-tie could flip; tested token for token on the shipped
-student). No streaming: answers with `on_token` run alone.
+reassociation in batched matmuls (a near-tie could flip; on CPU tested token for token on tiny
+Qwen2-VL / Qwen2.5-VL and on the shipped student; on CUDA the masked batch may take another
+attention kernel than the unmasked single step: not tested here). No streaming: answers with
+`on_token` run alone.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +68,7 @@ class BatchedAnswer:
     max_new_tokens: int
     cancel: threading.Event | None = None
     tokens: list[int] | None = None
+    finished_s: float = 0.0  # time.perf_counter() when it left the batch
 
 
 def _stack_left_padded(caches: list[list[torch.Tensor]], dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -92,6 +96,7 @@ def decode_batch(step: Callable[..., tuple[torch.Tensor, ...]], embed_tokens: nn
     live: list[BatchedAnswer] = []
     for s in sequences:  # the prefill's token, as greedy_tokens handles it before any step
         s.tokens = []
+        s.finished_s = time.perf_counter()
         if s.first_id in stop_token_ids:
             continue
         s.tokens.append(s.first_id)
@@ -115,7 +120,9 @@ def decode_batch(step: Callable[..., tuple[torch.Tensor, ...]], embed_tokens: nn
             out = step(embed_tokens(ids), pos, mask, *kv)
         next_ids, kv = out[0].tolist(), list(out[1:])
         keep = []
+        now = time.perf_counter()
         for i, (s, token) in enumerate(zip(live, next_ids, strict=True)):
+            s.finished_s = now
             if token in stop_token_ids:
                 continue
             s.tokens.append(int(token))

@@ -181,7 +181,7 @@ def trace_decoder_step(step: DecoderStep, example: Sequence[torch.Tensor],
             got = frozen(*inputs)
         want = step(*inputs)
         if len(got) != len(want) or not all(torch.equal(a, b) for a, b in zip(got, want, strict=True)):
-            raise RuntimeError(f"traced decode step differs from the model at cache length {inputs[2].shape[2]}")
+            raise RuntimeError(f"traced decode step differs from the model at cache length {inputs[-1].shape[2]}")
     return frozen
 
 
@@ -246,6 +246,12 @@ class TorchEngine:
             shape = (1, int(lm.config.num_key_value_heads), 0, int(attn.head_dim))
             self._empty_past = [torch.zeros(shape, dtype=attn.k_proj.weight.dtype, device=self.device)
                                 for _ in range(2 * len(lm.layers))]
+
+    @property
+    def supports_batch(self) -> bool:
+        """Whether `answer_batch` really decodes together (the fast path, `fast_path_unsupported`);
+        the serving worker batches only then."""
+        return self._step is not None
 
     @property
     def decode_mode(self) -> str:
@@ -389,9 +395,10 @@ class TorchEngine:
 
         Each question is preprocessed, encoded and prefilled alone; then every answer advances one
         token per step in one batch. A question that fails (bad image, too long) gets its
-        exception in its place and the others go on. `total_ms` of each answer is its own
-        vision + prefill + the batch's decode time until it finished. Without the fast decode
-        path (`fast_path_unsupported`) the answers run one after another."""
+        exception in its place and the others go on. Each answer's `decode_ms` runs from the
+        batch's first step until it left the batch, and `total_ms` from this call's start (the
+        other questions' preprocessing and prefills included: what its requester waited).
+        Without the fast decode path (`supports_batch` False) the answers run one after another."""
         from vlsi_model.engine.torch_batch import BatchedAnswer, decode_batch
 
         limits = [max_new_tokens] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -400,6 +407,7 @@ class TorchEngine:
             raise EngineError("answer_batch needs one image, max_new_tokens and cancel per question")
         if self._step is None or len(questions) < 2:
             return [self._answer_or_error(*args) for args in zip(images, questions, limits, cancels, strict=True)]
+        t_start = time.perf_counter()
         out: list[AnswerResult | Exception] = []
         batch: list[BatchedAnswer] = []
         with torch.inference_mode():
@@ -421,14 +429,15 @@ class TorchEngine:
             t0 = time.perf_counter()
             decode_batch(self._batch_fn, self.model.get_input_embeddings(), batch, self.stop_token_ids)
             self._sync()
-            decode_ms = _ms(t0)
+        done = time.perf_counter()
         for item in batch:
             item.result.token_ids = item.tokens or []
             item.result.text = self.tokenizer.decode(item.result.token_ids, skip_special_tokens=True).strip()
-            item.result.decode_ms = decode_ms
+            item.result.decode_ms = (item.finished_s - t0) * 1000.0  # until it left the batch
+            item.result.total_ms = (item.finished_s - t_start) * 1000.0
         for result in out:
-            if isinstance(result, AnswerResult):
-                result.total_ms = result.vision_ms + result.prefill_ms + result.decode_ms
+            if isinstance(result, AnswerResult) and not result.total_ms:
+                result.total_ms = (done - t_start) * 1000.0  # cancelled before it started
         return out
 
     def _answer_or_error(self, image: np.ndarray, question: str, limit: int,

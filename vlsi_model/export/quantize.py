@@ -27,7 +27,8 @@ Two forms (`fmt`):
   scales only for INT4 and along one axis, and INT4 only with an even last dimension; so INT4 is
   block-wise symmetric along the input dimension (`MatMulNBitsQuantizer` with `QuantFormat.QDQ`,
   which writes a true INT4 initializer and raises the graph to opset 21, the first with INT4
-  blocked `DequantizeLinear`), and INT8 is per output channel (`_int8_per_channel_qdq`). Scales are
+  blocked `DequantizeLinear`), and INT8 is per output channel (`_int8_per_channel_qdq`, raised to
+  opset 21 too: fp16 scales need DequantizeLinear-19). Scales are
   round-to-nearest from the weights alone; AWQ would change the values (it needs calibration
   activations), not this form. The lm_head stays in the export's float dtype, as NVIDIA
   ModelOpt's ONNX quantizers leave it by default (`nodes_to_exclude=['/lm_head']`): on the
@@ -72,7 +73,17 @@ def _graph_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+QDQ_OPSET = 21  # INT4 DequantizeLinear (and fp16 scales, from 19)
 LM_HEAD_NODE = "/lm_head/MatMul"  # the lm_head's MatMul in our decoder graphs (graphs.py: self.lm_head)
+
+
+def _raise_opset(model: Any, opset: int) -> None:
+    """Declare the default-domain opset `opset` (and IR version 10, which opset 21 needs): our
+    opset-18 graphs mean the same there (module docstring); onnx.checker verifies the result."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, opset)
+    model.ir_version = max(model.ir_version, 10)
 
 
 def _int8_per_channel_qdq(model: Any, exclude: tuple[str, ...] = ()) -> int:
@@ -148,6 +159,7 @@ def quantize_graph(path: Path, bits: int, block_size: int = DEFAULT_BLOCK_SIZE,
         raise QuantizeError(f"{path.name} has no node {', '.join(sorted(missing))} to keep in float")
     if fmt == "qdq" and bits == 8:
         _int8_per_channel_qdq(model, exclude)
+        _raise_opset(model, QDQ_OPSET)  # fp16 scales need DequantizeLinear-19+; one opset for both widths
         quantized = model
     else:
         # the tool logs every node it visits at INFO and warns that raising the opset may give an invalid

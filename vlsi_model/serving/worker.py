@@ -12,11 +12,14 @@ key joins it, the frame is resolved once, and an engine with `answer_many` encod
 and the prompt prefix once for all of them (standing questions, alerts and several clients
 asking about the same camera). Streaming jobs (`on_token`) always run alone.
 
-Questions about different frames are decoded together when the engine has `answer_batch`
-(torch): the worker takes up to `max_batch` waiting requests at once (several cameras, several
-clients), resolves each frame once, and every answer advances one token per step in one batch
-(`engine/torch_batch.py`): on a memory-bound robot computer the weights are read once per step
-for all of them.
+With `max_batch` > 1 (default 1: off), questions about different frames are decoded together
+when the engine `supports_batch` (torch, fast path): the worker takes up to `max_batch` waiting
+requests at once (several cameras, several clients; background jobs batch with background jobs
+only, so standing questions never delay a request), resolves each frame once, and every answer
+advances one token per step in one batch (`engine/torch_batch.py`): the weights are read once per
+step for all of them. Each answer is delivered when the batch ends, after every member's vision
+and prefill: a throughput gain paid in latency, worth it where decode dominates (long answers, a
+GPU), not with a 2B model on a CPU (docs/benchmarks.md). A failed batch is answered one by one.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class AnswerWorker:
     """
 
     def __init__(self, engine: Engine, capacity: int, stats_window: int = 100,
-                 background_capacity: int = 64, max_batch: int = 4) -> None:
+                 background_capacity: int = 64, max_batch: int = 1) -> None:
         if capacity < 1:
             raise ValueError("queue capacity must be at least 1")
         if max_batch < 1:
@@ -93,7 +96,6 @@ class AnswerWorker:
         self._background: deque[AnswerJob] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
-        self._current: AnswerJob | None = None
         self._running: list[AnswerJob] = []
         self._latencies_ms: deque[float] = deque(maxlen=stats_window)
         self._token_rates: deque[float] = deque(maxlen=stats_window)
@@ -119,9 +121,9 @@ class AnswerWorker:
 
     @property
     def depth(self) -> int:
-        """Requests waiting plus the job running (background jobs not counted)."""
+        """Requests waiting plus the jobs running (background jobs not counted)."""
         with self._wakeup:
-            return len(self._requests) + (1 if self._current is not None else 0)
+            return len(self._requests) + len(self._running)
 
     @property
     def background_depth(self) -> int:
@@ -171,7 +173,8 @@ class AnswerWorker:
                 self._wakeup.wait()
             if self._stopping:
                 return None
-            job = self._requests.popleft() if self._requests else self._background.popleft()
+            is_request = bool(self._requests)
+            job = self._requests.popleft() if is_request else self._background.popleft()
             jobs = [job]
             if job.frame_key is not None and job.on_token is None:
                 for queue in (self._requests, self._background):
@@ -179,12 +182,14 @@ class AnswerWorker:
                     for j in same:
                         queue.remove(j)
                     jobs += same
-            if job.on_token is None and self.max_batch > 1 and hasattr(self.engine, "answer_batch"):
-                others = [j for j in self._requests if j.on_token is None][:max(0, self.max_batch - len(jobs))]
+            if job.on_token is None and self.max_batch > 1 and getattr(self.engine, "supports_batch", False):
+                # requests join a request (background work would delay it); background jobs (standing
+                # questions on several cameras) join a background job
+                queue = self._requests if is_request else self._background
+                others = [j for j in queue if j.on_token is None][:max(0, self.max_batch - len(jobs))]
                 for j in others:
-                    self._requests.remove(j)
+                    queue.remove(j)
                 jobs += others
-            self._current = job
             self._running = jobs
             return jobs
 
@@ -214,7 +219,6 @@ class AnswerWorker:
                         job.future.set_result(outcome)
             finally:
                 with self._wakeup:
-                    self._current = None
                     self._running = []
 
     def _execute(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception]:
@@ -239,9 +243,12 @@ class AnswerWorker:
                 frame = exc
             frames.update({i: frame for i in group})
         ready = [i for i in range(len(jobs)) if not isinstance(frames[i], Exception)]
-        answers = self.engine.answer_batch([frames[i][0] for i in ready], [jobs[i].question for i in ready],
-                                           [jobs[i].max_new_tokens for i in ready],
-                                           cancels=[jobs[i].cancel for i in ready]) if ready else []
+        try:
+            answers = self.engine.answer_batch([frames[i][0] for i in ready], [jobs[i].question for i in ready],
+                                               [jobs[i].max_new_tokens for i in ready],
+                                               cancels=[jobs[i].cancel for i in ready]) if ready else []
+        except Exception:  # noqa: BLE001 - e.g. out of memory in the batch: answer one by one
+            answers = [self._answer_alone(frames[i][0], jobs[i]) for i in ready]
         by_job: dict[int, AnswerResult | Exception] = dict(zip(ready, answers, strict=True))
         self._record(list(by_job.values()))
         out: list[JobOutcome | Exception] = []
@@ -254,6 +261,13 @@ class AnswerWorker:
             else:
                 out.append(JobOutcome(result=answer, source=frame[1], queued_ms=queued_ms[i]))
         return out
+
+    def _answer_alone(self, image: np.ndarray, job: AnswerJob) -> AnswerResult | Exception:
+        try:
+            return self.engine.answer(image, job.question, max_new_tokens=job.max_new_tokens,
+                                      on_token=job.on_token, cancel=job.cancel)
+        except Exception as exc:  # noqa: BLE001 - reported to that requester alone
+            return exc
 
     def _record(self, results: list[Any]) -> None:
         with self._stats_lock:
@@ -275,13 +289,7 @@ class AnswerWorker:
             except Exception:  # e.g. one bad question: answer one by one, so only that one fails
                 results = None
         if results is None:
-            results = []
-            for j in jobs:
-                try:
-                    results.append(self.engine.answer(image, j.question, max_new_tokens=j.max_new_tokens,
-                                                      on_token=j.on_token, cancel=j.cancel))
-                except Exception as exc:  # reported to that requester alone
-                    results.append(exc)
+            results = [self._answer_alone(image, j) for j in jobs]
         self._record(results)
         return [r if isinstance(r, Exception) else JobOutcome(result=r, source=source, queued_ms=q)
                 for r, q in zip(results, queued_ms, strict=True)]
