@@ -86,6 +86,28 @@ def test_student_config_matches_the_recipe_yaml(tokenizer):
     assert teacher["model"]["from_config"]["architecture"] == NANO_TEACHER_ARCH
 
 
+def test_qwen3_student_config_builds_the_nano_text_model_with_32_px_tokens(tokenizer):
+    """configs/nano/qwen3_student.yaml (issue 22): a Qwen3-VL with the Qwen2-VL nano student's text
+    model, whose 128x128 frames give the same 16 image tokens (one object per 32-px cell)."""
+    from pathlib import Path
+
+    import yaml
+
+    from vlsi_model.nano import NANO_STUDENT_ARCH
+    from vlsi_model.training.sft import FromConfigSection, _factory
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/nano/qwen3_student.yaml").read_text())
+    section = FromConfigSection(**{**config["model"]["from_config"], "tokenizer": "unused"})
+    arch = section.architecture
+    assert section.family == "qwen3_vl" and section.max_pixels == 128 * 128
+    assert {k: arch[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")} == \
+        {k: NANO_STUDENT_ARCH[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                           "intermediate_size")}
+    cfg = _factory("qwen3_vl")(tokenizer=tokenizer, **arch)
+    tokens = (128 // cfg.vision_config.patch_size // cfg.vision_config.spatial_merge_size) ** 2
+    assert tokens == 16
+
+
 def test_grown_teacher_of_the_reproduction_script_is_the_family_teacher_size(tokenizer):
     """scripts/train_default_student.sh grows the student to NANO_TEACHER_ARCH's language model, into the
     directory configs/nano/teacher_grown.yaml trains from; the result is in the teacher's parameter range."""

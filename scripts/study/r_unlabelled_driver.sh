@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Usage: STUDY_CODE=/path/to/frozen/worktree START_SEEDS="2 3 4" setsid nohup scripts/study/r_unlabelled_driver.sh &
+# Usage: STUDY_CODE=/path/to/frozen/worktree START_SEEDS="5 6 7" setsid nohup scripts/study/r_unlabelled_driver.sh &
 # R-unlabelled in the pre-registered order: every arm of seed 0, then seed 1, ... (two workers share
 # the (row, seed) pairs through the study script's file locks).
 cd "$(dirname "$0")/../.."  # the repository root
-for seed in ${START_SEEDS:-0 1 2 3 4}; do
+# Seeds 5-7: the pre-registered extension (A2, A3, A4 only: both 5-seed H2 differences were under 0.02).
+for seed in ${START_SEEDS:-0 1 2 3 4 5 6 7}; do
   rows=sft_labels,sft_pseudo,final_kd_t1,vlsi_pool
+  [ "$seed" -ge 5 ] && rows=sft_pseudo,final_kd_t1,vlsi_pool
   [ "$seed" -le 1 ] && rows="$rows,oracle"
   [ "$seed" -eq 0 ] && rows="teacher,$rows"
   ROWS=$rows SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/seed${seed}_a.log 2>&1 &
