@@ -30,6 +30,20 @@ TEST_THREADS = 2  # the CI/dev machines have 2 shared cores
 TINY_MAX_PIXELS = 112 * 112
 
 
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """The builder run against test/fake_tensorrt.py (the TensorRT 10 API surface it calls), on an
+    Orin without DLA cores."""
+    import fake_tensorrt
+
+    from vlsi_model.export import tensorrt_build
+
+    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: fake_tensorrt)
+    monkeypatch.setattr(tensorrt_build, "gpu_info", lambda: dict(fake_tensorrt.ORIN_GPU))
+    monkeypatch.setattr(fake_tensorrt.Builder, "num_DLA_cores", 0)
+    return fake_tensorrt
+
+
 @pytest.fixture(scope="session")
 def torch_threads() -> int:
     """Limit torch to TEST_THREADS intra-op threads for the whole session."""

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 __version__ = "10.3.0-fake"
+ORIN_GPU = {"name": "Orin", "compute_capability": "8.7"}  # what the fake device reports
 
 
 class Logger:
@@ -356,7 +357,7 @@ class FakeCuda:
         self._allocs: list[int] = []
 
     def gpu_info(self) -> dict[str, Any]:
-        return {"name": "Orin", "compute_capability": "8.7", "total_memory_mb": 7620}
+        return {**ORIN_GPU, "total_memory_mb": 7620}
 
     def malloc(self, nbytes: int) -> int:
         ptr = FakeCuda._next

@@ -328,13 +328,12 @@ def test_quantized_export_is_smaller_and_answers_like_the_float_one(tmp_path, bi
 
 
 @pytest.mark.parametrize(("bits", "dtype"), [("int4", None), ("int8", None), ("int4", "fp32")])
-def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_path, bits, dtype, monkeypatch):
+def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_path, bits, dtype, fake_trt):
     """`--quantize-format qdq` (fp16 graphs unless --dtype says otherwise): symmetric INT4 blocks /
     INT8 per channel in DequantizeLinear -> MatMul at opset 21, scales in the graph's dtype,
     passing onnx.checker and the TensorRT 10 checks; ONNX Runtime answers like the fp32 export;
     the builder (fake TensorRT 10 API) builds the decoder strongly typed, the vision graph as its
     dtype says, and records the weights."""
-    import fake_tensorrt
     import onnx
 
     from vlsi_model.defaults import default_model_path
@@ -372,9 +371,6 @@ def test_qdq_export_is_what_tensorrt_builds_and_answers_like_the_float_one(tmp_p
     quantized = load_engine(out, backend="onnxruntime")
     same, total = _identical_answers(plain, quantized, scenes=4)
     assert same / total >= 0.8, (same, total)
-    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: fake_tensorrt)
-    monkeypatch.setattr(tensorrt_build, "gpu_info", lambda: {"name": "Orin", "compute_capability": "8.7"})
-    monkeypatch.setattr(fake_tensorrt.Builder, "num_DLA_cores", 0)
     manifest = tensorrt_build.build_engines(out, tmp_path / "engines", progress=lambda msg: None)
     plans = {g: json.loads((tmp_path / "engines" / f"{g}.plan").read_bytes()) for g in ("vision", "decoder")}
     fp16 = m["dtype"] == "fp16"

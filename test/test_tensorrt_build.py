@@ -353,19 +353,7 @@ def test_build_and_run_engines_match_onnxruntime(request, model, tmp_path):
 
 
 # ------------------------------------------------------------------------------ the builder on a fake TensorRT
-@pytest.fixture
-def fake_trt(monkeypatch):
-    """The builder run against test/fake_tensorrt.py (the TensorRT 10 API surface it calls)."""
-    import fake_tensorrt
-
-    from vlsi_model.export import tensorrt_build
-
-    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: fake_tensorrt)
-    monkeypatch.setattr(tensorrt_build, "gpu_info", lambda: dict(ORIN))
-    monkeypatch.setattr(fake_tensorrt.Builder, "num_DLA_cores", 0)
-    return fake_tensorrt
-
-
+# (the `fake_trt` fixture: conftest.py)
 def _plan(out: Path, graph: str) -> dict:
     return json.loads((out / f"{graph}.plan").read_bytes())
 

@@ -127,13 +127,20 @@ def available_memory() -> int:
     return available if limit == "max" else max(0, min(available, int(limit) - used))
 
 
+def ids_tokenizer() -> Any:
+    """The shipped model's tokenizer (a Qwen2-VL-style one): the special-token ids every real-size
+    config takes. The tokenizer alone: the model's weights are not needed for ids."""
+    from vlsi_model.checkpoint import load_tokenizer
+    from vlsi_model.defaults import default_model_path
+
+    return load_tokenizer(default_model_path())
+
+
 def build_real_size_model(name: str, max_pixels: int = MAX_PIXELS, seed: int = 0) -> tuple[Any, Any, Any]:
     """(model in eval mode, fp32; tokenizer; image processor bounded to `max_pixels`) for `name`."""
-    from vlsi_model.checkpoint import load_model_dir
-    from vlsi_model.defaults import default_model_path
     from vlsi_model.models import build_model, make_image_processor
 
-    _, tokenizer, _ = load_model_dir(default_model_path())  # a Qwen2-VL-style tokenizer: the ids only
+    tokenizer = ids_tokenizer()
     config = real_size_config(name, tokenizer)
     model = build_model(config, seed=seed).eval()
     factor = 32 if config.model_type == "qwen3_vl" else 28
@@ -148,11 +155,7 @@ def config_fingerprint(name: str) -> str:
     import hashlib
     import json
 
-    from vlsi_model.checkpoint import load_model_dir
-    from vlsi_model.defaults import default_model_path
-
-    _, tokenizer, _ = load_model_dir(default_model_path())
-    config = real_size_config(name, tokenizer).to_dict()
+    config = real_size_config(name, ids_tokenizer()).to_dict()
     config.pop("transformers_version", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 

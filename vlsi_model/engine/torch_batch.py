@@ -89,21 +89,27 @@ def _stack_left_padded(caches: list[list[torch.Tensor]], dtype: torch.dtype) -> 
     return stacked, mask
 
 
+def _takes(s: BatchedAnswer, token: int, stop_token_ids: frozenset[int], now: float) -> bool:
+    """Add `token` to `s` as `greedy_tokens` would; whether `s` decodes on (False: a stop token, its
+    cancel, or its max_new_tokens ended it, at `now`)."""
+    s.finished_s = now
+    if token in stop_token_ids:
+        return False
+    s.tokens.append(token)
+    if s.cancel is not None and s.cancel.is_set():
+        s.result.cancelled = True
+        return False
+    return len(s.tokens) < s.max_new_tokens
+
+
 def decode_batch(step: Callable[..., tuple[torch.Tensor, ...]], embed_tokens: nn.Module,
                  sequences: list[BatchedAnswer], stop_token_ids: frozenset[int]) -> None:
     """Greedy-decode `sequences` together with `step` (a `BatchDecoderStep`, traced or not);
     fills each one's `tokens` and its result's `cancelled`. Same stopping rules as `greedy_tokens`."""
-    live: list[BatchedAnswer] = []
-    for s in sequences:  # the prefill's token, as greedy_tokens handles it before any step
+    now = time.perf_counter()
+    for s in sequences:
         s.tokens = []
-        s.finished_s = time.perf_counter()
-        if s.first_id in stop_token_ids:
-            continue
-        s.tokens.append(s.first_id)
-        if s.cancel is not None and s.cancel.is_set():
-            s.result.cancelled = True
-        elif len(s.tokens) < s.max_new_tokens:
-            live.append(s)
+    live = [s for s in sequences if _takes(s, s.first_id, stop_token_ids, now)]  # the prefill's token
     if not live:
         return
     dtype = embed_tokens.weight.dtype
@@ -119,17 +125,9 @@ def decode_batch(step: Callable[..., tuple[torch.Tensor, ...]], embed_tokens: nn
         with torch.jit.optimized_execution(False):
             out = step(embed_tokens(ids), pos, mask, *kv)
         next_ids, kv = out[0].tolist(), list(out[1:])
-        keep = []
         now = time.perf_counter()
-        for i, (s, token) in enumerate(zip(live, next_ids, strict=True)):
-            s.finished_s = now
-            if token in stop_token_ids:
-                continue
-            s.tokens.append(int(token))
-            if s.cancel is not None and s.cancel.is_set():
-                s.result.cancelled = True
-            elif len(s.tokens) < s.max_new_tokens:
-                keep.append(i)
+        keep = [i for i, (s, token) in enumerate(zip(live, next_ids, strict=True))
+                if _takes(s, int(token), stop_token_ids, now)]
         if len(keep) < len(live):
             if not keep:
                 return

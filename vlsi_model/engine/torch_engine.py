@@ -71,6 +71,16 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
+def _per_question(n: int, max_new_tokens: list[int] | int, cancels: Sequence[threading.Event | None] | None,
+                  caller: str) -> tuple[list[int], list[threading.Event | None]]:
+    """`max_new_tokens` and `cancels` of `answer_many` / `answer_batch` as one entry per question."""
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    events = list(cancels) if cancels is not None else [None] * n
+    if len(limits) != n or len(events) != n:
+        raise EngineError(f"{caller} needs one max_new_tokens and one cancel per question")
+    return limits, events
+
+
 def _stream_text(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
     """Text of the tokens so far, without a trailing half-decoded UTF-8 character (byte-level BPE)."""
     return tokenizer.decode(token_ids, skip_special_tokens=True).rstrip("\ufffd").strip()
@@ -401,10 +411,9 @@ class TorchEngine:
         Without the fast decode path (`supports_batch` False) the answers run one after another."""
         from vlsi_model.engine.torch_batch import BatchedAnswer, decode_batch
 
-        limits = [max_new_tokens] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        cancels = list(cancels) if cancels is not None else [None] * len(questions)
-        if not len(images) == len(questions) == len(limits) == len(cancels):
-            raise EngineError("answer_batch needs one image, max_new_tokens and cancel per question")
+        limits, cancels = _per_question(len(questions), max_new_tokens, cancels, "answer_batch")
+        if len(images) != len(questions):
+            raise EngineError("answer_batch needs one image per question")
         if self._step is None or len(questions) < 2:
             return [self._answer_or_error(*args) for args in zip(images, questions, limits, cancels, strict=True)]
         t_start = time.perf_counter()
@@ -484,10 +493,7 @@ class TorchEngine:
         model = self.model
         if not questions:
             return []
-        limits = [max_new_tokens] * len(questions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        cancels = list(cancels) if cancels is not None else [None] * len(questions)
-        if len(limits) != len(questions) or len(cancels) != len(questions):
-            raise EngineError("answer_many needs one max_new_tokens and one cancel per question")
+        limits, cancels = _per_question(len(questions), max_new_tokens, cancels, "answer_many")
         if any(n < 1 for n in limits):
             raise EngineError(f"max_new_tokens must be >= 1, got {limits}")
         prompts = [build_inputs(self.tokenizer, self.image_processor, image, q,
