@@ -4,6 +4,9 @@
 #   scripts/train_default_student.sh            # from the repo root, with the project venv
 #   DISTILL=1 scripts/train_default_student.sh  # + teacher + VLsI from the student; ships the distilled one
 #   RUNS=/tmp/nano THREADS=2 scripts/train_default_student.sh   # 2 threads only on idle cores
+#   FAMILY=qwen3 scripts/train_default_student.sh  # the same four stages on Qwen3-VL (configs/nano/qwen3_*.yaml):
+#       its own frames are 128x128 (32-px image tokens), runs in runs/nano_qwen3, the finished student goes to
+#       runs/nano_qwen3/package (DEST), not into the package: docs/shipped_student.md compares the two families
 #
 # Every stage is resumable: re-running after a stop skips what is done (data, tokenizer, models)
 # and continues training from the newest checkpoint. A model is only skipped when its run directory
@@ -39,17 +42,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-RUNS=${RUNS:-runs/nano}
 THREADS=${THREADS:-1}  # 1 on a shared CPU: 2 threads on oversubscribed cores ran ~5x slower here
-CONFIG=${CONFIG:-configs/nano/student.yaml}
-DEST=${DEST:-vlsi_model/assets/default_student}
+FAMILY=${FAMILY:-qwen2}
+case "$FAMILY" in  # the recipe's configs, run directory and own frame geometry per model family
+  qwen2) PREFIX=configs/nano/student DEFAULT_RUNS=runs/nano OWN_GEOMETRY=() ;;  # 112x112, 28-px tokens
+  qwen3) PREFIX=configs/nano/qwen3_student DEFAULT_RUNS=runs/nano_qwen3 OWN_GEOMETRY=(--size 128x128 --grid 4x4) ;;
+  *) echo "FAMILY must be qwen2 or qwen3, not '$FAMILY'" >&2; exit 2 ;;
+esac
+RUNS=${RUNS:-$DEFAULT_RUNS}
+CONFIG=${CONFIG:-$PREFIX.yaml}
+if [ "$FAMILY" = qwen2 ]; then
+  DEST=${DEST:-vlsi_model/assets/default_student} TOKENIZER=$RUNS/tokenizer
+else  # the Qwen3-VL student shares the Qwen2-VL student's tokenizer (configs/nano/qwen3_student.yaml)
+  DEST=${DEST:-$RUNS/package} TOKENIZER=runs/nano/tokenizer
+fi
 DISTILL=${DISTILL:-0}
+[ "$DISTILL" != 1 ] || [ "$FAMILY" = qwen2 ] || { echo "DISTILL=1 is the Qwen2-VL recipe only" >&2; exit 2; }
 export OMP_NUM_THREADS=$THREADS
 
-config_in_runs() {  # the YAMLs name runs/nano: use a copy pointing at $RUNS when it differs
-  if [ "$RUNS" = "runs/nano" ]; then echo "$1"; return; fi
+config_in_runs() {  # the YAMLs name $DEFAULT_RUNS: use a copy pointing at $RUNS when it differs
+  if [ "$RUNS" = "$DEFAULT_RUNS" ]; then echo "$1"; return; fi
   mkdir -p "$RUNS"
-  sed "s#runs/nano#$RUNS#g" "$1" > "$RUNS/$(basename "$1")"
+  sed "s#$DEFAULT_RUNS/#$RUNS/#g" "$1" > "$RUNS/$(basename "$1")"
   echo "$RUNS/$(basename "$1")"
 }
 output_dir() {  # train.output_dir (recipes) or output_dir (distill configs) of a YAML
@@ -88,10 +102,11 @@ evaluate_where_stage() {  # evaluate_where_stage RUN_DIR: the locate stages' six
 }
 CONFIG=$(config_in_runs "$CONFIG")
 
-[ -f "$RUNS/tokenizer/tokenizer.json" ] || $PY -m vlsi_model.recipes.nano tokenizer --out "$RUNS/tokenizer"
-[ -f "$RUNS/data/train_mix.json" ] || $PY -m vlsi_model.recipes.nano data --out "$RUNS/data" --num 8000 --caption-num 20000
+[ -f "$TOKENIZER/tokenizer.json" ] || $PY -m vlsi_model.recipes.nano tokenizer --out "$TOKENIZER"
+[ -f "$RUNS/data/train_mix.json" ] || $PY -m vlsi_model.recipes.nano data --out "$RUNS/data" --num 8000 --caption-num 20000 \
+  "${OWN_GEOMETRY[@]}"
 [ -f "$RUNS/test/test.json" ] || $PY -m vlsi_model.cli data scenes --out "$RUNS/test" --num 600 --split test --layout grid \
-  --families attribute,count,exist,spatial,compare,caption --no-progress
+  "${OWN_GEOMETRY[@]}" --families attribute,count,exist,spatial,compare,caption --no-progress
 
 OUT=$(output_dir "$CONFIG")
 train_stage "$CONFIG"
@@ -105,7 +120,7 @@ evaluate "$OUT/final" "$RUNS/test/test.json" "$OUT/test_results.json"
 [ -f "$RUNS/test_camera/test.json" ] || $PY -m vlsi_model.cli data scenes --out "$RUNS/test_camera" --num 600 \
   --split test --size 640x480 --layout grid --grid 4x3 --families attribute,count,exist,spatial,compare,caption \
   --no-progress
-GRIDS_CONFIG=$(config_in_runs configs/nano/student_grids.yaml)
+GRIDS_CONFIG=$(config_in_runs "${PREFIX}_grids.yaml")
 GOUT=$(output_dir "$GRIDS_CONFIG")
 train_stage "$GRIDS_CONFIG"
 evaluate "$GOUT/final" "$RUNS/test/test.json" "$GOUT/test_results.json"
@@ -117,7 +132,7 @@ if [ "$DISTILL" != 1 ]; then  # (the distilled student replaces these stages' mo
   # object?" -> "red circle top left, blue square middle right")
   LOCATE_FAMILIES=attribute,count,exist,spatial,compare,locate
   [ -f "$RUNS/data_locate/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data --out "$RUNS/data_locate" \
-    --num 8000 --caption-num 20000 --families "$LOCATE_FAMILIES" --dense-families caption,positions \
+    --num 8000 --caption-num 20000 "${OWN_GEOMETRY[@]}" --families "$LOCATE_FAMILIES" --dense-families caption,positions \
     --mix-file train_mix_positions.json
   [ -f "$RUNS/data_locate_4x3/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data \
     --out "$RUNS/data_locate_4x3" --num 4000 --caption-num 10000 --seed 10 --size 640x480 --grid 4x3 \
@@ -125,7 +140,7 @@ if [ "$DISTILL" != 1 ]; then  # (the distilled student replaces these stages' mo
   [ -f "$RUNS/data_locate_4x3/train_mix_positions_both.json" ] || $PY -m vlsi_model.recipes.nano blend \
     --out "$RUNS/data_locate_4x3/train_mix_positions_both.json" "$RUNS/data_locate_4x3/train_mix_positions.json" \
     "$RUNS/data_locate/train_mix_positions.json"
-  for geometry in "test:" "test_camera:--size 640x480 --grid 4x3"; do  # locate and positions test splits
+  for geometry in "test:${OWN_GEOMETRY[*]}" "test_camera:--size 640x480 --grid 4x3"; do  # locate and positions test splits
     for family in locate positions; do
       split_dir="$RUNS/${geometry%%:*}_$family"
       # shellcheck disable=SC2086  # the geometry flags are meant to split
@@ -133,14 +148,14 @@ if [ "$DISTILL" != 1 ]; then  # (the distilled student replaces these stages' mo
         --layout grid ${geometry#*:} --families "$family" --no-progress
     done
   done
-  LOCATE_CONFIG=$(config_in_runs configs/nano/student_locate.yaml)
+  LOCATE_CONFIG=$(config_in_runs "${PREFIX}_locate.yaml")
   LOUT=$(output_dir "$LOCATE_CONFIG")
   train_stage "$LOCATE_CONFIG"
   evaluate_where_stage "$LOUT"
 
   # 4d. fourth stage: 4000 more steps of the 4c recipe on fresh images (new seeds), evaluated the same way
   [ -f "$RUNS/data_locate_s40/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data \
-    --out "$RUNS/data_locate_s40" --num 8000 --caption-num 20000 --seed 40 --families "$LOCATE_FAMILIES" \
+    --out "$RUNS/data_locate_s40" --num 8000 --caption-num 20000 --seed 40 "${OWN_GEOMETRY[@]}" --families "$LOCATE_FAMILIES" \
     --dense-families caption,positions --mix-file train_mix_positions.json
   [ -f "$RUNS/data_locate_4x3_s50/train_mix_positions.json" ] || $PY -m vlsi_model.recipes.nano data \
     --out "$RUNS/data_locate_4x3_s50" --num 4000 --caption-num 10000 --seed 50 --size 640x480 --grid 4x3 \
@@ -148,13 +163,14 @@ if [ "$DISTILL" != 1 ]; then  # (the distilled student replaces these stages' mo
   [ -f "$RUNS/data_locate_4x3_s50/train_mix_positions_both.json" ] || $PY -m vlsi_model.recipes.nano blend \
     --out "$RUNS/data_locate_4x3_s50/train_mix_positions_both.json" \
     "$RUNS/data_locate_4x3_s50/train_mix_positions.json" "$RUNS/data_locate_s40/train_mix_positions.json"
-  MORE_CONFIG=$(config_in_runs configs/nano/student_locate_more.yaml)
+  MORE_CONFIG=$(config_in_runs "${PREFIX}_locate_more.yaml")
   MOUT=$(output_dir "$MORE_CONFIG")
   train_stage "$MORE_CONFIG"
   evaluate_where_stage "$MOUT"
 
   SHIP_MODEL="$MOUT/final" SHIP_RESULTS="$MOUT/test_results.json" SHIP_METRICS="$MOUT/metrics.jsonl"
   SHIP_CONFIG="$MORE_CONFIG" SHIP_NOTES=configs/nano/student_card_notes.md  # the card's reading of the results
+  [ "$FAMILY" = qwen2 ] || SHIP_NOTES=""  # (that reading is the Qwen2-VL student's)
   SHIP_STAGES=(--earlier-stage "$OUT/metrics.jsonl" "$CONFIG" --earlier-stage "$GOUT/metrics.jsonl" "$GRIDS_CONFIG"
     --earlier-stage "$LOUT/metrics.jsonl" "$LOCATE_CONFIG"
     --camera-results "$MOUT/camera_results.json"

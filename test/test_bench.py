@@ -23,12 +23,16 @@ def test_bench_inputs_are_deterministic_camera_frames():
 
 def test_summarize_and_table_from_runs():
     base = {"load_s": 1.0, "peak_rss_mb": 300.0, "torch_imported": True, "threads": 1,
-            "runs": [{"total_ms": 100.0, "token_ids": [1, 2, 3]}, {"total_ms": 120.0, "token_ids": [4]}]}
+            "runs": [{"total_ms": 100.0, "token_ids": [1, 2, 3], "question": "What objects are there?"},
+                     {"total_ms": 120.0, "token_ids": [4], "question": "What color is the cube?"}]}
     eng = {"load_s": 0.5, "peak_rss_mb": 100.0, "torch_imported": False, "threads": 1,
-           "runs": [{"vision_ms": 2.0, "prefill_ms": 3.0, "decode_ms": 10.0, "total_ms": 20.0, "token_ids": [1, 2, 3]},
-                    {"vision_ms": 2.0, "prefill_ms": 3.0, "decode_ms": 0.0, "total_ms": 24.0, "token_ids": [5]}]}
+           "runs": [{"vision_ms": 2.0, "prefill_ms": 3.0, "decode_ms": 10.0, "total_ms": 20.0, "token_ids": [1, 2, 3],
+                     "question": "What objects are there?"},
+                    {"vision_ms": 2.0, "prefill_ms": 3.0, "decode_ms": 0.0, "total_ms": 24.0, "token_ids": [5],
+                     "question": "What color is the cube?"}]}
     s = summarize(eng, base["runs"])
     assert s["speedup_vs_generate"] == 5.0 and s["same_tokens_as_generate"] == 1
+    assert s["speedup_long_answers"] == 5.0  # the long-answer question alone: 100 ms vs 20 ms
     assert s["decode_tokens_per_s"] == 200.0  # 2 decode tokens (the first comes from prefill) in 10 ms
     report = {"results": {BASELINE: summarize(base, base["runs"]), "onnxruntime": s,
                           "tensorrt": {"skipped": "TensorRT is not installed here"}}}
@@ -64,9 +68,9 @@ def test_bench_cli_quick_run(tiny_qwen2vl_dir, tmp_path, capsys):
         r = results[name]
         # --max-load 0: any load is too much, so the ratio is kept aside, not printed as a figure
         for key in ("vision_ms_p50", "prefill_ms_p50", "decode_tokens_per_s", "speedup_vs_generate_under_load",
-                    "same_tokens_as_generate"):
+                    "speedup_long_answers_under_load", "same_tokens_as_generate"):
             assert key in r, (name, key)
-        assert "speedup_vs_generate" not in r
+        assert "speedup_vs_generate" not in r and "speedup_long_answers" not in r
         assert r["same_tokens_as_generate"] == 2  # greedy: identical answers to generate
     assert results["onnxruntime"]["torch_imported"] is False  # measured without the PyTorch model
     # the decode bound of each CPU row: ONNX Runtime reads its decoder file's bytes per token

@@ -190,6 +190,30 @@ def test_same_greedy_tokens_as_torch_backend(engines):
         assert not b.cancelled
 
 
+def test_the_raw_binding_gives_the_documented_binding_s_tokens(engines):
+    """The decode loop runs one layer under onnxruntime's IO-binding wrapper for speed; where
+    those internals are missing it must fall back to the wrapper, with the same logits."""
+    from vlsi_model.engine import onnxruntime_engine as ore
+
+    _, engine = engines
+    assert engine._raw_binding is not None  # the pinned onnxruntime has them: the fast path is what runs
+    pairs = bench_style_inputs(2)
+    fast = [engine.answer(image, question, max_new_tokens=MAX_NEW) for image, question in pairs]
+    raw = engine._raw_binding
+    try:
+        engine._raw_binding = None
+        slow = [engine.answer(image, question, max_new_tokens=MAX_NEW) for image, question in pairs]
+        ids = engine.prepare(*pairs[0])
+        embeds, _ = engine.run_vision(ids["pixel_values"], ids["grid_thw"])
+        documented = engine.prefill(ids["input_ids"], engine.embed(ids["input_ids"], embeds), ids["grid_thw"])[0]
+    finally:
+        engine._raw_binding = raw
+    assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
+    logits = engine.prefill(ids["input_ids"], engine.embed(ids["input_ids"], embeds), ids["grid_thw"])[0]
+    np.testing.assert_array_equal(logits, documented)
+    assert ore._raw_binding_api(object()) is None  # a session without the internals: the wrapper is used
+
+
 def test_stop_token_ends_the_answer_like_torch(engines):
     """Make a token the model produces mid-answer a stop token: both backends stop there."""
     torch_engine, ort_engine = engines
