@@ -108,6 +108,31 @@ def test_qwen3_student_config_builds_the_nano_text_model_with_32_px_tokens(token
     assert tokens == 16
 
 
+def test_the_qwen3_stages_are_the_qwen2_recipe_on_their_own_runs():
+    """`FAMILY=qwen3 scripts/train_default_student.sh` trains configs/nano/qwen3_student*.yaml: each later
+    stage has the Qwen2-VL stage's settings (steps, lr, schedule, batch, freezing) and starts from the
+    previous Qwen3-VL stage's final model, all inside runs/nano_qwen3 (no Qwen2-VL model or data)."""
+    from pathlib import Path
+
+    import yaml
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "nano"
+    previous = yaml.safe_load((configs / "qwen3_student.yaml").read_text())["train"]["output_dir"]
+    for stage in ("grids", "locate", "locate_more"):
+        qwen2 = yaml.safe_load((configs / f"student_{stage}.yaml").read_text())
+        qwen3 = yaml.safe_load((configs / f"qwen3_student_{stage}.yaml").read_text())
+        assert qwen3["model"]["path"] == f"{previous}/final", stage
+        assert {k: v for k, v in qwen3["train"].items() if k != "output_dir"} == \
+            {k: v for k, v in qwen2["train"].items() if k != "output_dir"}, stage
+        assert qwen3["nano"] == qwen2["nano"]
+        assert qwen3["data"]["train"] == qwen2["data"]["train"].replace("runs/nano/", "runs/nano_qwen3/")
+        assert all(str(v).startswith("runs/nano_qwen3/")
+                   for v in (qwen3["data"]["train"], qwen3["train"]["output_dir"]))
+        previous = qwen3["train"]["output_dir"]
+    script = (configs.parents[1] / "scripts" / "train_default_student.sh").read_text()
+    assert "qwen3) PREFIX=configs/nano/qwen3_student DEFAULT_RUNS=runs/nano_qwen3" in script
+
+
 def test_grown_teacher_of_the_reproduction_script_is_the_family_teacher_size(tokenizer):
     """scripts/train_default_student.sh grows the student to NANO_TEACHER_ARCH's language model, into the
     directory configs/nano/teacher_grown.yaml trains from; the result is in the teacher's parameter range."""
