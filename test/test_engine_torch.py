@@ -491,9 +491,14 @@ def test_answer_batch_decodes_different_frames_together_like_answer(loaded):
     questions = [*QUESTIONS, "How many objects are there?", "How many red circles are there in this picture?"][:4]
     limits = [MAX_NEW, 3, MAX_NEW, 5]
     alone = [engine.answer(i, q, max_new_tokens=n) for i, q, n in zip(images, questions, limits, strict=True)]
-    together = engine.answer_batch(images, questions, limits)
+    delivered = []  # (index, tokens, text) as each answer left the batch
+    together = engine.answer_batch(images, questions, limits,
+                                   on_answer=lambda k, r: delivered.append((k, list(r.token_ids), r.text)))
     assert engine._batch_fn is not None
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    # every answer delivered once, complete, the shorter ones first (they left the batch earlier)
+    assert sorted(delivered) == sorted((k, r.token_ids, r.text) for k, r in enumerate(together))
+    assert [len(tokens) for _, tokens, _ in delivered] == sorted(len(r.token_ids) for r in together)
     assert [r.text for r in together] == [r.text for r in alone]
     assert engine.supports_batch
     decoded = [r for r in together if len(r.token_ids) > 1]

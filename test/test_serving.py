@@ -249,12 +249,46 @@ class RecordingBatches(Recording):
     def __init__(self, engine, fail: bool = False) -> None:
         super().__init__(engine)
         self.fail = fail
+        self.decoding = False  # inside the engine's answer_batch
 
-    def answer_batch(self, images, questions, max_new_tokens, cancels=None):
+    def answer_batch(self, images, questions, max_new_tokens, cancels=None, on_answer=None):
         self.calls.append(len(questions))
         if self.fail:
             raise RuntimeError("out of memory in the batch")
-        return self.engine.answer_batch(images, questions, max_new_tokens, cancels=cancels)
+        self.decoding = True
+        try:
+            return self.engine.answer_batch(images, questions, max_new_tokens, cancels=cancels, on_answer=on_answer)
+        finally:
+            self.decoding = False
+
+
+def test_a_short_batched_answer_reaches_its_requester_before_the_long_one_ends(engine):
+    """In a batch across frames each requester gets its answer when it leaves the batch, not when
+    the longest answer beside it ends."""
+    recording = RecordingBatches(engine)
+    worker = AnswerWorker(recording, capacity=8, max_batch=2)
+    gate = threading.Event()
+    try:
+        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
+        time.sleep(0.1)
+        short = worker.submit(AnswerJob("How many objects are there?", lambda: (image(12), 12), 1,
+                                        frame_key=("cam", 12)))
+        long = worker.submit(AnswerJob("What objects are there?", lambda: (image(13), 13), 12, frame_key=("cam", 13)))
+        seen = []  # when the short answer arrived: was the batch still decoding?
+        short.add_done_callback(lambda _: seen.append(recording.decoding))
+        gate.set()
+        blocker.result(timeout=30)
+        long_tokens = long.result(timeout=60).result.token_ids
+        assert short.result(timeout=60).result.token_ids == engine.answer(image(12), "How many objects are there?",
+                                                                           1).token_ids
+        assert long_tokens == engine.answer(image(13), "What objects are there?", 12).token_ids
+        assert recording.calls == ["answer", 2]
+        assert len(long_tokens) > 1  # so the two left the batch at different steps
+        assert seen == [True]
+        assert worker.succeeded == 3 and worker.failed == 0  # each counted once
+    finally:
+        gate.set()
+        worker.stop()
 
 
 @pytest.mark.parametrize("batch_fails", [False, True])

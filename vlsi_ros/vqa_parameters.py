@@ -63,8 +63,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "queue_size": ParameterSpec(4, "requests waiting for the model beyond this are refused at once (the "
                                    "executor has a thread for each)", STARTUP),
     "max_batch": ParameterSpec(1, "up to this many waiting requests about different frames decoded together "
-                                  "(torch backend; each answer then arrives when its batch ends: a throughput "
-                                  "gain paid in latency); 1: one at a time", STARTUP),
+                                  "(torch backend; each answer then waits for every member's vision and "
+                                  "prefill: a throughput gain paid in latency); 1: one at a time", STARTUP),
     "request_timeout_s": ParameterSpec(30.0, "a request not answered in this time fails with a timeout", LIVE),
     "standing_questions": ParameterSpec([], "questions answered on every camera at standing_rate_hz, on `answers`",
                                         LIVE),

@@ -103,13 +103,24 @@ def _takes(s: BatchedAnswer, token: int, stop_token_ids: frozenset[int], now: fl
 
 
 def decode_batch(step: Callable[..., tuple[torch.Tensor, ...]], embed_tokens: nn.Module,
-                 sequences: list[BatchedAnswer], stop_token_ids: frozenset[int]) -> None:
+                 sequences: list[BatchedAnswer], stop_token_ids: frozenset[int],
+                 on_finished: Callable[[BatchedAnswer], None] | None = None) -> None:
     """Greedy-decode `sequences` together with `step` (a `BatchDecoderStep`, traced or not);
-    fills each one's `tokens` and its result's `cancelled`. Same stopping rules as `greedy_tokens`."""
+    fills each one's `tokens` and its result's `cancelled`. Same stopping rules as `greedy_tokens`.
+    `on_finished(s)` runs as each sequence leaves the batch (every one does, unless `step` raises),
+    so a short answer can be delivered while the long ones decode on."""
+
+    def stays(s: BatchedAnswer, token: int, now: float) -> bool:
+        if _takes(s, token, stop_token_ids, now):
+            return True
+        if on_finished is not None:
+            on_finished(s)
+        return False
+
     now = time.perf_counter()
     for s in sequences:
         s.tokens = []
-    live = [s for s in sequences if _takes(s, s.first_id, stop_token_ids, now)]  # the prefill's token
+    live = [s for s in sequences if stays(s, s.first_id, now)]  # the prefill's token
     if not live:
         return
     dtype = embed_tokens.weight.dtype
@@ -126,8 +137,7 @@ def decode_batch(step: Callable[..., tuple[torch.Tensor, ...]], embed_tokens: nn
             out = step(embed_tokens(ids), pos, mask, *kv)
         next_ids, kv = out[0].tolist(), list(out[1:])
         now = time.perf_counter()
-        keep = [i for i, (s, token) in enumerate(zip(live, next_ids, strict=True))
-                if _takes(s, int(token), stop_token_ids, now)]
+        keep = [i for i, (s, token) in enumerate(zip(live, next_ids, strict=True)) if stays(s, int(token), now)]
         if len(keep) < len(live):
             if not keep:
                 return

@@ -52,7 +52,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -400,7 +400,8 @@ class TorchEngine:
         return result, (next_id, kv, input_ids.shape[1], rope_deltas)
 
     def answer_batch(self, images: list[np.ndarray], questions: list[str], max_new_tokens: list[int] | int = 32,
-                     cancels: list[threading.Event | None] | None = None) -> list[AnswerResult | Exception]:
+                     cancels: list[threading.Event | None] | None = None,
+                     on_answer: Callable[[int, AnswerResult], None] | None = None) -> list[AnswerResult | Exception]:
         """Greedy answers to questions about different images, decoded together (`torch_batch`).
 
         Each question is preprocessed, encoded and prefilled alone; then every answer advances one
@@ -408,6 +409,9 @@ class TorchEngine:
         exception in its place and the others go on. Each answer's `decode_ms` runs from the
         batch's first step until it left the batch, and `total_ms` from this call's start (the
         other questions' preprocessing and prefills included: what its requester waited).
+        `on_answer(index, result)` runs as each decoded answer leaves the batch, complete (tokens,
+        text, times), so a caller can deliver a short answer before the long ones end; errors come
+        only in the returned list, and so may answers cancelled before their prefill.
         Without the fast decode path (`supports_batch` False) the answers run one after another."""
         from vlsi_model.engine.torch_batch import BatchedAnswer, decode_batch
 
@@ -415,10 +419,26 @@ class TorchEngine:
         if len(images) != len(questions):
             raise EngineError("answer_batch needs one image per question")
         if self._step is None or len(questions) < 2:
-            return [self._answer_or_error(*args) for args in zip(images, questions, limits, cancels, strict=True)]
+            alone: list[AnswerResult | Exception] = []
+            for args in zip(images, questions, limits, cancels, strict=True):
+                alone.append(self._answer_or_error(*args))
+                if on_answer is not None and isinstance(alone[-1], AnswerResult):
+                    on_answer(len(alone) - 1, alone[-1])
+            return alone
         t_start = time.perf_counter()
         out: list[AnswerResult | Exception] = []
         batch: list[BatchedAnswer] = []
+        index_of: dict[int, int] = {}  # id(result) -> its question's index
+        t0 = t_start
+
+        def finished(item: BatchedAnswer) -> None:
+            item.result.token_ids = item.tokens or []
+            item.result.text = self.tokenizer.decode(item.result.token_ids, skip_special_tokens=True).strip()
+            item.result.decode_ms = (item.finished_s - t0) * 1000.0  # until it left the batch
+            item.result.total_ms = (item.finished_s - t_start) * 1000.0
+            if on_answer is not None:
+                on_answer(index_of[id(item.result)], item.result)
+
         with torch.inference_mode():
             self._ensure_decode_fn()
             self._ensure_batch_fn()
@@ -431,19 +451,15 @@ class TorchEngine:
                     out.append(exc)
                     continue
                 out.append(result)
+                index_of[id(result)] = len(out) - 1
                 if state is not None:
                     next_id, kv, seq_len, rope_deltas = state
                     batch.append(BatchedAnswer(result, next_id, list(kv), seq_len, int(rope_deltas.view(-1)[0]),
                                                limit, cancel))
             t0 = time.perf_counter()
-            decode_batch(self._batch_fn, self.model.get_input_embeddings(), batch, self.stop_token_ids)
+            decode_batch(self._batch_fn, self.model.get_input_embeddings(), batch, self.stop_token_ids, finished)
             self._sync()
         done = time.perf_counter()
-        for item in batch:
-            item.result.token_ids = item.tokens or []
-            item.result.text = self.tokenizer.decode(item.result.token_ids, skip_special_tokens=True).strip()
-            item.result.decode_ms = (item.finished_s - t0) * 1000.0  # until it left the batch
-            item.result.total_ms = (item.finished_s - t_start) * 1000.0
         for result in out:
             if isinstance(result, AnswerResult) and not result.total_ms:
                 result.total_ms = (done - t_start) * 1000.0  # cancelled before it started

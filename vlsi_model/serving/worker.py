@@ -73,6 +73,11 @@ class JobOutcome:
     queued_ms: float
 
 
+# In `_execute`'s outcomes: this job's future was settled already (a batched answer delivered
+# as it left the batch, before the longer answers beside it ended).
+_SETTLED = object()
+
+
 class AnswerWorker:
     """Runs AnswerJobs one at a time on a background thread; `submit` never blocks.
 
@@ -211,17 +216,23 @@ class AnswerWorker:
                 except Exception as exc:  # the frame failed (reported to every requester); the worker keeps serving
                     outcomes = [exc] * len(live)
                 for job, outcome in zip(live, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
-                        self.failed += 1
-                        job.future.set_exception(outcome)
-                    else:
-                        self.succeeded += 1
-                        job.future.set_result(outcome)
+                    if outcome is not _SETTLED:
+                        self._settle(job, outcome)
             finally:
                 with self._wakeup:
                     self._running = []
 
-    def _execute(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception]:
+    def _settle(self, job: AnswerJob, outcome: JobOutcome | Exception) -> None:
+        if job.future.done():  # delivered from the batch already
+            return
+        if isinstance(outcome, Exception):
+            self.failed += 1
+            job.future.set_exception(outcome)
+        else:
+            self.succeeded += 1
+            job.future.set_result(outcome)
+
+    def _execute(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception | object]:
         """Answer `jobs` (one, several about one frame, or a batch across frames) after resolving
         each frame once; a job that fails gets its exception, the others their outcomes."""
         groups: dict[Any, list[int]] = {}
@@ -231,9 +242,10 @@ class AnswerWorker:
             return self._execute_one_frame(jobs)
         return self._execute_batch(jobs, list(groups.values()))
 
-    def _execute_batch(self, jobs: list[AnswerJob], groups: list[list[int]]) -> list[JobOutcome | Exception]:
+    def _execute_batch(self, jobs: list[AnswerJob], groups: list[list[int]]) -> list[JobOutcome | Exception | object]:
         """Jobs about several frames: each frame resolved once (a failure fails its jobs alone),
-        then one `answer_batch` call decodes every answer together."""
+        then one `answer_batch` call decodes every answer together, each answer delivered to its
+        requester as it leaves the batch (`_SETTLED` in the outcomes)."""
         queued_ms = [1000.0 * (time.perf_counter() - job.submitted_s) for job in jobs]
         frames: dict[int, tuple[np.ndarray, Any] | Exception] = {}
         for group in groups:
@@ -243,18 +255,28 @@ class AnswerWorker:
                 frame = exc
             frames.update({i: frame for i in group})
         ready = [i for i in range(len(jobs)) if not isinstance(frames[i], Exception)]
+        settled: dict[int, AnswerResult] = {}
+
+        def deliver(k: int, result: AnswerResult) -> None:
+            i = ready[k]
+            settled[i] = result
+            self._settle(jobs[i], JobOutcome(result=result, source=frames[i][1], queued_ms=queued_ms[i]))
+
         try:
             answers = self.engine.answer_batch([frames[i][0] for i in ready], [jobs[i].question for i in ready],
                                                [jobs[i].max_new_tokens for i in ready],
-                                               cancels=[jobs[i].cancel for i in ready]) if ready else []
-        except Exception:  # noqa: BLE001 - e.g. out of memory in the batch: answer one by one
-            answers = [self._answer_alone(frames[i][0], jobs[i]) for i in ready]
+                                               cancels=[jobs[i].cancel for i in ready],
+                                               on_answer=deliver) if ready else []
+        except Exception:  # noqa: BLE001 - e.g. out of memory in the batch: the others one by one
+            answers = [settled.get(i) or self._answer_alone(frames[i][0], jobs[i]) for i in ready]
         by_job: dict[int, AnswerResult | Exception] = dict(zip(ready, answers, strict=True))
         self._record(list(by_job.values()))
-        out: list[JobOutcome | Exception] = []
+        out: list[JobOutcome | Exception | object] = []
         for i in range(len(jobs)):
             frame, answer = frames[i], by_job.get(i)
-            if isinstance(frame, Exception):
+            if i in settled:
+                out.append(_SETTLED)
+            elif isinstance(frame, Exception):
                 out.append(frame)
             elif isinstance(answer, Exception):
                 out.append(answer)
