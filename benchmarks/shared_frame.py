@@ -1,7 +1,7 @@
-"""Several questions about one frame: answered one by one vs together (`TorchEngine.answer_many`).
+"""Several questions about one frame: answered one by one vs together (`answer_many`).
 
     scripts/in_env.sh python benchmarks/shared_frame.py [--dims nano|2b] [--frames 8] [--questions 5]
-        [--max-new-tokens 4] [--threads 2] [--json out.json]
+        [--max-new-tokens 4] [--threads 2] [--backend torch|onnxruntime --onnx EXPORT_DIR] [--json out.json]
 
 A robot asks standing questions about every frame ("Is the door open?", "How many people?",
 alerts); each one alone re-encodes the image and re-prefills the prompt. `answer_many` runs the
@@ -12,6 +12,9 @@ load from other processes hits both alike), and checks the answers are token-ide
 --dims nano: the shipped student (448 x 448 frames are resized to its 112 x 84 input).
 --dims 2b: a random-weight model with Qwen2-VL-2B's real dimensions (2.21 B parameters, built
 locally: no download) with images up to 448 x 448 (256 image tokens); about 9 GB of RAM in fp32.
+--backend onnxruntime: the ONNX Runtime engine on EXPORT_DIR (`vlsi export` of the same model;
+for --dims 2b, of `vlsi_model.real_size.real_size_model_dir("2b")`), whose `answer_many` keeps the
+shared prefix's KV inside ONNX Runtime.
 Prints the 1-min load average beside the figures.
 """
 
@@ -32,7 +35,13 @@ QUESTIONS = ("How many objects are there?", "Is there a red circle?", "What colo
              "What objects are there?", "Where is each object?", "Is there a yellow triangle?")
 
 
-def build_engine(dims: str, threads: int):
+def build_engine(dims: str, threads: int, backend: str = "torch", onnx_dir: Path | None = None):
+    if backend == "onnxruntime":
+        from vlsi_model.engine.onnxruntime_engine import OnnxRuntimeEngine
+
+        if onnx_dir is None:
+            raise SystemExit("--backend onnxruntime needs --onnx EXPORT_DIR")
+        return OnnxRuntimeEngine(onnx_dir, num_threads=threads)
     import torch
 
     from vlsi_model.defaults import default_model_path
@@ -54,11 +63,13 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    parser.add_argument("--onnx", type=Path, default=None, help="export directory (--backend onnxruntime)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from vlsi_model.data.render import render_scene
     from vlsi_model.data.scenes import SceneConfig, generate_scene, scene_seed
-    engine = build_engine(args.dims, args.threads)
+    engine = build_engine(args.dims, args.threads, args.backend, args.onnx)
     questions = list(QUESTIONS[: args.questions])
     config = SceneConfig(width=448, height=448, layout="grid", grid=(4, 4))
     frames = [render_scene(generate_scene(scene_seed("test", 3, i), config)) for i in range(args.frames + 1)]
@@ -79,7 +90,7 @@ def main() -> int:
                 shared_tokens = [a.token_ids for a in answers]
         same += sum(a == b for a, b in zip(separate_tokens, shared_tokens, strict=True))
         loads.append(os.getloadavg()[0])
-    row = {"dims": args.dims, "frames": args.frames, "questions_per_frame": len(questions),
+    row = {"dims": args.dims, "backend": args.backend, "frames": args.frames, "questions_per_frame": len(questions),
            "max_new_tokens": args.max_new_tokens, "threads": args.threads,
            "separate_s_per_frame_p50": statistics.median(one_by_one),
            "shared_s_per_frame_p50": statistics.median(together),

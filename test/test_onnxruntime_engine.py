@@ -214,6 +214,37 @@ def test_the_raw_binding_gives_the_documented_binding_s_tokens(engines):
     assert ore._raw_binding_api(object()) is None  # a session without the internals: the wrapper is used
 
 
+def test_answer_many_shares_the_frame_and_prefix_and_answers_like_answer(engines):
+    """Several questions about one frame (the worker's grouping): the frame resized and encoded
+    once, the common prefix prefilled once and read by every question without a copy, each answer
+    the one `answer` gives; limits and cancels per question; a bad question fails the call."""
+    _, engine = engines
+    image = bench_style_inputs(1)[0][0]
+    questions = ["What color is the circle?", "What color is the square?", "How many objects are there?",
+                 "Is there a red circle?", "What objects are there?"]
+    limits = [MAX_NEW, 3, MAX_NEW, 1, MAX_NEW]
+    alone = [engine.answer(image, q, max_new_tokens=n) for q, n in zip(questions, limits, strict=True)]
+    calls = []
+    vision = engine.run_vision
+    engine.run_vision = lambda *a: (calls.append(1), vision(*a))[1]
+    try:
+        together = engine.answer_many(image, questions, limits)
+    finally:
+        del engine.run_vision
+    assert len(calls) == 1
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert together[0].vision_ms > 0 and all(r.vision_ms == 0 for r in together[1:])
+    assert all(r.total_ms >= r.decode_ms > 0 for r in together)
+    stop = threading.Event()
+    stop.set()
+    cancelled = engine.answer_many(image, questions[:2], MAX_NEW, cancels=[None, stop])
+    assert cancelled[1].cancelled and not cancelled[1].token_ids and cancelled[0].token_ids == alone[0].token_ids
+    with pytest.raises(EngineError, match="empty"):
+        engine.answer_many(image, [questions[0], "  "], MAX_NEW)
+    assert engine.answer_many(image, [], MAX_NEW) == []
+
+
 def test_stop_token_ends_the_answer_like_torch(engines):
     """Make a token the model produces mid-answer a stop token: both backends stop there."""
     torch_engine, ort_engine = engines

@@ -330,6 +330,11 @@ def test_onnxruntime_answers_token_for_token_like_torch(loaded, exported):
                 want = torch_engine.answer(image, question, max_new_tokens=MAX_NEW)
                 got = ort_engine.answer(image, question, max_new_tokens=MAX_NEW)
                 assert got.token_ids == want.token_ids and got.text == want.text
+            # several questions on the frame: DeepStack added once, in the shared prefix's prefill
+            together = ort_engine.answer_many(image, [*questions[:3], "How many objects are there?"], MAX_NEW)
+            assert [r.token_ids for r in together] == [
+                torch_engine.answer(image, q, max_new_tokens=MAX_NEW).token_ids
+                for q in [*questions[:3], "How many objects are there?"]]
     finally:
         ort_engine.close()
         torch_engine.close()

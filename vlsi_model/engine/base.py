@@ -8,7 +8,7 @@ the same way on every backend so latency can be compared stage by stage.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,7 +16,8 @@ import numpy as np
 
 from vlsi_model.errors import EngineError, ModelLoadError
 
-__all__ = ["AnswerResult", "Engine", "EngineError", "ModelLoadError", "TokenCallback", "greedy_tokens"]
+__all__ = ["AnswerResult", "Engine", "EngineError", "ModelLoadError", "TokenCallback", "greedy_tokens", "per_question",
+           "shared_prefix_length"]
 
 # on_token(text_so_far, num_tokens) is called after every generated token. Returning False
 # stops generation early (the result is marked cancelled), as does setting `cancel`.
@@ -73,6 +74,28 @@ def greedy_tokens(
             break
         next_id = next_token(next_id, len(tokens))
     return tokens, False
+
+
+def per_question(n: int, max_new_tokens: list[int] | int, cancels: Sequence[threading.Event | None] | None,
+                  caller: str) -> tuple[list[int], list[threading.Event | None]]:
+    """`max_new_tokens` and `cancels` of `answer_many` / `answer_batch` (every backend) as one entry per question."""
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    events = list(cancels) if cancels is not None else [None] * n
+    if len(limits) != n or len(events) != n:
+        raise EngineError(f"{caller} needs one max_new_tokens and one cancel per question")
+    return limits, events
+
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, keeping at least one token of each prompt its
+    own (its prefill must produce that question's first answer token): what `answer_many`
+    prefills once for several questions about one image."""
+    prefix = min(len(p) for p in prompts) - 1
+    for k in range(prefix):
+        if any(p[k] != prompts[0][k] for p in prompts[1:]):
+            return k
+    return prefix
 
 
 class Engine(Protocol):

@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback, greedy_tokens
+from vlsi_model.engine.base import (
+    AnswerResult,
+    EngineError,
+    ModelLoadError,
+    TokenCallback,
+    greedy_tokens,
+    per_question,
+    shared_prefix_length,
+)
 from vlsi_model.engine.np_inputs import (
     ImageConfig,
     PromptBuilder,
@@ -197,16 +205,30 @@ class OnnxRuntimeEngine:
         """(last logits [vocab], ORT IO binding holding the present KV, rope_delta). `deepstack`:
         Qwen3-VL's DeepStack features from `run_vision` (required for it, ignored otherwise)."""
         positions, rope_delta = rope_index(input_ids, self.image_token_id, grid_thw, self.vision_spec.merge_size)
+        scattered = None
+        if self.deepstack_layers:
+            scattered = deepstack_at_tokens(input_ids, self.image_token_id, deepstack, self.deepstack_layers,
+                                            self.float_dtype)
+        outputs = self._extend(inputs_embeds, positions, None, scattered)
+        return outputs[0].numpy()[0], outputs, rope_delta
+
+    def _extend(self, inputs_embeds: np.ndarray, positions: np.ndarray, past: list[Any] | None,
+                deepstack_embeds: np.ndarray | None = None) -> list[Any]:
+        """Run the decoder on `inputs_embeds` [1, S, hidden] at M-RoPE `positions` [3, S] after the
+        tokens cached in `past` (a previous run's outputs; None: nothing cached), each new token
+        seeing the cache and the new tokens before it: a whole prompt's prefill, or the rest of a
+        prompt after a shared prefix. `deepstack_embeds` [K, 1, S, hidden]: Qwen3-VL's features at
+        the new tokens (None: zeros, no image token among them)."""
         cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype,
                                  interleaved=self.mrope_interleaved)
         seq = inputs_embeds.shape[1]
+        past_len = 0 if past is None else past[1].shape()[2]
         feeds = {"inputs_embeds": inputs_embeds, "rotary_cos": cos, "rotary_sin": sin,
-                 "attention_bias": causal_bias(seq, 0, self.float_dtype, self.mask_value)}
+                 "attention_bias": causal_bias(seq, past_len, self.float_dtype, self.mask_value)}
         if self.deepstack_layers:
-            feeds["deepstack_embeds"] = deepstack_at_tokens(input_ids, self.image_token_id, deepstack,
-                                                            self.deepstack_layers, self.float_dtype)
-        outputs = self._run_decoder({k: np.ascontiguousarray(v) for k, v in feeds.items()}, None)
-        return outputs[0].numpy()[0], outputs, rope_delta
+            feeds["deepstack_embeds"] = deepstack_embeds if deepstack_embeds is not None else np.zeros(
+                (self.deepstack_layers, 1, seq, self.hidden), dtype=self.float_dtype)
+        return self._run_decoder({k: np.ascontiguousarray(v) for k, v in feeds.items()}, past)
 
     def decode_step(self, token_id: int, position: int, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
         """One token at M-RoPE `position` (all axes) with `past` (the previous outputs) -> (logits, outputs)."""
@@ -288,25 +310,93 @@ class OnnxRuntimeEngine:
             next_id = int(np.argmax(logits))
             result.prefill_ms = _ms(t0)
 
-            t0 = time.perf_counter()
-            seq_len = len(ids)
-
-            def step(last_id: int, n: int) -> int:
-                nonlocal past
-                logits, past = self.decode_step(last_id, seq_len + n - 1 + rope_delta, past)
-                return int(np.argmax(logits))
-
-            tokens, result.cancelled = greedy_tokens(next_id, step, self.stop_token_ids, max_new_tokens,
-                                                     self.prompts.stream_text, on_token, cancel)
-            result.decode_ms = _ms(t0)
+            self._decode(result, next_id, past, len(ids), rope_delta, max_new_tokens, on_token, cancel)
         except EngineError:
             raise
         except Exception as exc:  # an onnxruntime failure mid-request must not look like a crash of the caller
             raise EngineError(f"onnxruntime failed: {type(exc).__name__}: {exc}") from exc
-        result.token_ids = tokens
-        result.text = self.prompts.decode(tokens).strip()
         result.total_ms = _ms(t_start)
         return result
+
+    def _decode(self, result: AnswerResult, first_id: int, past: list[Any], seq_len: int, rope_delta: int,
+                max_new_tokens: int, on_token: TokenCallback | None, cancel: threading.Event | None) -> None:
+        """The greedy loop after a prompt of `seq_len` tokens whose prefill chose `first_id` and left
+        `past`; fills `result`'s tokens, text, decode_ms and cancelled."""
+        t0 = time.perf_counter()
+
+        def step(last_id: int, n: int) -> int:
+            nonlocal past
+            logits, past = self.decode_step(last_id, seq_len + n - 1 + rope_delta, past)
+            return int(np.argmax(logits))
+
+        tokens, result.cancelled = greedy_tokens(first_id, step, self.stop_token_ids, max_new_tokens,
+                                                 self.prompts.stream_text, on_token, cancel)
+        result.decode_ms = _ms(t0)
+        result.token_ids = tokens
+        result.text = self.prompts.decode(tokens).strip()
+
+    def answer_many(self, image: np.ndarray, questions: list[str], max_new_tokens: list[int] | int = 32,
+                    cancels: list[threading.Event | None] | None = None) -> list[AnswerResult]:
+        """Greedy answers to several questions about one image, sharing what they have in common
+        (as `TorchEngine.answer_many`; the worker groups a camera's waiting questions into one call).
+
+        The frame is resized and encoded once, the prompt's common prefix (the turn's opening, the
+        image tokens, whatever the questions share after them) is prefilled once, and each question
+        prefills only its own tokens after that cache, which stays inside ONNX Runtime and is only
+        read, never copied. Answers are the ones `answer` gives (tested token for token). The first
+        result carries the shared preprocessing, vision and prefix times.
+        """
+        t_start = time.perf_counter()
+        if self._closed:
+            raise EngineError("engine is closed")
+        if not questions:
+            return []
+        limits, cancels = per_question(len(questions), max_new_tokens, cancels, "answer_many")
+        if any(n < 1 for n in limits):
+            raise EngineError(f"max_new_tokens must be >= 1, got {limits}")
+        if len(questions) == 1:
+            return [self.answer(image, questions[0], limits[0], cancel=cancels[0])]
+        image = validate_image(image)
+        texts = [validate_question(q, self.max_question_chars) for q in questions]
+        pixel_values, grid = preprocess_image(image, self.image_config)
+        n_img = grid[0] * grid[1] * grid[2] // self.vision_spec.merge_size**2
+        ids = [self.prompts.prompt_ids(q, n_img) for q in texts]
+        prefix = shared_prefix_length(ids)
+        if int((ids[0][prefix:] == self.image_token_id).sum()):
+            raise EngineError("the questions differ before the image tokens: no shared prefix")
+        results = [AnswerResult(text="") for _ in questions]
+        try:
+            t0 = time.perf_counter()
+            image_embeds, deepstack = self.run_vision(pixel_values, grid)
+            results[0].vision_ms = _ms(t0)
+            t0 = time.perf_counter()
+            positions = [rope_index(x, self.image_token_id, grid, self.vision_spec.merge_size) for x in ids]
+            head = ids[0][:prefix]
+            scattered = None
+            if self.deepstack_layers:
+                scattered = deepstack_at_tokens(head, self.image_token_id, deepstack, self.deepstack_layers,
+                                                self.float_dtype)
+            shared = self._extend(self.embed(head, image_embeds), positions[0][0][:, :prefix], None, scattered)
+            results[0].prefill_ms = _ms(t0)
+            for i, (question_ids, (position_ids, rope_delta)) in enumerate(zip(ids, positions, strict=True)):
+                result = results[i]
+                if cancels[i] is not None and cancels[i].is_set():
+                    result.cancelled = True
+                    continue
+                t0 = time.perf_counter()
+                outputs = self._extend(self.embed(question_ids[prefix:]), position_ids[:, prefix:], shared)
+                first_id = int(np.argmax(outputs[0].numpy()[0]))
+                result.prefill_ms += _ms(t0)
+                self._decode(result, first_id, outputs, len(question_ids), rope_delta, limits[i], None, cancels[i])
+        except EngineError:
+            raise
+        except Exception as exc:  # an onnxruntime failure mid-request must not look like a crash of the caller
+            raise EngineError(f"onnxruntime failed: {type(exc).__name__}: {exc}") from exc
+        elapsed = _ms(t_start)
+        for result in results:
+            result.total_ms = result.vision_ms + result.prefill_ms + result.decode_ms
+        results[0].total_ms = elapsed - sum(r.total_ms for r in results[1:])  # preprocessing counted once
+        return results
 
     def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:
         """One throw-away answer so the first real request does not pay session warm-up."""

@@ -61,7 +61,14 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from vlsi_model.engine.base import AnswerResult, EngineError, TokenCallback, greedy_tokens
+from vlsi_model.engine.base import (
+    AnswerResult,
+    EngineError,
+    TokenCallback,
+    greedy_tokens,
+    per_question,
+    shared_prefix_length,
+)
 from vlsi_model.prompting import DEFAULT_MAX_QUESTION_CHARS, build_inputs
 
 log = logging.getLogger(__name__)
@@ -69,16 +76,6 @@ log = logging.getLogger(__name__)
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
-
-
-def _per_question(n: int, max_new_tokens: list[int] | int, cancels: Sequence[threading.Event | None] | None,
-                  caller: str) -> tuple[list[int], list[threading.Event | None]]:
-    """`max_new_tokens` and `cancels` of `answer_many` / `answer_batch` as one entry per question."""
-    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    events = list(cancels) if cancels is not None else [None] * n
-    if len(limits) != n or len(events) != n:
-        raise EngineError(f"{caller} needs one max_new_tokens and one cancel per question")
-    return limits, events
 
 
 def _stream_text(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
@@ -415,7 +412,7 @@ class TorchEngine:
         Without the fast decode path (`supports_batch` False) the answers run one after another."""
         from vlsi_model.engine.torch_batch import BatchedAnswer, decode_batch
 
-        limits, cancels = _per_question(len(questions), max_new_tokens, cancels, "answer_batch")
+        limits, cancels = per_question(len(questions), max_new_tokens, cancels, "answer_batch")
         if len(images) != len(questions):
             raise EngineError("answer_batch needs one image per question")
         if self._step is None or len(questions) < 2:
@@ -509,7 +506,7 @@ class TorchEngine:
         model = self.model
         if not questions:
             return []
-        limits, cancels = _per_question(len(questions), max_new_tokens, cancels, "answer_many")
+        limits, cancels = per_question(len(questions), max_new_tokens, cancels, "answer_many")
         if any(n < 1 for n in limits):
             raise EngineError(f"max_new_tokens must be >= 1, got {limits}")
         prompts = [build_inputs(self.tokenizer, self.image_processor, image, q,
@@ -518,11 +515,7 @@ class TorchEngine:
             return [self.answer(image, questions[0], limits[0], cancel=cancels[0])]
         dev = self.device
         ids = [p["input_ids"][0].tolist() for p in prompts]
-        prefix = min(len(x) for x in ids) - 1  # every question keeps at least one token of its own
-        for k in range(prefix):
-            if any(x[k] != ids[0][k] for x in ids[1:]):
-                prefix = k
-                break
+        prefix = shared_prefix_length(ids)
         results = [AnswerResult(text="") for _ in questions]
         with torch.inference_mode():
             self._ensure_decode_fn()
