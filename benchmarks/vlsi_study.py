@@ -137,6 +137,12 @@ def study_rows() -> list[Row]:
             {"verbalizers": {"residual": False}}, group="r_unlabelled", data=pool),
         Row("oracle", "sft", "O: SFT on labels + the pool's true labels", group="r_unlabelled",
             data=("labels", "true")),
+        # R-few: the labelled frames only (A1 is sft_labels above, the same run); the teacher's soft
+        # targets and layers on those frames alone
+        Row("final_kd_few", "distill", "R-few A3: final-layer KD (T=1) + SFT, labelled frames only",
+            _merge(final_kd, {"loss": {"temperature": 1.0}}), group="r_few", data=("labels",)),
+        Row("vlsi_few", "distill", "R-few A4: VLsI (full) + SFT, labelled frames only", group="r_few",
+            data=("labels",)),
     ]
     return rows
 

@@ -224,6 +224,9 @@ def test_rows_train_on_their_named_sources(tmp_path):
         {"path": str(labels), "name": "labels", "weight": 3.0}, {"path": str(teacher), "name": "teacher",
                                                                   "weight": 12.0}]
     assert vlsi_study.row_train_data(rows["student_sft"], a) == str(tmp_path / "train.json")
+    # R-few: the teacher's signal on the labelled frames alone (the same data as A1)
+    for name in ("final_kd_few", "vlsi_few"):
+        assert rows[name].kind == "distill" and vlsi_study.row_train_data(rows[name], a) == str(labels)
     with pytest.raises(ValueError, match="--source NAME=FILE"):
         vlsi_study.row_train_data(rows["oracle"], a)
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Usage: STUDY_CODE=/path/to/frozen/worktree setsid nohup scripts/study/r_few_driver.sh &
+# R-few, pre-registered last (after R-open): A3 and A4 on the 500 labelled frames alone
+# (final_kd_few, vlsi_few), seeds 0-4, two workers sharing rows through file locks. A1 is
+# R-unlabelled's sft_labels (the same run); its train-vs-test gap is the `train` column that
+# `--extra-test train=runs/rstudy/labelled/train_mix.json` adds to those rows from their kept models.
+cd "$(dirname "$0")/../.."  # the repository root
+while pgrep -f "r_unlabelled_driver.sh|r_open_driver.sh" > /dev/null; do sleep 60; done
+for seed in 0 1 2 3 4; do
+  ROWS=final_kd_few,vlsi_few SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/few_seed${seed}_a.log 2>&1 &
+  sleep 30
+  ROWS=final_kd_few,vlsi_few SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/few_seed${seed}_b.log 2>&1 &
+  wait
+  echo "R-few seed $seed done $(date)" >> runs/rstudy/logs/driver.log
+done
