@@ -213,6 +213,27 @@ def test_the_raw_binding_gives_the_documented_binding_s_tokens(engines):
     np.testing.assert_array_equal(logits, documented)
     assert ore._raw_binding_api(object()) is None  # a session without the internals: the wrapper is used
 
+    class OtherSignature:  # an onnxruntime whose pybind binding takes other arguments
+        cpu = None
+
+        @staticmethod
+        def binding_type(session):
+            raise TypeError("__init__(): incompatible constructor arguments")
+
+    try:
+        engine._raw_binding = OtherSignature()
+        assert engine.answer(*pairs[0], max_new_tokens=MAX_NEW).token_ids == fast[0].token_ids
+        assert engine._raw_binding is None  # gave up on the raw path for good
+        # and mid-answer: the cache the raw path left (pybind OrtValues) goes on through the wrapper
+        engine._raw_binding = raw
+        _, past, _ = engine.prefill(ids["input_ids"], engine.embed(ids["input_ids"], embeds), ids["grid_thw"])
+        want, _ = engine.decode_step(5, len(ids["input_ids"]), past)
+        engine._raw_binding = None
+        got, _ = engine.decode_step(5, len(ids["input_ids"]), past)
+        np.testing.assert_array_equal(got, want)
+    finally:
+        engine._raw_binding = raw
+
 
 def test_answer_many_shares_the_frame_and_prefix_and_answers_like_answer(engines):
     """Several questions about one frame (the worker's grouping): the frame resized and encoded
@@ -224,14 +245,19 @@ def test_answer_many_shares_the_frame_and_prefix_and_answers_like_answer(engines
                  "Is there a red circle?", "What objects are there?"]
     limits = [MAX_NEW, 3, MAX_NEW, 1, MAX_NEW]
     alone = [engine.answer(image, q, max_new_tokens=n) for q, n in zip(questions, limits, strict=True)]
-    calls = []
-    vision = engine.run_vision
+    calls, extends = [], []
+    vision, extend = engine.run_vision, engine._extend
     engine.run_vision = lambda *a: (calls.append(1), vision(*a))[1]
+    engine._extend = lambda embeds, *a: (extends.append(embeds.shape[1]), extend(embeds, *a))[1]
     try:
         together = engine.answer_many(image, questions, limits)
     finally:
-        del engine.run_vision
+        del engine.run_vision, engine._extend
     assert len(calls) == 1
+    # one prefill of the shared prefix (image tokens included), then each question's own tokens only
+    prompts = [engine.prepare(image, q)["input_ids"] for q in questions]
+    assert len(extends) == 1 + len(questions) and extends[0] + extends[1] == len(prompts[0])
+    assert all(extends[0] + n == len(p) for n, p in zip(extends[1:], prompts, strict=True))
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.text for r in together] == [r.text for r in alone]
     assert together[0].vision_ms > 0 and all(r.vision_ms == 0 for r in together[1:])

@@ -291,6 +291,36 @@ def test_a_short_batched_answer_reaches_its_requester_before_the_long_one_ends(e
         worker.stop()
 
 
+def test_a_batch_that_fails_after_delivering_answers_the_rest_alone(engine):
+    """A batch that raises after one answer left it (e.g. out of memory on a later step): that
+    requester keeps the answer it got, counted once; the others are answered one by one."""
+
+    class FailsAfterTheFirst(RecordingBatches):
+        def answer_batch(self, images, questions, max_new_tokens, cancels=None, on_answer=None):
+            self.calls.append(len(questions))
+            on_answer(0, self.engine.answer(images[0], questions[0], max_new_tokens[0]))
+            raise RuntimeError("out of memory on decode step 3")
+
+    recording = FailsAfterTheFirst(engine)
+    worker = AnswerWorker(recording, capacity=8, max_batch=3)
+    gate = threading.Event()
+    try:
+        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
+        time.sleep(0.1)
+        jobs = [worker.submit(AnswerJob("How many objects are there?", lambda s=s: (image(s), s), 6,
+                                        frame_key=("cam", s))) for s in (12, 13, 14)]
+        gate.set()
+        blocker.result(timeout=30)
+        for seed, future in zip((12, 13, 14), jobs, strict=True):
+            assert future.result(timeout=60).result.token_ids == engine.answer(
+                image(seed), "How many objects are there?", 6).token_ids
+        assert recording.calls == ["answer", 3, "answer", "answer"]  # the delivered one is not answered again
+        assert worker.succeeded == 4 and worker.failed == 0
+    finally:
+        gate.set()
+        worker.stop()
+
+
 @pytest.mark.parametrize("batch_fails", [False, True])
 def test_waiting_requests_about_different_frames_are_decoded_together(engine, batch_fails):
     """Requests about different frames that wait together go to the engine as one batch (up to

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Usage: STUDY_CODE=/path/to/frozen/worktree setsid nohup scripts/study/r_few_driver.sh &
 # R-few, pre-registered last (after R-open): A3 and A4 on the 500 labelled frames alone
-# (final_kd_few, vlsi_few), seeds 0-4, two workers sharing rows through file locks. A1 is
-# R-unlabelled's sft_labels (the same run); its train-vs-test gap is the `train` column that
-# `--extra-test train=runs/rstudy/labelled/train_mix.json` adds to those rows from their kept models.
+# (final_kd_few, vlsi_few), seeds 0-4, two workers sharing rows through file locks. STUDY_CODE: a
+# worktree of a commit that has these rows. A1 is R-unlabelled's sft_labels (the same run); its
+# train-vs-test gap is the `train` column of a separate report run of benchmarks/vlsi_study.py with
+# `--rows sft_labels --extra-test train=runs/rstudy/labelled/train_mix.json`, which scores the
+# rows' kept models (done 2026-12-05, in docs/study/r_unlabelled/sft_labels/).
 cd "$(dirname "$0")/../.."  # the repository root
 while pgrep -f "r_unlabelled_driver.sh|r_open_driver.sh" > /dev/null; do sleep 60; done
 for seed in 0 1 2 3 4; do

@@ -148,6 +148,7 @@ class OnnxRuntimeEngine:
         self.float_dtype = self._dec_inputs["inputs_embeds"]
         self._kv_names = [f"past_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._present_names = [f"present_{kv}_{i}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self._ort = ort
         self._raw_binding = _raw_binding_api(self._decoder)
         self._empty_kv = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.float_dtype)
         self._closed = False
@@ -250,32 +251,41 @@ class OnnxRuntimeEngine:
         inside ONNX Runtime (IO binding) so the next step binds them without a copy."""
         raw = self._raw_binding
         if raw is not None:  # the same calls one layer down (see _raw_binding_api for why)
-            binding = raw.binding_type(self._decoder._sess)
-            for name, value in feeds.items():
-                binding.bind_input(name, value)
-            if past is None:
-                for name in self._kv_names:
-                    binding.bind_input(name, self._empty_kv)
-            else:
-                for name, value in zip(self._kv_names, past[1:], strict=True):
-                    binding.bind_ortvalue_input(name, value)
-            for name in self._dec_outputs:
-                binding.bind_output(name, raw.cpu)
-            self._decoder._sess.run_with_iobinding(binding, None)
-            outputs = binding.get_outputs()
-            return [outputs[i] for i in range(len(outputs))]
+            try:
+                return self._run_decoder_raw(raw, feeds, past)
+            except TypeError:  # an onnxruntime whose internals take other arguments: the wrapper from now on
+                self._raw_binding = None
         binding = self._decoder.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for i, name in enumerate(self._kv_names):
             if past is None:
                 binding.bind_cpu_input(name, self._empty_kv)
-            else:
-                binding.bind_ortvalue_input(name, past[i + 1])
+            else:  # (a pybind OrtValue when the raw path gave up mid-answer: wrapped)
+                value = past[i + 1]
+                binding.bind_ortvalue_input(name, value if hasattr(value, "_ortvalue") else self._ort.OrtValue(value))
         for name in self._dec_outputs:
             binding.bind_output(name, "cpu")
         self._decoder.run_with_iobinding(binding)
         return binding.get_outputs()
+
+    def _run_decoder_raw(self, raw: _RawBinding, feeds: dict[str, np.ndarray], past: list[Any] | None) -> list[Any]:
+        """`_run_decoder` through onnxruntime's pybind binding (the same calls as its wrapper makes).
+        The numpy inputs are read in place: `feeds` (held by the caller) keeps them alive for the run."""
+        binding = raw.binding_type(self._decoder._sess)
+        for name, value in feeds.items():
+            binding.bind_input(name, value)
+        if past is None:
+            for name in self._kv_names:
+                binding.bind_input(name, self._empty_kv)
+        else:
+            for name, value in zip(self._kv_names, past[1:], strict=True):
+                binding.bind_ortvalue_input(name, value)
+        for name in self._dec_outputs:
+            binding.bind_output(name, raw.cpu)
+        self._decoder._sess.run_with_iobinding(binding, None)
+        outputs = binding.get_outputs()
+        return [outputs[i] for i in range(len(outputs))]
 
     # ------------------------------------------------------------------ Engine
     def answer(
@@ -435,7 +445,7 @@ def _raw_binding_api(session: Any) -> _RawBinding | None:
         binding_type = pybind.SessionIOBinding
         cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
         session._sess.run_with_iobinding  # noqa: B018  (present, or AttributeError)
-    except (ImportError, AttributeError):
+    except Exception:  # noqa: BLE001 - any surprise in another onnxruntime's internals: use the wrapper
         return None
     return _RawBinding(binding_type, cpu)
 

@@ -107,8 +107,8 @@ def decode_batch(step: Callable[..., tuple[torch.Tensor, ...]], embed_tokens: nn
                  on_finished: Callable[[BatchedAnswer], None] | None = None) -> None:
     """Greedy-decode `sequences` together with `step` (a `BatchDecoderStep`, traced or not);
     fills each one's `tokens` and its result's `cancelled`. Same stopping rules as `greedy_tokens`.
-    `on_finished(s)` runs as each sequence leaves the batch (every one does, unless `step` raises),
-    so a short answer can be delivered while the long ones decode on."""
+    `on_finished(s)` runs as each sequence leaves the batch (every one does, unless `step` or
+    `on_finished` raises), so a short answer can be delivered while the long ones decode on."""
 
     def stays(s: BatchedAnswer, token: int, now: float) -> bool:
         if _takes(s, token, stop_token_ids, now):

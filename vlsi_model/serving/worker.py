@@ -245,7 +245,9 @@ class AnswerWorker:
     def _execute_batch(self, jobs: list[AnswerJob], groups: list[list[int]]) -> list[JobOutcome | Exception | object]:
         """Jobs about several frames: each frame resolved once (a failure fails its jobs alone),
         then one `answer_batch` call decodes every answer together, each answer delivered to its
-        requester as it leaves the batch (`_SETTLED` in the outcomes)."""
+        requester as it leaves the batch (`_SETTLED` in the outcomes). The future's done callbacks
+        (the node publishes there) then run between two decode steps of the others: they must be
+        quick, as they are everywhere on this thread."""
         queued_ms = [1000.0 * (time.perf_counter() - job.submitted_s) for job in jobs]
         frames: dict[int, tuple[np.ndarray, Any] | Exception] = {}
         for group in groups:
