@@ -449,6 +449,9 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
         results = _scored_alike(json.loads(result_file.read_text()), a, result_file)
         if _add_extra_tests(row_model_dir(row, a, seed), a, row_dir, results):
             _write_json_atomic(result_file, results)
+            if archived is not None:  # the archive keeps the new scores too
+                archived.parent.mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(archived, {**results, "seed": seed, "row": row.name})
         return results
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

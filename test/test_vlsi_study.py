@@ -168,13 +168,16 @@ def test_smoke_runs_every_row_and_resumes(tmp_path):
     sft_final = out / "rows" / "student_sft" / "seed0" / "sft" / "final" / "model.safetensors"
     trained_at = sft_final.stat().st_mtime_ns
     test_json = out / "smoke_inputs" / "data" / "test.json"
-    later = subprocess.run(cmd + ["--rows", "teacher,student_sft", "--extra-test", f"later={test_json}"],
+    later = subprocess.run(cmd + ["--rows", "teacher,student_sft", "--extra-test", f"later={test_json}",
+                                  "--archive", str(tmp_path / "archive")],
                            capture_output=True, text=True, timeout=600, cwd=REPO)
     assert later.returncode == 0, later.stderr[-4000:]
     assert sft_final.stat().st_mtime_ns == trained_at
     row = json.loads((out / "rows" / "student_sft" / "seed0" / "eval.json").read_text())
     # the same file as the main test split: the same score
     assert row["extra"]["later"]["overall"]["accuracy"] == row["overall"]["accuracy"]
+    kept = json.loads((tmp_path / "archive" / "student_sft" / "seed0.json").read_text())
+    assert kept["extra"]["later"] == row["extra"]["later"] and kept["seed"] == 0  # the archive has it too
     assert "later (set)" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["rows"]["student_sft"]["extra_tests"]["later"] == [
         row["overall"]["accuracy"]]
