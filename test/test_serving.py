@@ -241,6 +241,39 @@ def test_waiting_questions_about_one_frame_share_its_resolution(engine):
 
 
 
+def test_the_onnxruntime_engine_answers_a_frame_s_waiting_questions_in_one_call(tiny_qwen2vl_dir):
+    """With the ONNX Runtime backend too, waiting questions about one frame go to the engine as one
+    `answer_many` call (one resize, one vision pass, one prefix), each answer the one it gives alone."""
+    from onnx_helpers import export_once
+
+    ort_engine = load_engine(tiny_qwen2vl_dir, backend="onnxruntime", engine_dir=export_once(tiny_qwen2vl_dir),
+                             num_threads=1)
+
+    class RecordingMany(Recording):
+        def answer_many(self, *args, **kwargs):
+            self.calls.append("answer_many")
+            return self.engine.answer_many(*args, **kwargs)
+
+    recording = RecordingMany(ort_engine)
+    worker = AnswerWorker(recording, capacity=8)
+    gate = threading.Event()
+    questions = ["How many objects are there?", "What objects are there?", "Is there a red circle?"]
+    try:
+        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
+        time.sleep(0.1)
+        same = [worker.submit(AnswerJob(q, lambda: (image(2), "front"), 8, frame_key=("front", 1.0)))
+                for q in questions]
+        gate.set()
+        blocker.result(timeout=30)
+        for q, future in zip(questions, same, strict=True):
+            assert future.result(timeout=60).result.token_ids == ort_engine.answer(image(2), q, 8).token_ids
+        assert recording.calls == ["answer", "answer_many"]
+    finally:
+        gate.set()
+        worker.stop()
+        ort_engine.close()
+
+
 class RecordingBatches(Recording):
     """The real engine with `answer_batch`, recording each batch's size (`fail`: the batch raises)."""
 
