@@ -151,6 +151,30 @@ def test_model_card_of_a_student_trained_in_two_stages(tmp_path, tiny_qwen2vl_di
     assert "its last stage also on the synthetic camera's 640x480 frames" in flat
 
 
+def test_model_card_of_a_qwen3vl_student_names_its_family_and_geometry(tmp_path, tiny_qwen2vl_dir,
+                                                                         tiny_qwen3vl_dir):
+    """`FAMILY=qwen3 scripts/train_default_student.sh` ships a Qwen3-VL student: its card names that
+    family, its Hugging Face class, its 32-px image tokens (128x128 frames, 128x96 camera frames) and
+    the command that reproduces it; a Qwen2-VL student's card keeps its own (28 px, 112x112)."""
+    from vlsi_model.recipes.nano import model_card
+
+    config = tmp_path / "qwen3_student.yaml"
+    config.write_text(yaml.safe_dump({"nano": {"freeze_vision_tower": True, "freeze_vision_merger": True},
+                                      "train": {"per_device_batch_size": 32, "lr": 1e-3}}))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"step": 12000, "loss": 0.2, "token_acc": 0.9}) + "\n")
+    results = {"families": {"count": {"n": 4, "accuracy": 0.5, "prior": 0.25, "majority_answer": "1"}},
+               "overall": {"n": 4, "accuracy": 0.5}}
+    qwen3 = " ".join(model_card(Path(tiny_qwen3vl_dir), results, tmp_path / "m.jsonl", config,
+                                camera_results=results).split())
+    assert "Qwen3-VL" in qwen3 and "Qwen3VLForConditionalGeneration.from_pretrained" in qwen3
+    assert "128x128" in qwen3 and "128x96 = 4x3 image tokens" in qwen3 and "112x112" not in qwen3
+    assert "FAMILY=qwen3 scripts/train_default_student.sh" in qwen3
+    qwen2 = " ".join(model_card(Path(tiny_qwen2vl_dir), results, tmp_path / "m.jsonl", config,
+                                camera_results=results).split())
+    assert "Qwen2VLForConditionalGeneration" in qwen2 and "112x84 = 4x3 image tokens" in qwen2
+    assert "FAMILY=qwen3" not in qwen2
+
+
 def test_freezing_the_merger_alone_is_refused(tmp_path):
     """A trained tower behind a frozen random projector was never measured: a clear error, before any work."""
     from vlsi_model.recipes.nano import load_nano_config

@@ -486,6 +486,16 @@ lr {train.get("lr", "?")}, full fine-tuning (no LoRA at this size). Config: `{co
   {loss_3:.4f}, response-token accuracy {acc_3:.3f}."""
 
 
+# The README's name and Hugging Face class of each family a nano student can have.
+_CARD_FAMILIES = {"qwen2_vl": ("Qwen2-VL", "Qwen2VLForConditionalGeneration"),
+                  "qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration"),
+                  "qwen3_vl": ("Qwen3-VL", "Qwen3VLForConditionalGeneration")}
+QWEN3_MODEL_CARD_COMMANDS = (
+    "FAMILY=qwen3 scripts/train_default_student.sh   # all four stages, resumable: the commands of the\n"
+    "# Qwen2-VL student's card with --size 128x128 --grid 4x4 for its own frames (32-px image tokens),\n"
+    "# runs/nano_qwen3 and configs/nano/qwen3_student{,_grids,_locate,_locate_more}.yaml\n")
+
+
 def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, config: Path, notes: str = "",
                earlier_stages: Sequence[tuple[Path, Path]] = (),
                camera_results: Mapping[str, Any] | None = None,
@@ -511,6 +521,13 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
     size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
     model_cfg = json.loads((model_dir / "config.json").read_text())
     text, vision = model_cfg.get("text_config", model_cfg), model_cfg["vision_config"]
+    family, hf_class = _CARD_FAMILIES.get(model_cfg.get("model_type", "qwen2_vl"), _CARD_FAMILIES["qwen2_vl"])
+    cell = int(vision.get("patch_size", 14)) * int(vision.get("spatial_merge_size", 2))  # pixels per image token
+    width = vision.get("embed_dim", vision.get("hidden_size"))
+    if distilled:
+        commands = MODEL_CARD_DISTILL_COMMANDS
+    else:
+        commands = QWEN3_MODEL_CARD_COMMANDS if model_cfg.get("model_type") == "qwen3_vl" else MODEL_CARD_COMMANDS
     how = "pretrained from scratch, then VLsI-distilled from a larger teacher," if distilled else "trained from scratch"
     this_stage = _distill_training_section(config) if distilled else _sft_training_section(metrics, config)
     training = "\n".join([_sft_training_section(Path(m), Path(c)) for m, c in earlier_stages] + [this_stage])
@@ -520,7 +537,7 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
 ## On the synthetic camera's frames
 
 The same questions asked about 640x480 frames with the objects on a 4x3 grid (the `image_source`
-node's default; the processor turns them into 112x84 = 4x3 image tokens), test seeds:
+node's default; the processor turns them into {4 * cell}x{3 * cell} = 4x3 image tokens), test seeds:
 
 {format_table(camera_results)}
 """
@@ -533,17 +550,17 @@ node's default; the processor turns them into 112x84 = 4x3 image tokens), test s
 """ for title, r in extra_results)
     return f"""# nano student: the default model of vlsi_ros
 
-A {tensors / 1e6:.2f}M-parameter Qwen2-VL (text {text['hidden_size']} x {text['num_hidden_layers']} layers,
-vision {vision['depth']} x {vision['embed_dim']}; {size_mb:.1f} MB of float32 safetensors) {how}
-on the project's synthetic scenes (1-5 objects: circle/square/triangle, 5 colours, 2 sizes, 112x112,
+A {tensors / 1e6:.2f}M-parameter {family} (text {text['hidden_size']} x {text['num_hidden_layers']} layers,
+vision {vision['depth']} x {width}; {size_mb:.1f} MB of float32 safetensors) {how}
+on the project's synthetic scenes (1-5 objects: circle/square/triangle, 5 colours, 2 sizes, {4 * cell}x{4 * cell},
 one object per cell of a 4x4 grid, i.e. per image token: `SceneConfig(layout="grid")`){camera_intro}.
 It is what `vlsi ask`, the ROS node and every backend use when no model is given, so the whole
 pipeline runs on a laptop CPU with answers that are better than chance on scenes of that kind.
 It knows nothing about real images: for a robot, distill your own student (`vlsi distill`).
 
-Load it like any Hugging Face Qwen2-VL directory (`Qwen2VLForConditionalGeneration.from_pretrained`,
+Load it like any Hugging Face {family} directory (`{hf_class}.from_pretrained`,
 or `vlsi_model.checkpoint.load_model_dir`); it carries its BPE tokenizer (Qwen2-VL specials and chat
-template) and its image processor (images resized to <= 112x112 = 16 image tokens).
+template) and its image processor (images resized to <= {4 * cell}x{4 * cell} = 16 image tokens).
 
 ## Test accuracy (exact match, greedy, {results['overall']['n']} questions from test seeds never used in training)
 
@@ -566,7 +583,7 @@ question means the template is not learned, whatever the accuracy):
 ## Reproduce
 
 ```
-{MODEL_CARD_DISTILL_COMMANDS if distilled else MODEL_CARD_COMMANDS}```
+{commands}```
 """
 
 
