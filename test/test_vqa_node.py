@@ -82,12 +82,19 @@ def raw_node(ros_context, tiny_qwen2vl_dir, tmp_path_factory):
 
 
 def publish_until_answered(harness, msg, question: str = QUESTION, **kw) -> Ask.Response:
-    """Publish `msg` until the node answers about it (discovery may drop the first frames)."""
-    deadline = time.monotonic() + 20
+    """Publish `msg` until the node answers about it (discovery may drop the first frames, and,
+    on a loaded machine, the first replies: Fast DDS gives up sending a service response when the
+    client's reply reader is not matched yet, "failed to send response (timeout)" in the node's
+    log; such a lost reply is asked again after 15 s)."""
+    deadline = time.monotonic() + 60
+    response = None
     while time.monotonic() < deadline:
         harness.publisher.publish(msg)
         time.sleep(0.05)
-        response = harness.client.ask(question, **kw)
+        try:
+            response = harness.client.ask(question, **{"timeout_s": 15.0, **kw})
+        except TimeoutError:
+            continue
         if response.success and response.image_header == msg.header:
             return response
     raise AssertionError(f"node never answered about frame {msg.header}: last {response}")
