@@ -86,6 +86,12 @@ def test_prompt_ids_equal_build_inputs(tiny_qwen2vl_dir):
         n_img = int(ref["image_grid_thw"][0].prod()) // 4
         ids = builder.prompt_ids(npi.validate_question(q, 1000), n_img)
         assert np.array_equal(ids, ref["input_ids"][0].numpy()), q
+        # kept for the next frame (standing questions), read-only so no caller can change the kept one
+        assert builder.prompt_ids(npi.validate_question(q, 1000), n_img) is ids and not ids.flags.writeable
+    assert not np.array_equal(builder.prompt_ids("x", 4), builder.prompt_ids("x", 6))  # keyed by image tokens too
+    for i in range(builder.CACHED_PROMPTS + 10):  # many different questions: the oldest are dropped
+        builder.prompt_ids(f"question {i}?", 4)
+    assert len(builder._prompts) == builder.CACHED_PROMPTS
 
 
 def test_validators_match_prompting():
