@@ -17,7 +17,7 @@ import numpy as np
 from vlsi_model.errors import EngineError, ModelLoadError
 
 __all__ = ["AnswerResult", "Engine", "EngineError", "ModelLoadError", "TokenCallback", "greedy_tokens", "per_question",
-           "shared_prefix_length"]
+           "shared_prefix_length", "split_shared_time"]
 
 # on_token(text_so_far, num_tokens) is called after every generated token. Returning False
 # stops generation early (the result is marked cancelled), as does setting `cancel`.
@@ -86,7 +86,6 @@ def per_question(n: int, max_new_tokens: list[int] | int, cancels: Sequence[thre
     return limits, events
 
 
-
 def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every prompt shares, keeping at least one token of each prompt its
     own (its prefill must produce that question's first answer token): what `answer_many`
@@ -96,6 +95,14 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
         if any(p[k] != prompts[0][k] for p in prompts[1:]):
             return k
     return prefix
+
+
+def split_shared_time(results: Sequence[AnswerResult], elapsed_ms: float) -> None:
+    """`answer_many`'s total_ms: each answer its own vision + prefill + decode, the first one also
+    what they shared (preprocessing once), so the totals add up to the call's `elapsed_ms`."""
+    for result in results:
+        result.total_ms = result.vision_ms + result.prefill_ms + result.decode_ms
+    results[0].total_ms = elapsed_ms - sum(r.total_ms for r in results[1:])
 
 
 class Engine(Protocol):

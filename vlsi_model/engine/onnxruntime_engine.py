@@ -37,6 +37,7 @@ from vlsi_model.engine.base import (
     greedy_tokens,
     per_question,
     shared_prefix_length,
+    split_shared_time,
 )
 from vlsi_model.engine.np_inputs import (
     ImageConfig,
@@ -165,10 +166,13 @@ class OnnxRuntimeEngine:
         """Validate and preprocess: prompt ids, pixel patches and the image grid."""
         image = validate_image(image)
         question = validate_question(question, self.max_question_chars)
+        pixel_values, grid, n_img = self._image_inputs(image)
+        return {"input_ids": self.prompts.prompt_ids(question, n_img), "pixel_values": pixel_values, "grid_thw": grid}
+
+    def _image_inputs(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int], int]:
+        """(pixel patches, image grid, merged image tokens) of a validated frame."""
         pixel_values, grid = preprocess_image(image, self.image_config)
-        n_img = grid[0] * grid[1] * grid[2] // self.vision_spec.merge_size**2
-        ids = self.prompts.prompt_ids(question, n_img)
-        return {"input_ids": ids, "pixel_values": pixel_values, "grid_thw": grid}
+        return pixel_values, grid, grid[0] * grid[1] * grid[2] // self.vision_spec.merge_size**2
 
     def run_vision(self, pixel_values: np.ndarray,
                    grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -368,8 +372,7 @@ class OnnxRuntimeEngine:
             return [self.answer(image, questions[0], limits[0], cancel=cancels[0])]
         image = validate_image(image)
         texts = [validate_question(q, self.max_question_chars) for q in questions]
-        pixel_values, grid = preprocess_image(image, self.image_config)
-        n_img = grid[0] * grid[1] * grid[2] // self.vision_spec.merge_size**2
+        pixel_values, grid, n_img = self._image_inputs(image)
         ids = [self.prompts.prompt_ids(q, n_img) for q in texts]
         prefix = shared_prefix_length(ids)
         if int((ids[0][prefix:] == self.image_token_id).sum()):
@@ -380,13 +383,9 @@ class OnnxRuntimeEngine:
             image_embeds, deepstack = self.run_vision(pixel_values, grid)
             results[0].vision_ms = _ms(t0)
             t0 = time.perf_counter()
+            head = ids[0][:prefix]  # every image token is in it (checked above): a prompt of its own
+            _, shared, _ = self.prefill(head, self.embed(head, image_embeds), grid, deepstack)
             positions = [rope_index(x, self.image_token_id, grid, self.vision_spec.merge_size) for x in ids]
-            head = ids[0][:prefix]
-            scattered = None
-            if self.deepstack_layers:
-                scattered = deepstack_at_tokens(head, self.image_token_id, deepstack, self.deepstack_layers,
-                                                self.float_dtype)
-            shared = self._extend(self.embed(head, image_embeds), positions[0][0][:, :prefix], None, scattered)
             results[0].prefill_ms = _ms(t0)
             for i, (question_ids, (position_ids, rope_delta)) in enumerate(zip(ids, positions, strict=True)):
                 result = results[i]
@@ -402,10 +401,7 @@ class OnnxRuntimeEngine:
             raise
         except Exception as exc:  # an onnxruntime failure mid-request must not look like a crash of the caller
             raise EngineError(f"onnxruntime failed: {type(exc).__name__}: {exc}") from exc
-        elapsed = _ms(t_start)
-        for result in results:
-            result.total_ms = result.vision_ms + result.prefill_ms + result.decode_ms
-        results[0].total_ms = elapsed - sum(r.total_ms for r in results[1:])  # preprocessing counted once
+        split_shared_time(results, _ms(t_start))
         return results
 
     def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:

@@ -69,6 +69,7 @@ class BatchedAnswer:
     cancel: threading.Event | None = None
     tokens: list[int] | None = None
     finished_s: float = 0.0  # time.perf_counter() when it left the batch
+    index: int = 0  # its question's place in the caller's list
 
 
 def _stack_left_padded(caches: list[list[torch.Tensor]], dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:

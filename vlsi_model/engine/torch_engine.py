@@ -68,6 +68,7 @@ from vlsi_model.engine.base import (
     greedy_tokens,
     per_question,
     shared_prefix_length,
+    split_shared_time,
 )
 from vlsi_model.prompting import DEFAULT_MAX_QUESTION_CHARS, build_inputs
 
@@ -425,7 +426,6 @@ class TorchEngine:
         t_start = time.perf_counter()
         out: list[AnswerResult | Exception] = []
         batch: list[BatchedAnswer] = []
-        index_of: dict[int, int] = {}  # id(result) -> its question's index
         t0 = t_start
 
         def finished(item: BatchedAnswer) -> None:
@@ -434,7 +434,7 @@ class TorchEngine:
             item.result.decode_ms = (item.finished_s - t0) * 1000.0  # until it left the batch
             item.result.total_ms = (item.finished_s - t_start) * 1000.0
             if on_answer is not None:
-                on_answer(index_of[id(item.result)], item.result)
+                on_answer(item.index, item.result)
 
         with torch.inference_mode():
             self._ensure_decode_fn()
@@ -448,11 +448,10 @@ class TorchEngine:
                     out.append(exc)
                     continue
                 out.append(result)
-                index_of[id(result)] = len(out) - 1
                 if state is not None:
                     next_id, kv, seq_len, rope_deltas = state
                     batch.append(BatchedAnswer(result, next_id, list(kv), seq_len, int(rope_deltas.view(-1)[0]),
-                                               limit, cancel))
+                                               limit, cancel, index=len(out) - 1))
             t0 = time.perf_counter()
             decode_batch(self._batch_fn, self.model.get_input_embeddings(), batch, self.stop_token_ids, finished)
             self._sync()
@@ -551,10 +550,7 @@ class TorchEngine:
                 self._sync()
                 result.prefill_ms += _ms(t0)
                 self._decode_answer(result, next_id, kv, len(question_ids), rope_deltas, limits[i], None, cancels[i])
-        elapsed = _ms(t_start)
-        for result in results:
-            result.total_ms = result.vision_ms + result.prefill_ms + result.decode_ms
-        results[0].total_ms = elapsed - sum(r.total_ms for r in results[1:])  # preprocessing counted once
+        split_shared_time(results, _ms(t_start))
         return results
 
     def _prefill_part(self, embeds: torch.Tensor, position_ids: torch.Tensor, past_len: int, past: Any,

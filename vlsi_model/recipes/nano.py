@@ -486,10 +486,8 @@ lr {train.get("lr", "?")}, full fine-tuning (no LoRA at this size). Config: `{co
   {loss_3:.4f}, response-token accuracy {acc_3:.3f}."""
 
 
-# The README's name and Hugging Face class of each family a nano student can have.
-_CARD_FAMILIES = {"qwen2_vl": ("Qwen2-VL", "Qwen2VLForConditionalGeneration"),
-                  "qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration"),
-                  "qwen3_vl": ("Qwen3-VL", "Qwen3VLForConditionalGeneration")}
+# The name a model card gives each family a nano student can have (its class: models.MODEL_CLASSES).
+_CARD_FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 QWEN3_MODEL_CARD_COMMANDS = (
     "FAMILY=qwen3 scripts/train_default_student.sh   # all four stages, resumable: the commands of the\n"
     "# Qwen2-VL student's card with --size 128x128 --grid 4x4 for its own frames (32-px image tokens),\n"
@@ -512,6 +510,7 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
     from safetensors import safe_open
 
     from vlsi_model.evaluation import format_question_type_table, format_table
+    from vlsi_model.models import MODEL_CLASSES
 
     distilled = "teacher" in load_yaml_config(config)
     tensors = 0
@@ -521,13 +520,14 @@ def model_card(model_dir: Path, results: Mapping[str, Any], metrics: Path, confi
     size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
     model_cfg = json.loads((model_dir / "config.json").read_text())
     text, vision = model_cfg.get("text_config", model_cfg), model_cfg["vision_config"]
-    family, hf_class = _CARD_FAMILIES.get(model_cfg.get("model_type", "qwen2_vl"), _CARD_FAMILIES["qwen2_vl"])
+    model_type = model_cfg.get("model_type", "qwen2_vl")
+    family, hf_class = _CARD_FAMILIES[model_type], MODEL_CLASSES[model_type].__name__
     cell = int(vision.get("patch_size", 14)) * int(vision.get("spatial_merge_size", 2))  # pixels per image token
     width = vision.get("embed_dim", vision.get("hidden_size"))
     if distilled:
         commands = MODEL_CARD_DISTILL_COMMANDS
     else:
-        commands = QWEN3_MODEL_CARD_COMMANDS if model_cfg.get("model_type") == "qwen3_vl" else MODEL_CARD_COMMANDS
+        commands = QWEN3_MODEL_CARD_COMMANDS if model_type == "qwen3_vl" else MODEL_CARD_COMMANDS
     how = "pretrained from scratch, then VLsI-distilled from a larger teacher," if distilled else "trained from scratch"
     this_stage = _distill_training_section(config) if distilled else _sft_training_section(metrics, config)
     training = "\n".join([_sft_training_section(Path(m), Path(c)) for m, c in earlier_stages] + [this_stage])

@@ -73,11 +73,6 @@ class JobOutcome:
     queued_ms: float
 
 
-# In `_execute`'s outcomes: this job's future was settled already (a batched answer delivered
-# as it left the batch, before the longer answers beside it ended).
-_SETTLED = object()
-
-
 class AnswerWorker:
     """Runs AnswerJobs one at a time on a background thread; `submit` never blocks.
 
@@ -216,14 +211,15 @@ class AnswerWorker:
                 except Exception as exc:  # the frame failed (reported to every requester); the worker keeps serving
                     outcomes = [exc] * len(live)
                 for job, outcome in zip(live, outcomes, strict=True):
-                    if outcome is not _SETTLED:
-                        self._settle(job, outcome)
+                    self._settle(job, outcome)
             finally:
                 with self._wakeup:
                     self._running = []
 
     def _settle(self, job: AnswerJob, outcome: JobOutcome | Exception) -> None:
-        if job.future.done():  # delivered from the batch already
+        """Give `job` its outcome, counted once: a batched answer delivered as it left the batch
+        is settled then, and skipped here when the batch's outcomes come back."""
+        if job.future.done():
             return
         if isinstance(outcome, Exception):
             self.failed += 1
@@ -232,7 +228,7 @@ class AnswerWorker:
             self.succeeded += 1
             job.future.set_result(outcome)
 
-    def _execute(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception | object]:
+    def _execute(self, jobs: list[AnswerJob]) -> list[JobOutcome | Exception]:
         """Answer `jobs` (one, several about one frame, or a batch across frames) after resolving
         each frame once; a job that fails gets its exception, the others their outcomes."""
         groups: dict[Any, list[int]] = {}
@@ -242,10 +238,10 @@ class AnswerWorker:
             return self._execute_one_frame(jobs)
         return self._execute_batch(jobs, list(groups.values()))
 
-    def _execute_batch(self, jobs: list[AnswerJob], groups: list[list[int]]) -> list[JobOutcome | Exception | object]:
+    def _execute_batch(self, jobs: list[AnswerJob], groups: list[list[int]]) -> list[JobOutcome | Exception]:
         """Jobs about several frames: each frame resolved once (a failure fails its jobs alone),
         then one `answer_batch` call decodes every answer together, each answer delivered to its
-        requester as it leaves the batch (`_SETTLED` in the outcomes). The future's done callbacks
+        requester as it leaves the batch (`_settle`, which then skips it). The future's done callbacks
         (the node publishes there) then run between two decode steps of the others: they must be
         quick, as they are everywhere on this thread."""
         queued_ms = [1000.0 * (time.perf_counter() - job.submitted_s) for job in jobs]
@@ -273,12 +269,10 @@ class AnswerWorker:
             answers = [settled.get(i) or self._answer_alone(frames[i][0], jobs[i]) for i in ready]
         by_job: dict[int, AnswerResult | Exception] = dict(zip(ready, answers, strict=True))
         self._record(list(by_job.values()))
-        out: list[JobOutcome | Exception | object] = []
+        out: list[JobOutcome | Exception] = []
         for i in range(len(jobs)):
             frame, answer = frames[i], by_job.get(i)
-            if i in settled:
-                out.append(_SETTLED)
-            elif isinstance(frame, Exception):
+            if isinstance(frame, Exception):
                 out.append(frame)
             elif isinstance(answer, Exception):
                 out.append(answer)
