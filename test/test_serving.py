@@ -197,6 +197,14 @@ def test_requests_run_before_background_work_and_are_never_refused_because_of_it
         worker.stop()
 
 
+def occupy(worker: AnswerWorker, gate: threading.Event):
+    """Keep `worker` busy with a job that waits for `gate`, so the jobs submitted before the gate is
+    set wait together (to be grouped by frame or batched); returns that job's future."""
+    blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
+    time.sleep(0.1)
+    return blocker
+
+
 class Recording:
     """The real engine, counting what the worker asks of it."""
 
@@ -221,8 +229,7 @@ def test_waiting_questions_about_one_frame_share_its_resolution(engine):
 
     questions = ["How many objects are there?", "What objects are there?", "Is there a red circle?"]
     try:
-        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
-        time.sleep(0.1)
+        blocker = occupy(worker, gate)
         same = [worker.submit(AnswerJob(q, frame("front", 2), 8, frame_key=("front", 1.0))) for q in questions]
         other = worker.submit(AnswerJob(questions[0], frame("back", 3), 8, frame_key=("back", 1.0)))
         streamed = worker.submit(AnswerJob(questions[1], frame("front-stream", 2), 8, frame_key=("front", 1.0),
@@ -259,8 +266,7 @@ def test_the_onnxruntime_engine_answers_a_frame_s_waiting_questions_in_one_call(
     gate = threading.Event()
     questions = ["How many objects are there?", "What objects are there?", "Is there a red circle?"]
     try:
-        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
-        time.sleep(0.1)
+        blocker = occupy(worker, gate)
         same = [worker.submit(AnswerJob(q, lambda: (image(2), "front"), 8, frame_key=("front", 1.0)))
                 for q in questions]
         gate.set()
@@ -302,8 +308,7 @@ def test_a_short_batched_answer_reaches_its_requester_before_the_long_one_ends(e
     worker = AnswerWorker(recording, capacity=8, max_batch=2)
     gate = threading.Event()
     try:
-        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
-        time.sleep(0.1)
+        blocker = occupy(worker, gate)
         short = worker.submit(AnswerJob("How many objects are there?", lambda: (image(12), 12), 1,
                                         frame_key=("cam", 12)))
         long = worker.submit(AnswerJob("What objects are there?", lambda: (image(13), 13), 12, frame_key=("cam", 13)))
@@ -338,8 +343,7 @@ def test_a_batch_that_fails_after_delivering_answers_the_rest_alone(engine):
     worker = AnswerWorker(recording, capacity=8, max_batch=3)
     gate = threading.Event()
     try:
-        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
-        time.sleep(0.1)
+        blocker = occupy(worker, gate)
         jobs = [worker.submit(AnswerJob("How many objects are there?", lambda s=s: (image(s), s), 6,
                                         frame_key=("cam", s))) for s in (12, 13, 14)]
         gate.set()
@@ -368,8 +372,7 @@ def test_waiting_requests_about_different_frames_are_decoded_together(engine, ba
         raise FrameError("no frame received yet on camera 'left'")
 
     try:
-        blocker = worker.submit(AnswerJob("q?", lambda: (gate.wait(10), (image(1), "blocker"))[1], 2))
-        time.sleep(0.1)
+        blocker = occupy(worker, gate)
         jobs = [worker.submit(AnswerJob("How many objects are there?", lambda s=s: (image(s), s), 8,
                                         frame_key=("cam", s))) for s in (12, 13)]
         failing = worker.submit(AnswerJob("How many objects are there?", broken, 8, frame_key=("left", 1.0)))
