@@ -1,7 +1,7 @@
 """Several questions about one frame: answered one by one vs together (`answer_many`).
 
     scripts/in_env.sh python benchmarks/shared_frame.py [--dims nano|2b] [--frames 8] [--questions 5]
-        [--max-new-tokens 4] [--threads 2] [--backend torch|onnxruntime --onnx EXPORT_DIR] [--json out.json]
+        [--max-new-tokens 4] [--threads 2] [--backend torch|onnxruntime|tensorrt --onnx DIR] [--json out.json]
 
 A robot asks standing questions about every frame ("Is the door open?", "How many people?",
 alerts); each one alone re-encodes the image and re-prefills the prompt. `answer_many` runs the
@@ -15,6 +15,9 @@ locally: no download) with images up to 448 x 448 (256 image tokens); about 9 GB
 --backend onnxruntime: the ONNX Runtime engine on EXPORT_DIR (`vlsi export` of the same model;
 for --dims 2b, of `vlsi_model.real_size.real_size_model_dir("2b")`), whose `answer_many` keeps the
 shared prefix's KV inside ONNX Runtime.
+--backend tensorrt --onnx ENGINE_DIR: the TensorRT engines `vlsi build-engine` built from that
+export (a Jetson / CUDA host only), whose `answer_many` reads the prefix from its own KV set on the
+GPU through the decoder's extend profile.
 Prints the 1-min load average beside the figures.
 """
 
@@ -36,12 +39,16 @@ QUESTIONS = ("How many objects are there?", "Is there a red circle?", "What colo
 
 
 def build_engine(dims: str, threads: int, backend: str = "torch", onnx_dir: Path | None = None):
+    if backend in ("onnxruntime", "tensorrt") and onnx_dir is None:
+        raise SystemExit(f"--backend {backend} needs --onnx DIR (the export, or the engine directory)")
     if backend == "onnxruntime":
         from vlsi_model.engine.onnxruntime_engine import OnnxRuntimeEngine
 
-        if onnx_dir is None:
-            raise SystemExit("--backend onnxruntime needs --onnx EXPORT_DIR")
         return OnnxRuntimeEngine(onnx_dir, num_threads=threads)
+    if backend == "tensorrt":
+        from vlsi_model.engine.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(onnx_dir)
     import torch
 
     from vlsi_model.defaults import default_model_path
@@ -63,8 +70,9 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
-    parser.add_argument("--onnx", type=Path, default=None, help="export directory (--backend onnxruntime)")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
+    parser.add_argument("--onnx", type=Path, default=None,
+                        help="export directory (--backend onnxruntime) or engine directory (--backend tensorrt)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from vlsi_model.data.render import render_scene

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from vlsi_model.export.tensorrt_build import (
     EXIT_BAD_INPUT,
     EXIT_NO_TENSORRT,
     EXIT_OK,
+    EXTEND_MAX_TOKENS,
     BuildError,
     ShapeRanges,
     compute_profiles,
@@ -144,9 +146,9 @@ def test_default_profiles_cover_the_export(export_manifest):
     pv = vision["pixel_values"]
     assert pv["max"] == [image["max_patches"], export_manifest["vision"]["patch_dim"]]
     assert vision["rotary_cos"]["opt"][0] == pv["opt"][0] == vision["full_segments"]["opt"][0]
-    prefill, decode = profiles["decoder"]
+    prefill, decode, extend = profiles["decoder"]
     n_layers = export_manifest["text"]["num_layers"]
-    assert len(prefill) == len(decode) == 4 + 2 * n_layers
+    assert len(prefill) == len(decode) == len(extend) == 4 + 2 * n_layers
     for key in ("min", "opt", "max"):
         seq = prefill["inputs_embeds"][key][1]
         assert prefill["past_key_0"][key][2] == 1  # the masked pad slot: never an empty tensor
@@ -154,8 +156,15 @@ def test_default_profiles_cover_the_export(export_manifest):
         assert decode["inputs_embeds"][key][1] == 1
         past = decode["past_value_1"][key][2]
         assert decode["attention_bias"][key][2:] == [1, past + 1]
+        # extend: a question's own tokens after a cached prefix (pad slot included), consistent dims
+        seq, past = extend["inputs_embeds"][key][1], extend["past_key_1"][key][2]
+        assert extend["attention_bias"][key][2:] == [seq, past + seq] and past >= 2
     assert decode["past_key_0"]["max"][2] == ranges.max_context
-    for prof in [vision, prefill, decode]:
+    longest = ranges.prefill_tokens[2]  # a question's own tokens (<= EXTEND_MAX_TOKENS) after any prefix
+    assert extend["inputs_embeds"]["min"][1] == 1
+    assert extend["inputs_embeds"]["max"][1] == min(longest, EXTEND_MAX_TOKENS) == 128
+    assert extend["past_key_0"]["max"][2] == longest + 1
+    for prof in [vision, prefill, decode, extend]:
         for shapes in prof.values():
             assert all(a <= b <= c for a, b, c in zip(shapes["min"], shapes["opt"], shapes["max"], strict=True))
 
@@ -164,7 +173,7 @@ def test_profiles_for_fixed_size_and_bad_ranges(tiny_qwen2vl_dir, export_manifes
     fixed = json.loads((export_once(tiny_qwen2vl_dir, image_size=(56, 84)) / mf.MANIFEST_FILE).read_text())
     profiles = compute_profiles(fixed, default_ranges(fixed))
     assert profiles["vision"] == []  # static graph: no profile
-    assert len(profiles["decoder"]) == 2
+    assert len(profiles["decoder"]) == 3
     with pytest.raises(BuildError, match="min <= opt <= max"):
         compute_profiles(export_manifest, ShapeRanges((4, 2, 8), (10, 20, 30), 100))
     with pytest.raises(BuildError, match="max_context"):
@@ -181,8 +190,9 @@ def test_trtexec_commands(export_dir, export_manifest):
         assert "--fp16" in cmd and "--memPoolSize=workspace:1024M" in cmd
         assert "--useDLACore=0 --allowGPUFallback" in cmd and "--timingCacheFile=cache.bin" in cmd
     assert vision.count("--minShapes=") == 1 and "pixel_values:" in vision
-    assert decoder.count("--minShapes=") == decoder.count("--maxShapes=") == 2  # prefill + decode profiles
-    assert decoder.index("--profile=0 --minShapes=") < decoder.index("--profile=1 --minShapes=")  # trtexec syntax
+    assert decoder.count("--minShapes=") == decoder.count("--maxShapes=") == 3  # prefill, decode, extend
+    assert decoder.index("--profile=0 --minShapes=") < decoder.index("--profile=1 --minShapes=") < \
+        decoder.index("--profile=2 --minShapes=")  # trtexec syntax
     assert "--profile=" not in vision  # a single profile needs no index
     h = export_manifest["text"]["hidden_size"]
     assert f"--minShapes=inputs_embeds:1x1x{h}," in decoder  # decode profile: one token
@@ -263,7 +273,7 @@ def test_qwen2vl_2b_memory():
     assert memory.kv_bytes_per_token(d) == 2 * 28 * 2 * 128 * 2 == 28672
     est = memory.estimate_memory(d, image_hw=(448, 448), max_context=1024)
     assert est.image_tokens == 256
-    assert est.kv_cache == 2 * 1024 * 28672
+    assert est.kv_cache == 3 * 1024 * 28672  # the runtime's KV sets: decode ping-pong + a frame's prefix
     assert est.vision_weights == counts["vision"] * 2
     assert est.decoder_weights == (counts["decoder_layers"] + counts["lm_head"]) * 2
     assert 4.5 * memory.GB < est.total < 6 * memory.GB  # fits an 8 GB Orin with room for OS + ROS
@@ -370,7 +380,7 @@ def test_fp16_build_pins_the_rmsnorm_arithmetic_and_writes_checked_engines(fake_
     decoder = _plan(out, "decoder")
     assert not decoder["strongly_typed"]
     assert set(decoder["flags"]) == {"FP16", "PREFER_PRECISION_CONSTRAINTS"}
-    assert len(decoder["profiles"]) == 2 and decoder["device"] == "GPU"
+    assert len(decoder["profiles"]) == 3 and decoder["device"] == "GPU"
     pinned = manifest["engines"]["decoder"]["fp32_pinned_layer_names"]
     assert pinned and set(pinned) == set(decoder["fp32_layers"])
     import onnx
@@ -418,18 +428,70 @@ def test_the_backend_runs_its_engines_token_for_token_like_onnxruntime(request, 
     out = tmp_path / "engines"
     build_engines(export, out, progress=lambda msg: None)
     engine = tensorrt_engine.TensorRTEngine(out)
-    contexts = (engine._vision_ctx, engine._prefill_ctx, engine._decode_ctx)
+    contexts = (engine._vision_ctx, engine._prefill_ctx, engine._decode_ctx, engine._extend_ctx)
     assert {ctx.strategy for ctx in contexts} == {fake_trt.ExecutionContextAllocationStrategy.USER_MANAGED}
     assert {ctx.device_memory for ctx in contexts} == {(engine._scratch, engine.scratch_bytes)}
     assert engine.scratch_bytes == max(engine._vision_engine.get_device_memory_size_for_profile_v2(0),
-                                       engine._decoder_engine.get_device_memory_size_for_profile_v2(0),
-                                       engine._decoder_engine.get_device_memory_size_for_profile_v2(1))
-    assert [ctx.active_optimization_profile for ctx in contexts] == [0, 0, 1]
+                                       *(engine._decoder_engine.get_device_memory_size_for_profile_v2(i)
+                                         for i in range(3)))
+    assert [ctx.active_optimization_profile for ctx in contexts] == [0, 0, 1, 2]
     _assert_same_tokens(engine, OnnxRuntimeEngine(export, num_threads=1))
     assert engine._decode_ctx.executions > 0
     engine.close()
     with pytest.raises(EngineError, match="closed"):
         engine.answer(np.zeros((60, 90, 3), dtype=np.uint8), "How many?")
+
+
+@pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl"])
+def test_tensorrt_answer_many_shares_the_frame_and_prefix_and_answers_like_answer(request, fake_trt, model,
+                                                                                  tmp_path, monkeypatch):
+    """Several questions about one frame on the TensorRT backend (fake TensorRT 10 runtime): one
+    vision run, one prefill of the shared prefix into its own KV set, then each question's own
+    tokens through the extend profile; every answer the one `answer` gives, limits and cancels
+    per question, a bad question fails the call. Engines built before the extend profile (two
+    decoder profiles) still answer, one by one, with the same tokens."""
+    from vlsi_model.engine import tensorrt_engine
+    from vlsi_model.engine.base import EngineError
+    from vlsi_model.export import tensorrt_build
+
+    monkeypatch.setattr(tensorrt_engine, "load_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(tensorrt_engine, "_Cuda", fake_trt.FakeCuda)
+    export = request.getfixturevalue("export_dir" if model == "qwen2vl" else "qwen3vl_export")
+    tensorrt_build.build_engines(export, tmp_path / "engines", progress=lambda msg: None)
+    engine = tensorrt_engine.TensorRTEngine(tmp_path / "engines")
+    assert len(engine._kv) == 3  # as memory.estimate_memory counts them
+    image = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    longer = "Which objects are left of the circle and " + "which are above the square and " * 12 + "where?"
+    questions = ["How many objects are there?", "What color is the circle?", longer, "Is there a red square?",
+                 "What objects are there?"]
+    limits = [8, 3, 4, 8, 1]
+    alone = [engine.answer(image, q, max_new_tokens=n).token_ids for q, n in zip(questions, limits, strict=True)]
+    assert len(engine.prompts.prompt_ids(longer, 4)) > engine.max_extend + 10  # its own tokens exceed extend
+    before = {name: getattr(engine, name).executions for name in ("_vision_ctx", "_prefill_ctx", "_extend_ctx")}
+    together = engine.answer_many(image, questions, limits)
+    ran = {name: getattr(engine, name).executions - n for name, n in before.items()}
+    # the longer question is answered on its own (its vision + prefill); the others share the frame
+    assert ran == {"_vision_ctx": 2, "_prefill_ctx": 2, "_extend_ctx": len(questions) - 1}
+    assert [r.token_ids for r in together] == alone and any(len(t) > 1 for t in alone)
+    assert [r.vision_ms > 0 for r in together] == [True, False, True, False, False]
+    stop = threading.Event()
+    stop.set()
+    cancelled = engine.answer_many(image, questions[:2], 8, cancels=[None, stop])
+    assert cancelled[1].cancelled and not cancelled[1].token_ids and cancelled[0].token_ids == alone[0]
+    with pytest.raises(EngineError, match="empty"):
+        engine.answer_many(image, [questions[0], "  "], 8)
+    assert engine.answer_many(image, [], 8) == []
+    engine.close()
+
+    two_profiles = tensorrt_build.compute_profiles  # what an older vlsi build-engine built
+    monkeypatch.setattr(tensorrt_build, "compute_profiles", lambda *a: {
+        g: p[:2] for g, p in two_profiles(*a).items()})
+    tensorrt_build.build_engines(export, tmp_path / "old", progress=lambda msg: None)
+    old = tensorrt_engine.TensorRTEngine(tmp_path / "old")
+    assert old._extend_ctx is None and len(old._kv) == 2
+    assert old._decoder_engine.num_optimization_profiles == 2
+    assert [r.token_ids for r in old.answer_many(image, questions, limits)] == alone
+    old.close()
 
 
 def test_dla_core_is_checked_against_the_device(fake_trt, export_dir, tmp_path, monkeypatch):
@@ -494,11 +556,12 @@ def test_qwen3vl_profiles_and_fp16_build_carry_deepstack(fake_trt, qwen3vl_expor
     profiles = compute_profiles(em, default_ranges(em))
     (vision,) = profiles["vision"]
     assert vision["pos_indices"]["max"] == [vision["pixel_values"]["max"][0], 4]
-    prefill, decode = profiles["decoder"]
+    prefill, decode, extend = profiles["decoder"]
     hidden = em["text"]["hidden_size"]
     for key in ("min", "opt", "max"):
         assert prefill["deepstack_embeds"][key] == [2, 1, prefill["inputs_embeds"][key][1], hidden]
         assert decode["deepstack_embeds"][key] == [2, 1, 1, hidden]
+        assert extend["deepstack_embeds"][key] == [2, 1, extend["inputs_embeds"][key][1], hidden]
     manifest = build_engines(qwen3vl_export, tmp_path / "engines", precision="fp16", progress=lambda msg: None)
     import onnx
 

@@ -97,6 +97,15 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return prefix
 
 
+def image_prefix_length(prompts: Sequence[Sequence[int]], image_token_id: int) -> int:
+    """`shared_prefix_length` of several questions' prompts about one image, which must hold every
+    image token (the prefix is what carries the image); EngineError otherwise."""
+    prefix = shared_prefix_length(prompts)
+    if any(int(t) == image_token_id for t in prompts[0][prefix:]):
+        raise EngineError("the questions differ before the image tokens: no shared prefix")
+    return prefix
+
+
 def split_shared_time(results: Sequence[AnswerResult], elapsed_ms: float) -> None:
     """`answer_many`'s total_ms: each answer its own vision + prefill + decode, the first one also
     what they shared (preprocessing once), so the totals add up to the call's `elapsed_ms`."""

@@ -35,8 +35,8 @@ from vlsi_model.engine.base import (
     ModelLoadError,
     TokenCallback,
     greedy_tokens,
+    image_prefix_length,
     per_question,
-    shared_prefix_length,
     split_shared_time,
 )
 from vlsi_model.engine.np_inputs import (
@@ -374,9 +374,7 @@ class OnnxRuntimeEngine:
         texts = [validate_question(q, self.max_question_chars) for q in questions]
         pixel_values, grid, n_img = self._image_inputs(image)
         ids = [self.prompts.prompt_ids(q, n_img) for q in texts]
-        prefix = shared_prefix_length(ids)
-        if int((ids[0][prefix:] == self.image_token_id).sum()):
-            raise EngineError("the questions differ before the image tokens: no shared prefix")
+        prefix = image_prefix_length(ids, self.image_token_id)
         results = [AnswerResult(text="") for _ in questions]
         try:
             t0 = time.perf_counter()

@@ -15,19 +15,23 @@ by `vlsi build-engine`) with the running TensorRT and GPU and says how to rebuil
 
 Runtime design (TensorRT 10 name-based API, documented in the TensorRT Python API reference):
 - `trt.Runtime(logger).deserialize_cuda_engine(bytes)` per graph; one execution context
-  for the vision engine and TWO for the decoder engine, one per optimisation profile
-  (profile 0 "prefill": many tokens, profile 1 "decode": one token, built by
-  `tensorrt_build`), each selected once with `set_optimization_profile_async`. The three are
-  USER_MANAGED and share one scratch buffer (`_create_contexts`).
+  for the vision engine and one per optimisation profile of the decoder engine (profile 0
+  "prefill": a prompt after the pad slot, 1 "decode": one token, 2 "extend": a question's own
+  tokens after a shared prefix, built by `tensorrt_build`), each selected once with
+  `set_optimization_profile_async`. All are USER_MANAGED and share one scratch buffer
+  (`_create_contexts`). Engines built before the extend profile existed load and answer;
+  their `answer_many` answers the questions one by one (rebuild them to share the prefix).
 - Per call: `context.set_input_shape(name, shape)` for every input, `set_tensor_address`
   for every input and output, `execute_async_v3(stream)`.
 - Device memory and copies via NVIDIA's cuda-python (`cuda.bindings.runtime`, or the older
   `cuda.cudart` import path): cudaMalloc/cudaMemcpyAsync/cudaStreamCreate. Chosen over
   `torch.cuda` so that the Jetson runtime needs no PyTorch (JetPack's torch wheels are a
   separate, version-locked install); `pip install cuda-python` matching the CUDA of JetPack.
-- KV cache: two preallocated device buffer sets (max context) used ping-pong: a step reads
+- KV cache: preallocated device buffer sets (max context) used ping-pong: a step reads
   past from one set and writes present into the other, then they swap: the cache never
-  leaves the GPU and is never copied.
+  leaves the GPU and is never copied. A third set holds a frame's shared prefix in
+  `answer_many`: every question's extend step reads it and writes into the ping-pong pair, so
+  the prefix is computed once and never overwritten while the frame's questions are answered.
 - Prefill uses one masked "pad" slot as its past (a zero key/value whose attention bias is
   the mask value, in prefill and every decode step), so no engine input ever has a zero
   length: empty tensors in optimisation profiles are poorly supported across 10.x releases.
@@ -49,7 +53,16 @@ from typing import Any
 
 import numpy as np
 
-from vlsi_model.engine.base import AnswerResult, EngineError, ModelLoadError, TokenCallback, greedy_tokens
+from vlsi_model.engine.base import (
+    AnswerResult,
+    EngineError,
+    ModelLoadError,
+    TokenCallback,
+    greedy_tokens,
+    image_prefix_length,
+    per_question,
+    split_shared_time,
+)
 from vlsi_model.manifest import MANIFEST_FILE, load_manifest, read_metadata_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -58,7 +71,9 @@ ENGINE_MANIFEST = "manifest.json"
 ENGINE_FORMAT = "vlsi-tensorrt-engines"
 ENGINE_FORMAT_VERSION = 1
 PAD_SLOTS = 1  # masked past slots in front of the real KV cache (see module docstring)
-PREFILL_PROFILE, DECODE_PROFILE = 0, 1
+PREFILL_PROFILE, DECODE_PROFILE, EXTEND_PROFILE = 0, 1, 2
+DECODER_PROFILE_NAMES = ("prefill", "decode", "extend")  # the decoder engine's profiles, in index order
+PREFIX_SET = 2  # the KV set holding answer_many's shared prefix (sets 0 and 1 ping-pong)
 
 
 class TensorRTUnavailable(ModelLoadError):
@@ -369,14 +384,16 @@ class TensorRTEngine:
         self._closed = False
 
     def _create_contexts(self) -> None:
-        """The three execution contexts (vision; decoder prefill and decode profiles) on ONE scratch
-        buffer: they run one at a time on one stream, so the activation memory each would otherwise
-        allocate for its largest profile (STATIC) is shared: max of the three instead of their sum
-        (TensorRT 10.1+: USER_MANAGED contexts, `get_device_memory_size_for_profile_v2`,
-        `set_device_memory`)."""
+        """The execution contexts (vision; the decoder's prefill, decode and, when built, extend
+        profiles) on ONE scratch buffer: they run one at a time on one stream, so the activation
+        memory each would otherwise allocate for its largest profile (STATIC) is shared: the max
+        of them instead of their sum (TensorRT 10.1+: USER_MANAGED contexts,
+        `get_device_memory_size_for_profile_v2`, `set_device_memory`)."""
         trt, ve, de = self.trt, self._vision_engine, self._decoder_engine
         user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         contexts = [(ve, 0), (de, PREFILL_PROFILE), (de, DECODE_PROFILE)]
+        if int(de.num_optimization_profiles) > EXTEND_PROFILE:
+            contexts.append((de, EXTEND_PROFILE))
         self.scratch_bytes = max(int(engine.get_device_memory_size_for_profile_v2(profile))
                                  for engine, profile in contexts)
         self._scratch = self.cuda.malloc(self.scratch_bytes)
@@ -389,7 +406,13 @@ class TensorRTEngine:
             if engine is de and not ctx.set_optimization_profile_async(profile, self.cuda.stream_handle):
                 raise EngineError(f"TensorRT refused optimisation profile {profile} of the decoder engine")
             made.append(ctx)
-        self._vision_ctx, self._prefill_ctx, self._decode_ctx = made
+        self._vision_ctx, self._prefill_ctx, self._decode_ctx = made[:3]
+        self._extend_ctx = made[3] if len(made) > 3 else None
+        self._profile_of = {id(ctx): profile for ctx, (_, profile) in zip(made[1:], contexts[1:], strict=True)}
+        if self._extend_ctx is None:
+            log.info("%s: the decoder engine has no extend profile (built by an older vlsi build-engine): "
+                     "questions about one frame are answered one by one; rebuild to share the frame",
+                     self.engine_dir)
         self.cuda.sync()
 
     def _deserialize(self, info: dict[str, Any]) -> Any:
@@ -440,10 +463,13 @@ class TensorRTEngine:
         self.max_patches = self._max_shape(ve, "pixel_values", 0)[0]
         self.max_prefill = self._max_shape(de, "inputs_embeds", PREFILL_PROFILE)[1]
         self.max_total = self._max_shape(de, "attention_bias", DECODE_PROFILE)[3]
+        self.max_extend = (self._max_shape(de, "inputs_embeds", EXTEND_PROFILE)[1]
+                           if self._extend_ctx is not None else 0)
         self.kv_dtype = self._dtype(de, "past_key_0")
         self.float_dtype = self._dtype(de, "inputs_embeds")
         kv_bytes = self.num_kv_heads * self.max_total * self.head_dim * self.kv_dtype.itemsize
-        self._kv = [[self.cuda.malloc(kv_bytes) for _ in range(2 * self.num_layers)] for _ in range(2)]
+        kv_sets = 3 if self._extend_ctx is not None else 2  # + answer_many's prefix set
+        self._kv = [[self.cuda.malloc(kv_bytes) for _ in range(2 * self.num_layers)] for _ in range(kv_sets)]
         s = self.max_prefill
         fsize = self.float_dtype.itemsize
         self._dbuf = {
@@ -490,11 +516,12 @@ class TensorRTEngine:
         return out[0], (out[1] if self.deepstack_layers else None)
 
     def _run_decoder(self, ctx: Any, embeds: np.ndarray, cos: np.ndarray, sin: np.ndarray, bias: np.ndarray,
-                     past_len: int, src: int, deepstack: np.ndarray | None = None) -> np.ndarray:
-        """One decoder call reading KV set `src` (length past_len), writing set 1 - src.
+                     past_len: int, src: int, dst: int, deepstack: np.ndarray | None = None) -> np.ndarray:
+        """One decoder call reading KV set `src` (length past_len), writing set `dst` (never `src`:
+        an engine may read its past while it writes its present).
         `deepstack`: Qwen3-VL's deepstack_embeds [K, 1, seq, hidden] (zeros when None)."""
         seq = embeds.shape[1]
-        de, profile = self._decoder_engine, PREFILL_PROFILE if ctx is self._prefill_ctx else DECODE_PROFILE
+        de, profile = self._decoder_engine, self._profile_of[id(ctx)]
         feeds = [("inputs_embeds", embeds), ("rotary_cos", cos), ("rotary_sin", sin), ("attention_bias", bias)]
         if self.deepstack_layers:
             if deepstack is None:
@@ -511,7 +538,7 @@ class TensorRTEngine:
                 slot = 2 * i + j
                 self._set_shape(ctx, de, f"past_{kv}_{i}", kv_shape, profile)
                 ctx.set_tensor_address(f"past_{kv}_{i}", self._kv[src][slot])
-                ctx.set_tensor_address(f"present_{kv}_{i}", self._kv[1 - src][slot])
+                ctx.set_tensor_address(f"present_{kv}_{i}", self._kv[dst][slot])
         ctx.set_tensor_address("logits", self._dbuf["logits"])
         if seq + past_len > self.max_total:
             raise EngineError(f"context of {seq + past_len} tokens exceeds the engine's {self.max_total}")
@@ -522,64 +549,62 @@ class TensorRTEngine:
         return self._logits[0]
 
     # ------------------------------------------------------------------ Engine
-    def answer(self, image: np.ndarray, question: str, max_new_tokens: int = 32,
-               on_token: TokenCallback | None = None, cancel: threading.Event | None = None) -> AnswerResult:
-        """Greedy answer about `image` (H x W x 3 uint8 RGB) to `question` (same contract as TorchEngine).
-
-        Generation also stops when the engine's maximum context (built into its profiles) is reached.
-        """
-        from vlsi_model.engine.np_inputs import (
-            causal_bias,
-            deepstack_at_tokens,
-            mrope_cos_sin,
-            preprocess_image,
-            rope_index,
-            validate_image,
-            validate_question,
-        )
-
-        t_start = time.perf_counter()
+    def _check_open(self) -> None:
         if self._closed:
             raise EngineError("engine is closed")
-        if max_new_tokens < 1:
-            raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+    def _prompt(self, image: np.ndarray, questions: list[str]) -> tuple[np.ndarray, tuple[int, int, int],
+                                                                          list[np.ndarray]]:
+        """(pixel values, grid, prompt ids per question) for one validated frame; EngineError for a
+        bad image or question, or a prompt longer than the engine's prefill profile."""
+        from vlsi_model.engine.np_inputs import preprocess_image, validate_image, validate_question
+
         image = validate_image(image)
-        question = validate_question(question, self.max_question_chars)
+        texts = [validate_question(q, self.max_question_chars) for q in questions]
         pixel_values, grid = preprocess_image(image, self.image_config)
-        ids = self.prompts.prompt_ids(question, int(np.prod(grid)) // self.vision_spec.merge_size**2)
-        if len(ids) > self.max_prefill:
-            raise EngineError(f"prompt of {len(ids)} tokens exceeds the engine's prefill maximum {self.max_prefill}; "
+        n_img = int(np.prod(grid)) // self.vision_spec.merge_size**2
+        ids = [self.prompts.prompt_ids(q, n_img) for q in texts]
+        longest = max(len(x) for x in ids)
+        if longest > self.max_prefill:
+            raise EngineError(f"prompt of {longest} tokens exceeds the engine's prefill maximum {self.max_prefill}; "
                               "rebuild with a larger --prefill-tokens range")
-        result = AnswerResult(text="")
-        if cancel is not None and cancel.is_set():
-            result.cancelled = True
-            result.total_ms = _ms(t_start)
-            return result
+        return pixel_values, grid, ids
 
-        t0 = time.perf_counter()
-        image_embeds, deepstack = self._run_vision(pixel_values, grid)
-        result.vision_ms = _ms(t0)
+    def _prefill(self, ctx: Any, ids: np.ndarray, positions: np.ndarray, past_len: int, src: int, dst: int,
+                 image_embeds: np.ndarray | None = None, deepstack: np.ndarray | None = None) -> int:
+        """Run `ids` (M-RoPE `positions` [3, len]) after `past_len` cached tokens of KV set `src`
+        (the first PAD_SLOTS of them the masked pad slot), writing set `dst`; the next token.
+        `image_embeds` replace the image tokens' embeddings (a prompt holding the image)."""
+        from vlsi_model.engine.np_inputs import causal_bias, deepstack_at_tokens, mrope_cos_sin
 
-        t0 = time.perf_counter()
         x = np.array(self.embed_tokens[ids], dtype=self.float_dtype)
-        x[ids == self.image_token_id] = image_embeds.astype(self.float_dtype)
-        scattered = (deepstack_at_tokens(ids, self.image_token_id, deepstack, self.deepstack_layers,
-                                         self.float_dtype) if self.deepstack_layers else None)
-        positions, rope_delta = rope_index(ids, self.image_token_id, grid, self.vision_spec.merge_size)
+        scattered = None
+        if image_embeds is not None:
+            x[ids == self.image_token_id] = image_embeds.astype(self.float_dtype)
+            if self.deepstack_layers:
+                scattered = deepstack_at_tokens(ids, self.image_token_id, deepstack, self.deepstack_layers,
+                                                self.float_dtype)
         cos, sin = mrope_cos_sin(positions, self.text_inv_freq, self.mrope_section, self.float_dtype,
                                  interleaved=self.mrope_interleaved)
-        bias = causal_bias(len(ids), PAD_SLOTS, self.float_dtype, self.mask_value)
+        bias = causal_bias(len(ids), past_len, self.float_dtype, self.mask_value)
         bias[..., :PAD_SLOTS] = self.mask_value
-        for slot in range(2 * self.num_layers):  # the pad slot's key/value: zeros
+        logits = self._run_decoder(ctx, x[None], cos, sin, bias, past_len, src=src, dst=dst, deepstack=scattered)
+        return int(np.argmax(logits))
+
+    def _clear_pad_slot(self) -> None:
+        """Zero the pad slot's key/value in KV set 0, the past every prompt's prefill reads."""
+        for slot in range(2 * self.num_layers):
             self.cuda.memset(self._kv[0][slot], self.num_kv_heads * PAD_SLOTS * self.head_dim * self.kv_dtype.itemsize)
-        logits = self._run_decoder(self._prefill_ctx, x[None], cos, sin, bias, PAD_SLOTS, src=0, deepstack=scattered)
-        next_id = int(np.argmax(logits))
-        src = 1
-        result.prefill_ms = _ms(t0)
+
+    def _decode(self, result: AnswerResult, first_id: int, seq_len: int, rope_delta: int, max_new_tokens: int,
+                on_token: TokenCallback | None, cancel: threading.Event | None) -> None:
+        """The greedy loop after a prompt of `seq_len` tokens whose KV (pad slot included) is in set 1
+        and whose prefill chose `first_id`: steps ping-pong between sets 1 and 0. Fills `result`'s
+        tokens, text, decode_ms and cancelled. Stops also at the engine's maximum context."""
+        from vlsi_model.engine.np_inputs import mrope_cos_sin
 
         t0 = time.perf_counter()
-        seq_len = len(ids)
-        past_len = seq_len + PAD_SLOTS
+        src, past_len = 1, seq_len + PAD_SLOTS
 
         def step(last_id: int, n: int) -> int | None:
             nonlocal src, past_len
@@ -591,18 +616,109 @@ class TensorRTEngine:
             bias = np.zeros((1, 1, 1, past_len + 1), dtype=self.float_dtype)
             bias[..., :PAD_SLOTS] = self.mask_value
             emb = np.array(self.embed_tokens[[last_id]], dtype=self.float_dtype)[None]
-            logits = self._run_decoder(self._decode_ctx, emb, cos, sin, bias, past_len, src=src)
+            logits = self._run_decoder(self._decode_ctx, emb, cos, sin, bias, past_len, src=src, dst=1 - src)
             src = 1 - src
             past_len += 1
             return int(np.argmax(logits))
 
-        tokens, result.cancelled = greedy_tokens(next_id, step, self.stop_token_ids, max_new_tokens,
+        tokens, result.cancelled = greedy_tokens(first_id, step, self.stop_token_ids, max_new_tokens,
                                                  self.prompts.stream_text, on_token, cancel)
         result.decode_ms = _ms(t0)
         result.token_ids = tokens
         result.text = self.prompts.decode(tokens).strip()
+
+    def answer(self, image: np.ndarray, question: str, max_new_tokens: int = 32,
+               on_token: TokenCallback | None = None, cancel: threading.Event | None = None) -> AnswerResult:
+        """Greedy answer about `image` (H x W x 3 uint8 RGB) to `question` (same contract as TorchEngine).
+
+        Generation also stops when the engine's maximum context (built into its profiles) is reached.
+        """
+        from vlsi_model.engine.np_inputs import rope_index
+
+        t_start = time.perf_counter()
+        self._check_open()
+        if max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        pixel_values, grid, (ids,) = self._prompt(image, [question])
+        result = AnswerResult(text="")
+        if cancel is not None and cancel.is_set():
+            result.cancelled = True
+            result.total_ms = _ms(t_start)
+            return result
+
+        t0 = time.perf_counter()
+        image_embeds, deepstack = self._run_vision(pixel_values, grid)
+        result.vision_ms = _ms(t0)
+
+        t0 = time.perf_counter()
+        positions, rope_delta = rope_index(ids, self.image_token_id, grid, self.vision_spec.merge_size)
+        self._clear_pad_slot()
+        next_id = self._prefill(self._prefill_ctx, ids, positions, PAD_SLOTS, src=0, dst=1,
+                                image_embeds=image_embeds, deepstack=deepstack)
+        result.prefill_ms = _ms(t0)
+        self._decode(result, next_id, len(ids), rope_delta, max_new_tokens, on_token, cancel)
         result.total_ms = _ms(t_start)
         return result
+
+    def answer_many(self, image: np.ndarray, questions: list[str], max_new_tokens: list[int] | int = 32,
+                    cancels: list[threading.Event | None] | None = None) -> list[AnswerResult]:
+        """Greedy answers to several questions about one image, sharing what they have in common
+        (as the other backends' `answer_many`; the worker groups a camera's waiting questions).
+
+        The frame is resized and encoded once, the prompt's common prefix (the turn's opening, the
+        image tokens) is prefilled once into its own KV set (PREFIX_SET), and each question runs
+        only its own tokens through the extend profile, reading that set and writing the
+        ping-pong pair its decode steps use: nothing is copied and the prefix is never rewritten.
+        A question with more own tokens than the profile takes (`max_extend`), and every question
+        on engines built before the extend profile existed, is answered on its own (`answer`: the
+        prefix set is left intact). The first result carries the shared preprocessing, vision and
+        prefix times.
+        """
+        from vlsi_model.engine.np_inputs import rope_index
+
+        t_start = time.perf_counter()
+        self._check_open()
+        if not questions:
+            return []
+        limits, cancels = per_question(len(questions), max_new_tokens, cancels, "answer_many")
+        if any(n < 1 for n in limits):
+            raise EngineError(f"max_new_tokens must be >= 1, got {limits}")
+        if len(questions) == 1 or self._extend_ctx is None:
+            from vlsi_model.engine.np_inputs import validate_question
+
+            for q in questions:  # a bad question fails the call before any answer
+                validate_question(q, self.max_question_chars)
+            return [self.answer(image, q, n, cancel=c) for q, n, c in zip(questions, limits, cancels, strict=True)]
+        pixel_values, grid, ids = self._prompt(image, questions)
+        prefix = image_prefix_length(ids, self.image_token_id)
+        results = [AnswerResult(text="") for _ in questions]
+        t0 = time.perf_counter()
+        image_embeds, deepstack = self._run_vision(pixel_values, grid)
+        results[0].vision_ms = _ms(t0)
+        t0 = time.perf_counter()
+        positions = [rope_index(x, self.image_token_id, grid, self.vision_spec.merge_size) for x in ids]
+        self._clear_pad_slot()
+        self._prefill(self._prefill_ctx, ids[0][:prefix], positions[0][0][:, :prefix], PAD_SLOTS, src=0,
+                      dst=PREFIX_SET, image_embeds=image_embeds, deepstack=deepstack)
+        results[0].prefill_ms = _ms(t0)
+        for i, (question_ids, (position_ids, rope_delta)) in enumerate(zip(ids, positions, strict=True)):
+            result = results[i]
+            if cancels[i] is not None and cancels[i].is_set():
+                result.cancelled = True
+                continue
+            if len(question_ids) - prefix > self.max_extend:  # longer than the extend profile: on its own
+                alone = self.answer(image, questions[i], limits[i], cancel=cancels[i])
+                alone.vision_ms += result.vision_ms  # the first result keeps the shared times
+                alone.prefill_ms += result.prefill_ms
+                results[i] = alone
+                continue
+            t0 = time.perf_counter()
+            first_id = self._prefill(self._extend_ctx, question_ids[prefix:], position_ids[:, prefix:],
+                                     PAD_SLOTS + prefix, src=PREFIX_SET, dst=1)
+            result.prefill_ms += _ms(t0)
+            self._decode(result, first_id, len(question_ids), rope_delta, limits[i], None, cancels[i])
+        split_shared_time(results, _ms(t_start))
+        return results
 
     def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:
         """One throw-away answer: the first execution of each context pays lazy initialisation."""
@@ -614,7 +730,7 @@ class TensorRTEngine:
         if self._closed:
             return
         self._closed = True
-        self._vision_ctx = self._prefill_ctx = self._decode_ctx = None
+        self._vision_ctx = self._prefill_ctx = self._decode_ctx = self._extend_ctx = None
         self._vision_engine = self._decoder_engine = None
         self.cuda.close()
 

@@ -13,7 +13,8 @@ Components, for the deployment `vlsi build-engine` produces:
 - embedding table: host numpy array, memory-mapped: only rows of tokens actually used are
   paged in, so it costs almost nothing resident (listed separately, not in the total);
 - KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per token, times the
-  context, times 2 buffer sets (the runtime ping-pongs between two, see tensorrt_engine);
+  context, times 3 buffer sets (the runtime ping-pongs between two and keeps a frame's shared
+  prefix in the third, see tensorrt_engine);
 - activations: the largest live tensors of one vision pass or one prefill (TensorRT reuses
   activation memory across layers, so the peak of one layer is what counts): attention
   scores (heads x N x N in fp32: quadratic in the image's patch count, which is why the
@@ -282,7 +283,7 @@ def decoder_weight_bytes(d: ModelDims, dtype_bytes: int = 2, weight_bits: int | 
 
 
 def estimate_memory(d: ModelDims, image_hw: tuple[int, int] = (448, 448), max_context: int = 1024,
-                    prefill_tokens: int | None = None, dtype_bytes: int = 2, kv_sets: int = 2,
+                    prefill_tokens: int | None = None, dtype_bytes: int = 2, kv_sets: int = 3,
                     runtime_overhead: int = RUNTIME_OVERHEAD_BYTES, weight_bits: int | None = None,
                     block_size: int = 128) -> MemoryEstimate:
     """Memory of the TensorRT deployment for images of `image_hw` (H, W, multiples of patch x merge) and

@@ -18,7 +18,7 @@ Build path (TensorRT 10 Python API):
   config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, bytes)
   config.set_flag(trt.BuilderFlag.FP16 / INT8)      # weakly typed fp32 export only
   profile = builder.create_optimization_profile(); profile.set_shape(name, min, opt, max)
-  config.add_optimization_profile(profile)           # decoder: 0 = prefill, 1 = decode
+  config.add_optimization_profile(profile)           # decoder: 0 = prefill, 1 = decode, 2 = extend
   config.default_device_type = trt.DeviceType.DLA; config.DLA_core = n
   config.set_flag(trt.BuilderFlag.GPU_FALLBACK)      # with --dla-core
   cache = config.create_timing_cache(bytes); config.set_timing_cache(cache, ignore_mismatch=False)
@@ -64,9 +64,11 @@ from typing import Any
 from vlsi_model import manifest as mf
 from vlsi_model.engine.tensorrt_engine import (
     DECODE_PROFILE,
+    DECODER_PROFILE_NAMES,
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
     ENGINE_MANIFEST,
+    EXTEND_PROFILE,
     PAD_SLOTS,
     PREFILL_PROFILE,
     load_tensorrt,
@@ -80,6 +82,7 @@ PRECISIONS = ("fp16", "int8", "fp32")
 DEFAULT_WORKSPACE_MB = 2048  # fits an 8 GB Orin Nano with the model resident; raise on AGX Orin
 DEFAULT_EXTRA_PROMPT_TOKENS = 512  # question + template tokens beyond the image in a prompt
 DEFAULT_MAX_NEW_TOKENS = 256
+EXTEND_MAX_TOKENS = 128  # a question's own tokens (question + turn end) in the decoder's extend profile
 
 
 class BuildError(RuntimeError):
@@ -144,10 +147,15 @@ def _profile(inputs: dict[str, Any], axes: dict[str, Range]) -> dict[str, dict[s
 
 
 def compute_profiles(export_manifest: dict[str, Any], ranges: ShapeRanges) -> dict[str, list[dict[str, Any]]]:
-    """Optimisation profiles per graph: vision [one], decoder [prefill, decode] (see tensorrt_engine).
+    """Optimisation profiles per graph: vision [one], decoder [prefill, decode, extend] (see tensorrt_engine).
 
     Prefill: seq tokens with one masked pad slot as past; decode: one token after at least
-    the shortest prompt, up to max_context (+ the pad slot).
+    the shortest prompt, up to max_context (+ the pad slot); extend: a question's own tokens
+    (at most EXTEND_MAX_TOKENS) after a prefix already in the cache (several questions about
+    one frame, `answer_many`; a longer question is answered on its own). The cap keeps the
+    extend profile's activations (seq x total) far below the prefill's, so the shared scratch
+    buffer does not grow. Every profile's dims agree with each other at min, opt and max
+    (total = past + seq), so each point is a shape the graph can run.
     """
     ranges.validate()
     graphs = export_manifest["graphs"]
@@ -159,11 +167,17 @@ def compute_profiles(export_manifest: dict[str, Any], ranges: ShapeRanges) -> di
     opt_past = min(s[1] + PAD_SLOTS + 16, ranges.max_context)
     decode_axes = {"seq": (1, 1, 1), "past": (s[0] + PAD_SLOTS, opt_past, ranges.max_context),
                    "total": (s[0] + PAD_SLOTS + 1, opt_past + 1, ranges.max_context + 1)}
+    cap = min(s[2], EXTEND_MAX_TOKENS)
+    ext_seq = (1, min(16, cap), cap)
+    ext_past = (PAD_SLOTS + 1, s[1] + PAD_SLOTS, s[2] + PAD_SLOTS)
+    ext_total = tuple(a + b for a, b in zip(ext_seq, ext_past, strict=True))
+    extend_axes = {"seq": ext_seq, "past": ext_past, "total": ext_total}
     decoder_inputs = graphs["decoder"]["inputs"]
     profiles = {"vision": [_profile(graphs["vision"]["inputs"], vision_axes)],
-                "decoder": [None, None]}
+                "decoder": [None] * len(DECODER_PROFILE_NAMES)}
     profiles["decoder"][PREFILL_PROFILE] = _profile(decoder_inputs, prefill_axes)
     profiles["decoder"][DECODE_PROFILE] = _profile(decoder_inputs, decode_axes)
+    profiles["decoder"][EXTEND_PROFILE] = _profile(decoder_inputs, extend_axes)
     if not profiles["vision"][0]:
         profiles["vision"] = []  # fixed image size: static graph, no profile needed
     return profiles
@@ -180,10 +194,10 @@ def trtexec_commands(onnx_dir: str | Path, out_dir: str | Path, profiles: dict[s
     """The `trtexec` command lines equivalent to `build_engines` (for debugging on the device, or
     where only trtexec is installed; /usr/src/tensorrt/bin/trtexec on JetPack).
 
-    The decoder's two optimisation profiles are written as `--profile=N` followed by that
+    The decoder's three optimisation profiles are written as `--profile=N` followed by that
     profile's --minShapes/--optShapes/--maxShapes (trtexec's syntax for building several
     profiles; trtexec refuses repeated shape flags without it). trtexec releases that predate
-    build-time `--profile` cannot build the two-profile decoder: use `vlsi build-engine`.
+    build-time `--profile` cannot build the multi-profile decoder: use `vlsi build-engine`.
     trtexec writes no manifest.json, so the engines it builds need one written by hand before
     the `tensorrt` backend accepts them. `strongly_typed`: one value for both graphs, or per graph
     (`strongly_typed_graphs`)."""
@@ -416,7 +430,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
     for graph, file in (("vision", mf.VISION_FILE), ("decoder", mf.DECODER_FILE)):
         engines[graph] = build_engine_file(trt, onnx_dir / file, out_dir / f"{graph}.plan", profiles[graph],
                                            precision, strongly_typed[graph], workspace_mb, dla_core, cache, say)
-    engines["decoder"]["profile_names"] = ["prefill", "decode"]
+    engines["decoder"]["profile_names"] = list(DECODER_PROFILE_NAMES)
     copied = {}
     for name in [mf.MANIFEST_FILE, em["files"]["embed_tokens"], em["files"]["rope"], *em["files"].get("copied", [])]:
         if (onnx_dir / name).is_file():
