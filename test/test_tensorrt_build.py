@@ -467,6 +467,9 @@ def test_tensorrt_answer_many_shares_the_frame_and_prefix_and_answers_like_answe
     limits = [8, 3, 4, 8, 1]
     alone = [engine.answer(image, q, max_new_tokens=n).token_ids for q, n in zip(questions, limits, strict=True)]
     assert len(engine.prompts.prompt_ids(longer, 4)) > engine.max_extend + 10  # its own tokens exceed extend
+    engine.warmup()  # runs every context once, the extend one included
+    assert all(ctx.executions > 0 for ctx in (engine._vision_ctx, engine._prefill_ctx, engine._decode_ctx,
+                                               engine._extend_ctx))
     before = {name: getattr(engine, name).executions for name in ("_vision_ctx", "_prefill_ctx", "_extend_ctx")}
     together = engine.answer_many(image, questions, limits)
     ran = {name: getattr(engine, name).executions - n for name, n in before.items()}

@@ -721,9 +721,13 @@ class TensorRTEngine:
         return results
 
     def warmup(self, width: int = 112, height: int = 112, max_new_tokens: int = 2) -> AnswerResult:
-        """One throw-away answer: the first execution of each context pays lazy initialisation."""
-        return self.answer(np.full((height, width, 3), 128, dtype=np.uint8), "What is in the image?",
-                           max_new_tokens=max_new_tokens)
+        """Throw-away answers: the first execution of each context pays lazy initialisation (two
+        questions about one frame also run the extend context, when the engine has one)."""
+        image = np.full((height, width, 3), 128, dtype=np.uint8)
+        if self._extend_ctx is not None:
+            return self.answer_many(image, ["What is in the image?", "How many objects are there?"],
+                                    max_new_tokens)[0]
+        return self.answer(image, "What is in the image?", max_new_tokens=max_new_tokens)
 
     def close(self) -> None:
         """Free device memory and the engines; `answer` raises EngineError afterwards."""
