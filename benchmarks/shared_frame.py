@@ -17,7 +17,7 @@ for --dims 2b, of `vlsi_model.real_size.real_size_model_dir("2b")`), whose `answ
 shared prefix's KV inside ONNX Runtime.
 --backend tensorrt --onnx ENGINE_DIR: the TensorRT engines `vlsi build-engine` built from that
 export (a Jetson / CUDA host only), whose `answer_many` reads the prefix from its own KV set on the
-GPU through the decoder's extend profile.
+GPU through the decoder's extend profile (--dims and --threads do not apply: the engines fix both).
 Prints the 1-min load average beside the figures.
 """
 
@@ -82,6 +82,8 @@ def main() -> int:
     config = SceneConfig(width=448, height=448, layout="grid", grid=(4, 4))
     frames = [render_scene(generate_scene(scene_seed("test", 3, i), config)) for i in range(args.frames + 1)]
     engine.answer(frames[-1], questions[0], max_new_tokens=2)  # warm-up (traces the decode step)
+    if args.backend == "tensorrt":  # also the extend context's first run (TensorRTEngine.warmup)
+        engine.warmup()
     one_by_one, together, same = [], [], 0
     loads = []
     for i, frame in enumerate(frames[:-1]):

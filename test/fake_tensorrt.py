@@ -362,7 +362,7 @@ class FakeCuda:
     def malloc(self, nbytes: int) -> int:
         ptr = FakeCuda._next
         FakeCuda._next += max(int(nbytes), 1) + 0x1000
-        DEVICE_MEMORY[ptr] = bytearray(max(int(nbytes), 1))
+        DEVICE_MEMORY[ptr] = bytearray(b"\xff" * max(int(nbytes), 1))  # uninitialised, as cudaMalloc's (NaN)
         self._allocs.append(ptr)
         return ptr
 

@@ -273,7 +273,7 @@ def test_qwen2vl_2b_memory():
     assert memory.kv_bytes_per_token(d) == 2 * 28 * 2 * 128 * 2 == 28672
     est = memory.estimate_memory(d, image_hw=(448, 448), max_context=1024)
     assert est.image_tokens == 256
-    assert est.kv_cache == 3 * 1024 * 28672  # the runtime's KV sets: decode ping-pong + a frame's prefix
+    assert est.kv_cache == (2 * 1024 + 256 + 64) * 28672  # decode ping-pong + a prompt-long prefix set
     assert est.vision_weights == counts["vision"] * 2
     assert est.decoder_weights == (counts["decoder_layers"] + counts["lm_head"]) * 2
     assert 4.5 * memory.GB < est.total < 6 * memory.GB  # fits an 8 GB Orin with room for OS + ROS
@@ -414,8 +414,8 @@ def test_the_backend_runs_its_engines_token_for_token_like_onnxruntime(request, 
                                                                       monkeypatch):
     """The TensorRT backend's runtime logic in CI, on the fake TensorRT 10 runtime (engines built by
     the builder; each executes its ONNX graph with ONNX Runtime on fake device memory): shapes in
-    the profiles, addresses, the KV cache's two buffer sets (a step never writes the set it reads),
-    the pad slot, DeepStack; the three contexts share one USER_MANAGED scratch buffer of the
+    the profiles, addresses, the KV cache's buffer sets (a step never writes the set it reads),
+    the pad slot, DeepStack; the four contexts share one USER_MANAGED scratch buffer of the
     largest profile's size. Greedy tokens equal the ONNX Runtime backend's."""
     from vlsi_model.engine import tensorrt_engine
     from vlsi_model.engine.base import EngineError
@@ -445,11 +445,13 @@ def test_the_backend_runs_its_engines_token_for_token_like_onnxruntime(request, 
 @pytest.mark.parametrize("model", ["qwen2vl", "qwen3vl"])
 def test_tensorrt_answer_many_shares_the_frame_and_prefix_and_answers_like_answer(request, fake_trt, model,
                                                                                   tmp_path, monkeypatch):
-    """Several questions about one frame on the TensorRT backend (fake TensorRT 10 runtime): one
-    vision run, one prefill of the shared prefix into its own KV set, then each question's own
-    tokens through the extend profile; every answer the one `answer` gives, limits and cancels
-    per question, a bad question fails the call. Engines built before the extend profile (two
-    decoder profiles) still answer, one by one, with the same tokens."""
+    """Several questions about one frame on the TensorRT backend (fake TensorRT 10 runtime, device
+    memory uninitialised as on a GPU): one vision run, one prefill of the shared prefix (into the
+    question tokens when the questions share some) into its own KV set, then each question's own
+    tokens through the extend profile with the logits of its whole prompt's prefill; every answer
+    the one `answer` gives, limits and cancels per question, a bad question fails the call before
+    any work. A question longer than the extend profile and every question on engines built
+    before it (two decoder profiles) are prefilled whole, still sharing the vision pass."""
     from vlsi_model.engine import tensorrt_engine
     from vlsi_model.engine.base import EngineError
     from vlsi_model.export import tensorrt_build
@@ -459,41 +461,76 @@ def test_tensorrt_answer_many_shares_the_frame_and_prefix_and_answers_like_answe
     export = request.getfixturevalue("export_dir" if model == "qwen2vl" else "qwen3vl_export")
     tensorrt_build.build_engines(export, tmp_path / "engines", progress=lambda msg: None)
     engine = tensorrt_engine.TensorRTEngine(tmp_path / "engines")
-    assert len(engine._kv) == 3  # as memory.estimate_memory counts them
+    extend_past = engine._decoder_engine.get_tensor_profile_shape("past_key_0", 2)[2][2]
+    kv_tokens = [len(fake_trt.DEVICE_MEMORY[kv[0]]) for kv in engine._kv]  # decode pair + a prompt-long prefix set
+    assert kv_tokens[0] == kv_tokens[1] > kv_tokens[2] == kv_tokens[0] * extend_past // engine.max_total
     image = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     longer = "Which objects are left of the circle and " + "which are above the square and " * 12 + "where?"
-    questions = ["How many objects are there?", "What color is the circle?", longer, "Is there a red square?",
-                 "What objects are there?"]
-    limits = [8, 3, 4, 8, 1]
-    alone = [engine.answer(image, q, max_new_tokens=n).token_ids for q, n in zip(questions, limits, strict=True)]
+    groups = {  # the prefix ends at the image / runs into the question ("What color is the")
+        "image": (["How many objects are there?", "What color is the circle?", longer, "Is there a red square?",
+                   "What objects are there?"], [8, 3, 4, 8, 1]),
+        "words": (["What color is the circle?", "What color is the square?", "What color is the triangle?"],
+                  [8, 2, 8]),
+    }
     assert len(engine.prompts.prompt_ids(longer, 4)) > engine.max_extend + 10  # its own tokens exceed extend
     engine.warmup()  # runs every context once, the extend one included
     assert all(ctx.executions > 0 for ctx in (engine._vision_ctx, engine._prefill_ctx, engine._decode_ctx,
                                                engine._extend_ctx))
-    before = {name: getattr(engine, name).executions for name in ("_vision_ctx", "_prefill_ctx", "_extend_ctx")}
-    together = engine.answer_many(image, questions, limits)
-    ran = {name: getattr(engine, name).executions - n for name, n in before.items()}
-    # the longer question is answered on its own (its vision + prefill); the others share the frame
-    assert ran == {"_vision_ctx": 2, "_prefill_ctx": 2, "_extend_ctx": len(questions) - 1}
-    assert [r.token_ids for r in together] == alone and any(len(t) > 1 for t in alone)
-    assert [r.vision_ms > 0 for r in together] == [True, False, True, False, False]
+    first_logits, run = [], engine._run_decoder
+
+    def recording(ctx, *args, **kw):  # the logits of every prefill / extend call (each question's first token)
+        logits = run(ctx, *args, **kw)
+        if ctx is not engine._decode_ctx:
+            first_logits.append(logits.copy())
+        return logits
+
+    engine._run_decoder = recording
+    for questions, limits in groups.values():
+        first_logits.clear()
+        alone = [engine.answer(image, q, max_new_tokens=n).token_ids for q, n in zip(questions, limits, strict=True)]
+        alone_logits = list(first_logits)
+        first_logits.clear()
+        before = {name: getattr(engine, name).executions for name in ("_vision_ctx", "_prefill_ctx", "_extend_ctx")}
+        together = engine.answer_many(image, questions, limits)
+        ran = {name: getattr(engine, name).executions - n for name, n in before.items()}
+        whole = sum(q == longer for q in questions)  # prefilled whole, after the shared prefix
+        assert ran == {"_vision_ctx": 1, "_prefill_ctx": 1 + whole, "_extend_ctx": len(questions) - whole}
+        assert [r.token_ids for r in together] == alone and any(len(t) > 1 for t in alone)
+        for got, want in zip(first_logits[1:], alone_logits, strict=True):  # [0]: the prefix's own
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert together[0].vision_ms > 0 and all(r.vision_ms == 0 for r in together[1:])
+    del engine._run_decoder
+    questions, limits = groups["image"]
     stop = threading.Event()
     stop.set()
     cancelled = engine.answer_many(image, questions[:2], 8, cancels=[None, stop])
-    assert cancelled[1].cancelled and not cancelled[1].token_ids and cancelled[0].token_ids == alone[0]
+    assert cancelled[1].cancelled and not cancelled[1].token_ids and cancelled[0].token_ids
+    runs = engine._vision_ctx.executions
+    assert all(r.cancelled for r in engine.answer_many(image, questions[:2], 8, cancels=[stop, stop]))
+    assert engine._vision_ctx.executions == runs  # nothing left to answer: no work
     with pytest.raises(EngineError, match="empty"):
         engine.answer_many(image, [questions[0], "  "], 8)
+    with pytest.raises(EngineError, match="max_new_tokens"):
+        engine.answer_many(image, questions[:2], [8, 0])
+    assert engine._vision_ctx.executions == runs  # refused before any work
     assert engine.answer_many(image, [], 8) == []
     engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        engine.answer_many(image, questions[:2], 8)
 
     two_profiles = tensorrt_build.compute_profiles  # what an older vlsi build-engine built
     monkeypatch.setattr(tensorrt_build, "compute_profiles", lambda *a: {
         g: p[:2] for g, p in two_profiles(*a).items()})
-    tensorrt_build.build_engines(export, tmp_path / "old", progress=lambda msg: None)
+    manifest = tensorrt_build.build_engines(export, tmp_path / "old", progress=lambda msg: None)
+    assert manifest["engines"]["decoder"]["profile_names"] == ["prefill", "decode"]
     old = tensorrt_engine.TensorRTEngine(tmp_path / "old")
     assert old._extend_ctx is None and len(old._kv) == 2
-    assert old._decoder_engine.num_optimization_profiles == 2
-    assert [r.token_ids for r in old.answer_many(image, questions, limits)] == alone
+    before = old._vision_ctx.executions, old._prefill_ctx.executions
+    assert [r.token_ids for r in old.answer_many(image, questions, limits)] == \
+        [engine_alone.token_ids for engine_alone in (old.answer(image, q, max_new_tokens=n)
+                                                     for q, n in zip(questions, limits, strict=True))]
+    assert old._vision_ctx.executions - before[0] == 1 + len(questions)  # shared once + the answers alone
+    assert old._prefill_ctx.executions - before[1] == 2 * len(questions)
     old.close()
 
 

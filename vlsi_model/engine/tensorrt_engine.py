@@ -1,6 +1,6 @@
 """TensorRT backend (Jetson / CUDA hosts): the ONNX export's graphs as serialized TensorRT 10 engines.
 
-Why one file of ~600 lines: one backend is one file, and it is the only module that touches
+Why one file of ~770 lines: one backend is one file, and it is the only module that touches
 TensorRT's API, so a reader checks it against the TensorRT headers in one place.
 
 This module is the ONLY place that imports `tensorrt` (`load_tensorrt`; `tensorrt_build`
@@ -20,7 +20,8 @@ Runtime design (TensorRT 10 name-based API, documented in the TensorRT Python AP
   tokens after a shared prefix, built by `tensorrt_build`), each selected once with
   `set_optimization_profile_async`. All are USER_MANAGED and share one scratch buffer
   (`_create_contexts`). Engines built before the extend profile existed load and answer;
-  their `answer_many` answers the questions one by one (rebuild them to share the prefix).
+  their `answer_many` shares the vision pass but prefills each question whole (rebuild them
+  to share the prefix too).
 - Per call: `context.set_input_shape(name, shape)` for every input, `set_tensor_address`
   for every input and output, `execute_async_v3(stream)`.
 - Device memory and copies via NVIDIA's cuda-python (`cuda.bindings.runtime`, or the older
@@ -411,8 +412,8 @@ class TensorRTEngine:
         self._profile_of = {id(ctx): profile for ctx, (_, profile) in zip(made[1:], contexts[1:], strict=True)}
         if self._extend_ctx is None:
             log.info("%s: the decoder engine has no extend profile (built by an older vlsi build-engine): "
-                     "questions about one frame are answered one by one; rebuild to share the frame",
-                     self.engine_dir)
+                     "questions about one frame share the vision pass, each is prefilled whole; rebuild to "
+                     "share the prompt prefix too", self.engine_dir)
         self.cuda.sync()
 
     def _deserialize(self, info: dict[str, Any]) -> Any:
@@ -467,9 +468,13 @@ class TensorRTEngine:
                            if self._extend_ctx is not None else 0)
         self.kv_dtype = self._dtype(de, "past_key_0")
         self.float_dtype = self._dtype(de, "inputs_embeds")
-        kv_bytes = self.num_kv_heads * self.max_total * self.head_dim * self.kv_dtype.itemsize
-        kv_sets = 3 if self._extend_ctx is not None else 2  # + answer_many's prefix set
-        self._kv = [[self.cuda.malloc(kv_bytes) for _ in range(2 * self.num_layers)] for _ in range(kv_sets)]
+        per_token = self.num_kv_heads * self.head_dim * self.kv_dtype.itemsize
+        # decode's ping-pong pair holds a whole context; answer_many's prefix set only a prompt's
+        # past (the extend profile's past maximum)
+        tokens = [self.max_total, self.max_total]
+        if self._extend_ctx is not None:
+            tokens.append(self._max_shape(de, "past_key_0", EXTEND_PROFILE)[2])
+        self._kv = [[self.cuda.malloc(n * per_token) for _ in range(2 * self.num_layers)] for n in tokens]
         s = self.max_prefill
         fsize = self.float_dtype.itemsize
         self._dbuf = {
@@ -666,13 +671,13 @@ class TensorRTEngine:
         (as the other backends' `answer_many`; the worker groups a camera's waiting questions).
 
         The frame is resized and encoded once, the prompt's common prefix (the turn's opening, the
-        image tokens) is prefilled once into its own KV set (PREFIX_SET), and each question runs
-        only its own tokens through the extend profile, reading that set and writing the
-        ping-pong pair its decode steps use: nothing is copied and the prefix is never rewritten.
-        A question with more own tokens than the profile takes (`max_extend`), and every question
-        on engines built before the extend profile existed, is answered on its own (`answer`: the
-        prefix set is left intact). The first result carries the shared preprocessing, vision and
-        prefix times.
+        image tokens, whatever the questions share after them) is prefilled once into its own KV
+        set (PREFIX_SET), and each question runs only its own tokens through the extend profile,
+        reading that set and writing the ping-pong pair its decode steps use: nothing is copied and
+        the prefix is never rewritten. A question with more own tokens than that profile takes
+        (`max_extend`), and every question on engines built before the extend profile existed, is
+        prefilled whole (the vision pass still shared; the prefix set left intact). The first
+        result carries the shared preprocessing, vision and prefix times.
         """
         from vlsi_model.engine.np_inputs import rope_index
 
@@ -683,38 +688,38 @@ class TensorRTEngine:
         limits, cancels = per_question(len(questions), max_new_tokens, cancels, "answer_many")
         if any(n < 1 for n in limits):
             raise EngineError(f"max_new_tokens must be >= 1, got {limits}")
-        if len(questions) == 1 or self._extend_ctx is None:
-            from vlsi_model.engine.np_inputs import validate_question
-
-            for q in questions:  # a bad question fails the call before any answer
-                validate_question(q, self.max_question_chars)
-            return [self.answer(image, q, n, cancel=c) for q, n, c in zip(questions, limits, cancels, strict=True)]
-        pixel_values, grid, ids = self._prompt(image, questions)
-        prefix = image_prefix_length(ids, self.image_token_id)
-        results = [AnswerResult(text="") for _ in questions]
+        if len(questions) == 1:
+            return [self.answer(image, questions[0], limits[0], cancel=cancels[0])]
+        pixel_values, grid, ids = self._prompt(image, questions)  # every question checked before any work
+        shared = self._extend_ctx is not None
+        prefix = image_prefix_length(ids, self.image_token_id) if shared else 0
+        results = [AnswerResult(text="", cancelled=c is not None and c.is_set()) for c in cancels]
+        if all(r.cancelled for r in results):
+            split_shared_time(results, _ms(t_start))
+            return results
         t0 = time.perf_counter()
         image_embeds, deepstack = self._run_vision(pixel_values, grid)
         results[0].vision_ms = _ms(t0)
         t0 = time.perf_counter()
         positions = [rope_index(x, self.image_token_id, grid, self.vision_spec.merge_size) for x in ids]
-        self._clear_pad_slot()
-        self._prefill(self._prefill_ctx, ids[0][:prefix], positions[0][0][:, :prefix], PAD_SLOTS, src=0,
-                      dst=PREFIX_SET, image_embeds=image_embeds, deepstack=deepstack)
+        if shared:
+            self._clear_pad_slot()
+            self._prefill(self._prefill_ctx, ids[0][:prefix], positions[0][0][:, :prefix], PAD_SLOTS, src=0,
+                          dst=PREFIX_SET, image_embeds=image_embeds, deepstack=deepstack)
         results[0].prefill_ms = _ms(t0)
         for i, (question_ids, (position_ids, rope_delta)) in enumerate(zip(ids, positions, strict=True)):
             result = results[i]
-            if cancels[i] is not None and cancels[i].is_set():
+            if result.cancelled or (cancels[i] is not None and cancels[i].is_set()):
                 result.cancelled = True
                 continue
-            if len(question_ids) - prefix > self.max_extend:  # longer than the extend profile: on its own
-                alone = self.answer(image, questions[i], limits[i], cancel=cancels[i])
-                alone.vision_ms += result.vision_ms  # the first result keeps the shared times
-                alone.prefill_ms += result.prefill_ms
-                results[i] = alone
-                continue
             t0 = time.perf_counter()
-            first_id = self._prefill(self._extend_ctx, question_ids[prefix:], position_ids[:, prefix:],
-                                     PAD_SLOTS + prefix, src=PREFIX_SET, dst=1)
+            if shared and len(question_ids) - prefix <= self.max_extend:
+                first_id = self._prefill(self._extend_ctx, question_ids[prefix:], position_ids[:, prefix:],
+                                         PAD_SLOTS + prefix, src=PREFIX_SET, dst=1)
+            else:  # the whole prompt after the pad slot (sets 0 -> 1: the prefix set stays intact)
+                self._clear_pad_slot()
+                first_id = self._prefill(self._prefill_ctx, question_ids, position_ids, PAD_SLOTS, src=0, dst=1,
+                                         image_embeds=image_embeds, deepstack=deepstack)
             result.prefill_ms += _ms(t0)
             self._decode(result, first_id, len(question_ids), rope_delta, limits[i], None, cancels[i])
         split_shared_time(results, _ms(t_start))

@@ -13,8 +13,8 @@ Components, for the deployment `vlsi build-engine` produces:
 - embedding table: host numpy array, memory-mapped: only rows of tokens actually used are
   paged in, so it costs almost nothing resident (listed separately, not in the total);
 - KV cache: 2 (K and V) x layers x kv_heads x head_dim x bytes per token, times the
-  context, times 3 buffer sets (the runtime ping-pongs between two and keeps a frame's shared
-  prefix in the third, see tensorrt_engine);
+  context, times 2 buffer sets (the runtime ping-pongs between two, see tensorrt_engine), plus a
+  third of a prompt's length (a frame's shared prefix for several questions, `answer_many`);
 - activations: the largest live tensors of one vision pass or one prefill (TensorRT reuses
   activation memory across layers, so the peak of one layer is what counts): attention
   scores (heads x N x N in fp32: quadratic in the image's patch count, which is why the
@@ -283,11 +283,12 @@ def decoder_weight_bytes(d: ModelDims, dtype_bytes: int = 2, weight_bits: int | 
 
 
 def estimate_memory(d: ModelDims, image_hw: tuple[int, int] = (448, 448), max_context: int = 1024,
-                    prefill_tokens: int | None = None, dtype_bytes: int = 2, kv_sets: int = 3,
+                    prefill_tokens: int | None = None, dtype_bytes: int = 2, prefix_set: bool = True,
                     runtime_overhead: int = RUNTIME_OVERHEAD_BYTES, weight_bits: int | None = None,
                     block_size: int = 128) -> MemoryEstimate:
     """Memory of the TensorRT deployment for images of `image_hw` (H, W, multiples of patch x merge) and
     `max_context` tokens (prompt + answer). `prefill_tokens` defaults to the image tokens + 64.
+    `prefix_set`: the runtime's third KV set, a prompt long (engines with the extend profile).
     `weight_bits` 4 / 8: the decoder's MatMul weights quantized (`decoder_weight_bytes`)."""
     p = param_counts(d)
     patches = image_patches(*image_hw, d)
@@ -297,7 +298,7 @@ def estimate_memory(d: ModelDims, image_hw: tuple[int, int] = (448, 448), max_co
         vision_weights=p["vision"] * dtype_bytes,
         decoder_weights=decoder_weight_bytes(d, dtype_bytes, weight_bits, block_size),
         embed_table_host=p["embed"] * dtype_bytes,
-        kv_cache=kv_sets * max_context * kv_bytes_per_token(d, dtype_bytes),
+        kv_cache=(2 * max_context + (prefill if prefix_set else 0)) * kv_bytes_per_token(d, dtype_bytes),
         activations=_activation_bytes(d, patches, prefill, dtype_bytes),
         runtime_overhead=runtime_overhead,
         image_tokens=image_tokens,

@@ -152,10 +152,11 @@ def compute_profiles(export_manifest: dict[str, Any], ranges: ShapeRanges) -> di
     Prefill: seq tokens with one masked pad slot as past; decode: one token after at least
     the shortest prompt, up to max_context (+ the pad slot); extend: a question's own tokens
     (at most EXTEND_MAX_TOKENS) after a prefix already in the cache (several questions about
-    one frame, `answer_many`; a longer question is answered on its own). The cap keeps the
-    extend profile's activations (seq x total) far below the prefill's, so the shared scratch
-    buffer does not grow. Every profile's dims agree with each other at min, opt and max
-    (total = past + seq), so each point is a shape the graph can run.
+    one frame, `answer_many`; a longer question is prefilled whole). The cap keeps the extend
+    profile's attention (seq x total) below the prefill's for prompts over ~210 tokens (the
+    default ranges allow 513 or more), so the shared scratch buffer does not grow there. Every
+    profile's dims agree with each other at min, opt and max (total = past + seq), so each
+    point is a shape the graph can run.
     """
     ranges.validate()
     graphs = export_manifest["graphs"]
@@ -430,7 +431,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str = "f
     for graph, file in (("vision", mf.VISION_FILE), ("decoder", mf.DECODER_FILE)):
         engines[graph] = build_engine_file(trt, onnx_dir / file, out_dir / f"{graph}.plan", profiles[graph],
                                            precision, strongly_typed[graph], workspace_mb, dla_core, cache, say)
-    engines["decoder"]["profile_names"] = list(DECODER_PROFILE_NAMES)
+    engines["decoder"]["profile_names"] = list(DECODER_PROFILE_NAMES[:len(profiles["decoder"])])
     copied = {}
     for name in [mf.MANIFEST_FILE, em["files"]["embed_tokens"], em["files"]["rope"], *em["files"].get("copied", [])]:
         if (onnx_dir / name).is_file():
