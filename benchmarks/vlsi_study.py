@@ -647,7 +647,9 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]],
     answered with a constant; the student's training minutes) and the same numbers as JSON."""
     families = sorted({f for rs in results.values() for r in rs for f in r["families"]})
     extras = list(dict.fromkeys(name for rs in results.values() for r in rs for name in r.get("extra", {})))
-    columns = families + [f"{name} (set)" for name in extras]
+    # R-open's second pre-registered metric: set-F1 of list answers (captions), scored with content match
+    set_f1 = any("list_set_f1" in r["overall"] for rs in results.values() for r in rs)
+    columns = (["lists set-F1"] if set_f1 else []) + families + [f"{name} (set)" for name in extras]
     reference = results.get(reference_row, [])
     header = ("| row | seeds | overall | " + " | ".join(columns)
               + f" | overall - {reference_row} (paired) | constant templates | train min |")
@@ -674,7 +676,9 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]],
             delta_cell += f" (n={len(paired)})"
         constants = [c for c in (constant_templates(r) for r in rs) if c is not None]
         constant_cell = f"{statistics.mean(constants):.1f}" if constants else ""
-        cells = [_mean_std(per_family[f]) for f in families] + [_mean_std(per_extra[n]) for n in extras]
+        f1 = [r["overall"]["list_set_f1"] for r in rs if "list_set_f1" in r["overall"]]
+        cells = ([_mean_std(f1)] if set_f1 else []) + [_mean_std(per_family[f]) for f in families] + \
+            [_mean_std(per_extra[n]) for n in extras]
         lines.append(f"| {row.label} | {len(rs)} | {_mean_std(overall)} | " + " | ".join(cells)
                      + f" | {delta_cell} | {constant_cell} | {f'{statistics.mean(minutes):.1f}' if minutes else ''} |")
         summary[row.name] = {
@@ -682,6 +686,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]],
             "overall_mean": statistics.mean(overall) if overall else None,
             "overall_std": statistics.stdev(overall) if len(overall) > 1 else 0.0,
             "families": {f: v for f, v in per_family.items()},
+            **({"list_set_f1": f1} if set_f1 else {}),
             "extra_tests": per_extra,
             "seed_list": [r.get("seed") for r in rs],
             f"paired_delta_vs_{reference_row}": paired,
