@@ -44,6 +44,20 @@ def mask_value(dtype: torch.dtype) -> float:
     return _MASK_VALUE_FP16 if dtype == torch.float16 else _MASK_VALUE_FP32
 
 
+def _fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing `linears` side by side (their outputs concatenated): one MatMul (+ Add)
+    in the graph instead of one per projection, its weight an initializer like any Linear's (which
+    the weight-only quantizers find)."""
+    weight = torch.cat([lin.weight for lin in linears]).detach()
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused.requires_grad_(False)
+
+
 def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
     """HF's rotate_half with the half width as a Python int: a constant Slice in the graph
     (x.shape[-1] // 2 would trace into Shape -> Gather -> Div -> Slice per use)."""
@@ -252,32 +266,41 @@ class DecoderGraph(nn.Module):
         self.groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         self.vocab_size = self.lm_head.out_features
+        # Fewer graph nodes per layer (each costs ~0.6 us in onnxruntime at nano size, and a kernel
+        # launch in TensorRT): q, k and v come from one MatMul + Split of the concatenated weights
+        # (the same dot products), and rotate_half is a Gather with the sign folded into sin once
+        # per graph (exact) instead of Slice / Neg / Concat per use.
+        self.qkv = nn.ModuleList(_fused_linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                                 for layer in self.lm.layers)
+        half = self.head_dim // 2
+        self.register_buffer("rotate_index", torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]),
+                             persistent=False)
+        self.register_buffer("rotate_sign", torch.cat([-torch.ones(half), torch.ones(half)]), persistent=False)
 
     def _attention(
-        self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-        past_k: torch.Tensor, past_v: torch.Tensor,
+        self, i: int, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+        bias: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Batch is always 1 and every reshape has at most one unknown size (-1), so each is a
-        # single Reshape with a constant shape in the graph. Grouped-query attention broadcasts
-        # K/V over the query heads of their group ([1, kv, g, S, d] x [1, kv, 1, d, T]) instead
-        # of materialising repeated K/V.
+        # single Reshape with a constant shape in the graph. Grouped-query attention stacks the g
+        # query heads of a K/V head along the sequence ([1, kv, g*S, d] x [1, kv, d, T]) instead of
+        # materialising repeated K/V. cos / sin_signed: [1, S, 1, d]; bias: [1, 1, g*S, T] (forward).
         attn = layer.self_attn
-        nh, kvh, hd, g = self.num_heads, self.num_kv_heads, self.head_dim, self.groups
-        q = attn.q_proj(x).reshape(1, -1, nh, hd)
-        k = attn.k_proj(x).reshape(1, -1, kvh, hd)
+        nh, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv[i](x).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+        q, k = q.reshape(1, -1, nh, hd), k.reshape(1, -1, kvh, hd)
         if hasattr(attn, "q_norm"):  # Qwen3-VL: RMSNorm over each head's vector, before the rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(x).reshape(1, -1, kvh, hd).transpose(1, 2)
-        c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * c + _rotate_half(q, hd // 2) * sn
-        k = k * c + _rotate_half(k, hd // 2) * sn
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = x[..., rotate_index] * rotate_sign
+        q = (q * cos + q.index_select(-1, self.rotate_index) * sin_signed).transpose(1, 2)
+        k = (k * cos + k.index_select(-1, self.rotate_index) * sin_signed).transpose(1, 2)
+        v = v.reshape(1, -1, kvh, hd).transpose(1, 2)
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
-        qg = q.reshape(1, kvh, g, -1, hd)
-        scores = torch.matmul(qg, k.unsqueeze(2).transpose(3, 4)) * self.scaling + bias.unsqueeze(2)
+        qg = q.reshape(1, kvh, -1, hd)  # heads kv*g .. kv*g+g-1 share K/V head kv
+        scores = torch.matmul(qg, k.transpose(2, 3)) * self.scaling + bias
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.unsqueeze(2))  # [1, kv, g, S, d]
+        out = torch.matmul(probs, v)  # [1, kv, g*S, d]
         out = out.reshape(1, nh, -1, hd).transpose(1, 2).reshape(1, -1, nh * hd)
         return attn.o_proj(out), k, v
 
@@ -293,10 +316,14 @@ class DecoderGraph(nn.Module):
         deepstack, past = (extra[0], extra[1:]) if self.deepstack_layers else (None, extra)
         x = inputs_embeds
         presents: list[torch.Tensor] = []
+        # shared by every layer, computed once: [1, S, 1, d] rotary tables (sin with rotate_half's
+        # sign folded in) and the bias repeated for the g query heads of each K/V head [1, 1, g*S, T]
+        cos = rotary_cos.unsqueeze(2)
+        sin_signed = (rotary_sin * self.rotate_sign.to(rotary_sin.dtype)).unsqueeze(2)
+        bias = attention_bias.repeat(1, 1, self.groups, 1) if self.groups > 1 else attention_bias
         for i, layer in enumerate(self.lm.layers):
-            h, k, v = self._attention(
-                layer, layer.input_layernorm(x), rotary_cos, rotary_sin, attention_bias, past[2 * i], past[2 * i + 1]
-            )
+            h, k, v = self._attention(i, layer, layer.input_layernorm(x), cos, sin_signed, bias, past[2 * i],
+                                      past[2 * i + 1])
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             if deepstack is not None and i < self.deepstack_layers:
