@@ -68,9 +68,39 @@ def test_yaml_sets_exactly_the_declared_parameters(ros_context):
 
 
 def test_launch_overrides_are_vqa_node_parameters():
+    """The launch arguments that override vqa_node parameters name real ones, default to empty
+    (= the YAML's value), and go through vlsi_ros.launch_overrides, as bringup's options do."""
+    from vlsi_ros.launch_overrides import VQA_NODE_ARGUMENTS
     from vlsi_ros.vqa_node import PARAMETERS
 
-    call = next(c for c in launch_calls() if keyword(c, "executable") == "vqa_node")
-    params = next(k.value for k in call.keywords if k.arg == "parameters")
-    overrides = next(e for e in params.elts if isinstance(e, ast.Dict))
-    assert {ast.literal_eval(k) for k in overrides.keys} <= set(PARAMETERS)
+    assert set(VQA_NODE_ARGUMENTS) <= set(PARAMETERS)
+    tree = ast.parse(LAUNCH.read_text())
+    args = next(n for n in ast.walk(tree) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "args")
+    defaults = {ast.literal_eval(k): v.elts[0] for k, v in zip(args.value.keys, args.value.values, strict=True)}
+    assert all(ast.literal_eval(defaults[name]) == "" for name in VQA_NODE_ARGUMENTS)
+    assert "vqa_node_overrides(" in LAUNCH.read_text() and "vqa_node_transport(" in LAUNCH.read_text()
+
+
+def test_arguments_not_given_leave_the_parameter_file_and_the_camera_follows_the_transport(tmp_path):
+    """A YAML that says backend: onnxruntime / transport: compressed is obeyed when no argument is
+    given (launch and bringup alike: the launch file used to pass its own defaults over it), an
+    argument given wins, and image_source publishes what vqa_node listens to."""
+    from vlsi_ros.bringup import parse_args, ros_arguments
+    from vlsi_ros.launch_overrides import vqa_node_overrides, vqa_node_transport
+
+    config = yaml.safe_load((REPO / "config" / "vqa.yaml").read_text())
+    config["vqa_node"]["ros__parameters"].update(backend="onnxruntime", transport="compressed")
+    params = tmp_path / "robot.yaml"
+    params.write_text(yaml.safe_dump(config))
+    assert vqa_node_overrides({"backend": "", "model_path": "", "transport": None}) == {}
+    assert vqa_node_overrides({"backend": "torch", "model_path": "2024"}) == {"backend": "torch", "model_path": "2024"}
+    assert vqa_node_transport(params, "") == "compressed" and vqa_node_transport(params, "raw") == "raw"
+    assert vqa_node_transport(REPO / "config" / "vqa.yaml", None) == "raw"
+    assert vqa_node_transport(tmp_path / "missing.yaml", None) == "raw"
+
+    plain = ros_arguments(parse_args(["--params-file", str(params)])[0])
+    assert not any(a.startswith("vqa_node:") for a in plain)  # the file's backend and transport stand
+    assert "image_source:compressed:=true" in plain
+    given = ros_arguments(parse_args(["--params-file", str(params), "--backend", "torch", "--transport", "raw"])[0])
+    assert "vqa_node:backend:='torch'" in given and "vqa_node:transport:='raw'" in given
+    assert "image_source:compressed:=false" in given

@@ -4,7 +4,8 @@
 This runs the same two nodes with the same parameter file and the same overrides as
 vqa.launch.py (model_path, backend, engine_dir, image_topic, transport, image_qos,
 start_image_source, source, bag, bag_topic), on one MultiThreadedExecutor. As with the launch
-file, an option not given leaves the YAML's value.
+file, an option not given leaves the YAML's value, and image_source publishes the transport
+vqa_node listens to (`vlsi_ros.launch_overrides`).
 
 A robot's recorded data instead of a robot: `--bag ~/bags/run1 [--bag-topic /camera/image_raw]`
 replays the bag's frames through image_source (`--bag` implies `--source bag`).
@@ -22,6 +23,7 @@ from ament_index_python.packages import get_package_share_directory
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
 from vlsi_ros.image_source import SOURCES, ImageSource, ImageSourceError
+from vlsi_ros.launch_overrides import VQA_NODE_ARGUMENTS, vqa_node_overrides, vqa_node_transport
 from vlsi_ros.vqa_node import VqaNode, executor_threads
 
 
@@ -54,13 +56,11 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
     if not params_file.is_file():
         raise FileNotFoundError(f"parameter file not found: {params_file}")
     ros_args = ["--ros-args", "--params-file", str(params_file)]
-    for name, value in (("model_path", args.model_path), ("backend", args.backend),
-                        ("engine_dir", args.engine_dir), ("transport", args.transport),
-                        ("image_qos", args.image_qos)):
-        if value is not None:
-            ros_args += ["-p", f"vqa_node:{name}:={value}"]
-    if args.transport is not None:
-        ros_args += ["-p", f"image_source:compressed:={str(args.transport == 'compressed').lower()}"]
+    given = vqa_node_overrides({name: getattr(args, name) for name in VQA_NODE_ARGUMENTS})
+    for name, value in given.items():  # YAML-quoted: a string whatever it looks like ("2024")
+        ros_args += ["-p", "vqa_node:{}:='{}'".format(name, value.replace("'", "''"))]
+    compressed = vqa_node_transport(params_file, args.transport) == "compressed"
+    ros_args += ["-p", f"image_source:compressed:={str(compressed).lower()}"]
     source = args.source or ("bag" if args.bag else None)
     for name, value in (("source", source), ("path", args.bag), ("topic", args.bag_topic)):
         if value is not None:  # YAML-quoted: a string whatever it looks like ("2024", "", "true")

@@ -1,0 +1,45 @@
+"""What the launch arguments override, shared by vqa.launch.py and the ROS-free bringup.
+
+Why a module: both start the same two nodes from the same parameter file, and both must follow
+one rule. An argument the user did not give leaves the file's value (a YAML that says `backend:
+tensorrt` is obeyed under `ros2 launch` too), and image_source publishes the transport vqa_node
+listens to, whether that came from an argument or from the file. Plain Python + PyYAML (no
+rclpy), so the launch file imports it cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# vqa_node parameters that have a launch argument (and a bringup option) of the same name
+VQA_NODE_ARGUMENTS = ("model_path", "backend", "engine_dir", "transport", "image_qos")
+
+
+def vqa_node_overrides(given: Mapping[str, str | None]) -> dict[str, str]:
+    """The vqa_node parameters to override: the arguments given a non-empty value (an empty or
+    missing one keeps the parameter file's value)."""
+    return {name: str(given[name]) for name in VQA_NODE_ARGUMENTS if given.get(name)}
+
+
+def _node_parameters(params_file: str | Path, node: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # the node reports an unreadable parameter file itself
+    for key in (node, f"/{node}", "/**"):
+        section = data.get(key) if isinstance(data, dict) else None
+        if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict):
+            return section["ros__parameters"]
+    return {}
+
+
+def vqa_node_transport(params_file: str | Path, given: str | None) -> str:
+    """The transport vqa_node will use: the argument when given, else the parameter file's
+    (`raw` when it names none); image_source's `compressed` follows it."""
+    if given:
+        return given
+    return str(_node_parameters(params_file, "vqa_node").get("transport") or "raw")
