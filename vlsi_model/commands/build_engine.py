@@ -1,6 +1,6 @@
 """`vlsi build-engine`: TensorRT 10 engines from an ONNX export (`vlsi export`), on the target device.
 
-Builds vision.plan and decoder.plan (two optimisation profiles: prefill and decode) into a named
+Builds vision.plan and decoder.plan (decoder profiles: prefill, decode, extend) into a named
 engine set, `trt_engines/NAME/` (NAME: --name, default the model's name, e.g. `my_robot` for
 `runs/my_robot/final`; `VLSI_TRT_ENGINES` moves the folder; a set of another model is not
 overwritten without --overwrite), or into --out, with manifest.json (TensorRT version, GPU and compute capability,

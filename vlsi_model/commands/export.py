@@ -1,4 +1,4 @@
-"""`vlsi export`: ONNX graphs of a Qwen2-VL / Qwen2.5-VL model for ONNX Runtime and TensorRT.
+"""`vlsi export`: ONNX graphs of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model for ONNX Runtime and TensorRT.
 
 Writes vision.onnx, decoder.onnx (prefill + decode with KV cache), the embedding table, the
 tokenizer/preprocessor files and export_manifest.json into --out (default <model>/onnx,
@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: <model>/onnx)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--image-size", type=_hw, default=None, metavar="HxW",
-                      help="fixed input size (multiples of 28): every image is resized to it; static vision "
-                           "graph, the fastest TensorRT engine")
+                      help="fixed input size (multiples of patch x merge size: 28 px, 32 for Qwen3-VL): every "
+                           "image is resized to it; static vision graph, the fastest TensorRT engine")
     size.add_argument("--max-image-size", type=_hw, default=None, metavar="HxW",
                       help="bound the pixel count to H*W (images keep their aspect ratio; only narrows the "
                            "image processor's max_pixels, which is the default bound)")
