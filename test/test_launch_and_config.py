@@ -104,3 +104,27 @@ def test_arguments_not_given_leave_the_parameter_file_and_the_camera_follows_the
     given = ros_arguments(parse_args(["--params-file", str(params), "--backend", "torch", "--transport", "raw"])[0])
     assert "vqa_node:backend:='torch'" in given and "vqa_node:transport:='raw'" in given
     assert "image_source:compressed:=false" in given
+
+
+def test_the_transport_is_read_from_the_yaml_as_rcl_merges_it(tmp_path):
+    """Every section that matches /vqa_node counts, in file order, a later one winning (`/**`,
+    `/**/vqa_node`, a bare name), as rcl merges them; image_source must publish that transport."""
+    from vlsi_ros.launch_overrides import node_parameters, vqa_node_transport
+
+    layouts = {
+        "/**:\n  ros__parameters: {transport: compressed}\nvqa_node:\n  ros__parameters: {backend: torch}\n":
+            "compressed",
+        "vqa_node:\n  ros__parameters: {transport: compressed}\n/**:\n  ros__parameters: {transport: raw}\n": "raw",
+        "/**/vqa_node:\n  ros__parameters: {transport: compressed}\n": "compressed",
+        "/*:\n  ros__parameters: {transport: compressed}\n/other_node:\n  ros__parameters: {transport: raw}\n":
+            "compressed",
+        "/robot/vqa_node:\n  ros__parameters: {transport: compressed}\n": "raw",  # another namespace
+    }
+    for i, (text, transport) in enumerate(layouts.items()):
+        path = tmp_path / f"p{i}.yaml"
+        path.write_text(text)
+        assert vqa_node_transport(path, None) == transport, text
+    path.write_text(next(iter(layouts)))
+    assert node_parameters(path) == {"transport": "compressed", "backend": "torch"}
+    path.write_text("{not yaml: [")
+    assert node_parameters(path) == {} and vqa_node_transport(path, None) == "raw"

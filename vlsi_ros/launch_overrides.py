@@ -9,6 +9,7 @@ rclpy), so the launch file imports it cheaply.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,28 @@ def vqa_node_overrides(given: Mapping[str, str | None]) -> dict[str, str]:
     return {name: str(given[name]) for name in VQA_NODE_ARGUMENTS if given.get(name)}
 
 
-def _node_parameters(params_file: str | Path, node: str) -> dict[str, Any]:
+def _matches(pattern: str, node: str) -> bool:
+    """Whether a parameter file's node key matches the fully qualified `node` name as rcl matches
+    it: a bare name is absolute, `/*` is one name token, `/**` any number of them."""
+    pattern = pattern if pattern.startswith("/") else f"/{pattern}"
+    regex = "".join("(/[^/]+)*" if part == "**" else "/[^/]+" if part == "*" else "/" + re.escape(part)
+                    for part in pattern.strip("/").split("/"))
+    return re.fullmatch(regex, node) is not None
+
+
+def node_parameters(params_file: str | Path, node: str = "/vqa_node") -> dict[str, Any]:
+    """The parameters `params_file` gives the node named `node` (fully qualified): every matching
+    section merged in file order, a later one winning, as rcl merges them; {} for an unreadable
+    file (the node reports that itself)."""
     try:
         data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
-        return {}  # the node reports an unreadable parameter file itself
-    for key in (node, f"/{node}", "/**"):
-        section = data.get(key) if isinstance(data, dict) else None
-        if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict):
-            return section["ros__parameters"]
-    return {}
+        return {}
+    merged: dict[str, Any] = {}
+    for key, section in (data.items() if isinstance(data, dict) else ()):
+        if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict) and _matches(str(key), node):
+            merged.update(section["ros__parameters"])
+    return merged
 
 
 def vqa_node_transport(params_file: str | Path, given: str | None) -> str:
@@ -42,4 +55,4 @@ def vqa_node_transport(params_file: str | Path, given: str | None) -> str:
     (`raw` when it names none); image_source's `compressed` follows it."""
     if given:
         return given
-    return str(_node_parameters(params_file, "vqa_node").get("transport") or "raw")
+    return str(node_parameters(params_file).get("transport") or "raw")

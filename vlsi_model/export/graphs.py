@@ -18,12 +18,12 @@ every data-dependent index computed outside the graph and fed in as an input:
 - `DecoderGraph`: one graph for prefill *and* decode (inputs_embeds, M-RoPE cos/sin, an
   additive attention bias, past KV of any length including 0 -> last-position logits +
   present KV). One graph means the weights exist once: in ONNX Runtime one session, in
-  TensorRT one engine with a prefill and a decode optimisation profile. Two graphs would
+  TensorRT one engine with prefill, decode and extend optimisation profiles. Two graphs would
   double the decoder's weights, which an 8 GB Jetson cannot afford for a 2B model.
   Qwen3-VL: per-head q/k RMSNorms, and the DeepStack features (already scattered to the
   image tokens' positions, zeros elsewhere) added to the outputs of the first layers.
 
-Only plain tensor arithmetic is used (MatMul, Softmax, Concat, Gather by int32 indices, ...)
+Only plain tensor arithmetic is used (MatMul, Softmax, Concat, Split, Gather, ...)
 so every op is in TensorRT 10's ONNX operator set (checked by `trt_ops`). Parity with the
 Hugging Face forward is tested (`test/test_onnx_export.py`).
 """
@@ -47,15 +47,22 @@ def mask_value(dtype: torch.dtype) -> float:
 def _fused_linear(*linears: nn.Linear) -> nn.Linear:
     """One Linear computing `linears` side by side (their outputs concatenated): one MatMul (+ Add)
     in the graph instead of one per projection, its weight an initializer like any Linear's (which
-    the weight-only quantizers find)."""
-    weight = torch.cat([lin.weight for lin in linears]).detach()
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
-    return fused.requires_grad_(False)
+    the weight-only quantizers find). The originals then hold views into the fused tensors, so the
+    model (and its PyTorch forward, which the parity check runs) keeps one copy of the weights."""
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=has_bias,
+                      device="meta")  # no init, no memory: the parameters are set below
+    fused.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]).detach(), requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]).detach(), requires_grad=False)
+    start = 0
+    for lin in linears:
+        rows = slice(start, start + lin.out_features)
+        lin.weight.data = fused.weight.data[rows]
+        if has_bias:
+            lin.bias.data = fused.bias.data[rows]
+        start += lin.out_features
+    return fused
 
 
 def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
@@ -272,10 +279,11 @@ class DecoderGraph(nn.Module):
         # per graph (exact) instead of Slice / Neg / Concat per use.
         self.qkv = nn.ModuleList(_fused_linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
                                  for layer in self.lm.layers)
-        half = self.head_dim // 2
-        self.register_buffer("rotate_index", torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]),
-                             persistent=False)
-        self.register_buffer("rotate_sign", torch.cat([-torch.ones(half), torch.ones(half)]), persistent=False)
+        half, device = self.head_dim // 2, self.lm_head.weight.device
+        self.register_buffer("rotate_index", torch.cat([torch.arange(half, self.head_dim, device=device),
+                                                        torch.arange(half, device=device)]), persistent=False)
+        self.register_buffer("rotate_sign", torch.cat([-torch.ones(half, device=device),
+                                                       torch.ones(half, device=device)]), persistent=False)
 
     def _attention(
         self, i: int, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
