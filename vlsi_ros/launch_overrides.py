@@ -28,7 +28,9 @@ def vqa_node_overrides(given: Mapping[str, str | None]) -> dict[str, str]:
 
 def _matches(pattern: str, node: str) -> bool:
     """Whether a parameter file's node key matches the fully qualified `node` name as rcl matches
-    it: a bare name is absolute, `/*` is one name token, `/**` any number of them."""
+    it: a bare name is absolute, `/*` is one name token, `/**` any number of them. Written here
+    because rcl's matcher (rcl_yaml_param_parser) is C only, and rclpy's
+    `parameter_dict_from_yaml_file` knows exact names and a leading `/**` but not `/**/vqa_node`."""
     pattern = pattern if pattern.startswith("/") else f"/{pattern}"
     regex = "".join("(/[^/]+)*" if part == "**" else "/[^/]+" if part == "*" else "/" + re.escape(part)
                     for part in pattern.strip("/").split("/"))
