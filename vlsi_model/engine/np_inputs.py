@@ -49,6 +49,7 @@ __all__ = [
     "VisionSpec",
     "causal_bias",
     "deepstack_at_tokens",
+    "frame_prompts",
     "mrope_cos_sin",
     "position_grid_taps",
     "preprocess_image",
@@ -164,6 +165,19 @@ def preprocess_image(image: np.ndarray, cfg: ImageConfig) -> tuple[np.ndarray, t
     patches = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
     patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
     return np.ascontiguousarray(patches.reshape(gh * gw, c * t * p * p)), (1, gh, gw)
+
+
+def frame_prompts(image: np.ndarray, questions: list[str], cfg: ImageConfig, merge_size: int,
+                  prompts: PromptBuilder, max_question_chars: int) -> tuple[np.ndarray, tuple[int, int, int],
+                                                                            list[np.ndarray]]:
+    """(pixel_values, grid, prompt ids per question) for questions about one frame: the image and
+    every question checked first (EngineError before any work), the frame preprocessed once. What
+    the exported backends (ONNX Runtime, TensorRT) run before their graphs."""
+    image = validate_image(image)
+    texts = [validate_question(q, max_question_chars) for q in questions]
+    pixel_values, grid = preprocess_image(image, cfg)
+    n_img = grid[0] * grid[1] * grid[2] // merge_size**2
+    return pixel_values, grid, [prompts.prompt_ids(q, n_img) for q in texts]
 
 
 # ----------------------------------------------------------------------------- prompt

@@ -45,11 +45,9 @@ from vlsi_model.engine.np_inputs import (
     VisionSpec,
     causal_bias,
     deepstack_at_tokens,
+    frame_prompts,
     mrope_cos_sin,
-    preprocess_image,
     rope_index,
-    validate_image,
-    validate_question,
     vision_aux_inputs,
 )
 from vlsi_model.manifest import find_export_dir, load_manifest, read_metadata_json
@@ -164,15 +162,13 @@ class OnnxRuntimeEngine:
     # ------------------------------------------------------------------ stages
     def prepare(self, image: np.ndarray, question: str) -> dict[str, Any]:
         """Validate and preprocess: prompt ids, pixel patches and the image grid."""
-        image = validate_image(image)
-        question = validate_question(question, self.max_question_chars)
-        pixel_values, grid, n_img = self._image_inputs(image)
-        return {"input_ids": self.prompts.prompt_ids(question, n_img), "pixel_values": pixel_values, "grid_thw": grid}
+        pixel_values, grid, (ids,) = self._frame_prompts(image, [question])
+        return {"input_ids": ids, "pixel_values": pixel_values, "grid_thw": grid}
 
-    def _image_inputs(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int], int]:
-        """(pixel patches, image grid, merged image tokens) of a validated frame."""
-        pixel_values, grid = preprocess_image(image, self.image_config)
-        return pixel_values, grid, grid[0] * grid[1] * grid[2] // self.vision_spec.merge_size**2
+    def _frame_prompts(self, image: np.ndarray,
+                       questions: list[str]) -> tuple[np.ndarray, tuple[int, int, int], list[np.ndarray]]:
+        return frame_prompts(image, questions, self.image_config, self.vision_spec.merge_size, self.prompts,
+                             self.max_question_chars)
 
     def run_vision(self, pixel_values: np.ndarray,
                    grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -370,10 +366,7 @@ class OnnxRuntimeEngine:
             raise EngineError(f"max_new_tokens must be >= 1, got {limits}")
         if len(questions) == 1:
             return [self.answer(image, questions[0], limits[0], cancel=cancels[0])]
-        image = validate_image(image)
-        texts = [validate_question(q, self.max_question_chars) for q in questions]
-        pixel_values, grid, n_img = self._image_inputs(image)
-        ids = [self.prompts.prompt_ids(q, n_img) for q in texts]
+        pixel_values, grid, ids = self._frame_prompts(image, questions)
         prefix = image_prefix_length(ids, self.image_token_id)
         results = [AnswerResult(text="") for _ in questions]
         try:

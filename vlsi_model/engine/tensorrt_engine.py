@@ -562,13 +562,10 @@ class TensorRTEngine:
                                                                           list[np.ndarray]]:
         """(pixel values, grid, prompt ids per question) for one validated frame; EngineError for a
         bad image or question, or a prompt longer than the engine's prefill profile."""
-        from vlsi_model.engine.np_inputs import preprocess_image, validate_image, validate_question
+        from vlsi_model.engine.np_inputs import frame_prompts
 
-        image = validate_image(image)
-        texts = [validate_question(q, self.max_question_chars) for q in questions]
-        pixel_values, grid = preprocess_image(image, self.image_config)
-        n_img = int(np.prod(grid)) // self.vision_spec.merge_size**2
-        ids = [self.prompts.prompt_ids(q, n_img) for q in texts]
+        pixel_values, grid, ids = frame_prompts(image, questions, self.image_config, self.vision_spec.merge_size,
+                                                self.prompts, self.max_question_chars)
         longest = max(len(x) for x in ids)
         if longest > self.max_prefill:
             raise EngineError(f"prompt of {longest} tokens exceeds the engine's prefill maximum {self.max_prefill}; "
