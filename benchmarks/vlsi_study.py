@@ -484,7 +484,23 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     if archived is not None:
         archived.parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(archived, {**results, "seed": seed, "row": row.name})
+        archive_matching_stats(row, a, seed)
     return results
+
+
+def archive_matching_stats(row: Row, a: StudyArgs, seed: int) -> Path | None:
+    """Keep a distill row's matching statistics beside its archived result
+    (`<archive>/<row>/matching_stats_seed<N>.json`): H3 is judged from them, and the run folder
+    holding the original does not outlive the machine."""
+    from vlsi_model.distill.config import INTERACTION_DIR
+
+    source = _row_dir(row, a, seed) / "distill" / INTERACTION_DIR / "matching_stats.json"
+    if a.archive is None or row.kind != "distill" or not source.is_file():
+        return None
+    dest = a.archive / row.name / f"matching_stats_seed{seed}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    return dest
 
 
 def row_model_dir(row: Row, a: StudyArgs, seed: int) -> Path:

@@ -278,3 +278,22 @@ def test_results_scored_otherwise_are_refused_not_mixed(tmp_path):
         vlsi_study.finished_result(row, a, 0)
     result_file.write_text(json.dumps({"overall": {"accuracy": 0.5}, "families": {}, "primary": "content match"}))
     assert vlsi_study.finished_result(row, a, 0)["overall"]["accuracy"] == 0.5
+
+
+def test_a_distill_rows_matching_statistics_are_archived_beside_its_result(tmp_path):
+    """H3 is judged from each VLsI row's matching statistics; runs/ does not outlive the machine,
+    so the archive keeps them (an SFT row has none to keep)."""
+    import vlsi_study
+
+    from vlsi_model.distill.config import INTERACTION_DIR
+    a = vlsi_study.StudyArgs(tmp_path / "out", tmp_path, tmp_path / "train.json", tmp_path / "test.json", "random",
+                             [3], 10, 0.5, 1, 2, 1e-3, 64, None, {}, {}, {}, archive=tmp_path / "archive")
+    rows = {r.name: r for r in vlsi_study.study_rows()}
+    stats = vlsi_study._row_dir(rows["vlsi_pool"], a, 3) / "distill" / INTERACTION_DIR / "matching_stats.json"
+    stats.parent.mkdir(parents=True)
+    stats.write_text('{"student_layers": [1, 2, 3]}')
+    kept = vlsi_study.archive_matching_stats(rows["vlsi_pool"], a, 3)
+    assert kept == tmp_path / "archive" / "vlsi_pool" / "matching_stats_seed3.json"
+    assert json.loads(kept.read_text()) == {"student_layers": [1, 2, 3]}
+    assert vlsi_study.archive_matching_stats(rows["sft_pseudo"], a, 3) is None
+    assert vlsi_study.archive_matching_stats(rows["vlsi_pool"], a, 4) is None  # that seed has not run
