@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Inputs: scripts/study/prepare_inputs.sh r_unlabelled (on a fresh checkout: runs/ is not in git).
 # Usage: STUDY_CODE=/path/to/frozen/worktree setsid nohup scripts/study/r_few_driver.sh &
 # R-few and R-unlabelled's remaining arms, pre-registered last (after R-open): A3 and A4 on the 500
 # labelled frames alone (final_kd_few, vlsi_few), then final-layer KD at T=2 (final_kd_t2) and VLsI

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Inputs: scripts/study/prepare_inputs.sh r_open (on a fresh checkout: runs/ is not in git).
 # Usage: STUDY_CODE=/path/to/frozen/worktree START_SEEDS="2 3 4" setsid nohup scripts/study/r_open_driver.sh &
 # R-open after R-unlabelled (the pre-registered order): waits for the R-unlabelled driver, then
 # seeds 0-4 of A1-A4 (+ the teacher row at seed 0), two workers sharing rows through file locks.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Inputs: scripts/study/prepare_inputs.sh r_unlabelled (on a fresh checkout: runs/ is not in git).
 # Usage: STUDY_CODE=/path/to/frozen/worktree START_SEEDS="5 6 7" setsid nohup scripts/study/r_unlabelled_driver.sh &
 # R-unlabelled in the pre-registered order: every arm of seed 0, then seed 1, ... (two workers share
 # the (row, seed) pairs through the study script's file locks).

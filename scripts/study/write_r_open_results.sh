@@ -60,7 +60,9 @@ agreement as the R-unlabelled teacher's labels by exact match (0.797).
 
 ## The arms (A1-A4, seeds 0-4)
 
-Command (two workers, one per core; resumable; finished rows read from the archive):
+Command (two workers, one per core; resumable; finished rows read from the archive): on a fresh
+checkout first `scripts/study/prepare_inputs.sh r_open` (rebuilds the sets, the teacher and its labels
+under runs/ and checks them against the archive answer by answer), then
 `STUDY_CODE=<frozen worktree> scripts/study/r_open_driver.sh` (each worker:
 `scripts/study/r_open_worker.sh`, the R-unlabelled budget and settings with `--open-forms
 --max-new-tokens 64`). The rows keep R-unlabelled's names and group label; the figures are content

@@ -1,0 +1,105 @@
+"""The pre-registered study at a glance: every arm x regime from the archived per-seed results.
+
+    python scripts/study/write_summary.py            # docs/study/results_summary.md + the README's table
+
+Reads only the committed archive (docs/study/r_unlabelled/, docs/study/r_open/arms/), so it runs on a
+fresh checkout in seconds. Each cell is the test split's mean ± std over seeds (content match in
+R-open, exact match elsewhere) with the number of seeds; an arm the pre-registration does not run
+in a regime says so, one queued but not yet run says "queued". The README's copy sits between the
+`<!-- study-summary -->` markers; the verdicts come from benchmarks/vlsi_study.py's pre-registered
+comparisons, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import vlsi_study  # noqa: E402  (benchmarks/ is not a package)
+
+# (label, row in R-unlabelled, row in R-few, row in R-open); None: not in that regime's design.
+ARMS = (
+    ("teacher", "teacher", "teacher", "teacher"),
+    ("A1 SFT on the 500 labels", "sft_labels", "sft_labels", "sft_labels"),
+    ("A2 + teacher labels (seq. KD)", "sft_pseudo", None, "sft_pseudo"),
+    ("A3 final-layer KD, T=1", "final_kd_t1", "final_kd_few", "final_kd_t1"),
+    ("A3b final-layer KD, T=2", "final_kd_t2", None, None),
+    ("**A4 VLsI**", "vlsi_pool", "vlsi_few", "vlsi_pool"),
+    ("A5 VLsI, plain verbalizer", "vlsi_plain", None, None),
+    ("O + the pool's true labels", "oracle", None, None),
+)
+REGIMES = (("R-unlabelled", "docs/study/r_unlabelled"), ("R-few", "docs/study/r_unlabelled"),
+           ("R-open", "docs/study/r_open/arms"))
+MARK_BEGIN, MARK_END = "<!-- study-summary -->", "<!-- /study-summary -->"
+
+
+def archived_results(archive: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every archived (row, seed) result, by row: the accuracy the regime scores by, and the seed."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(archive.glob("*/*.json")):
+        if path.name.startswith("matching_stats"):
+            continue
+        r = json.loads(path.read_text())
+        out.setdefault(path.parent.name, []).append({"overall": r["overall"], "seed": r.get("seed", 0)})
+    return out
+
+
+def cell(runs: list[dict[str, Any]] | None, row: str) -> str:
+    """'mean ± std (n)' over seeds; one seed has no std; none: 'queued'; the teacher, evaluated
+    once (it is not trained per seed), its figure alone."""
+    if not runs:
+        return "queued"
+    accs = [r["overall"]["accuracy"] for r in runs]
+    if len(accs) == 1:
+        return f"{accs[0]:.3f}" + ("" if row == "teacher" else " (1)")
+    return f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} ({len(accs)})"
+
+
+def summary_table() -> tuple[str, str]:
+    """The arms x regimes table (markdown) and the pre-registered verdict lines under it."""
+    results = {name: archived_results(REPO / archive) for name, archive in REGIMES}
+    lines = ["| arm | " + " | ".join(name for name, _ in REGIMES) + " |", "|---|" + "---:|" * len(REGIMES)]
+    for label, *rows in ARMS:
+        cells = [cell(results[regime].get(row), row) if row else "n/a" for (regime, _), row in zip(REGIMES, rows,
+                                                                                           strict=True)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    verdicts = []
+    for regime in ("R-unlabelled", "R-open"):
+        _, comparisons = vlsi_study.preregistered_comparisons(results[regime])
+        for c in comparisons:
+            if c["hypothesis"] in ("H1", "H2") and not (regime == "R-open" and c["hypothesis"] == "H1"):
+                ci = f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else ""
+                seeds = f"{c['pairs']} seed" + ("s" if c["pairs"] != 1 else "")
+                verdicts.append(f"{regime} {c['hypothesis']} {c['better']} - {c['worse']}: {c['mean']:+.3f}{ci}, "
+                                f"{seeds}: **{c['verdict']}**")
+    return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts)
+
+
+def main() -> int:
+    table, verdicts = summary_table()
+    note = ("Test split, mean ± std (seeds); R-open scores content match (synonyms, list order and "
+            "number words seen through). n/a: not in that regime's design (R-few has no pool; R-open "
+            "runs A1-A4). R-few's A1 is R-unlabelled's A1, the same runs.")
+    (REPO / "docs/study/results_summary.md").write_text(
+        "# The pre-registered study: every arm x regime\n\nWritten by `python scripts/study/write_summary.py` "
+        f"from the archived per-seed results.\n\n{table}\n\n{note}\n\nPre-registered comparisons (paired by "
+        f"seed, 95% interval):\n\n{verdicts}\n")
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
+    if begin < 0 or end < begin:
+        print(f"README.md has no {MARK_BEGIN} ... {MARK_END} block", file=sys.stderr)
+        return 1
+    readme.write_text(text[:begin + len(MARK_BEGIN)] + "\n" + table + "\n" + text[end:])
+    print(table + "\n\n" + verdicts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""scripts/study/write_summary.py: the README's study table is the archive's, arm by arm."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_summary():
+    spec = importlib.util.spec_from_file_location("write_summary", REPO / "scripts" / "study" / "write_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_study_table_is_the_archived_results():
+    """Rerun `python scripts/study/write_summary.py` after archiving a seed: a stale README fails here."""
+    summary = _write_summary()
+    table, verdicts = summary.summary_table()
+    readme = (REPO / "README.md").read_text()
+    assert f"{summary.MARK_BEGIN}\n{table}\n{summary.MARK_END}" in readme
+    assert "R-unlabelled H2 vlsi_pool - sft_pseudo" in verdicts
+
+
+def test_cells_give_mean_std_and_seed_count():
+    summary = _write_summary()
+    runs = [{"overall": {"accuracy": a}, "seed": s} for s, a in enumerate((0.70, 0.72, 0.74))]
+    assert summary.cell(runs, "vlsi_pool") == "0.720 ± 0.020 (3)"
+    assert summary.cell(runs[:1], "vlsi_pool") == "0.700 (1)"
+    assert summary.cell(runs[:1], "teacher") == "0.700"  # evaluated once, not per seed
+    assert summary.cell([], "vlsi_plain") == "queued"
