@@ -452,6 +452,7 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
             if archived is not None:  # the archive keeps the new scores too
                 archived.parent.mkdir(parents=True, exist_ok=True)
                 _write_json_atomic(archived, {**results, "seed": seed, "row": row.name})
+        archive_matching_stats(row, a, seed)  # (a run killed between archiving its result and these)
         return results
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -482,24 +483,26 @@ def run_row(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     _write_json_atomic(result_file, results)  # written last: its presence marks the row done
     (row_dir / ".eval_tmp.json").unlink(missing_ok=True)
     if archived is not None:
+        archive_matching_stats(row, a, seed)  # first: an archived result implies its statistics are kept
         archived.parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(archived, {**results, "seed": seed, "row": row.name})
-        archive_matching_stats(row, a, seed)
     return results
 
 
 def archive_matching_stats(row: Row, a: StudyArgs, seed: int) -> Path | None:
-    """Keep a distill row's matching statistics beside its archived result
+    """Keep a VLsI row's matching statistics beside its archived result
     (`<archive>/<row>/matching_stats_seed<N>.json`): H3 is judged from them, and the run folder
-    holding the original does not outlive the machine."""
+    holding the original does not outlive the machine. Rows without intermediate losses (final-layer
+    KD) record matches too, but nothing trains on them: those are not kept."""
     from vlsi_model.distill.config import INTERACTION_DIR
 
     source = _row_dir(row, a, seed) / "distill" / INTERACTION_DIR / "matching_stats.json"
-    if a.archive is None or row.kind != "distill" or not source.is_file():
+    layer_wise = row.overrides.get("loss", {}).get("intermediate_weight", 1.0) != 0
+    if a.archive is None or row.kind != "distill" or not layer_wise or not source.is_file():
         return None
     dest = a.archive / row.name / f"matching_stats_seed{seed}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
+    _write_json_atomic(dest, json.loads(source.read_text()))
     return dest
 
 

@@ -21,6 +21,7 @@ def test_readme_study_table_is_the_archived_results():
     table, verdicts = summary.summary_table()
     readme = (REPO / "README.md").read_text()
     assert f"{summary.MARK_BEGIN}\n{table}\n{summary.MARK_END}" in readme
+    assert (REPO / "docs/study/results_summary.md").read_text() == summary.summary_page(table, verdicts)
     assert "R-unlabelled H2 vlsi_pool - sft_pseudo" in verdicts
 
 

@@ -282,7 +282,7 @@ def test_results_scored_otherwise_are_refused_not_mixed(tmp_path):
 
 def test_a_distill_rows_matching_statistics_are_archived_beside_its_result(tmp_path):
     """H3 is judged from each VLsI row's matching statistics; runs/ does not outlive the machine,
-    so the archive keeps them (an SFT row has none to keep)."""
+    so the archive keeps them (an SFT row has none; final-layer KD's matches train nothing)."""
     import vlsi_study
 
     from vlsi_model.distill.config import INTERACTION_DIR
@@ -296,4 +296,8 @@ def test_a_distill_rows_matching_statistics_are_archived_beside_its_result(tmp_p
     assert kept == tmp_path / "archive" / "vlsi_pool" / "matching_stats_seed3.json"
     assert json.loads(kept.read_text()) == {"student_layers": [1, 2, 3]}
     assert vlsi_study.archive_matching_stats(rows["sft_pseudo"], a, 3) is None
+    kd = vlsi_study._row_dir(rows["final_kd_t1"], a, 3) / "distill" / INTERACTION_DIR / "matching_stats.json"
+    kd.parent.mkdir(parents=True)
+    kd.write_text('{"student_layers": [1, 2, 3]}')  # recorded, but no loss trained on these matches
+    assert vlsi_study.archive_matching_stats(rows["final_kd_t1"], a, 3) is None
     assert vlsi_study.archive_matching_stats(rows["vlsi_pool"], a, 4) is None  # that seed has not run

@@ -1,30 +1,37 @@
 """Check that the study inputs rebuilt under runs/ are the ones the archived results were measured on.
 
-    python scripts/study/check_inputs.py r_open [r_unlabelled]
+    python scripts/study/check_inputs.py r_open [r_unlabelled]          # check; exit 1 on a difference
+    python scripts/study/check_inputs.py r_unlabelled --record           # also record inputs not yet digested
 
 Why: runs/ does not survive a fresh checkout, so every session rebuilds the inputs
 (scripts/study/prepare_inputs.sh) and adds rows beside rows archived from earlier builds. A paired
-comparison across seeds is only sound if those builds are the same, so two checks, answer by answer:
+comparison across seeds is only sound if those builds are the same. Three checks:
 
 1. the test split: every archived (row, seed) result keeps its answers in test-file order; scored
-   against the rebuilt split they must give the archived number of correct answers, row by row;
+   against the rebuilt split they must give the archived number of correct answers, row by row (by
+   content and, in R-open, by exact match too, which sees the open forms' seeds);
 2. the teacher: rebuilt (R-open) or shipped (R-unlabelled), it answers the rebuilt test split with the
-   archived teacher row's answers, every one, and scores the archived figure on the validation split
-   (which also checks that split).
+   archived teacher row's answers, every one, and scores the archived figure on the validation split;
+3. the training inputs: each set's JSON, its images, and each teacher-label file's answers are hashed
+   (SHA-256) and compared with docs/study/inputs_sha256.json. That file was recorded from a build
+   that passed checks 1-2 (and, for label files, the archived agreement with the true answers);
+   `--record` adds the digests of inputs present here but not yet recorded, after the other checks pass.
 
-Exit status 1, naming what differs, if anything does. Uses one thread (the archived rows did).
+Uses one thread (the archived rows did).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+DIGESTS = REPO / "docs" / "study" / "inputs_sha256.json"
 
 
 @dataclass(frozen=True)
@@ -35,19 +42,28 @@ class Regime:
     teacher: str
     open_forms: bool
     max_new_tokens: int
+    sets: tuple[str, ...]  # training sets (JSON files whose images sit beside them)
+    labels: tuple[str, ...]  # teacher-label files: their answers are hashed (not the probabilities)
 
 
+SHARED_SETS = ("runs/rstudy/labelled/train_mix.json", "runs/rstudy/pool/train_mix.json",
+               "runs/rstudy/pool/pool_questions.json", "runs/rstudy/test/test.json", "runs/rstudy/val/val.json")
 REGIMES = {
     "r_unlabelled": Regime("runs/rstudy/test/test.json", "runs/rstudy/val/val.json", "docs/study/r_unlabelled",
-                           "vlsi_model/assets/default_student", open_forms=False, max_new_tokens=16),
+                           "vlsi_model/assets/default_student", open_forms=False, max_new_tokens=16,
+                           sets=SHARED_SETS, labels=("runs/rstudy/pool/pool_teacher.json",)),
     "r_open": Regime("runs/ropen/test.json", "runs/ropen/val.json", "docs/study/r_open/arms",
-                     "runs/ropen/teacher/final", open_forms=True, max_new_tokens=64),
+                     "runs/ropen/teacher/final", open_forms=True, max_new_tokens=64,
+                     sets=SHARED_SETS + ("runs/ropen/labelled.json", "runs/ropen/pool_true.json",
+                                         "runs/ropen/test.json", "runs/ropen/val.json"),
+                     labels=("runs/ropen/pool_teacher.json",)),
 }
+RESULT_FILE = re.compile(r"^(seed\d+|all)\.json$")
 
 
-def correct_count(result: dict[str, Any], open_forms: bool) -> int:
-    """The number of correct answers a scored result counts by the regime's primary metric."""
-    return result["content"]["correct"] if open_forms else result["overall"]["correct"]
+def archived_results(archive: Path) -> list[Path]:
+    """The archived (row, seed) results: <row>/seed<N>.json and <row>/all.json (not the matching stats)."""
+    return sorted(p for p in archive.glob("*/*.json") if RESULT_FILE.match(p.name))
 
 
 def check_archived_answers(regime: Regime) -> list[str]:
@@ -56,21 +72,23 @@ def check_archived_answers(regime: Regime) -> list[str]:
 
     samples = load_eval_samples(REPO / regime.test)
     problems = []
-    archived = sorted((REPO / regime.archive).glob("*/*.json"))
-    for path in archived:
+    results = archived_results(REPO / regime.archive)
+    for path in results:
         result = json.loads(path.read_text())
         answers = result.get("answers")
-        if not answers:
+        if not answers or len(answers) != len(samples):
+            problems.append(f"{path}: {len(answers or [])} answers, the rebuilt test split has {len(samples)} "
+                            "questions")
             continue
-        if len(answers) != len(samples):
-            problems.append(f"{path}: {len(answers)} answers, the rebuilt test split has {len(samples)} questions")
-            continue
-        rescored = correct_count(score(samples, answers, open_forms=regime.open_forms), regime.open_forms)
-        if rescored != result["overall"]["correct"]:
-            problems.append(f"{path}: {rescored} correct against the rebuilt test split, "
-                            f"{result['overall']['correct']} archived")
-    print(f"{regime.archive}: {len(archived)} archived results rescored on {regime.test}: "
-          f"{'all equal' if not problems else f'{len(problems)} differ'}")
+        scored = score(samples, answers, open_forms=regime.open_forms)
+        pairs = [("correct", scored["content"]["correct"] if regime.open_forms else scored["overall"]["correct"],
+                  result["overall"]["correct"])]
+        if regime.open_forms:  # the forms themselves: exact match sees a different open-forms seed
+            pairs.append(("exact-match correct", scored["overall"]["correct"], result["exact"]["overall"]["correct"]))
+        problems += [f"{path}: {got} {what} against the rebuilt test split, {want} archived"
+                     for what, got, want in pairs if got != want]
+    print(f"{regime.archive}: {len(results)} archived results rescored on {regime.test}: "
+          f"{'all equal' if not problems else f'{len(problems)} differences'}")
     return problems
 
 
@@ -84,36 +102,91 @@ def check_teacher(regime: Regime) -> list[str]:
         return [f"{teacher}: no model (run scripts/study/prepare_inputs.sh first)"]
     problems = []
     test = evaluate(teacher, REPO / regime.test, max_new_tokens=regime.max_new_tokens, open_forms=regime.open_forms)
-    answers = [p["prediction"] for p in test["predictions"]]
-    differ = [i for i, (a, b) in enumerate(zip(answers, archived["answers"], strict=True)) if a != b]
+    answers, want = [p["prediction"] for p in test["predictions"]], archived["answers"]
+    differ = [i for i in range(max(len(answers), len(want)))
+              if i >= len(answers) or i >= len(want) or answers[i] != want[i]]
     if differ:
-        problems.append(f"{teacher}: {len(differ)} of {len(answers)} test answers differ from the archived "
-                        f"teacher's (first at question {differ[0]}: {answers[differ[0]]!r} vs "
-                        f"{archived['answers'][differ[0]]!r})")
+        i = differ[0]
+        problems.append(f"{teacher}: {len(differ)} of {len(want)} archived test answers differ (first at question "
+                        f"{i}: {answers[i] if i < len(answers) else None!r} vs {want[i] if i < len(want) else None!r})")
     val = evaluate(teacher, REPO / regime.val, max_new_tokens=regime.max_new_tokens, open_forms=regime.open_forms)
     got = (val["content"] if regime.open_forms else val["overall"])["accuracy"]
-    want = archived["extra"]["val"]["overall"]["accuracy"]
-    if abs(got - want) > 1e-12:
-        problems.append(f"{teacher}: {got:.6f} on the rebuilt validation split, {want:.6f} archived")
-    print(f"teacher {regime.teacher}: {len(answers) - len(differ)} of {len(answers)} test answers as archived; "
-          f"validation {got:.4f} (archived {want:.4f})")
+    want_val = archived["extra"]["val"]["overall"]["accuracy"]
+    if abs(got - want_val) > 1e-12:
+        problems.append(f"{teacher}: {got:.6f} on the rebuilt validation split, {want_val:.6f} archived")
+    print(f"teacher {regime.teacher}: {len(want) - len(differ)} of {len(want)} archived test answers given; "
+          f"validation {got:.4f} (archived {want_val:.4f})")
+    return problems
+
+
+def set_digest(path: Path) -> str:
+    """SHA-256 over a set's JSON and every image it names, in record order."""
+    from vlsi_model.data.llava import read_records
+
+    h = hashlib.sha256(path.read_bytes())
+    seen: set[str] = set()
+    for record in read_records(path):
+        image = str(record.get("image", ""))
+        if image and image not in seen:
+            seen.add(image)
+            h.update(image.encode())
+            h.update((path.parent / image).read_bytes())
+    return h.hexdigest()
+
+
+def labels_digest(path: Path) -> str:
+    """SHA-256 over a teacher-label file's (image, question, answer) triples: what training reads
+    (the token probabilities beside them are left out, as a float's last digit may vary by platform)."""
+    from vlsi_model.data.llava import read_records
+
+    triples = [(r.get("image"), r["conversations"][0]["value"], r["conversations"][1]["value"])
+               for r in read_records(path)]
+    return hashlib.sha256(json.dumps(triples).encode()).hexdigest()
+
+
+def check_digests(regime: Regime, recorded: dict[str, str], record: bool) -> list[str]:
+    """Each training input's digest against the recorded one; `record` adds the ones not recorded."""
+    problems, added = [], []
+    for rel, digest in [(p, set_digest) for p in regime.sets] + [(p, labels_digest) for p in regime.labels]:
+        path = REPO / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing (run scripts/study/prepare_inputs.sh first)")
+            continue
+        got = digest(path)
+        if rel not in recorded:
+            if record:
+                recorded[rel] = got
+                added.append(rel)
+            else:
+                problems.append(f"{rel}: no recorded digest (check it, then run again with --record)")
+        elif recorded[rel] != got:
+            problems.append(f"{rel}: its content differs from the recorded build (SHA-256 {got[:12]}, "
+                            f"recorded {recorded[rel][:12]})")
+    print(f"training inputs: {len(regime.sets) + len(regime.labels)} digests compared"
+          + (f"; recorded {', '.join(added)}" if added else ""))
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("regimes", nargs="+", choices=sorted(REGIMES))
-    p.add_argument("--skip-teacher", action="store_true", help="only rescore the archived answers (no model runs)")
+    p.add_argument("--skip-teacher", action="store_true", help="no model runs (checks 1 and 3 only)")
+    p.add_argument("--record", action="store_true",
+                   help="record the digests of inputs not yet in docs/study/inputs_sha256.json (when checks 1-2 pass)")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    recorded = json.loads(DIGESTS.read_text()) if DIGESTS.is_file() else {}
     problems = []
-    for name in args.regimes:
+    for name in dict.fromkeys(args.regimes):
         regime = REGIMES[name]
         problems += check_archived_answers(regime)
         if not args.skip_teacher:
             problems += check_teacher(regime)
+        problems += check_digests(regime, recorded, record=args.record and not problems)
+    if args.record and not problems:
+        DIGESTS.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
     for line in problems:
         print("DIFFERS:", line, file=sys.stderr)
     print("inputs as archived" if not problems else f"{len(problems)} differences: the rebuilt inputs are not the "

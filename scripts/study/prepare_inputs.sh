@@ -2,17 +2,29 @@
 # Usage: scripts/study/prepare_inputs.sh r_open|r_unlabelled [...]
 # Rebuilds the pre-registered study's inputs under runs/ from nothing (docs/study/preregistration.md,
 # "Data" and amendments 2-4): the seeded synthetic sets, the pool's questions, the R-open forms, the
-# R-open teacher and each regime's teacher labels. Every step is skipped when its output exists, so a
-# killed run is restarted by running it again. Then scripts/study/check_inputs.py checks the rebuilt
-# test and validation sets, and the R-open teacher, against the archived results (answer by answer):
-# the rows a later session adds must see the inputs the archived rows saw.
+# R-open teacher and each regime's teacher labels. A step is skipped when its output exists (every
+# step writes its output atomically, so a killed run is restarted by running it again); teacher
+# labels older than their teacher are made again. Then scripts/study/check_inputs.py checks the
+# rebuild against the archive (the test split rescored, the teacher's answers, every training
+# input's SHA-256) and, only if it passes, stamps runs/<regime>/.inputs_checked, without which the
+# drivers refuse to start: the rows a later session adds must see the inputs the archived rows saw.
 #
 # Why a script: runs/ does not survive a fresh checkout, and the study proceeds over many sessions.
-# Cost on one core: the sets ~5 min, the R-open teacher 26 min, each regime's pool labels 8-14 min.
+# Cost on one core: the sets < 1 min, the R-open teacher 17 min, each regime's pool labels 4 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
 run() { echo "+ $*" >&2; scripts/in_env.sh "$@"; }
 [ $# -gt 0 ] || { echo "usage: $0 r_open|r_unlabelled [...]" >&2; exit 2; }
+for regime in "$@"; do
+  case "$regime" in r_open|r_unlabelled) ;; *) echo "unknown regime $regime (r_open, r_unlabelled)" >&2; exit 2 ;; esac
+done
+# labels OUT TEACHER_DIR: the teacher's labels on the pool, again when the teacher is newer than them
+labels() {
+  if [ ! -f "$1" ] || [ "$2/model.safetensors" -nt "$1" ]; then
+    rm -f "$1" "$1".partial*.jsonl  # (a partial file of another teacher of the same name would be resumed)
+    run vlsi label --teacher "$2" --data runs/rstudy/pool/pool_questions.json --out "$1" --threads 1 --no-progress
+  fi
+}
 
 # --- shared by both regimes: the R-unlabelled sets (preregistration, "Data") ---
 [ -f runs/rstudy/labelled/train_mix.json ] || run python -m vlsi_model.recipes.nano data --out runs/rstudy/labelled \
@@ -23,15 +35,14 @@ run() { echo "+ $*" >&2; scripts/in_env.sh "$@"; }
   runs/rstudy/pool/train_mix.json runs/rstudy/pool/pool_questions.json
 families=attribute,count,exist,spatial,compare,caption
 [ -f runs/rstudy/test/test.json ] || run vlsi data scenes --out runs/rstudy/test --num 900 --split test \
-  --layout grid --families "$families" --no-progress
+  --seed 0 --layout grid --families "$families" --no-progress
 [ -f runs/rstudy/val/val.json ] || run vlsi data scenes --out runs/rstudy/val --num 300 --split val \
-  --layout grid --families "$families" --no-progress
+  --seed 0 --layout grid --families "$families" --no-progress
 
 for regime in "$@"; do
   case "$regime" in
     r_unlabelled)
-      [ -f runs/rstudy/pool/pool_teacher.json ] || run vlsi label --teacher vlsi_model/assets/default_student \
-        --data runs/rstudy/pool/pool_questions.json --out runs/rstudy/pool/pool_teacher.json --threads 1 --no-progress
+      labels runs/rstudy/pool/pool_teacher.json vlsi_model/assets/default_student
       ;;
     r_open)  # amendment 2: the same sets in open forms, the R-open teacher, its labels on the pool
       for pair in labelled:runs/rstudy/labelled/train_mix.json:300 pool_true:runs/rstudy/pool/train_mix.json:301 \
@@ -41,10 +52,13 @@ for regime in "$@"; do
       done
       [ -f runs/ropen/teacher/final/model.safetensors ] || run vlsi train --config docs/study/ropen_teacher.yaml \
         --threads 1 --resume
-      [ -f runs/ropen/pool_teacher.json ] || run vlsi label --teacher runs/ropen/teacher/final \
-        --data runs/rstudy/pool/pool_questions.json --out runs/ropen/pool_teacher.json --threads 1 --no-progress
+      labels runs/ropen/pool_teacher.json runs/ropen/teacher/final
       ;;
-    *) echo "unknown regime $regime (r_open, r_unlabelled)" >&2; exit 2 ;;
   esac
 done
 run python scripts/study/check_inputs.py "$@"
+for regime in "$@"; do
+  stamp=runs/ropen/.inputs_checked
+  [ "$regime" = r_unlabelled ] && stamp=runs/rstudy/.inputs_checked
+  date > "$stamp"
+done

@@ -10,6 +10,8 @@
 # `--rows sft_labels --extra-test train=runs/rstudy/labelled/train_mix.json`, which scores the
 # rows' kept models (done 2026-12-05, in docs/study/r_unlabelled/sft_labels/).
 cd "$(dirname "$0")/../.."  # the repository root
+mkdir -p runs/rstudy/logs
+[ -f runs/rstudy/.inputs_checked ] || { echo "inputs not checked: run scripts/study/prepare_inputs.sh r_unlabelled first" >&2; exit 1; }
 while pgrep -f "r_unlabelled_driver.sh|r_open_driver.sh" > /dev/null; do sleep 60; done
 for seed in 0 1 2 3 4; do
   ROWS=final_kd_few,vlsi_few,final_kd_t2,vlsi_plain SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/few_seed${seed}_a.log 2>&1 &

@@ -4,6 +4,7 @@
 # R-open after R-unlabelled (the pre-registered order): waits for the R-unlabelled driver, then
 # seeds 0-4 of A1-A4 (+ the teacher row at seed 0), two workers sharing rows through file locks.
 cd "$(dirname "$0")/../.."  # the repository root
+[ -f runs/ropen/.inputs_checked ] || { echo "inputs not checked: run scripts/study/prepare_inputs.sh r_open first" >&2; exit 1; }
 mkdir -p runs/ropen/logs
 while pgrep -f r_unlabelled_driver.sh > /dev/null; do sleep 60; done
 for seed in ${START_SEEDS:-0 1 2 3 4}; do

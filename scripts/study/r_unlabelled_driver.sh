@@ -4,6 +4,8 @@
 # R-unlabelled in the pre-registered order: every arm of seed 0, then seed 1, ... (two workers share
 # the (row, seed) pairs through the study script's file locks).
 cd "$(dirname "$0")/../.."  # the repository root
+mkdir -p runs/rstudy/logs
+[ -f runs/rstudy/.inputs_checked ] || { echo "inputs not checked: run scripts/study/prepare_inputs.sh r_unlabelled first" >&2; exit 1; }
 # Seeds 5-7: the pre-registered extension (A2, A3, A4 only: both 5-seed H2 differences were under 0.02).
 for seed in ${START_SEEDS:-0 1 2 3 4 5 6 7}; do
   rows=sft_labels,sft_pseudo,final_kd_t1,vlsi_pool

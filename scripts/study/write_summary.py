@@ -13,6 +13,7 @@ comparisons, so the two never disagree.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ ARMS = (
     ("O + the pool's true labels", "oracle", None, None),
 )
 REGIMES = (("R-unlabelled", "docs/study/r_unlabelled"), ("R-few", "docs/study/r_unlabelled"),
-           ("R-open", "docs/study/r_open/arms"))
+           ("R-open (content)", "docs/study/r_open/arms"))
+README_LIMIT = 15 * 1024  # test/test_readme_commands.py: the README stays a short user's guide
 MARK_BEGIN, MARK_END = "<!-- study-summary -->", "<!-- /study-summary -->"
 
 
@@ -43,10 +45,12 @@ def archived_results(archive: Path) -> dict[str, list[dict[str, Any]]]:
     """Every archived (row, seed) result, by row: the accuracy the regime scores by, and the seed."""
     out: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(archive.glob("*/*.json")):
-        if path.name.startswith("matching_stats"):
+        seed = re.fullmatch(r"seed(\d+)\.json|all\.json", path.name)
+        if seed is None:  # matching statistics
             continue
         r = json.loads(path.read_text())
-        out.setdefault(path.parent.name, []).append({"overall": r["overall"], "seed": r.get("seed", 0)})
+        # the seed the file is named by: the pairing key of every comparison
+        out.setdefault(path.parent.name, []).append({"overall": r["overall"], "seed": int(seed[1] or 0)})
     return out
 
 
@@ -70,10 +74,10 @@ def summary_table() -> tuple[str, str]:
                                                                                            strict=True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     verdicts = []
-    for regime in ("R-unlabelled", "R-open"):
+    for regime in ("R-unlabelled", "R-open (content)"):
         _, comparisons = vlsi_study.preregistered_comparisons(results[regime])
         for c in comparisons:
-            if c["hypothesis"] in ("H1", "H2") and not (regime == "R-open" and c["hypothesis"] == "H1"):
+            if c["hypothesis"] in ("H1", "H2"):
                 ci = f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else ""
                 seeds = f"{c['pairs']} seed" + ("s" if c["pairs"] != 1 else "")
                 verdicts.append(f"{regime} {c['hypothesis']} {c['better']} - {c['worse']}: {c['mean']:+.3f}{ci}, "
@@ -81,22 +85,34 @@ def summary_table() -> tuple[str, str]:
     return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts)
 
 
-def main() -> int:
-    table, verdicts = summary_table()
+def summary_page(table: str, verdicts: str) -> str:
+    """docs/study/results_summary.md: the table, what its cells mean, the verdicts."""
     note = ("Test split, mean ± std (seeds); R-open scores content match (synonyms, list order and "
-            "number words seen through). n/a: not in that regime's design (R-few has no pool; R-open "
-            "runs A1-A4). R-few's A1 is R-unlabelled's A1, the same runs.")
-    (REPO / "docs/study/results_summary.md").write_text(
-        "# The pre-registered study: every arm x regime\n\nWritten by `python scripts/study/write_summary.py` "
-        f"from the archived per-seed results.\n\n{table}\n\n{note}\n\nPre-registered comparisons (paired by "
-        f"seed, 95% interval):\n\n{verdicts}\n")
-    readme = REPO / "README.md"
-    text = readme.read_text()
+            "number words seen through), the others exact match. n/a: not in that regime's design (R-few "
+            "has no pool; R-open runs A1-A4). R-few's A1 is R-unlabelled's A1, the same runs.")
+    return ("# The pre-registered study: every arm x regime\n\nWritten by `python scripts/study/write_summary.py` "
+            f"from the archived per-seed results.\n\n{table}\n\n{note}\n\nPre-registered comparisons (paired by "
+            f"seed, 95% interval):\n\n{verdicts}\n")
+
+
+def readme_with_table(text: str, table: str) -> str:
+    """The README with `table` between the markers; ValueError without them."""
     begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
     if begin < 0 or end < begin:
-        print(f"README.md has no {MARK_BEGIN} ... {MARK_END} block", file=sys.stderr)
+        raise ValueError(f"README.md has no {MARK_BEGIN} ... {MARK_END} block")
+    return text[:begin + len(MARK_BEGIN)] + "\n" + table + "\n" + text[end:]
+
+
+def main() -> int:
+    table, verdicts = summary_table()
+    readme = REPO / "README.md"
+    text = readme_with_table(readme.read_text(), table)
+    if len(text.encode()) > README_LIMIT:
+        print(f"README.md would be {len(text.encode())} bytes (limit {README_LIMIT}): shorten its prose, then "
+              "run again", file=sys.stderr)
         return 1
-    readme.write_text(text[:begin + len(MARK_BEGIN)] + "\n" + table + "\n" + text[end:])
+    readme.write_text(text)
+    (REPO / "docs/study/results_summary.md").write_text(summary_page(table, verdicts))
     print(table + "\n\n" + verdicts)
     return 0
 
