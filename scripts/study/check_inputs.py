@@ -120,17 +120,25 @@ def check_teacher(regime: Regime) -> list[str]:
 
 
 def set_digest(path: Path) -> str:
-    """SHA-256 over a set's JSON and every image it names, in record order."""
+    """SHA-256 over a set's records and the pixels of every image they name, in record order.
+
+    The records are hashed as parsed (keys sorted) and the images decoded, not their files' bytes:
+    the same content written by another JSON formatting or another zlib must count as the same."""
+    import numpy as np
+    from PIL import Image
+
     from vlsi_model.data.llava import read_records
 
-    h = hashlib.sha256(path.read_bytes())
+    records = read_records(path)
+    h = hashlib.sha256(json.dumps(records, sort_keys=True).encode())
     seen: set[str] = set()
-    for record in read_records(path):
+    for record in records:
         image = str(record.get("image", ""))
         if image and image not in seen:
             seen.add(image)
-            h.update(image.encode())
-            h.update((path.parent / image).read_bytes())
+            with Image.open(path.parent / image) as im:
+                pixels = np.asarray(im.convert("RGB"))
+            h.update(image.encode() + str(pixels.shape).encode() + pixels.tobytes())
     return h.hexdigest()
 
 
