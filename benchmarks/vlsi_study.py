@@ -63,6 +63,7 @@ import argparse
 import contextlib
 import copy
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -584,6 +585,16 @@ def paired_interval(differences: Sequence[float]) -> tuple[float, float, float] 
     mean = statistics.mean(differences)
     half = _T975.get(n - 1, 1.96) * statistics.stdev(differences) / n ** 0.5
     return mean, mean - half, mean + half
+
+
+def matching_order_preserving(stats: dict[str, Any]) -> bool:
+    """H3 (pre-registered) for one run's matching statistics: for every student target s < s', the
+    modal matched teacher target of s is not deeper than that of s', early and late in step 2."""
+    for phase in ("early", "late"):
+        modal = [max(range(len(row)), key=row.__getitem__) for row in stats[phase]["frequency"]]
+        if any(a > b for a, b in itertools.pairwise(modal)):
+            return False
+    return True
 
 
 def preregistered_comparisons(results: dict[str, list[dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:

@@ -301,3 +301,13 @@ def test_a_distill_rows_matching_statistics_are_archived_beside_its_result(tmp_p
     kd.write_text('{"student_layers": [1, 2, 3]}')  # recorded, but no loss trained on these matches
     assert vlsi_study.archive_matching_stats(rows["final_kd_t1"], a, 3) is None
     assert vlsi_study.archive_matching_stats(rows["vlsi_pool"], a, 4) is None  # that seed has not run
+
+
+def test_h3_reads_the_modal_teacher_target_early_and_late():
+    import vlsi_study
+
+    ordered = [[0.5, 0.5, 0.0, 0.0], [0.0, 0.25, 0.75, 0.0], [0.0, 0.0, 0.1, 0.9]]
+    crossed = [[0.0, 0.0, 0.8, 0.2], [0.0, 0.9, 0.1, 0.0], [0.0, 0.0, 0.1, 0.9]]  # student 1 deeper than 2
+    assert vlsi_study.matching_order_preserving({"early": {"frequency": ordered}, "late": {"frequency": ordered}})
+    assert not vlsi_study.matching_order_preserving({"early": {"frequency": ordered}, "late": {"frequency": crossed}})
+    assert not vlsi_study.matching_order_preserving({"early": {"frequency": crossed}, "late": {"frequency": ordered}})

@@ -82,7 +82,26 @@ def summary_table() -> tuple[str, str]:
                 seeds = f"{c['pairs']} seed" + ("s" if c["pairs"] != 1 else "")
                 verdicts.append(f"{regime} {c['hypothesis']} {c['better']} - {c['worse']}: {c['mean']:+.3f}{ci}, "
                                 f"{seeds}: **{c['verdict']}**")
+    for regime, archive in (REGIMES[0], REGIMES[2]):
+        verdicts.append(h3_line(regime, REPO / archive / "vlsi_pool"))
     return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts)
+
+
+def h3_line(regime: str, row_archive: Path, planned: int = 5) -> str:
+    """H3 over the VLsI row's archived matching statistics: held once it holds at every one of at
+    least `planned` seeds, did not hold as soon as one seed breaks the order."""
+    stats = {int(p.stem.removeprefix("matching_stats_seed")): json.loads(p.read_text())
+             for p in row_archive.glob("matching_stats_seed*.json")}
+    holding = [seed for seed, st in sorted(stats.items()) if vlsi_study.matching_order_preserving(st)]
+    if len(holding) < len(stats):
+        verdict = "did not hold"
+    elif len(stats) >= planned:
+        verdict = "held"
+    else:
+        verdict = f"open ({len(stats)} of {planned} seeds)"
+    seeds = ", ".join(str(s) for s in sorted(stats)) or "none archived"
+    return (f"{regime} H3 order-preserving matching (modal teacher target, early and late): {len(holding)} of "
+            f"{len(stats)} seeds ({seeds}): **{verdict}**")
 
 
 def summary_page(table: str, verdicts: str) -> str:
