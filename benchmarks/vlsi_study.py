@@ -67,6 +67,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -427,6 +428,17 @@ def _scored_alike(result: dict[str, Any], a: StudyArgs, source: Path) -> dict[st
     return result
 
 
+def archived_result_files(archive: Path) -> list[tuple[str, int, Path]]:
+    """Every (row, seed) result kept in `archive` (the files `_archived` names), sorted, as (row,
+    seed, path); a row evaluated once (`all.json`) has seed 0. Matching statistics are not results."""
+    found = []
+    for path in sorted(archive.glob("*/*.json")):
+        name = re.fullmatch(r"seed(\d+)\.json|all\.json", path.name)
+        if name is not None:
+            found.append((path.parent.name, int(name[1] or 0), path))
+    return found
+
+
 def finished_result(row: Row, a: StudyArgs, seed: int) -> dict[str, Any] | None:
     """The eval results of a finished (row, seed) (its run folder, or the archive), or None."""
     for result_file in (_row_dir(row, a, seed) / "eval.json", _archived(row, a, seed)):
@@ -529,7 +541,8 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-def _mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float]) -> str:
+    """'mean ± std' of a table cell; one value alone; '-' for none."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -707,9 +720,9 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]],
         constants = [c for c in (constant_templates(r) for r in rs) if c is not None]
         constant_cell = f"{statistics.mean(constants):.1f}" if constants else ""
         f1 = [r["overall"]["list_set_f1"] for r in rs if "list_set_f1" in r["overall"]]
-        cells = ([_mean_std(f1)] if set_f1 else []) + [_mean_std(per_family[f]) for f in families] + \
-            [_mean_std(per_extra[n]) for n in extras]
-        lines.append(f"| {row.label} | {len(rs)} | {_mean_std(overall)} | " + " | ".join(cells)
+        cells = ([mean_std(f1)] if set_f1 else []) + [mean_std(per_family[f]) for f in families] + \
+            [mean_std(per_extra[n]) for n in extras]
+        lines.append(f"| {row.label} | {len(rs)} | {mean_std(overall)} | " + " | ".join(cells)
                      + f" | {delta_cell} | {constant_cell} | {f'{statistics.mean(minutes):.1f}' if minutes else ''} |")
         summary[row.name] = {
             "label": row.label, "seeds": len(rs), "overall": overall,

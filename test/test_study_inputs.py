@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from benchmark_scripts import load_script
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _check_inputs():
-    spec = importlib.util.spec_from_file_location("check_inputs", REPO / "scripts" / "study" / "check_inputs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "study" / "check_inputs.py")
 
 
 def _write_set(folder: Path, pixel: int, indent: int | None = None, compress_level: int = 6) -> Path:
@@ -52,12 +47,3 @@ def test_a_label_digest_sees_answers_not_probabilities(tmp_path):
     records[0]["conversations"][1]["value"] = "3"
     path.write_text(json.dumps(records))
     assert check.labels_digest(path) != first
-
-
-def test_only_result_files_are_rescored(tmp_path):
-    check = _check_inputs()
-    for name in ("vlsi_pool/seed0.json", "vlsi_pool/matching_stats_seed0.json", "teacher/all.json"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("{}")
-    assert [p.relative_to(tmp_path).as_posix() for p in check.archived_results(tmp_path)] == [
-        "teacher/all.json", "vlsi_pool/seed0.json"]

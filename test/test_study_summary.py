@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from benchmark_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_summary():
-    spec = importlib.util.spec_from_file_location("write_summary", REPO / "scripts" / "study" / "write_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "study" / "write_summary.py")
 
 
 def test_readme_study_table_is_the_archived_results():

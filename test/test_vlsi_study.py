@@ -311,3 +311,16 @@ def test_h3_reads_the_modal_teacher_target_early_and_late():
     assert vlsi_study.matching_order_preserving({"early": {"frequency": ordered}, "late": {"frequency": ordered}})
     assert not vlsi_study.matching_order_preserving({"early": {"frequency": ordered}, "late": {"frequency": crossed}})
     assert not vlsi_study.matching_order_preserving({"early": {"frequency": crossed}, "late": {"frequency": ordered}})
+
+
+def test_only_result_files_count_as_archived_results(tmp_path):
+    """The report, the summary and the input check read the archive's (row, seed) results; the
+    matching statistics beside them are not results."""
+    import vlsi_study
+
+    for name in ("vlsi_pool/seed0.json", "vlsi_pool/matching_stats_seed0.json", "teacher/all.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    assert [(row, seed, p.relative_to(tmp_path).as_posix()) for row, seed, p in
+            vlsi_study.archived_result_files(tmp_path)] == [("teacher", 0, "teacher/all.json"),
+                                                           ("vlsi_pool", 0, "vlsi_pool/seed0.json")]

@@ -25,12 +25,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import vlsi_study  # noqa: E402  (benchmarks/ is not a package)
+
 DIGESTS = REPO / "docs" / "study" / "inputs_sha256.json"
 
 
@@ -58,13 +61,6 @@ REGIMES = {
                                          "runs/ropen/test.json", "runs/ropen/val.json"),
                      labels=("runs/ropen/pool_teacher.json",)),
 }
-RESULT_FILE = re.compile(r"^(seed\d+|all)\.json$")
-
-
-def archived_results(archive: Path) -> list[Path]:
-    """The archived (row, seed) results: <row>/seed<N>.json and <row>/all.json (not the matching stats)."""
-    return sorted(p for p in archive.glob("*/*.json") if RESULT_FILE.match(p.name))
-
 
 def check_archived_answers(regime: Regime) -> list[str]:
     """Rescore every archived result's answers against the rebuilt test split; the differences."""
@@ -72,7 +68,7 @@ def check_archived_answers(regime: Regime) -> list[str]:
 
     samples = load_eval_samples(REPO / regime.test)
     problems = []
-    results = archived_results(REPO / regime.archive)
+    results = [path for _, _, path in vlsi_study.archived_result_files(REPO / regime.archive)]
     for path in results:
         result = json.loads(path.read_text())
         answers = result.get("answers")
@@ -94,6 +90,7 @@ def check_archived_answers(regime: Regime) -> list[str]:
 
 def check_teacher(regime: Regime) -> list[str]:
     """The teacher's answers on the rebuilt test split against the archived teacher row's."""
+    from vlsi_model.engine import load_engine
     from vlsi_model.evaluation import evaluate
 
     archived = json.loads((REPO / regime.archive / "teacher" / "all.json").read_text())
@@ -101,7 +98,12 @@ def check_teacher(regime: Regime) -> list[str]:
     if not (teacher / "config.json").is_file():
         return [f"{teacher}: no model (run scripts/study/prepare_inputs.sh first)"]
     problems = []
-    test = evaluate(teacher, REPO / regime.test, max_new_tokens=regime.max_new_tokens, open_forms=regime.open_forms)
+    engine = load_engine(teacher, "torch")
+    try:
+        test, val = (evaluate(teacher, REPO / split, max_new_tokens=regime.max_new_tokens, engine=engine,
+                              open_forms=regime.open_forms) for split in (regime.test, regime.val))
+    finally:
+        engine.close()
     answers, want = [p["prediction"] for p in test["predictions"]], archived["answers"]
     differ = [i for i in range(max(len(answers), len(want)))
               if i >= len(answers) or i >= len(want) or answers[i] != want[i]]
@@ -109,7 +111,6 @@ def check_teacher(regime: Regime) -> list[str]:
         i = differ[0]
         problems.append(f"{teacher}: {len(differ)} of {len(want)} archived test answers differ (first at question "
                         f"{i}: {answers[i] if i < len(answers) else None!r} vs {want[i] if i < len(want) else None!r})")
-    val = evaluate(teacher, REPO / regime.val, max_new_tokens=regime.max_new_tokens, open_forms=regime.open_forms)
     got = (val["content"] if regime.open_forms else val["overall"])["accuracy"]
     want_val = archived["extra"]["val"]["overall"]["accuracy"]
     if abs(got - want_val) > 1e-12:

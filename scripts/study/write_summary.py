@@ -13,8 +13,6 @@ comparisons, so the two never disagree.
 from __future__ import annotations
 
 import json
-import re
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,13 +42,9 @@ MARK_BEGIN, MARK_END = "<!-- study-summary -->", "<!-- /study-summary -->"
 def archived_results(archive: Path) -> dict[str, list[dict[str, Any]]]:
     """Every archived (row, seed) result, by row: the accuracy the regime scores by, and the seed."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(archive.glob("*/*.json")):
-        seed = re.fullmatch(r"seed(\d+)\.json|all\.json", path.name)
-        if seed is None:  # matching statistics
-            continue
-        r = json.loads(path.read_text())
+    for row, seed, path in vlsi_study.archived_result_files(archive):
         # the seed the file is named by: the pairing key of every comparison
-        out.setdefault(path.parent.name, []).append({"overall": r["overall"], "seed": int(seed[1] or 0)})
+        out.setdefault(row, []).append({"overall": json.loads(path.read_text())["overall"], "seed": seed})
     return out
 
 
@@ -59,10 +53,8 @@ def cell(runs: list[dict[str, Any]] | None, row: str) -> str:
     once (it is not trained per seed), its figure alone."""
     if not runs:
         return "queued"
-    accs = [r["overall"]["accuracy"] for r in runs]
-    if len(accs) == 1:
-        return f"{accs[0]:.3f}" + ("" if row == "teacher" else " (1)")
-    return f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} ({len(accs)})"
+    figure = vlsi_study.mean_std([r["overall"]["accuracy"] for r in runs])
+    return figure if row == "teacher" else f"{figure} ({len(runs)})"
 
 
 def summary_table() -> tuple[str, str]:
