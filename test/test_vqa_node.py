@@ -16,6 +16,7 @@ import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
 from ros_harness import ClientHarness, NodeProcess, wait_for
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -24,6 +25,7 @@ from vlsi_model.data.render import render_scene
 from vlsi_model.data.scenes import SceneConfig, generate_scene
 from vlsi_model.engine import load_engine
 from vlsi_model.serving import NO_FRAME_YET
+from vlsi_ros.ask_client import AskClient
 from vlsi_ros.image_conversion import image_msg_to_rgb, rgb_to_compressed_msg, rgb_to_image_msg
 from vlsi_ros.msg import Answer
 from vlsi_ros.srv import Ask
@@ -289,6 +291,42 @@ def test_action_answers_a_goal_image_with_the_timing_breakdown(raw_node, referen
     assert "max_frame_age_s 1.00" in result.error
     result, status = harness.client.ask_stream(QUESTION, max_frame_age_s=float("nan"))
     assert status == GoalStatus.STATUS_ABORTED and "finite number" in result.error
+
+
+class LoseFirstReply:
+    """Wraps a client's send function: the first request really goes out (the node answers it) but
+    its reply never reaches the caller, as when Fast DDS drops a reply during discovery."""
+
+    def __init__(self, send) -> None:
+        self.send, self.calls = send, 0
+
+    def __call__(self, *args, **kwargs) -> Future:
+        self.calls += 1
+        future = self.send(*args, **kwargs)
+        return Future() if self.calls == 1 else future
+
+
+def test_a_reply_lost_at_first_contact_is_asked_again_and_only_then(raw_node, reference_engine):
+    _, harness = raw_node
+    client = AskClient(harness.node, spin=False, resend_first_after_s=0.5)
+    client.wait_until_ready(60)
+    rgb = scene_image(21)
+    call_async = client.service.call_async
+    client.service.call_async = lost = LoseFirstReply(call_async)
+    response = client.ask(QUESTION, image=rgb, timeout_s=30)
+    assert response.success and response.answer == expected_answer(reference_engine, rgb), response.error
+    assert lost.calls == 2  # sent once more, not every 0.5 s
+    # The service has replied once: a later slow reply is waited for, not asked twice of the node.
+    client.service.call_async = lost = LoseFirstReply(call_async)
+    with pytest.raises(TimeoutError):
+        client.ask(QUESTION, image=rgb, timeout_s=2.0)
+    assert lost.calls == 1
+    # A goal whose acceptance was lost: the copy (same goal id) is refused, and the result of the
+    # goal the node did accept comes back.
+    client.action.send_goal_async = lost = LoseFirstReply(client.action.send_goal_async)
+    result, status = client.ask_stream(QUESTION, image=rgb, max_new_tokens=8, timeout_s=30)
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
+    assert result.answer == response.answer and lost.calls == 2
 
 
 def test_annotated_frame_shows_question_and_answer(raw_node):

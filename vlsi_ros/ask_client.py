@@ -13,13 +13,17 @@ import argparse
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import numpy as np
 import rclpy
+from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.task import Future
+from unique_identifier_msgs.msg import UUID
 
 from vlsi_model.serving import NO_FRAME_YET
 from vlsi_ros.action import Ask as AskAction
@@ -31,6 +35,10 @@ from vlsi_ros.srv import Ask
 # spins late must not lose replies in its own middleware history (the rmw default keeps 10).
 CLIENT_QUEUE_DEPTH = 1000
 
+# How long the first request on each channel (service, goal, result) waits for its reply before
+# it is sent again; see AskClient.
+RESEND_FIRST_AFTER_S = 10.0
+
 
 class AskClient:
     """Blocking helpers over the service and the action.
@@ -40,12 +48,26 @@ class AskClient:
     the node on every call, ~0.3 ms of a round trip); pass `spin=False` when an executor
     thread already spins it (the calls then wait for the futures' done callbacks, one more
     executor iteration and thread hop per call).
+
+    Lost first replies: a DDS service reply is dropped when the server answers before its reply
+    writer has matched this client's reply reader (Fast DDS waits 100 ms for the match and then
+    gives up, "failed to send response (timeout)" in the node's log; ros2/rmw_fastrtps#392 and #842).
+    `wait_for_service` cannot see that half of discovery, and on a loaded machine it can lag by
+    seconds, so the first call would hang until its timeout. Until a channel (the service, the
+    action's goal and result services) has delivered one reply, a request with no reply after
+    `resend_first_after_s` (0: never) is sent once more and the first reply to either copy is taken.
+    Once, not repeatedly: each copy of a question costs the node an answer, and copies of a slow
+    first answer would fill its queue (and be refused as such). A resent goal keeps its goal id,
+    which the node refuses to run twice; a resent result request costs nothing.
     """
 
-    def __init__(self, node: Node, namespace: str = "", spin: bool = True) -> None:
+    def __init__(self, node: Node, namespace: str = "", spin: bool = True,
+                 resend_first_after_s: float = RESEND_FIRST_AFTER_S) -> None:
         prefix = f"{namespace.rstrip('/')}/" if namespace else ""
         self.node = node
         self.spin = spin
+        self.resend_first_after_s = resend_first_after_s
+        self._channels_replied: set[str] = set()
         qos = request_qos(CLIENT_QUEUE_DEPTH)
         self.service = node.create_client(Ask, f"{prefix}ask", qos_profile=qos)
         self.action = ActionClient(node, AskAction, f"{prefix}ask_stream", goal_service_qos_profile=qos,
@@ -70,16 +92,44 @@ class AskClient:
         if not self.action.wait_for_server(timeout_sec=timeout_s):
             raise TimeoutError(f"action ask_stream not available after {timeout_s:.0f} s")
 
-    def _spin_until(self, future, timeout_s: float):
-        if self.spin:
-            self._own_executor().spin_until_future_complete(future, timeout_sec=timeout_s)
-        else:  # an executor thread already spins the node: wait for its done callback
-            done = threading.Event()
-            future.add_done_callback(lambda _: done.set())
-            done.wait(timeout_s)
-        if not future.done():
-            raise TimeoutError(f"no reply after {timeout_s:.0f} s")
-        return future.result()
+    def _reply(self, channel: str, send: Callable[[], Future], timeout_s: float):
+        """Send with `send()` and wait at most `timeout_s` for the reply; while `channel` has never
+        replied, send once more after `resend_first_after_s` (see the class docstring) and take the
+        first reply to either copy."""
+        replied = threading.Event()  # set by any copy's reply (the spin=False path waits on it)
+        futures: list[Future] = []
+
+        def send_copy() -> None:
+            future = send()
+            future.add_done_callback(lambda _: replied.set())
+            futures.append(future)
+
+        now = time.monotonic()
+        deadline = now + timeout_s
+        resend = self.resend_first_after_s > 0 and channel not in self._channels_replied
+        next_copy = now + self.resend_first_after_s if resend else float("inf")
+        send_copy()
+        while not (done := [f for f in futures if f.done()]):
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"no reply after {timeout_s:.0f} s")
+            if now >= next_copy:
+                send_copy()
+                next_copy = float("inf")
+                continue
+            wait_s = min(deadline, next_copy) - now
+            if self.spin:  # returns after one callback, or when the time is up
+                self._own_executor().spin_once(timeout_sec=wait_s)
+            else:  # an executor thread already spins the node: wait for a done callback
+                replied.clear()
+                if not any(f.done() for f in futures):
+                    replied.wait(wait_s)
+        self._channels_replied.add(channel)
+        if channel == "ask":  # the other copies' replies would only be dropped on arrival
+            for future in futures:
+                if not future.done():
+                    self.service.remove_pending_request(future)
+        return done[0].result()
 
     def _asking_again_while_no_frame(self, send: Callable[[], object], error_of: Callable[[object], str],
                                      wait_for_frame_s: float) -> object:
@@ -108,7 +158,7 @@ class AskClient:
         if image is not None:
             request.image = rgb_to_image_msg(image, "rgb8")
         return self._asking_again_while_no_frame(
-            lambda: self._spin_until(self.service.call_async(request), timeout_s),
+            lambda: self._reply("ask", lambda: self.service.call_async(request), timeout_s),
             lambda response: "" if response.success else response.error, wait_for_frame_s)
 
     def ask_stream(self, question: str, camera: str = "", max_new_tokens: int = 0,
@@ -138,11 +188,16 @@ class AskClient:
                     and handle is not None and "cancel" not in goal_handle_holder):
                 goal_handle_holder["cancel"] = handle.cancel_goal_async()
 
-        handle = self._spin_until(self.action.send_goal_async(goal, feedback_callback=feedback_cb), timeout_s)
-        if not handle.accepted:
-            raise RuntimeError("goal rejected")
+        goal_id = UUID(uuid=list(uuid.uuid4().bytes))  # one id for every copy of this goal
+        handle = self._reply("goal", lambda: self.action.send_goal_async(goal, feedback_callback=feedback_cb,
+                                                                         goal_uuid=goal_id), timeout_s)
+        # vqa_node accepts every goal, except a second copy of one it holds (same id): so a refusal
+        # may answer a resent goal whose acceptance was lost. Its result says which: a goal the
+        # node does not hold comes back with status UNKNOWN.
         goal_handle_holder["handle"] = handle
-        wrapped = self._spin_until(handle.get_result_async(), timeout_s)
+        wrapped = self._reply("result", handle.get_result_async, timeout_s)
+        if not handle.accepted and wrapped.status == GoalStatus.STATUS_UNKNOWN:
+            raise RuntimeError("goal rejected")
         return wrapped.result, wrapped.status
 
 
@@ -166,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-for-frame", type=float, default=10.0, metavar="S",
                         help="while the camera has not delivered its first frame (node just started), "
                              "ask again for at most S seconds (0: report it at once)")
+    parser.add_argument("--resend-after", type=float, default=RESEND_FIRST_AFTER_S, metavar="S",
+                        help="send the first request once more when its reply has not come after S seconds, "
+                             "as happens when the node answers before discovery has finished (0: never)")
     args, ros_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     rclpy.init(args=["ask_client", *ros_args])
     node = rclpy.create_node("ask_client")
     try:
-        client = AskClient(node)
+        client = AskClient(node, resend_first_after_s=args.resend_after)
         client.wait_until_ready(args.timeout)
         started = time.perf_counter()
         image = load_image(args.image) if args.image else None
