@@ -10,8 +10,10 @@ comparison across seeds is only sound if those builds are the same. Three checks
 1. the test split: every archived (row, seed) result keeps its answers in test-file order; scored
    against the rebuilt split they must give the archived number of correct answers, row by row (by
    content and, in R-open, by exact match too, which sees the open forms' seeds);
-2. the teacher: rebuilt (R-open) or shipped (R-unlabelled), it answers the rebuilt test split with the
-   archived teacher row's answers, every one, and scores the archived figure on the validation split;
+2. the teacher: the one the regime's rows use from now on (R-open: teacher v2, kept in the
+   repository since training it again on another CPU type gave other answers, amendment 5;
+   R-unlabelled: the shipped student) answers the rebuilt test split with its recorded answers,
+   every one, and scores its recorded figure on the validation split;
 3. the training inputs: each set's JSON, its images, and each teacher-label file's answers are hashed
    (SHA-256) and compared with docs/study/inputs_sha256.json. That file was recorded from a build
    that passed checks 1-2 (and, for label files, the archived agreement with the true answers);
@@ -43,6 +45,7 @@ class Regime:
     val: str
     archive: str
     teacher: str
+    teacher_record: str  # the teacher's evaluation (a study result file): its answers and validation score
     open_forms: bool
     max_new_tokens: int
     sets: tuple[str, ...]  # training sets (JSON files whose images sit beside them)
@@ -53,10 +56,12 @@ SHARED_SETS = ("runs/rstudy/labelled/train_mix.json", "runs/rstudy/pool/train_mi
                "runs/rstudy/pool/pool_questions.json", "runs/rstudy/test/test.json", "runs/rstudy/val/val.json")
 REGIMES = {
     "r_unlabelled": Regime("runs/rstudy/test/test.json", "runs/rstudy/val/val.json", "docs/study/r_unlabelled",
-                           "vlsi_model/assets/default_student", open_forms=False, max_new_tokens=16,
+                           "vlsi_model/assets/default_student", "docs/study/r_unlabelled/teacher/all.json",
+                           open_forms=False, max_new_tokens=16,
                            sets=SHARED_SETS, labels=("runs/rstudy/pool/pool_teacher.json",)),
     "r_open": Regime("runs/ropen/test.json", "runs/ropen/val.json", "docs/study/r_open/arms",
-                     "runs/ropen/teacher/final", open_forms=True, max_new_tokens=64,
+                     "runs/ropen/teacher/final", "docs/study/r_open/teacher_v2_eval/teacher/all.json",
+                     open_forms=True, max_new_tokens=64,
                      sets=SHARED_SETS + ("runs/ropen/labelled.json", "runs/ropen/pool_true.json",
                                          "runs/ropen/test.json", "runs/ropen/val.json"),
                      labels=("runs/ropen/pool_teacher.json",)),
@@ -89,11 +94,11 @@ def check_archived_answers(regime: Regime) -> list[str]:
 
 
 def check_teacher(regime: Regime) -> list[str]:
-    """The teacher's answers on the rebuilt test split against the archived teacher row's."""
+    """The teacher's answers on the rebuilt test split against its recorded evaluation's."""
     from vlsi_model.engine import load_engine
     from vlsi_model.evaluation import evaluate
 
-    archived = json.loads((REPO / regime.archive / "teacher" / "all.json").read_text())
+    archived = json.loads((REPO / regime.teacher_record).read_text())
     teacher = REPO / regime.teacher
     if not (teacher / "config.json").is_file():
         return [f"{teacher}: no model (run scripts/study/prepare_inputs.sh first)"]

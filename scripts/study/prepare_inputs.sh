@@ -2,7 +2,8 @@
 # Usage: scripts/study/prepare_inputs.sh r_open|r_unlabelled [...]
 # Rebuilds the pre-registered study's inputs under runs/ from nothing (docs/study/preregistration.md,
 # "Data" and amendments 2-4): the seeded synthetic sets, the pool's questions, the R-open forms, the
-# R-open teacher and each regime's teacher labels. A step is skipped when its output exists (every
+# R-open teacher (copied from docs/study/r_open/teacher_v2, see below) and each regime's teacher
+# labels. A step is skipped when its output exists (every
 # step writes its output atomically, so a killed run is restarted by running it again); teacher
 # labels older than their teacher are made again. Then scripts/study/check_inputs.py checks the
 # rebuild against the archive (the test split rescored, the teacher's answers, every training
@@ -10,7 +11,12 @@
 # drivers refuse to start: the rows a later session adds must see the inputs the archived rows saw.
 #
 # Why a script: runs/ does not survive a fresh checkout, and the study proceeds over many sessions.
-# Cost on one core: the sets < 1 min, the R-open teacher 17 min, each regime's pool labels 4 min.
+# Cost on one core: the sets < 1 min, each regime's pool labels 4-5 min, the check 5 min.
+#
+# The R-open teacher is copied from the repository (teacher v2, amendment 5), not trained: training
+# it again from docs/study/ropen_teacher.yaml (17 min) gives other answers on another CPU type
+# (185 of 5,146 test answers differed), and every row must see one teacher. RETRAIN_TEACHER=1
+# trains it instead (the check then reports how it differs from v2).
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
 run() { echo "+ $*" >&2; scripts/in_env.sh "$@"; }
@@ -50,8 +56,15 @@ for regime in "$@"; do
         IFS=: read -r name src seed <<< "$pair"
         [ -f "runs/ropen/$name.json" ] || run vlsi data open-forms "$src" --out "runs/ropen/$name.json" --seed "$seed"
       done
-      [ -f runs/ropen/teacher/final/model.safetensors ] || run vlsi train --config docs/study/ropen_teacher.yaml \
-        --threads 1 --resume
+      if [ ! -f runs/ropen/teacher/final/model.safetensors ]; then
+        if [ "${RETRAIN_TEACHER:-0}" = 1 ]; then
+          run vlsi train --config docs/study/ropen_teacher.yaml --threads 1 --resume
+        else  # copied whole, then renamed: a killed copy leaves no half teacher behind
+          rm -rf runs/ropen/teacher/final.copying && mkdir -p runs/ropen/teacher
+          cp -r docs/study/r_open/teacher_v2 runs/ropen/teacher/final.copying
+          mv runs/ropen/teacher/final.copying runs/ropen/teacher/final
+        fi
+      fi
       labels runs/ropen/pool_teacher.json runs/ropen/teacher/final
       ;;
   esac
