@@ -11,12 +11,14 @@
 # drivers refuse to start: the rows a later session adds must see the inputs the archived rows saw.
 #
 # Why a script: runs/ does not survive a fresh checkout, and the study proceeds over many sessions.
-# Cost on one core: the sets < 1 min, each regime's pool labels 4-5 min, the check 5 min.
+# Cost on one core: the sets < 1 min, the R-unlabelled pool labels 4-5 min, the check 5 min.
 #
 # The R-open teacher is copied from the repository (teacher v2, amendment 5), not trained: training
 # it again from docs/study/ropen_teacher.yaml (17 min) gives other answers on another CPU type
 # (185 of 5,146 test answers differed), and every row must see one teacher. RETRAIN_TEACHER=1
-# trains it instead (the check then reports how it differs from v2).
+# trains it instead (the check then reports how it differs from v2). For the same reason v2's pool
+# labels are unpacked from the repository rather than made again (the check still runs the teacher
+# on the test split, answer by answer).
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
 run() { echo "+ $*" >&2; scripts/in_env.sh "$@"; }
@@ -64,6 +66,11 @@ for regime in "$@"; do
           cp -r docs/study/r_open/teacher_v2 runs/ropen/teacher/final.copying
           mv runs/ropen/teacher/final.copying runs/ropen/teacher/final
         fi
+      fi
+      if [ ! -f runs/ropen/pool_teacher.json ] && [ "${RETRAIN_TEACHER:-0}" != 1 ]; then
+        # v2's labels as made on 2026-12-06: another CPU type could decode a near-tie differently
+        gunzip -c docs/study/r_open/teacher_v2_pool_labels.json.gz > runs/ropen/pool_teacher.json.unpacking
+        mv runs/ropen/pool_teacher.json.unpacking runs/ropen/pool_teacher.json
       fi
       labels runs/ropen/pool_teacher.json runs/ropen/teacher/final
       ;;
