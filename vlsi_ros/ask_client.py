@@ -55,10 +55,12 @@ class AskClient:
     `wait_for_service` cannot see that half of discovery, and on a loaded machine it can lag by
     seconds, so the first call would hang until its timeout. Until a channel (the service, the
     action's goal and result services) has delivered one reply, a request with no reply after
-    `resend_first_after_s` (0: never) is sent once more and the first reply to either copy is taken.
-    Once, not repeatedly: each copy of a question costs the node an answer, and copies of a slow
-    first answer would fill its queue (and be refused as such). A resent goal keeps its goal id,
-    which the node refuses to run twice; a resent result request costs nothing.
+    `resend_first_after_s` (0: never) is sent once more. Once, not repeatedly: each copy of a
+    question costs the node an answer. The original's reply is taken whenever it comes; a copy's
+    reply is taken at once when it is an answer, while a copy's refusal (a slow first answer's copy
+    can find the queue full) is returned only if the original never replies. A resent goal keeps
+    its goal id, which the node refuses to run twice (it keeps finished goals for 120 s, longer than
+    the resend delay; vqa_node.ACTION_RESULT_KEEP_S); a resent result request costs nothing.
     """
 
     def __init__(self, node: Node, namespace: str = "", spin: bool = True,
@@ -92,10 +94,12 @@ class AskClient:
         if not self.action.wait_for_server(timeout_sec=timeout_s):
             raise TimeoutError(f"action ask_stream not available after {timeout_s:.0f} s")
 
-    def _reply(self, channel: str, send: Callable[[], Future], timeout_s: float):
+    def _reply(self, channel: str, send: Callable[[], Future], timeout_s: float,
+               settles: Callable[[object], bool] = lambda reply: True):
         """Send with `send()` and wait at most `timeout_s` for the reply; while `channel` has never
-        replied, send once more after `resend_first_after_s` (see the class docstring) and take the
-        first reply to either copy."""
+        replied, send once more after `resend_first_after_s` (see the class docstring). The
+        original's reply is returned whenever it comes, the copy's at once if `settles(reply)`,
+        else only when the time is up with no reply from the original."""
         replied = threading.Event()  # set by any copy's reply (the spin=False path waits on it)
         futures: list[Future] = []
 
@@ -109,10 +113,20 @@ class AskClient:
         resend = self.resend_first_after_s > 0 and channel not in self._channels_replied
         next_copy = now + self.resend_first_after_s if resend else float("inf")
         send_copy()
-        while not (done := [f for f in futures if f.done()]):
+        while True:
+            if futures[0].done():
+                reply = futures[0].result()
+                break
+            copy = futures[1] if len(futures) > 1 and futures[1].done() else None
+            if copy is not None and settles(copy.result()):
+                reply = copy.result()
+                break
             now = time.monotonic()
             if now >= deadline:
-                raise TimeoutError(f"no reply after {timeout_s:.0f} s")
+                if copy is None:
+                    raise TimeoutError(f"no reply after {timeout_s:.0f} s")
+                reply = copy.result()
+                break
             if now >= next_copy:
                 send_copy()
                 next_copy = float("inf")
@@ -122,14 +136,14 @@ class AskClient:
                 self._own_executor().spin_once(timeout_sec=wait_s)
             else:  # an executor thread already spins the node: wait for a done callback
                 replied.clear()
-                if not any(f.done() for f in futures):
+                if not futures[0].done() and not (len(futures) > 1 and futures[1].done()):
                     replied.wait(wait_s)
         self._channels_replied.add(channel)
-        if channel == "ask":  # the other copies' replies would only be dropped on arrival
+        if channel == "ask":  # the other copy's reply would only be dropped on arrival
             for future in futures:
                 if not future.done():
                     self.service.remove_pending_request(future)
-        return done[0].result()
+        return reply
 
     def _asking_again_while_no_frame(self, send: Callable[[], object], error_of: Callable[[object], str],
                                      wait_for_frame_s: float) -> object:
@@ -158,7 +172,8 @@ class AskClient:
         if image is not None:
             request.image = rgb_to_image_msg(image, "rgb8")
         return self._asking_again_while_no_frame(
-            lambda: self._reply("ask", lambda: self.service.call_async(request), timeout_s),
+            lambda: self._reply("ask", lambda: self.service.call_async(request), timeout_s,
+                                settles=lambda response: response.success),
             lambda response: "" if response.success else response.error, wait_for_frame_s)
 
     def ask_stream(self, question: str, camera: str = "", max_new_tokens: int = 0,
@@ -178,15 +193,21 @@ class AskClient:
     def _one_goal(self, goal: AskAction.Goal, on_feedback: Callable[[str, int], None] | None,
                   cancel_after_tokens: int | None, timeout_s: float):
         goal_handle_holder = {}
+        cancel_lock = threading.Lock()  # feedback (an executor thread) and this thread may both cancel
 
         def feedback_cb(msg) -> None:
             fb = msg.feedback
             if on_feedback is not None:
                 on_feedback(fb.partial_answer, fb.num_tokens)
-            handle = goal_handle_holder.get("handle")
-            if (cancel_after_tokens is not None and fb.num_tokens >= cancel_after_tokens
-                    and handle is not None and "cancel" not in goal_handle_holder):
-                goal_handle_holder["cancel"] = handle.cancel_goal_async()
+            if cancel_after_tokens is not None and fb.num_tokens >= cancel_after_tokens:
+                cancel_once()
+
+        def cancel_once() -> None:  # once the goal's handle is in: feedback can come before it
+            with cancel_lock:
+                goal_handle_holder["cancel wanted"] = True
+                handle = goal_handle_holder.get("handle")
+                if handle is not None and "cancel" not in goal_handle_holder:
+                    goal_handle_holder["cancel"] = handle.cancel_goal_async()
 
         goal_id = UUID(uuid=list(uuid.uuid4().bytes))  # one id for every copy of this goal
         handle = self._reply("goal", lambda: self.action.send_goal_async(goal, feedback_callback=feedback_cb,
@@ -194,7 +215,10 @@ class AskClient:
         # vqa_node accepts every goal, except a second copy of one it holds (same id): so a refusal
         # may answer a resent goal whose acceptance was lost. Its result says which: a goal the
         # node does not hold comes back with status UNKNOWN.
-        goal_handle_holder["handle"] = handle
+        with cancel_lock:
+            goal_handle_holder["handle"] = handle
+        if goal_handle_holder.get("cancel wanted"):
+            cancel_once()
         wrapped = self._reply("result", handle.get_result_async, timeout_s)
         if not handle.accepted and wrapped.status == GoalStatus.STATUS_UNKNOWN:
             raise RuntimeError("goal rejected")

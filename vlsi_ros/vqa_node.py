@@ -66,6 +66,10 @@ __all__ = ["PARAMETERS", "VqaNode", "executor_threads", "main"]
 
 # Everything a request can be refused with; each becomes a reply with `error` set.
 REFUSALS = (EngineError, FrameError, QueueFullError, JobCancelledError, TimeoutError, ValueError)
+# How long a finished goal's result stays available (rclpy's default is 10 s). AskClient resends
+# a goal whose acceptance was lost after 10 s and then asks for its result by goal id: the goal
+# must still be known then, or the copy would run it again (ask_client.RESEND_FIRST_AFTER_S).
+ACTION_RESULT_KEEP_S = 120
 STAMP_AHEAD_WARN_S = 0.5  # frames stamped further ahead of their arrival than this: clock skew
 
 
@@ -153,7 +157,7 @@ class VqaNode(LifecycleNode):
             goal_callback=lambda goal: GoalResponse.ACCEPT,
             cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
             callback_group=self._serving_group, goal_service_qos_profile=qos,
-            result_service_qos_profile=qos, cancel_service_qos_profile=qos)
+            result_service_qos_profile=qos, cancel_service_qos_profile=qos, result_timeout=ACTION_RESULT_KEEP_S)
         period = self._values["diagnostics_period_s"]
         if not (isinstance(period, (int, float)) and 0 < period < float("inf")):
             period = PARAMETERS["diagnostics_period_s"].default  # invalid: configure will say so

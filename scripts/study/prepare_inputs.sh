@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Usage: scripts/study/prepare_inputs.sh r_open|r_unlabelled [...]
 # Rebuilds the pre-registered study's inputs under runs/ from nothing (docs/study/preregistration.md,
-# "Data" and amendments 2-4): the seeded synthetic sets, the pool's questions, the R-open forms, the
+# "Data" and amendments 2-5): the seeded synthetic sets, the pool's questions, the R-open forms, the
 # R-open teacher (copied from docs/study/r_open/teacher_v2, see below) and each regime's teacher
 # labels. A step is skipped when its output exists (every
 # step writes its output atomically, so a killed run is restarted by running it again); teacher
@@ -16,9 +16,10 @@
 # The R-open teacher is copied from the repository (teacher v2, amendment 5), not trained: training
 # it again from docs/study/ropen_teacher.yaml (17 min) gives other answers on another CPU type
 # (185 of 5,146 test answers differed), and every row must see one teacher. RETRAIN_TEACHER=1
-# trains it instead (the check then reports how it differs from v2). For the same reason v2's pool
-# labels are unpacked from the repository rather than made again (the check still runs the teacher
-# on the test split, answer by answer).
+# trains it instead (the check then reports how it differs from v2). v2's pool labels are unpacked
+# from the repository too (5 min saved; A2's data stays v2's exactly). The check still runs v2 on
+# the test split answer by answer, and fails on a CPU whose inference differs: A3 and VLsI run the
+# teacher during training, so such a machine would change those rows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
 run() { echo "+ $*" >&2; scripts/in_env.sh "$@"; }
@@ -58,21 +59,26 @@ for regime in "$@"; do
         IFS=: read -r name src seed <<< "$pair"
         [ -f "runs/ropen/$name.json" ] || run vlsi data open-forms "$src" --out "runs/ropen/$name.json" --seed "$seed"
       done
-      if [ ! -f runs/ropen/teacher/final/model.safetensors ]; then
-        if [ "${RETRAIN_TEACHER:-0}" = 1 ]; then
-          run vlsi train --config docs/study/ropen_teacher.yaml --threads 1 --resume
-        else  # copied whole, then renamed: a killed copy leaves no half teacher behind
-          rm -rf runs/ropen/teacher/final.copying && mkdir -p runs/ropen/teacher
+      if [ "${RETRAIN_TEACHER:-0}" = 1 ]; then
+        if [ -f runs/ropen/teacher/final/model.safetensors ]; then
+          echo "RETRAIN_TEACHER=1, but runs/ropen/teacher/final holds a teacher: remove runs/ropen/teacher" \
+            "(and runs/ropen/pool_teacher.json) to train one again" >&2
+          exit 1
+        fi
+        run vlsi train --config docs/study/ropen_teacher.yaml --threads 1 --resume
+        labels runs/ropen/pool_teacher.json runs/ropen/teacher/final
+      else
+        if [ ! -f runs/ropen/teacher/final/model.safetensors ]; then
+          # copied whole, then renamed: a killed copy leaves no half teacher behind
+          rm -rf runs/ropen/teacher/final runs/ropen/teacher/final.copying && mkdir -p runs/ropen/teacher
           cp -r docs/study/r_open/teacher_v2 runs/ropen/teacher/final.copying
-          mv runs/ropen/teacher/final.copying runs/ropen/teacher/final
+          mv -T runs/ropen/teacher/final.copying runs/ropen/teacher/final
+        fi
+        if [ ! -f runs/ropen/pool_teacher.json ]; then  # v2's labels as made on 2026-12-06
+          gunzip -c docs/study/r_open/teacher_v2_pool_labels.json.gz > runs/ropen/pool_teacher.json.unpacking
+          mv runs/ropen/pool_teacher.json.unpacking runs/ropen/pool_teacher.json
         fi
       fi
-      if [ ! -f runs/ropen/pool_teacher.json ] && [ "${RETRAIN_TEACHER:-0}" != 1 ]; then
-        # v2's labels as made on 2026-12-06: another CPU type could decode a near-tie differently
-        gunzip -c docs/study/r_open/teacher_v2_pool_labels.json.gz > runs/ropen/pool_teacher.json.unpacking
-        mv runs/ropen/pool_teacher.json.unpacking runs/ropen/pool_teacher.json
-      fi
-      labels runs/ropen/pool_teacher.json runs/ropen/teacher/final
       ;;
   esac
 done

@@ -35,7 +35,7 @@ thread, final loss 0.417). Content match (`vlsi eval --open-forms --max-new-toke
 CPU type (2026-12-06), the teacher answered 185 of the 5,146 test questions differently: float
 rounding, amplified over 3,000 steps. v1's weights were not kept, so this build (v2) is kept in the
 repository (`docs/study/r_open/teacher_v2/`, copied by `prepare_inputs.sh`) and used by every row
-from R-open seed 3 on (seed 2's A3 and seed 5 too); each seed's teacher-using arms share one build.
+from R-open seed 3 on (seeds 3-5); each seed's teacher-using arms share one build.
 Test content match **0.821** (set-F1 0.926; attribute 0.704, caption 0.754, compare 0.969, count
 0.912, exist 1.000, spatial 0.502), validation 0.8117 (`r_open/teacher_v2_eval/teacher/all.json`).
 
