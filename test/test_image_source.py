@@ -348,6 +348,7 @@ def test_video_source_loops(start_source, listen, tmp_path: Path) -> None:
         ({"scene_layout": "hexagonal"}, "parameter scene_layout must be grid or random"),
         ({"scene_grid": [0, 3]}, "parameter scene_grid must be [columns, rows] >= 1"),
         ({"scene_grid": [2, 2], "width": 320, "height": 240}, "exceeds the 2x2 grid"),
+        ({"wait_for_subscribers": -1}, "parameter wait_for_subscribers must be >= 0"),
     ],
 )
 def test_bad_configuration_exits_non_zero_with_a_clear_message(start_source, params: dict, message: str) -> None:
@@ -559,20 +560,34 @@ def test_bag_without_loop_publishes_each_frame_once_and_stops(start_source, list
     frame_id = unique_frame_id()
     bag = make_bag(tmp_path, bag_rgbs, fmt="sqlite3", frame_id=frame_id)
     listener = listen(frame_id)
-    # 10 Hz: 2 s of frames, so the subscription is matched well before the last ones
+    # wait_for_subscribers: the first frame waits for the listener (a CI run under load lost all 20
+    # frames to discovery without it), so every frame arrives, in order
     proc = start_source(source="bag", path=str(storage_file(bag)), bag_timing="fixed", rate_hz=10.0,
-                        width=0, height=0, loop=False, qos_depth=50)
+                        width=0, height=0, loop=False, qos_depth=50, wait_for_subscribers=1)
     log = wait_for_log(proc, "end of bag", listener, timeout_s=DISCOVERY_TIMEOUT_S)
     assert f"published {BAG_FRAMES} frames" in log, log
     listener.spin_for(0.5)
     indices = [bag_index(image_msg_to_rgb(msg), bag_rgbs) for _, msg in listener.images]
-    assert indices and indices == list(range(indices[0], BAG_FRAMES)), indices  # the tail of the bag, in order
+    assert indices == list(range(BAG_FRAMES)), indices  # the whole bag, in order
     count = len(listener.images)
     listener.spin_for(0.3)
     assert len(listener.images) == count, "nothing after the end"
     assert_stamped_now(listener)
     assert proc.proc.poll() is None, "the node stays up after the end (it only stops publishing)"
     assert proc.stop() == 0
+
+
+def test_no_frame_until_enough_subscribers_match(start_source, listen) -> None:
+    frame_id = unique_frame_id()
+    first = listen(frame_id)
+    proc = start_source(rate_hz=20.0, width=64, height=48, frame_id=frame_id, wait_for_subscribers=2)
+    assert first.spin_until(lambda: "waiting for 2 subscriber(s)" in proc.log(), DISCOVERY_TIMEOUT_S), proc.log()
+    first.spin_for(1.5)  # matched to one subscriber: still nothing
+    assert not first.images and "first frame published" not in proc.log(), proc.log()
+    second = listen(frame_id)
+    assert first.spin_until(lambda: len(first.images) >= 3, DISCOVERY_TIMEOUT_S), proc.log()
+    second.spin_for(0.5)
+    assert second.images
 
 
 def test_bag_recorded_timing_follows_the_recorded_pace(start_source, listen, tmp_path: Path) -> None:

@@ -43,6 +43,11 @@ refused rather than silently ignored):
                     the layout it was trained on; "random" is harder for small models.
   qos_reliability   reliable | best_effort (image topic)            (reliable)
   qos_depth         keep-last depth (image topic)                   (1)
+  wait_for_subscribers  publish nothing until the image topic has this many matched
+                    subscribers; then publish as usual, never pausing again (0)
+                    Why: a bag or video played once (loop false) to a node started
+                    beside it would lose its first frames while discovery runs (seconds
+                    on a loaded machine); recorded timing starts with the first frame.
 QoS can also be overridden per topic with `qos_overrides./image.publisher.*` parameters,
 as in ros2/demos quality_of_service_demo.
 
@@ -124,6 +129,7 @@ class Settings:
     scene_grid: tuple[int, int]
     qos_reliability: str
     qos_depth: int
+    wait_for_subscribers: int
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,6 +164,8 @@ class ImageSource(Node):
             raise
         s = self._settings
         self._published = 0
+        self._started = False  # wait_for_subscribers met (then never checked again)
+        self._said_waiting = False
         self._cache_key: Any = None
         self._cache_msg: Image | CompressedImage | None = None
         self._timer = self.create_timer(1.0 / s.rate_hz, self._tick)
@@ -206,6 +214,8 @@ class ImageSource(Node):
             grid = declare("scene_grid", [4, 3], _descriptor("[columns, rows] of the grid layout")).value
             reliability = declare("qos_reliability", "reliable", _descriptor("reliable | best_effort")).value
             depth = declare("qos_depth", 1, _descriptor("keep-last depth of the image topic")).value
+            wait_subs = declare("wait_for_subscribers", 0, _descriptor(
+                "publish nothing until the image topic has this many matched subscribers")).value
         except ParameterException as exc:  # e.g. width:=320.0 for an integer parameter
             raise ImageSourceError(f"invalid parameter: {exc}") from exc
 
@@ -236,6 +246,8 @@ class ImageSource(Node):
             raise ImageSourceError(f"parameter qos_reliability must be reliable or best_effort, got {reliability!r}")
         if depth < 1:
             raise ImageSourceError(f"parameter qos_depth must be >= 1, got {depth}")
+        if wait_subs < 0:
+            raise ImageSourceError(f"parameter wait_for_subscribers must be >= 0, got {wait_subs}")
         if not 1 <= quality <= 100:
             raise ImageSourceError(f"parameter jpeg_quality must be in 1..100, got {quality}")
         try:
@@ -249,7 +261,7 @@ class ImageSource(Node):
             self.get_logger().warning(f"compressed: true publishes {fmt} colour images; encoding {encoding} is unused")
         return Settings(source, path, topic, bag_timing, str(device), rate_hz, width, height, encoding, frame_id,
                         bool(compressed), fmt, quality, bool(loop), seed, period, layout,
-                        (int(grid[0]), int(grid[1])), reliability, depth)
+                        (int(grid[0]), int(grid[1])), reliability, depth, wait_subs)
 
     def _open_source(self, s: Settings):
         if s.source == "synthetic":
@@ -282,6 +294,10 @@ class ImageSource(Node):
     # -- running --------------------------------------------------------------------------
 
     def _tick(self) -> None:
+        if not self._started:
+            if not self._subscribers_ready():
+                return
+            self._started = True
         try:
             frame = self._source.next()
         except EndOfSource as end:
@@ -310,6 +326,17 @@ class ImageSource(Node):
         self._published += 1
         if self._published == 1:
             self.get_logger().info("first frame published")
+
+    def _subscribers_ready(self) -> bool:
+        """Whether enough subscribers matched to start (wait_for_subscribers); logged once while waiting."""
+        wanted = self._settings.wait_for_subscribers
+        if self._image_pub.get_subscription_count() >= wanted:
+            return True
+        if not self._said_waiting:
+            self._said_waiting = True
+            self.get_logger().info(f"waiting for {wanted} subscriber(s) on {self._image_pub.topic_name} "
+                                   "before the first frame (wait_for_subscribers)")
+        return False
 
     def _encoding_label(self) -> str:
         s = self._settings
