@@ -11,7 +11,7 @@
 # drivers refuse to start: the rows a later session adds must see the inputs the archived rows saw.
 #
 # Why a script: runs/ does not survive a fresh checkout, and the study proceeds over many sessions.
-# Cost on one core: the sets < 1 min, the R-unlabelled pool labels 4-5 min, the check 5 min.
+# Cost on one core: 8.2 min from an empty runs/ (the sets < 1 min, the R-unlabelled pool labels 4-5 min, the check).
 #
 # The R-open teacher is copied from the repository (teacher v2, amendment 5), not trained: training
 # it again from docs/study/ropen_teacher.yaml (17 min) gives other answers on another CPU type
