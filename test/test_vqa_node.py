@@ -87,10 +87,19 @@ def publish_until_answered(harness, msg, question: str = QUESTION, **kw) -> Ask.
     """Publish `msg` until the node answers about it (discovery may drop the first frames, and,
     on a loaded machine, the first replies: Fast DDS gives up sending a service response when the
     client's reply reader is not matched yet, "failed to send response (timeout)" in the node's
-    log; such a lost reply is asked again after 15 s)."""
+    log; such a lost reply is asked again after 15 s).
+
+    Each copy is stamped afresh with the age `msg` had when this was called (`msg.header` is
+    updated in place, so it names the copy answered about): a lost reply must not leave the
+    node holding a frame that has gone stale meanwhile (a CI run under load asked about one
+    stamp for 60 s and got only "60.88 s old" refusals)."""
+    clock = harness.node.get_clock()
+    age_ns = clock.now().nanoseconds - (msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)
     deadline = time.monotonic() + 60
     response = None
     while time.monotonic() < deadline:
+        ns = clock.now().nanoseconds - age_ns
+        msg.header.stamp.sec, msg.header.stamp.nanosec = ns // 1_000_000_000, ns % 1_000_000_000
         harness.publisher.publish(msg)
         time.sleep(0.05)
         try:
