@@ -49,6 +49,11 @@ def header(sec: int, nanosec: int = 0, frame_id: str = "camera") -> Header:
     return h
 
 
+# raw_node's frame-age limit: long enough that a frame answered about stays fresh for the next
+# request of the same test on a loaded machine, short of the 30 s-old frame that must be refused.
+NODE_MAX_FRAME_AGE_S = 15.0
+
+
 def now_header(node, frame_id: str = "camera", age_s: float = 0.0) -> Header:
     ns = node.get_clock().now().nanoseconds - int(age_s * 1e9)
     return header(ns // 1_000_000_000, ns % 1_000_000_000, frame_id)
@@ -70,7 +75,8 @@ def raw_node(ros_context, tiny_qwen2vl_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "vqa_raw.log"
     proc = NodeProcess("vqa_node", {"model_path": str(tiny_qwen2vl_dir), "max_new_tokens": 8,
                                     "max_new_tokens_limit": CANCEL_TEST_TOKENS,
-                                    "queue_size": 2, "max_frame_age_s": 5.0, "diagnostics_period_s": 0.2,
+                                    "queue_size": 2, "max_frame_age_s": NODE_MAX_FRAME_AGE_S,
+                                    "diagnostics_period_s": 0.2,
                                     "max_question_chars": 200, "publish_annotated": True}, log_path=log)
     harness = ClientHarness("raw_client")
     try:
@@ -153,7 +159,7 @@ def test_answers_newest_frame_with_its_header(raw_node, reference_engine):
     assert response.num_tokens > 0
     assert response.vision_ms > 0 and response.prefill_ms > 0 and response.decode_ms >= 0
     assert response.engine_ms >= response.vision_ms + response.prefill_ms + response.decode_ms
-    assert 0 <= response.frame_age_s < 5.0 and response.queue_ms >= 0
+    assert 0 <= response.frame_age_s < NODE_MAX_FRAME_AGE_S and response.queue_ms >= 0
     assert proc.alive()
 
 
@@ -294,7 +300,7 @@ def test_action_answers_a_goal_image_with_the_timing_breakdown(raw_node, referen
     assert result.engine_ms >= result.vision_ms + result.prefill_ms + result.decode_ms
     assert result.total_ms >= result.engine_ms and result.queue_ms >= 0
     stale = rgb_to_image_msg(scene_image(16), "rgb8", now_header(harness.node, "stale_goal", age_s=3.0))
-    publish_until_answered(harness, stale)  # fine under the node's 5 s ...
+    publish_until_answered(harness, stale)  # fine under the node's limit ...
     result, status = harness.client.ask_stream(QUESTION, max_frame_age_s=1.0)  # ... not under the goal's 1 s
     assert status == GoalStatus.STATUS_ABORTED and not result.success
     assert "max_frame_age_s 1.00" in result.error
@@ -406,7 +412,7 @@ def test_diagnostics_report_model_queue_and_frame_age(raw_node):
     values = {kv.key: kv.value for kv in status.values}
     assert values["backend"] == "torch"
     assert values["queue_capacity"] == "2"
-    assert float(values["frame_age_s.default"]) < 5.0
+    assert float(values["frame_age_s.default"]) < NODE_MAX_FRAME_AGE_S
     assert int(values["answered"]) >= 1
     assert float(values["latency_p50_ms"]) > 0
     harness.node.destroy_subscription(sub)
