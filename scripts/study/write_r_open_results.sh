@@ -11,7 +11,7 @@ scripts/in_env.sh python benchmarks/vlsi_study.py --teacher runs/ropen/teacher/f
   --open-forms --max-new-tokens 64 --report-only > /dev/null 2>&1
 {
   cat <<'HDR'
-# R-open: answers with many valid forms (issue 19, in progress)
+# R-open: answers with many valid forms (issue 19; complete at the pre-registered 5 paired seeds)
 
 The regime, its generator and its thresholds: `docs/study/preregistration.md` (R-open paragraph,
 amendments 2-5). Data: the R-unlabelled sets rewritten by `vlsi data open-forms` (labelled
@@ -68,7 +68,7 @@ agreement as the R-unlabelled teacher's labels by exact match (0.797). Teacher v
 (`prepare_inputs.sh r_open`, 326 s, 175 q/s; the same 10 truncated): **0.796** (attribute 0.697,
 caption 0.759 with set-F1 0.932, compare 0.949, count 0.922, exist 1.000, spatial 0.506).
 
-## The arms (A1-A4, seeds 0-4)
+## The arms (A1-A4, seeds 0-5)
 
 Command (two workers, one per core; resumable; finished rows read from the archive): on a fresh
 checkout first `scripts/study/prepare_inputs.sh r_open` (rebuilds the sets, copies teacher v2, makes its labels
