@@ -23,6 +23,18 @@ def test_readme_study_table_is_the_archived_results():
     assert "R-unlabelled H2 vlsi_pool - sft_pseudo" in verdicts
 
 
+def test_teacher_margin_rule_is_checked_per_regime():
+    """The pre-registered design rule (teacher >= +0.15 over the label-only arm, mean over seeds)."""
+    summary = _write_summary()
+    runs = {"teacher": [{"overall": {"accuracy": 0.82}, "seed": 0}],
+            "sft_labels": [{"overall": {"accuracy": a}, "seed": s} for s, a in enumerate((0.68, 0.70))]}
+    line = summary.teacher_margin_line("R-x", runs)
+    assert "= +0.130" in line and "did not hold" in line
+    runs["teacher"][0]["overall"]["accuracy"] = 0.85
+    assert "**held**" in summary.teacher_margin_line("R-x", runs)
+    assert "not measured yet" in summary.teacher_margin_line("R-x", {"teacher": runs["teacher"]})
+
+
 def test_cells_give_mean_std_and_seed_count():
     summary = _write_summary()
     runs = [{"overall": {"accuracy": a}, "seed": s} for s, a in enumerate((0.70, 0.72, 0.74))]

@@ -79,7 +79,23 @@ def summary_table() -> tuple[str, str]:
                                 f"{c['mean']:+.3f}{ci}, {seeds}: **{c['verdict']}**")
     for regime, archive in (REGIMES[0], REGIMES[2]):
         verdicts.append(h3_line(regime, REPO / archive / "vlsi_pool"))
+    for regime in ("R-unlabelled", "R-open (content)"):  # R-few's A1 and teacher are R-unlabelled's
+        verdicts.append(teacher_margin_line(regime, results[regime]))
     return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts)
+
+
+def teacher_margin_line(regime: str, results: dict[str, list[dict[str, Any]]], required: float = 0.15) -> str:
+    """The pre-registered design rule: the teacher at least `required` above every label-only arm
+    (A1; mean over seeds) on the test split, else the regime "is reported as not testing what it
+    should": a teacher barely above its students leaves distillation little to pass on."""
+    if not results.get("teacher") or not results.get("sft_labels"):
+        return f"{regime} teacher margin over A1: not measured yet"
+    teacher = results["teacher"][0]["overall"]["accuracy"]
+    labels_only = sum(r["overall"]["accuracy"] for r in results["sft_labels"]) / len(results["sft_labels"])
+    margin = teacher - labels_only
+    verdict = "held" if margin >= required else "did not hold: the regime is reported as not testing what it should"
+    return (f"{regime} teacher margin (design rule): teacher {teacher:.3f} - A1 {labels_only:.3f} "
+            f"({len(results['sft_labels'])} seeds) = {margin:+.3f}, >= +{required:.2f} required: **{verdict}**")
 
 
 def h3_line(regime: str, row_archive: Path, planned: int = 5) -> str:
