@@ -20,6 +20,11 @@ distillation losses and SFT train on):
 `--seed S` measures a random sample of N records instead of the first N (a file whose families
 come in blocks, as `nano data`'s caption half, needs it).
 
+`--verbalizers DIR` (a distillation run's `teacher_verbalizers/`, trained by VLsI step 1) adds the
+same figures for each verbalized intermediate layer (`verbalized_layers`, by layer index): the
+distributions the interaction step matches the student's layers to. A wide final layer with
+near-one-hot intermediate ones, or the reverse, changes what layer-wise matching can pass on.
+
 Why by hand: a few lines of tensor arithmetic over one model's logits; no library computes these
 on a Qwen2-VL's response tokens.
 """
@@ -79,18 +84,34 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
     }
 
 
+def add_sums(totals: dict[str, float], sums: dict[str, float]) -> None:
+    for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + value
+
+
 def measure(model_dir: Path, data: Path, samples: int, batch_size: int = 32, max_length: int = 128,
-            seed: int | None = None) -> dict[str, Any]:
+            seed: int | None = None, verbalizers: Path | None = None) -> dict[str, Any]:
     """The teacher-confidence figures of `model_dir` on the first `samples` records of `data`
-    (a random sample of them with `seed`)."""
+    (a random sample of them with `seed`); with `verbalizers`, also of each verbalized layer."""
     import random
 
     from vlsi_model.checkpoint import load_model_dir
     from vlsi_model.data.llava import read_records
     from vlsi_model.data.open_answers import choice_entropy
+    from vlsi_model.distill.adapters import get_adapter
+    from vlsi_model.distill.steps_common import check_targets, verbalized_heads
+    from vlsi_model.distill.verbalizer import load_verbalizers
     from vlsi_model.training.dataset import ConversationDataset, make_collate_fn
 
     model, tokenizer, processor = load_model_dir(model_dir)
+    model.eval()
+    heads, adapter = {}, None
+    if verbalizers is not None:
+        adapter = get_adapter(model)
+        verbs = load_verbalizers(verbalizers, expect_hidden_size=adapter.hidden_size(model),
+                                 expect_model_type=getattr(model.config, "model_type", None)).eval()
+        check_targets(model, adapter, verbs, "teacher")
+        heads = verbalized_heads(model, adapter, verbs)
     dataset = ConversationDataset(data, tokenizer, processor, max_length=max_length)
     n = min(samples, len(dataset))
     indices = sorted(random.Random(seed).sample(range(len(dataset)), n)) if seed is not None else list(range(n))
@@ -100,12 +121,21 @@ def measure(model_dir: Path, data: Path, samples: int, batch_size: int = 32, max
                   for i in indices if "canonical_answer" in records[i])
     loader = DataLoader(subset, batch_size=batch_size, collate_fn=make_collate_fn(int(tokenizer.pad_token_id)))
     totals: dict[str, float] = {}
+    layer_totals: dict[int, dict[str, float]] = {t: {} for t in heads}
     with torch.no_grad():
         for batch in loader:
             labels = batch.pop("labels")
-            for key, value in confidence_sums(model(**batch).logits, labels).items():
-                totals[key] = totals.get(key, 0.0) + value
+            if adapter is None:
+                add_sums(totals, confidence_sums(model(**batch).logits, labels))
+                continue
+            hs = adapter.forward_with_hidden_states(model, batch, list(heads), return_logits=True)
+            add_sums(totals, confidence_sums(hs.final, labels))
+            for t, head in heads.items():
+                add_sums(layer_totals[t], confidence_sums(head(hs.layers[t]), labels))
     out = {"model": str(model_dir), "data": str(data), "samples": len(subset), "seed": seed, **summarise(totals)}
+    if heads:
+        out["verbalizers"] = str(verbalizers)
+        out["verbalized_layers"] = {str(t): summarise(layer_totals[t]) for t in sorted(heads)}
     if any("canonical_answer" in records[i] for i in indices):
         out["open_forms_entropy_nats_at_most"] = choices / totals["tokens"]
     return out
@@ -121,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the figures here (JSON)")
+    p.add_argument("--verbalizers", type=Path, default=None,
+                   help="the teacher's verbalizers (a distillation run's teacher_verbalizers/): also measure each "
+                        "verbalized intermediate layer")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for path, what in ((args.model, "model directory"), (args.data, "data file")):
-        if not path.exists():
+    for path, what in ((args.model, "model directory"), (args.data, "data file"), (args.verbalizers, "verbalizers")):
+        if path is not None and not path.exists():
             p.error(f"{what} not found: {path}")
-    result = measure(args.model, args.data, args.samples, args.batch_size, args.max_length, args.seed)
+    result = measure(args.model, args.data, args.samples, args.batch_size, args.max_length, args.seed,
+                     args.verbalizers)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

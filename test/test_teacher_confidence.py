@@ -68,3 +68,31 @@ def test_open_form_data_reports_the_forms_entropy_bound(tiny_qwen2vl_dir, tmp_pa
     plain = write_dataset(tmp_path / "plain", 3, seed=0, config=SceneConfig(width=56, height=56),
                           families=("count",))
     assert "open_forms_entropy_nats_at_most" not in tc.measure(tiny_qwen2vl_dir, plain, samples=2, batch_size=2)
+
+
+def test_verbalized_layers_are_measured_and_an_identity_verbalizer_on_the_last_layer_is_the_model(
+        tiny_qwen2vl_dir, tmp_path):
+    """`--verbalizers`: one figure set per verbalized layer. A freshly initialised residual verb-FFN is
+    the identity, so on the last decoder layer (the final norm's input) its verbalized distribution
+    is the model's own: the same figures as the top level, to float rounding."""
+    from vlsi_model.data.scene_dataset import write_dataset
+    from vlsi_model.data.scenes import SceneConfig
+    from vlsi_model.distill.verbalizer import Verbalizers, save_verbalizers
+    data = write_dataset(tmp_path / "data", 6, seed=0, config=SceneConfig(width=56, height=56),
+                         families=("caption", "count"))
+    config = json.loads((tiny_qwen2vl_dir / "config.json").read_text())
+    text = config.get("text_config") or config
+    last = int(text.get("num_hidden_layers") or config["num_hidden_layers"]) - 1
+    verbs_dir = tmp_path / "teacher_verbalizers"
+    save_verbalizers(Verbalizers(int(text.get("hidden_size") or config["hidden_size"]), [0, last]), verbs_dir,
+                     model_type=config["model_type"])
+    plain = tc.measure(tiny_qwen2vl_dir, data, samples=4, batch_size=2)
+    result = tc.measure(tiny_qwen2vl_dir, data, samples=4, batch_size=2, verbalizers=verbs_dir)
+    assert sorted(result["verbalized_layers"]) == sorted({"0", str(last)})
+    for key in ("response_tokens", "mean_entropy_nats", "mean_cross_entropy_nats", "top_token_accuracy"):
+        assert result[key] == pytest.approx(plain[key], rel=1e-5)  # the final layer is untouched
+        assert result["verbalized_layers"][str(last)][key] == pytest.approx(plain[key], rel=1e-4)
+    assert result["verbalized_layers"]["0"]["mean_cross_entropy_nats"] != pytest.approx(
+        plain["mean_cross_entropy_nats"], rel=1e-3)  # layer 0 really is another distribution
+    with pytest.raises(SystemExit):
+        tc.main(["--model", str(tiny_qwen2vl_dir), "--data", str(data), "--verbalizers", str(tmp_path / "none")])

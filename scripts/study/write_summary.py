@@ -66,6 +66,8 @@ def summary_table() -> tuple[str, str]:
                                                                                            strict=True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     verdicts = []
+    short = {regime for regime in ("R-unlabelled", "R-open (content)")
+             if teacher_margin(results[regime]) is not None and teacher_margin(results[regime]) < TEACHER_MARGIN}
     for regime in ("R-unlabelled", "R-open (content)"):
         _, comparisons = vlsi_study.preregistered_comparisons(results[regime])
         for c in comparisons:
@@ -75,27 +77,52 @@ def summary_table() -> tuple[str, str]:
                 # H1 is pre-registered in R-unlabelled only; elsewhere its test is reported, not a hypothesis
                 beside = " (beside: H1 is pre-registered in R-unlabelled)" if (
                     c["hypothesis"] == "H1" and regime != "R-unlabelled") else ""
+                verdict = f"**{c['verdict']}**"
+                if beside:  # not a hypothesis here: where it stands against R-unlabelled's bar, no verdict
+                    above = c["ci95"] is not None and c["ci95"][0] > 0
+                    verdict = (f"{'at or above' if c['mean'] >= c['threshold'] else 'under'} the "
+                               f"{c['threshold']:.2f} bar, interval {'above' if above else 'not above'} 0")
                 verdicts.append(f"{regime} {c['hypothesis']}{beside} {c['better']} - {c['worse']}: "
-                                f"{c['mean']:+.3f}{ci}, {seeds}: **{c['verdict']}**")
+                                f"{c['mean']:+.3f}{ci}, {seeds}: {verdict}{SHORT_NOTE * (regime in short)}")
     for regime, archive in (REGIMES[0], REGIMES[2]):
-        verdicts.append(h3_line(regime, REPO / archive / "vlsi_pool"))
+        verdicts.append(h3_line(regime, REPO / archive / "vlsi_pool") + SHORT_NOTE * (regime in short))
     for regime in ("R-unlabelled", "R-open (content)"):  # R-few's A1 and teacher are R-unlabelled's
         verdicts.append(teacher_margin_line(regime, results[regime]))
     return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts)
 
 
-def teacher_margin_line(regime: str, results: dict[str, list[dict[str, Any]]], required: float = 0.15) -> str:
-    """The pre-registered design rule: the teacher at least `required` above every label-only arm
-    (A1; mean over seeds) on the test split, else the regime "is reported as not testing what it
-    should": a teacher barely above its students leaves distillation little to pass on."""
+TEACHER_MARGIN = 0.15  # pre-registered: the teacher >= +0.15 above every label-only arm, mean over seeds
+SHORT_NOTE = " (in a regime short of the teacher margin)"
+
+
+def mean_accuracy(runs: list[dict[str, Any]]) -> float:
+    return sum(r["overall"]["accuracy"] for r in runs) / len(runs)
+
+
+def teacher_margin(results: dict[str, list[dict[str, Any]]]) -> float | None:
+    """Teacher minus the label-only arm A1 (mean over seeds); None until both are archived."""
     if not results.get("teacher") or not results.get("sft_labels"):
+        return None
+    return results["teacher"][0]["overall"]["accuracy"] - mean_accuracy(results["sft_labels"])
+
+
+def teacher_margin_line(regime: str, results: dict[str, list[dict[str, Any]]]) -> str:
+    """The pre-registered design rule: the teacher at least +0.15 above every label-only arm on the
+    test split (mean over seeds), else the regime "is reported as not testing what it should": a
+    teacher barely above its students leaves distillation little to pass on. The label-only arm is
+    A1 (the regime's labelled frames); the oracle, trained on true labels the regime does not have,
+    is the ceiling reference, reported beside."""
+    margin = teacher_margin(results)
+    if margin is None:
         return f"{regime} teacher margin over A1: not measured yet"
-    teacher = results["teacher"][0]["overall"]["accuracy"]
-    labels_only = sum(r["overall"]["accuracy"] for r in results["sft_labels"]) / len(results["sft_labels"])
-    margin = teacher - labels_only
-    verdict = "held" if margin >= required else "did not hold: the regime is reported as not testing what it should"
+    teacher, labels_only = results["teacher"][0]["overall"]["accuracy"], mean_accuracy(results["sft_labels"])
+    verdict = ("held" if margin >= TEACHER_MARGIN
+               else "did not hold: the regime is reported as not testing what it should")
+    oracle = (f"; over the oracle (the ceiling reference, {len(results['oracle'])} seeds) "
+              f"{teacher - mean_accuracy(results['oracle']):+.3f}") if results.get("oracle") else ""
     return (f"{regime} teacher margin (design rule): teacher {teacher:.3f} - A1 {labels_only:.3f} "
-            f"({len(results['sft_labels'])} seeds) = {margin:+.3f}, >= +{required:.2f} required: **{verdict}**")
+            f"({len(results['sft_labels'])} seeds) = {margin:+.3f}, >= +{TEACHER_MARGIN:.2f} required: "
+            f"**{verdict}**{oracle}")
 
 
 def h3_line(regime: str, row_archive: Path, planned: int = 5) -> str:
