@@ -6,7 +6,8 @@ scripts/in_env.sh python benchmarks/vlsi_study.py --teacher vlsi_model/assets/de
   --source labels=runs/rstudy/labelled/train_mix.json --source true=runs/rstudy/pool/train_mix.json \
   --source teacher=runs/rstudy/pool/pool_teacher.json --out runs/rstudy/report --archive docs/study/r_unlabelled \
   --budget 6000 --lr 1e-3 --batch-size 32 --max-length 128 --verbalize-steps 200 --seeds 0,1,2,3,4,5,6,7 \
-  --rows teacher,sft_labels,sft_pseudo,final_kd_t1,vlsi_pool,oracle --teacher-targets 0,1,2,3 --report-only > /dev/null 2>&1
+  --rows teacher,sft_labels,sft_pseudo,final_kd_t1,vlsi_pool,oracle,final_kd_few,vlsi_few,final_kd_t2,vlsi_plain \
+  --teacher-targets 0,1,2,3 --report-only > /dev/null 2>&1
 {
   cat <<'HDR'
 # R-unlabelled: 500 labelled frames + 20,000 frames the teacher labelled (issue 19; complete)
@@ -31,6 +32,10 @@ quiet-machine benchmarks. A verdict is given at the pre-registered number of see
 before that the table says "open (k of N seeds)" with the direction of the interim interval. Both
 H2 differences were under 0.02 at 5 seeds, so A2, A3 and A4 ran the 3 pre-registered extra seeds
 (5-7; A1 and the oracle keep 5 and 2): H2's verdict is at 8 paired seeds, H1's at 5.
+R-few's teacher arms (A3 / A4 on the 500 labelled frames alone; R-few's A1 is the `sft_labels` row)
+and R-unlabelled's A3b (T = 2) and A5 (plain verbalizer), run last as pre-registered, join the same
+table as their seeds come in (code: a8aeef1 + 681a42f, the R-unlabelled rows' code;
+`scripts/study/r_few_driver.sh`).
 The table's "data-limited (test)" row is that check on the test split with an interval test, which
 the pre-registration did not set ("did not hold": +0.118, interval [-0.176, +0.411] at 2 seeds); the pre-registered
 check is seed 0 on validation, >= 0.10: +0.157, held. The teacher-margin design rule (+0.15 over
