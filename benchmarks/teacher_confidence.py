@@ -85,6 +85,7 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
 
 
 def add_sums(totals: dict[str, float], sums: dict[str, float]) -> None:
+    """Accumulate one batch's `confidence_sums` into `totals` (sums, so batches of any size add up)."""
     for key, value in sums.items():
         totals[key] = totals.get(key, 0.0) + value
 

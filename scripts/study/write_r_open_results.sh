@@ -86,10 +86,9 @@ same 512 records as the pre-check; the range over the three seeds' verbalizers.
 
 Every verbalized layer is well above the earlier study's 0.15 nats; entropy falls with depth as
 the layers' answers improve. The verbalized last layer is sharper than the model's own head (0.26
-against 0.42 nats) and worse calibrated (cross-entropy 0.54 against 0.39): 200 steps of
-verbalization fit its verb-FFN to the data's one form per answer, not to the forms' spread. So
-the layer-wise targets VLsI matches carry less of the forms' width than the final layer A3
-distils.
+against 0.42 nats) and worse calibrated (cross-entropy 0.54 against 0.39): after 200 steps of
+verbalization its verb-FFN is overconfident. So the deepest layer-wise target VLsI matches
+carries less of the forms' spread than the final layer A3 distils; the shallower ones are wider.
 
 ## The arms (A1-A4, seeds 0-5)
 
