@@ -165,7 +165,6 @@ class ImageSource(Node):
         s = self._settings
         self._published = 0
         self._started = False  # wait_for_subscribers met (then never checked again)
-        self._said_waiting = False
         self._cache_key: Any = None
         self._cache_msg: Image | CompressedImage | None = None
         self._timer = self.create_timer(1.0 / s.rate_hz, self._tick)
@@ -332,10 +331,8 @@ class ImageSource(Node):
         wanted = self._settings.wait_for_subscribers
         if self._image_pub.get_subscription_count() >= wanted:
             return True
-        if not self._said_waiting:
-            self._said_waiting = True
-            self.get_logger().info(f"waiting for {wanted} subscriber(s) on {self._image_pub.topic_name} "
-                                   "before the first frame (wait_for_subscribers)")
+        self.get_logger().info(f"waiting for {wanted} subscriber(s) on {self._image_pub.topic_name} "
+                               "before the first frame (wait_for_subscribers)", once=True)
         return False
 
     def _encoding_label(self) -> str:
