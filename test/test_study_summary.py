@@ -42,3 +42,23 @@ def test_cells_give_mean_std_and_seed_count():
     assert summary.cell(runs[:1], "vlsi_pool") == "0.700 (1)"
     assert summary.cell(runs[:1], "teacher") == "0.700"  # evaluated once, not per seed
     assert summary.cell([], "vlsi_plain") == "queued"
+
+
+def test_reported_comparisons_pair_by_seed_and_give_no_verdict():
+    """R-few has no pre-registered hypothesis: its differences are reported paired by seed, with the
+    interval once two seeds pair up and how many of the planned five they rest on."""
+    summary = _write_summary()
+    runs = {"sft_labels": [{"overall": {"accuracy": a}, "seed": s} for s, a in enumerate((0.56, 0.60, 0.58))],
+            "vlsi_few": [{"overall": {"accuracy": a}, "seed": s} for s, a in ((0, 0.68), (2, 0.66))]}
+    line = summary.reported_line("R-few", runs, "vlsi_few", "A4", "sft_labels", "A1")
+    assert "A4 - A1: +0.100 [" in line and "2 of 5 planned seeds" in line  # seeds 0 and 2 pair; 1 has no A4
+    assert "held" not in line
+    assert summary.reported_line("R-few", runs, "final_kd_few", "A3", "sft_labels", "A1") is None
+
+
+def test_train_gap_uses_only_seeds_scored_on_their_training_frames():
+    summary = _write_summary()
+    runs = {"sft_labels": [{"overall": {"accuracy": 0.6}, "seed": 0, "train": 1.0},
+                           {"overall": {"accuracy": 0.5}, "seed": 1, "train": None}]}
+    assert summary.train_gap_line(runs).endswith("A1 train 1.000 / test 0.600 (gap +0.400, 1 seed)")
+    assert summary.train_gap_line({}) is None

@@ -8,7 +8,8 @@
 # (681a42f cherry-picked), so every R-unlabelled arm runs the same code. A1 is R-unlabelled's sft_labels (the same run); its
 # train-vs-test gap is the `train` column of a separate report run of benchmarks/vlsi_study.py with
 # `--rows sft_labels --extra-test train=runs/rstudy/labelled/train_mix.json`, which scores the
-# rows' kept models (done 2026-12-05, in docs/study/r_unlabelled/sft_labels/).
+# rows' kept models (done 2026-12-05, in docs/study/r_unlabelled/sft_labels/); the R-few arms' own
+# `train` scores come from the worker (it adds that extra test for *_few rows).
 cd "$(dirname "$0")/../.."  # the repository root
 mkdir -p runs/rstudy/logs
 [ -f runs/rstudy/.inputs_checked ] || { echo "inputs not checked: run scripts/study/prepare_inputs.sh r_unlabelled first" >&2; exit 1; }

@@ -44,7 +44,9 @@ def archived_results(archive: Path) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for row, seed, path in vlsi_study.archived_result_files(archive):
         # the seed the file is named by: the pairing key of every comparison
-        out.setdefault(row, []).append({"overall": json.loads(path.read_text())["overall"], "seed": seed})
+        result = json.loads(path.read_text())
+        train = result.get("extra", {}).get("train", {}).get("overall", {}).get("accuracy")
+        out.setdefault(row, []).append({"overall": result["overall"], "seed": seed, "train": train})
     return out
 
 
@@ -88,7 +90,52 @@ def summary_table() -> tuple[str, str]:
         verdicts.append(h3_line(regime, REPO / archive / "vlsi_pool") + SHORT_NOTE * (regime in short))
     for regime in ("R-unlabelled", "R-open (content)"):  # R-few's A1 and teacher are R-unlabelled's
         verdicts.append(teacher_margin_line(regime, results[regime]))
-    return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts)
+    reported = [reported_line(regime, results[regime], *comparison) for regime, *comparison in REPORTED]
+    reported.append(train_gap_line(results["R-few"]))
+    return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts + [r for r in reported if r])
+
+
+# Comparisons the pre-registration asks to report with no hypothesis on them (R-few, and the arms run
+# last beside the ones H2 names): (regime, arm, its label, reference arm, its label).
+REPORTED = (
+    ("R-few", "final_kd_few", "A3", "sft_labels", "A1"),
+    ("R-few", "vlsi_few", "A4 VLsI", "sft_labels", "A1"),
+    ("R-few", "vlsi_few", "A4 VLsI", "final_kd_few", "A3"),
+    ("R-unlabelled", "final_kd_t2", "A3b (T=2)", "final_kd_t1", "A3 (T=1)"),
+    ("R-unlabelled", "vlsi_pool", "A4 VLsI", "final_kd_t2", "A3b (T=2)"),
+    ("R-unlabelled", "vlsi_pool", "A4 VLsI (residual verbalizer)", "vlsi_plain", "A5 (plain verbalizer)"),
+)
+PLANNED_SEEDS = 5  # pre-registered for every arm
+
+
+def reported_line(regime: str, results: dict[str, list[dict[str, Any]]], arm: str, arm_label: str,
+                  reference: str, reference_label: str) -> str | None:
+    """A paired difference with its 95% interval, stated as reported (no threshold, no verdict),
+    with how many of the planned seeds it rests on; None until a seed of both arms is archived."""
+    differences = vlsi_study._paired_delta(results.get(arm, []), results.get(reference, []))
+    if not differences:
+        return None
+    ci = vlsi_study.paired_interval(differences)
+    interval = f" [{ci[1]:+.3f}, {ci[2]:+.3f}]" if ci else ""
+    seeds = f"{len(differences)} of {PLANNED_SEEDS} planned seeds" if len(differences) < PLANNED_SEEDS else (
+        f"{len(differences)} seeds")
+    return (f"{regime} (reported, no hypothesis pre-registered) {arm_label} - {reference_label}: "
+            f"{sum(differences) / len(differences):+.3f}{interval}, {seeds}")
+
+
+def train_gap_line(results: dict[str, list[dict[str, Any]]]) -> str | None:
+    """R-few's train-vs-test gap per arm (pre-registered for A1: does SFT on 500 frames overfit?):
+    accuracy on the arm's own 4,676 training questions minus the test split's, over the seeds
+    scored on both."""
+    parts = []
+    for arm, label in (("sft_labels", "A1"), ("final_kd_few", "A3"), ("vlsi_few", "A4 VLsI")):
+        runs = [r for r in results.get(arm, []) if r.get("train") is not None]
+        if runs:
+            train, test = (sum(x) / len(runs) for x in zip(*((r["train"], r["overall"]["accuracy"]) for r in runs),
+                                                           strict=True))
+            parts.append(f"{label} train {train:.3f} / test {test:.3f} (gap {train - test:+.3f}, {len(runs)} "
+                         f"seed{'s' * (len(runs) != 1)})")
+    return "R-few train-vs-test gap (train: the arm's own 500 labelled frames): " + "; ".join(parts) if parts else None
 
 
 TEACHER_MARGIN = 0.15  # pre-registered: the teacher >= +0.15 above every label-only arm, mean over seeds
