@@ -88,6 +88,9 @@ def summary_table() -> tuple[str, str]:
                                 f"{c['mean']:+.3f}{ci}, {seeds}: {verdict}{SHORT_NOTE * (regime in short)}")
     for regime, archive in (REGIMES[0], REGIMES[2]):
         verdicts.append(h3_line(regime, REPO / archive / "vlsi_pool") + SHORT_NOTE * (regime in short))
+    # R-few's VLsI arm matches layers too (its statistics are archived when its rows are scored again)
+    if any((REPO / REGIMES[1][1] / "vlsi_few").glob("matching_stats_seed*.json")):
+        verdicts.append(h3_line(REGIMES[1][0], REPO / REGIMES[1][1] / "vlsi_few"))
     for regime in ("R-unlabelled", "R-open (content)"):  # R-few's A1 and teacher are R-unlabelled's
         verdicts.append(teacher_margin_line(regime, results[regime]))
     reported = [reported_line(regime, results[regime], *comparison) for regime, *comparison in REPORTED]
