@@ -35,7 +35,9 @@ H2 differences were under 0.02 at 5 seeds, so A2, A3 and A4 ran the 3 pre-regist
 R-few's teacher arms (A3 / A4 on the 500 labelled frames alone; R-few's A1 is the `sft_labels` row)
 and R-unlabelled's A3b (T = 2) and A5 (plain verbalizer), run last as pre-registered, join the same
 table as their seeds come in (code: a8aeef1 + 681a42f, the R-unlabelled rows' code;
-`scripts/study/r_few_driver.sh`).
+`scripts/study/r_few_driver.sh`). The "train (set)" column is an arm's accuracy on its own 4,676
+labelled training questions, from the model its row kept: R-few's pre-registered train-vs-test gap
+(A1 scored 2026-12-05; the R-few arms by the worker, `--extra-test train=...`).
 The table's "data-limited (test)" row is that check on the test split with an interval test, which
 the pre-registration did not set ("did not hold": +0.118, interval [-0.176, +0.411] at 2 seeds); the pre-registered
 check is seed 0 on validation, >= 0.10: +0.157, held. The teacher-margin design rule (+0.15 over
