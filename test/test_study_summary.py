@@ -62,3 +62,15 @@ def test_train_gap_uses_only_seeds_scored_on_their_training_frames():
                            {"overall": {"accuracy": 0.5}, "seed": 1, "train": None}]}
     assert summary.train_gap_line(runs).endswith("A1 train 1.000 / test 0.600 (gap +0.400, 1 seed)")
     assert summary.train_gap_line({}) is None
+
+
+def test_r_few_seed_table_pairs_arms_by_seed():
+    summary = _write_summary()
+    runs = {"sft_labels": [{"overall": {"accuracy": 0.56}, "seed": 0, "train": 1.0},
+                           {"overall": {"accuracy": 0.60}, "seed": 1, "train": 1.0}],  # seed 1: A1 alone
+            "final_kd_few": [{"overall": {"accuracy": 0.63}, "seed": 0, "train": None}],
+            "vlsi_few": [{"overall": {"accuracy": 0.68}, "seed": 0, "train": 0.999}]}
+    table = summary.r_few_seed_table(runs)
+    assert "| 0 | 0.560 (1.000) | 0.630 | 0.680 (0.999) | +0.050 |" in table
+    assert "| 1 |" not in table  # A1 alone is R-unlabelled's row, not an R-few seed
+    assert summary.r_few_seed_table({"sft_labels": runs["sft_labels"]}) == ""

@@ -194,14 +194,44 @@ def h3_line(regime: str, row_archive: Path, planned: int = 5) -> str:
             f"{len(stats)} seeds ({seeds}): **{verdict}**")
 
 
+R_FEW_ARMS = (("sft_labels", "A1 labels only"), ("final_kd_few", "A3 final-layer KD"), ("vlsi_few", "A4 VLsI"))
+
+
+def r_few_seed_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """R-few seed by seed: each arm's test accuracy with its training-frame accuracy in brackets,
+    and VLsI - A3 (the comparison the mean hides when it flips sign between seeds)."""
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for arm, _ in R_FEW_ARMS:
+        for r in results.get(arm, []):
+            by_seed.setdefault(r["seed"], {})[arm] = r
+    seeds = sorted(s for s, arms in by_seed.items() if len(arms) > 1)  # A1 alone is R-unlabelled's
+    if not seeds:
+        return ""
+
+    def figure(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        return f"{r['overall']['accuracy']:.3f}" + (f" ({r['train']:.3f})" if r.get("train") is not None else "")
+
+    lines = ["| seed | " + " | ".join(label for _, label in R_FEW_ARMS) + " | A4 - A3 |", "|---|" + "---:|" * 4]
+    for seed in seeds:
+        arms = by_seed[seed]
+        delta = (f"{arms['vlsi_few']['overall']['accuracy'] - arms['final_kd_few']['overall']['accuracy']:+.3f}"
+                 if "vlsi_few" in arms and "final_kd_few" in arms else "-")
+        lines.append(f"| {seed} | " + " | ".join(figure(arms.get(arm)) for arm, _ in R_FEW_ARMS) + f" | {delta} |")
+    return "\n".join(lines)
+
+
 def summary_page(table: str, verdicts: str) -> str:
-    """docs/study/results_summary.md: the table, what its cells mean, the verdicts."""
+    """docs/study/results_summary.md: the table, what its cells mean, the verdicts, R-few per seed."""
     note = ("Test split, mean ± std (seeds); R-open scores content match (synonyms, list order and "
             "number words seen through), the others exact match. n/a: not in that regime's design (R-few "
             "has no pool; R-open runs A1-A4). R-few's A1 is R-unlabelled's A1, the same runs.")
     return ("# The pre-registered study: every arm x regime\n\nWritten by `python scripts/study/write_summary.py` "
             f"from the archived per-seed results.\n\n{table}\n\n{note}\n\nPre-registered comparisons (paired by "
-            f"seed, 95% interval):\n\n{verdicts}\n")
+            f"seed, 95% interval):\n\n{verdicts}\n" + (
+                f"\nR-few seed by seed (test split; in brackets the arm's own 500 training frames):\n\n{few}\n"
+                if (few := r_few_seed_table(archived_results(REPO / REGIMES[1][1]))) else ""))
 
 
 def readme_with_table(text: str, table: str) -> str:
