@@ -5,7 +5,7 @@
 #   setsid nohup scripts/study/run_study.sh > runs/study.log 2>&1 &
 #
 # 1. the inputs of both regimes, rebuilt from nothing and checked against the archive
-#    (prepare_inputs.sh; ~8 min the first time, seconds after);
+#    (prepare_inputs.sh; ~8 min the first time, then only its check, a few minutes);
 # 2. R-unlabelled (A1-A4 at seeds 0-4, the oracle at 0-1, A2-A4 at the extension seeds 5-7), R-open
 #    (A1-A4), then R-few and R-unlabelled's A3b / A5: each driver runs two workers, one per core;
 # 3. docs/study/results_r_unlabelled.md, results_r_open.md, results_summary.md and the README's table.
@@ -13,7 +13,7 @@
 # Resumable at every level: a (row, seed) already archived under docs/study/ is read, not rerun, and
 # a killed row resumes from its last checkpoint; so on this repository as committed it only rebuilds
 # the inputs and the reports. A fresh study: point the workers' --archive elsewhere. Cost of the
-# full grid from nothing: ~60 rows of 35-55 min on one core, two at a time, ~1.5 days on 2 cores;
+# full grid from nothing: ~75 rows of 35-55 min on one core, two at a time: 1-1.5 days on 2 cores;
 # a GPU runs it unchanged. STUDY_CODE (optional): a frozen worktree of the code for the rows
 # (`git worktree add --detach DIR COMMIT`, DIR/runs linked to this repo's runs/), so edits made
 # while the study runs cannot reach it (the archived R-unlabelled and R-few rows ran a8aeef1, + 681a42f
