@@ -553,7 +553,7 @@ def mean_std(values: Sequence[float]) -> str:
 PAIRED_REFERENCE = "vlsi_full"
 
 
-def _paired_delta(rs: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> list[float]:
+def paired_delta(rs: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]]) -> list[float]:
     """Overall accuracy minus the reference row's, seed by seed (only seeds both rows have).
 
     Why paired: rows of one seed share the verbalizers, the data order and the matching seed, so
@@ -616,7 +616,7 @@ def preregistered_comparisons(results: dict[str, list[dict[str, Any]]]) -> tuple
     for better, worse, threshold, hypothesis, planned in PREREGISTERED:
         if better not in results or worse not in results:
             continue
-        deltas = _paired_delta(results[better], results[worse])
+        deltas = paired_delta(results[better], results[worse])
         ci = paired_interval(deltas)
         mean = statistics.mean(deltas) if deltas else float("nan")
         held = ci is not None and mean >= threshold and ci[1] > 0
@@ -709,7 +709,7 @@ def summarise(rows: Sequence[Row], results: dict[str, list[dict[str, Any]]],
         per_family = {f: [r["families"][f]["accuracy"] for r in rs if f in r["families"]] for f in families}
         per_extra = {name: [r["extra"][name]["overall"]["accuracy"] for r in rs if name in r.get("extra", {})]
                      for name in extras}
-        paired = _paired_delta(rs, reference) if row.kind in ("sft", "distill") and row.name != reference_row \
+        paired = paired_delta(rs, reference) if row.kind in ("sft", "distill") and row.name != reference_row \
             else []
         minutes = [r["train_seconds"] / 60 for r in rs if row.kind in ("sft", "distill") and "train_seconds" in r]
         delta_cell = ""

@@ -46,21 +46,35 @@ def test_cells_give_mean_std_and_seed_count():
 
 def test_reported_comparisons_pair_by_seed_and_give_no_verdict():
     """R-few has no pre-registered hypothesis: its differences are reported paired by seed, with the
-    interval once two seeds pair up and how many of the planned five they rest on."""
+    95% t-interval once two seeds pair up and how many of the planned five they rest on."""
     summary = _write_summary()
     runs = {"sft_labels": [{"overall": {"accuracy": a}, "seed": s} for s, a in enumerate((0.56, 0.60, 0.58))],
             "vlsi_few": [{"overall": {"accuracy": a}, "seed": s} for s, a in ((0, 0.68), (2, 0.66))]}
     line = summary.reported_line("R-few", runs, "vlsi_few", "A4", "sft_labels", "A1")
-    assert "A4 - A1: +0.100 [" in line and "2 of 5 planned seeds" in line  # seeds 0 and 2 pair; 1 has no A4
-    assert "held" not in line
+    # seeds 0 and 2 pair (+0.12, +0.08; seed 1 has no A4): mean +0.100, sd 0.0283, t(1) = 12.706
+    assert "A4 - A1: +0.100 [-0.154, +0.354], 2 of 5 planned seeds" in line
+    one_pair = {**runs, "vlsi_few": runs["vlsi_few"][:1]}
+    one = summary.reported_line("R-few", one_pair, "vlsi_few", "A4", "sft_labels", "A1")
+    assert one.endswith("A4 - A1: +0.120 (one pair: no interval), 1 of 5 planned seeds")
+    five = {"a": [{"overall": {"accuracy": 0.6 + 0.01 * s}, "seed": s} for s in range(5)],
+            "b": [{"overall": {"accuracy": 0.5}, "seed": s} for s in range(5)]}
+    assert summary.reported_line("R-x", five, "a", "A", "b", "B").endswith(
+        "A - B: +0.120 [+0.100, +0.140], 5 seeds")
     assert summary.reported_line("R-few", runs, "final_kd_few", "A3", "sft_labels", "A1") is None
 
 
-def test_train_gap_uses_only_seeds_scored_on_their_training_frames():
+def test_train_gap_compares_arms_on_the_seeds_all_were_scored_on():
     summary = _write_summary()
-    runs = {"sft_labels": [{"overall": {"accuracy": 0.6}, "seed": 0, "train": 1.0},
-                           {"overall": {"accuracy": 0.5}, "seed": 1, "train": None}]}
-    assert summary.train_gap_line(runs).endswith("A1 train 1.000 / test 0.600 (gap +0.400, 1 seed)")
+
+    def run(seed, test, train):
+        return {"overall": {"accuracy": test}, "seed": seed, "train": train}
+
+    runs = {"sft_labels": [run(0, 0.6, 1.0), run(1, 0.5, 1.0), run(2, 0.7, None)],
+            "final_kd_few": [run(0, 0.7, 0.9)], "vlsi_few": [run(0, 0.8, 1.0), run(1, 0.6, 0.98)]}
+    line = summary.train_gap_line(runs)
+    assert "seeds 0: A1 labels only train 1.000 / test 0.600 (gap +0.400); A3 final-layer KD train 0.900 / test " \
+           "0.700 (gap +0.200); A4 VLsI train 1.000 / test 0.800 (gap +0.200)" in line
+    assert line.endswith("; A1 over its 2 seeds train 1.000 / test 0.550 (gap +0.450)")  # seed 2 has no train score
     assert summary.train_gap_line({}) is None
 
 
@@ -74,3 +88,23 @@ def test_r_few_seed_table_pairs_arms_by_seed():
     assert "| 0 | 0.560 (1.000) | 0.630 | 0.680 (0.999) | +0.050 |" in table
     assert "| 1 |" not in table  # A1 alone is R-unlabelled's row, not an R-few seed
     assert summary.r_few_seed_table({"sft_labels": runs["sft_labels"]}) == ""
+
+
+def test_two_workers_stop_a_driver_when_either_fails(tmp_path):
+    """scripts/study/run_two_workers.sh: a driver goes on to later seeds only when both workers of
+    a seed succeeded (a crashed worker used to leave the seed half done and the driver moving on)."""
+    import os
+    import subprocess
+
+    script = REPO / "scripts/study/run_two_workers.sh"
+    env = {**os.environ, "ROWS": "vlsi_few", "SEEDS": "3", "WORKER_STAGGER_S": "0"}
+    # a worker that fails on its second start (the "b" copy), as one that crashes mid-row would
+    worker = tmp_path / "worker.sh"
+    worker.write_text(f"#!/bin/sh\necho run >> {tmp_path}/runs\n[ $(wc -l < {tmp_path}/runs) -lt 2 ]\n")
+    worker.chmod(0o755)
+    failed = subprocess.run([str(script), str(worker), str(tmp_path / "log")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert failed.returncode == 1 and "a worker failed" in failed.stderr
+    assert (tmp_path / "log_a.log").exists() and (tmp_path / "log_b.log").exists()
+    ok = subprocess.run([str(script), "/bin/true", str(tmp_path / "ok")], env=env, timeout=60)
+    assert ok.returncode == 0

@@ -9,15 +9,16 @@
 # train-vs-test gap is the `train` column of a separate report run of benchmarks/vlsi_study.py with
 # `--rows sft_labels --extra-test train=runs/rstudy/labelled/train_mix.json`, which scores the
 # rows' kept models (done 2026-12-05, in docs/study/r_unlabelled/sft_labels/); the R-few arms' own
-# `train` scores come from the worker (it adds that extra test for *_few rows).
+# `train` scores come from the worker (it adds that extra test when every row it runs is R-few's).
 cd "$(dirname "$0")/../.."  # the repository root
 mkdir -p runs/rstudy/logs
 [ -f runs/rstudy/.inputs_checked ] || { echo "inputs not checked: run scripts/study/prepare_inputs.sh r_unlabelled first" >&2; exit 1; }
 while pgrep -f "r_unlabelled_driver.sh|r_open_driver.sh" > /dev/null; do sleep 60; done
 for seed in 0 1 2 3 4; do
-  ROWS=final_kd_few,vlsi_few,final_kd_t2,vlsi_plain SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/few_seed${seed}_a.log 2>&1 &
-  sleep 30
-  ROWS=final_kd_few,vlsi_few,final_kd_t2,vlsi_plain SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/few_seed${seed}_b.log 2>&1 &
-  wait
+  # R-few's two arms, then the pool arms (apart: the worker scores R-few's on their training set)
+  for rows in final_kd_few,vlsi_few final_kd_t2,vlsi_plain; do
+    ROWS=$rows SEEDS=$seed scripts/study/run_two_workers.sh scripts/study/r_unlabelled_worker.sh \
+      runs/rstudy/logs/few_seed${seed}_${rows%%,*} || exit 1
+  done
   echo "R-few seed $seed done $(date)" >> runs/rstudy/logs/driver.log
 done

@@ -16,9 +16,7 @@ for seed in ${START_SEEDS:-0 1 2 3 4 5}; do
     5) rows=final_kd_t1,vlsi_pool ;;
     *) rows=sft_labels,sft_pseudo,final_kd_t1,vlsi_pool ;;
   esac
-  ROWS=$rows SEEDS=$seed scripts/study/r_open_worker.sh > runs/ropen/logs/seed${seed}_a.log 2>&1 &
-  sleep 30
-  ROWS=$rows SEEDS=$seed scripts/study/r_open_worker.sh > runs/ropen/logs/seed${seed}_b.log 2>&1 &
-  wait
+  ROWS=$rows SEEDS=$seed scripts/study/run_two_workers.sh scripts/study/r_open_worker.sh \
+    runs/ropen/logs/seed${seed} || exit 1
   echo "seed $seed done $(date)" >> runs/ropen/logs/driver.log
 done

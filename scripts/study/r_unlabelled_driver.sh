@@ -12,9 +12,7 @@ for seed in ${START_SEEDS:-0 1 2 3 4 5 6 7}; do
   [ "$seed" -ge 5 ] && rows=sft_pseudo,final_kd_t1,vlsi_pool
   [ "$seed" -le 1 ] && rows="$rows,oracle"
   [ "$seed" -eq 0 ] && rows="teacher,$rows"
-  ROWS=$rows SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/seed${seed}_a.log 2>&1 &
-  sleep 30
-  ROWS=$rows SEEDS=$seed scripts/study/r_unlabelled_worker.sh > runs/rstudy/logs/seed${seed}_b.log 2>&1 &
-  wait
+  ROWS=$rows SEEDS=$seed scripts/study/run_two_workers.sh scripts/study/r_unlabelled_worker.sh \
+    runs/rstudy/logs/seed${seed} || exit 1
   echo "seed $seed done $(date)" >> runs/rstudy/logs/driver.log
 done

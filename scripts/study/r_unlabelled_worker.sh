@@ -8,8 +8,11 @@ ROWS=${ROWS:-sft_labels,oracle}
 SEEDS=${SEEDS:-0}
 SOURCES="--source labels=runs/rstudy/labelled/train_mix.json --source true=runs/rstudy/pool/train_mix.json"
 [ -f runs/rstudy/pool/pool_teacher.json ] && SOURCES="$SOURCES --source teacher=runs/rstudy/pool/pool_teacher.json"
-# R-few's arms are also scored on their own 500 labelled frames: the pre-registered train-vs-test gap
-case "$ROWS" in *_few*) SOURCES="$SOURCES --extra-test train=runs/rstudy/labelled/train_mix.json" ;; esac
+# R-few's arms (ROWS all *_few) are also scored on their own labelled training questions: the
+# pre-registered train-vs-test gap (the pool-trained arms are not: their training set is another)
+if ! tr ',' '\n' <<< "$ROWS" | grep -qv '_few$'; then
+  SOURCES="$SOURCES --extra-test train=runs/rstudy/labelled/train_mix.json"
+fi
 exec nice -n 5 "$REPO/.venv/bin/python" benchmarks/vlsi_study.py --teacher vlsi_model/assets/default_student \
   --student-init random --test-data runs/rstudy/test/test.json --extra-test val=runs/rstudy/val/val.json \
   $SOURCES --out runs/rstudy/study --archive "$REPO"/docs/study/r_unlabelled --budget 6000 --lr 1e-3 --batch-size 32 \

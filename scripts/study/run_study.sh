@@ -11,8 +11,9 @@
 # 3. docs/study/results_r_unlabelled.md, results_r_open.md, results_summary.md and the README's table.
 #
 # Resumable at every level: a (row, seed) already archived under docs/study/ is read, not rerun, and
-# a killed row resumes from its last checkpoint; so on this repository as committed it only rebuilds
-# the inputs and the reports. A fresh study: point the workers' --archive elsewhere. Cost of the
+# a killed row resumes from its last checkpoint; once every row is archived it only rebuilds the
+# inputs and the reports (until then it trains the missing rows). A worker that fails stops it.
+# A fresh study: point the workers' --archive elsewhere. Cost of the
 # full grid from nothing: ~75 rows of 35-55 min on one core, two at a time: 1-1.5 days on 2 cores;
 # a GPU runs it unchanged. STUDY_CODE (optional): a frozen worktree of the code for the rows
 # (`git worktree add --detach DIR COMMIT`, DIR/runs linked to this repo's runs/), so edits made

@@ -8,7 +8,8 @@ scripts/in_env.sh python benchmarks/vlsi_study.py --teacher runs/ropen/teacher/f
   --source teacher=runs/ropen/pool_teacher.json --source true=runs/ropen/pool_true.json --out runs/ropen/report \
   --archive docs/study/r_open/arms --budget 6000 --lr 1e-3 --batch-size 32 --max-length 128 --verbalize-steps 200 \
   --seeds 0,1,2,3,4,5 --rows teacher,sft_labels,sft_pseudo,final_kd_t1,vlsi_pool --teacher-targets 0,1,2,3 \
-  --open-forms --max-new-tokens 64 --report-only > /dev/null 2>&1
+  --open-forms --max-new-tokens 64 --report-only > /dev/null 2>&1 || {
+  echo "the report run failed: rerun it without its redirections to see why" >&2; exit 1; }
 {
   cat <<'HDR'
 # R-open: answers with many valid forms (issue 19; complete at the pre-registered 5 paired seeds)

@@ -7,7 +7,8 @@ scripts/in_env.sh python benchmarks/vlsi_study.py --teacher vlsi_model/assets/de
   --source teacher=runs/rstudy/pool/pool_teacher.json --out runs/rstudy/report --archive docs/study/r_unlabelled \
   --budget 6000 --lr 1e-3 --batch-size 32 --max-length 128 --verbalize-steps 200 --seeds 0,1,2,3,4,5,6,7 \
   --rows teacher,sft_labels,sft_pseudo,final_kd_t1,vlsi_pool,oracle,final_kd_few,vlsi_few,final_kd_t2,vlsi_plain \
-  --teacher-targets 0,1,2,3 --report-only > /dev/null 2>&1
+  --teacher-targets 0,1,2,3 --report-only > /dev/null 2>&1 || {
+  echo "the report run failed: rerun it without its redirections to see why" >&2; exit 1; }
 {
   cat <<'HDR'
 # R-unlabelled: 500 labelled frames + 20,000 frames the teacher labelled (issue 19; complete)
