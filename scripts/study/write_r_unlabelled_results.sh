@@ -33,10 +33,11 @@ quiet-machine benchmarks. A verdict is given at the pre-registered number of see
 before that the table says "open (k of N seeds)" with the direction of the interim interval. Both
 H2 differences were under 0.02 at 5 seeds, so A2, A3 and A4 ran the 3 pre-registered extra seeds
 (5-7; A1 and the oracle keep 5 and 2): H2's verdict is at 8 paired seeds, H1's at 5.
-R-few's teacher arms (A3 / A4 on the 500 labelled frames alone; R-few's A1 is the `sft_labels` row)
-and R-unlabelled's A3b (T = 2) and A5 (plain verbalizer), run last as pre-registered, join the same
-table as their seeds come in (code: a8aeef1 + 681a42f, the R-unlabelled rows' code;
-`scripts/study/r_few_driver.sh`). The "train (set)" column is an arm's accuracy on its own 4,676
+R-few's teacher arms (A3 / A4 on the 500 labelled frames alone; R-few's A1 is the `sft_labels` row;
+complete at 5 seeds, no hypothesis pre-registered: their paired differences are in
+`results_summary.md`) and R-unlabelled's A3b (T = 2) and A5 (plain verbalizer), run last as
+pre-registered, join the same table as their seeds come in (code: a8aeef1 + 681a42f, the
+R-unlabelled rows' code; `scripts/study/r_few_driver.sh`). The "train (set)" column is an arm's accuracy on its own 4,676
 labelled training questions, from the model its row kept: R-few's pre-registered train-vs-test gap
 (A1 scored 2026-12-05; the R-few arms by the worker, `--extra-test train=...`).
 The table's "data-limited (test)" row is that check on the test split with an interval test, which
