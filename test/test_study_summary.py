@@ -16,10 +16,11 @@ def _write_summary():
 def test_readme_study_table_is_the_archived_results():
     """Rerun `python scripts/study/write_summary.py` after archiving a seed: a stale README fails here."""
     summary = _write_summary()
-    table, verdicts = summary.summary_table()
+    results = summary.study_results()
+    table, verdicts = summary.summary_table(results)
     readme = (REPO / "README.md").read_text()
     assert f"{summary.MARK_BEGIN}\n{table}\n{summary.MARK_END}" in readme
-    assert (REPO / "docs/study/results_summary.md").read_text() == summary.summary_page(table, verdicts)
+    assert (REPO / "docs/study/results_summary.md").read_text() == summary.summary_page(table, verdicts, results)
     assert "R-unlabelled H2 vlsi_pool - sft_pseudo" in verdicts
 
 
@@ -78,16 +79,24 @@ def test_train_gap_compares_arms_on_the_seeds_all_were_scored_on():
     assert summary.train_gap_line({}) is None
 
 
-def test_r_few_seed_table_pairs_arms_by_seed():
+def test_seed_tables_pair_arms_by_seed():
     summary = _write_summary()
+    _, _, arms, defining, difference = summary.SEED_TABLES[0]  # R-few's
     runs = {"sft_labels": [{"overall": {"accuracy": 0.56}, "seed": 0, "train": 1.0},
                            {"overall": {"accuracy": 0.60}, "seed": 1, "train": 1.0}],  # seed 1: A1 alone
             "final_kd_few": [{"overall": {"accuracy": 0.63}, "seed": 0, "train": None}],
             "vlsi_few": [{"overall": {"accuracy": 0.68}, "seed": 0, "train": 0.999}]}
-    table = summary.r_few_seed_table(runs)
+    table = summary.seed_table(runs, arms, defining, difference)
     assert "| 0 | 0.560 (1.000) | 0.630 | 0.680 (0.999) | +0.050 |" in table
     assert "| 1 |" not in table  # A1 alone is R-unlabelled's row, not an R-few seed
-    assert summary.r_few_seed_table({"sft_labels": runs["sft_labels"]}) == ""
+    assert summary.seed_table({"sft_labels": runs["sft_labels"]}, arms, defining, difference) == ""
+    _, _, arms, defining, difference = summary.SEED_TABLES[1]  # A3b / A5 beside A3 / A4
+    pool = {"final_kd_t1": [{"overall": {"accuracy": 0.69}, "seed": s} for s in (0, 1, 5)],
+            "vlsi_pool": [{"overall": {"accuracy": 0.72}, "seed": s} for s in (0, 1, 5)],
+            "vlsi_plain": [{"overall": {"accuracy": 0.70}, "seed": 0}],
+            "final_kd_t2": [{"overall": {"accuracy": 0.68}, "seed": s} for s in (0, 1)]}
+    lines = summary.seed_table(pool, arms, defining, difference).splitlines()
+    assert lines[2:] == ["| 0 | 0.690 | 0.680 | 0.720 | 0.700 | +0.020 |", "| 1 | 0.690 | 0.680 | 0.720 | - | - |"]
 
 
 def test_two_workers_stop_a_driver_when_either_fails(tmp_path):

@@ -59,9 +59,16 @@ def cell(runs: list[dict[str, Any]] | None, row: str) -> str:
     return figure if row == "teacher" else f"{figure} ({len(runs)})"
 
 
-def summary_table() -> tuple[str, str]:
-    """The arms x regimes table (markdown) and the pre-registered verdict lines under it."""
-    results = {name: archived_results(REPO / archive) for name, archive in REGIMES}
+def study_results() -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every regime's archived results, by regime then row; an archive two regimes share (R-few's
+    rows sit beside R-unlabelled's) is read once."""
+    by_archive = {archive: archived_results(REPO / archive) for archive in {archive for _, archive in REGIMES}}
+    return {name: by_archive[archive] for name, archive in REGIMES}
+
+
+def summary_table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[str, str]:
+    """The arms x regimes table (markdown) and the pre-registered verdict lines under it, from
+    `study_results()`."""
     lines = ["| arm | " + " | ".join(name for name, _ in REGIMES) + " |", "|---|" + "---:|" * len(REGIMES)]
     for label, *rows in ARMS:
         cells = [cell(results[regime].get(row), row) if row else "n/a" for (regime, _), row in zip(REGIMES, rows,
@@ -120,11 +127,11 @@ def reported_line(regime: str, results: dict[str, list[dict[str, Any]]], arm: st
     if not differences:
         return None
     ci = vlsi_study.paired_interval(differences)
-    interval = f" [{ci[1]:+.3f}, {ci[2]:+.3f}]" if ci else " (one pair: no interval)"
+    mean, interval = (ci[0], f" [{ci[1]:+.3f}, {ci[2]:+.3f}]") if ci else (differences[0], " (one pair: no interval)")
     seeds = f"{len(differences)} of {PLANNED_SEEDS} planned seeds" if len(differences) < PLANNED_SEEDS else (
         f"{len(differences)} seeds")
     return (f"{regime} (reported, no hypothesis pre-registered) {arm_label} - {reference_label}: "
-            f"{sum(differences) / len(differences):+.3f}{interval}, {seeds}")
+            f"{mean:+.3f}{interval}, {seeds}")
 
 
 def train_gap_line(results: dict[str, list[dict[str, Any]]]) -> str | None:
@@ -142,8 +149,7 @@ def train_gap_line(results: dict[str, list[dict[str, Any]]]) -> str | None:
         return None
 
     def gap(runs: list[dict[str, Any]]) -> str:
-        train = sum(r["train"] for r in runs) / len(runs)
-        test = sum(r["overall"]["accuracy"] for r in runs) / len(runs)
+        train, test = sum(r["train"] for r in runs) / len(runs), mean_accuracy(runs)
         return f"train {train:.3f} / test {test:.3f} (gap {train - test:+.3f})"
 
     labels = dict(R_FEW_ARMS)
@@ -207,14 +213,28 @@ def h3_line(regime: str, row_archive: Path, planned: int = 5) -> str:
             f"{len(stats)} seeds ({seeds}): **{verdict}**")
 
 
-def r_few_seed_table(results: dict[str, list[dict[str, Any]]]) -> str:
-    """R-few seed by seed: each arm's test accuracy with its training-frame accuracy in brackets,
-    and VLsI - A3 (the comparison the mean hides when it flips sign between seeds)."""
+# Seed-by-seed tables under the summary: (title, regime, arms with labels, the arms whose seeds make
+# the table, the difference column). R-few's A1 is R-unlabelled's, so its seeds come from A3 / A4;
+# A3b / A5 sit beside the A3 / A4 runs of the same seeds.
+SEED_TABLES = (
+    ("R-few seed by seed (test split; in brackets the arm's own 500 training frames)", "R-few", R_FEW_ARMS,
+     ("final_kd_few", "vlsi_few"), ("vlsi_few", "final_kd_few", "A4 - A3")),
+    ("R-unlabelled's A3b / A5 seed by seed, beside A3 / A4 of the same seeds (test split)", "R-unlabelled",
+     (("final_kd_t1", "A3 T=1"), ("final_kd_t2", "A3b T=2"), ("vlsi_pool", "A4 VLsI"),
+      ("vlsi_plain", "A5 plain verbalizer")), ("final_kd_t2", "vlsi_plain"), ("vlsi_pool", "vlsi_plain", "A4 - A5")),
+)
+
+
+def seed_table(results: dict[str, list[dict[str, Any]]], arms: tuple[tuple[str, str], ...],
+               defining: tuple[str, ...], difference: tuple[str, str, str]) -> str:
+    """Arms side by side per seed: the test accuracy, the training-frame accuracy in brackets where
+    scored, and one paired difference (what a mean hides when it flips sign between seeds). Only
+    the seeds of the `defining` arms; '' when they have none."""
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    for arm, _ in R_FEW_ARMS:
+    for arm, _ in arms:
         for r in results.get(arm, []):
             by_seed.setdefault(r["seed"], {})[arm] = r
-    seeds = sorted(s for s, arms in by_seed.items() if len(arms) > 1)  # A1 alone is R-unlabelled's
+    seeds = sorted(s for s, present in by_seed.items() if any(arm in present for arm in defining))
     if not seeds:
         return ""
 
@@ -223,26 +243,28 @@ def r_few_seed_table(results: dict[str, list[dict[str, Any]]]) -> str:
             return "-"
         return f"{r['overall']['accuracy']:.3f}" + (f" ({r['train']:.3f})" if r.get("train") is not None else "")
 
-    lines = ["| seed | " + " | ".join(label for _, label in R_FEW_ARMS) + " | A4 - A3 |", "|---|" + "---:|" * 4]
+    better, worse, label = difference
+    lines = ["| seed | " + " | ".join(name for _, name in arms) + f" | {label} |",
+             "|---|" + "---:|" * (len(arms) + 1)]
     for seed in seeds:
-        arms = by_seed[seed]
-        delta = (f"{arms['vlsi_few']['overall']['accuracy'] - arms['final_kd_few']['overall']['accuracy']:+.3f}"
-                 if "vlsi_few" in arms and "final_kd_few" in arms else "-")
-        lines.append(f"| {seed} | " + " | ".join(figure(arms.get(arm)) for arm, _ in R_FEW_ARMS) + f" | {delta} |")
+        present = by_seed[seed]
+        delta = (f"{present[better]['overall']['accuracy'] - present[worse]['overall']['accuracy']:+.3f}"
+                 if better in present and worse in present else "-")
+        lines.append(f"| {seed} | " + " | ".join(figure(present.get(arm)) for arm, _ in arms) + f" | {delta} |")
     return "\n".join(lines)
 
 
-def summary_page(table: str, verdicts: str) -> str:
-    """docs/study/results_summary.md: the table, what its cells mean, the verdicts, R-few per seed."""
+def summary_page(table: str, verdicts: str, results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """docs/study/results_summary.md: the table, what its cells mean, the verdicts, the seed-by-seed tables."""
     note = ("Test split, mean ± std (seeds); R-open scores content match (synonyms, list order and "
             "number words seen through), the others exact match. n/a: not in that regime's design (R-few "
             "has no pool; R-open runs A1-A4). R-few's A1 is R-unlabelled's A1, the same runs.")
+    tables = "".join(f"\n{title}:\n\n{rows}\n" for title, regime, *spec in SEED_TABLES
+                     if (rows := seed_table(results[regime], *spec)))
     return ("# The pre-registered study: every arm x regime\n\nWritten by `python scripts/study/write_summary.py` "
             f"from the archived per-seed results.\n\n{table}\n\n{note}\n\nPre-registered comparisons (paired by "
             f"seed, 95% interval), then those reported without a hypothesis and R-few's train-vs-test gap:"
-            f"\n\n{verdicts}\n" + (
-                f"\nR-few seed by seed (test split; in brackets the arm's own 500 training frames):\n\n{few}\n"
-                if (few := r_few_seed_table(archived_results(REPO / REGIMES[1][1]))) else ""))
+            f"\n\n{verdicts}\n{tables}")
 
 
 def readme_with_table(text: str, table: str) -> str:
@@ -254,7 +276,8 @@ def readme_with_table(text: str, table: str) -> str:
 
 
 def main() -> int:
-    table, verdicts = summary_table()
+    results = study_results()
+    table, verdicts = summary_table(results)
     readme = REPO / "README.md"
     text = readme_with_table(readme.read_text(), table)
     if len(text.encode()) > README_LIMIT:
@@ -262,7 +285,7 @@ def main() -> int:
               "run again", file=sys.stderr)
         return 1
     readme.write_text(text)
-    (REPO / "docs/study/results_summary.md").write_text(summary_page(table, verdicts))
+    (REPO / "docs/study/results_summary.md").write_text(summary_page(table, verdicts, results))
     print(table + "\n\n" + verdicts)
     return 0
 
