@@ -332,6 +332,11 @@ def test_adaptive_temperature_formula_and_sampling_distribution():
     fixed = torch.softmax(-d / 1.0, 0).float()
     assert (_empirical("multinomial", d, temperature=1.0) - fixed).abs().max() < 0.05
     assert (_empirical("multinomial", d / 100) - 0.25).abs().max() < 0.05
+    # The distribution a run drew from, for inspecting it afterwards: the same formula.
+    assert torch.allclose(LayerMatcher(variant="full").probabilities(d), torch.softmax(-d / tau, 0))
+    assert torch.allclose(LayerMatcher(variant="order", temperature=0.5).probabilities(d), torch.softmax(-d / 0.5, 0))
+    with pytest.raises(ValueError, match="softmax"):
+        LayerMatcher(variant="bottom1").probabilities(d)
 
 
 # ---------------------------------------------------------------------------------------------

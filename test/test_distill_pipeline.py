@@ -294,3 +294,40 @@ def test_configs_parse_and_bad_keys_are_named(setup, tmp_path):
         mutate(bad)
         with pytest.raises(ConfigError, match=message):
             load_distill_config(bad)
+
+
+def test_matching_sharpness_reads_a_finished_run(full_run, tmp_path):
+    """scripts/study/matching_sharpness.py: how far from uniform a finished run's adaptive matching
+    drew, rebuilt from the run's own directory, with the formula training used."""
+    from benchmark_scripts import load_script
+
+    sharpness = load_script(REPO / "scripts" / "study" / "matching_sharpness.py")
+    # One draw by hand: student target 0 of 2 over 3 teacher targets has candidates 0-1.
+    matcher = sharpness.InspectingMatcher(variant="full", seed=0)
+    d = torch.tensor([[0.0, 0.5, 9.0], [9.0, 0.2, 0.1]], dtype=torch.float64)
+    matches = matcher.match(d, 2, 3)
+    first = matcher.draws[0]
+    assert first["s"] == 0 and first["spread"] == pytest.approx(0.5) and first["uniform"] == 0.5
+    # tau = 2 / 0.5 = 4: p = softmax([0, -0.125])
+    assert first["p_max"] == pytest.approx(float(torch.softmax(torch.tensor([0.0, -0.125]), 0)[0]))
+    assert len(matcher.draws) == (2 if matches[0] == 0 else 1)  # after teacher 1, target 1 has one candidate left
+    _, _, out, _ = full_run
+    assert sharpness.main([str(out), "--batches", "2", "--out", str(tmp_path / "sharpness.json")]) == 0
+    report = json.loads((tmp_path / "sharpness.json").read_text())
+    assert set(report["stages"]) == {"start of step 2", "end of step 2"}
+    for stage in report["stages"].values():
+        rows = stage["by_student_target"]
+        assert rows["0"]["draws"] == 2  # student target 0 always chooses (teacher targets 0-1), once per batch
+        for row in rows.values():
+            assert row["uniform"] <= row["p_max_mean"] <= 1.0
+            assert 0.0 <= row["spread_median"] <= row["spread_max"]
+    # --against: the share of steps two runs drew the same matches, from their step-2 records.
+    def records(run, rows):
+        (run / "runs" / "interact").mkdir(parents=True)
+        lines = [json.dumps({"step": step, "s": s, "t": t}) for step, ts in enumerate(rows) for s, t in enumerate(ts)]
+        (run / "runs" / "interact" / "matches_rank0.jsonl").write_text("\n".join(lines) + "\n")
+        return run
+    a = records(tmp_path / "a", [(0, 2), (1, 2), (0, 1), (0, 2)])
+    b = records(tmp_path / "b", [(0, 2), (1, 2), (0, 2)])  # step 2 differs, step 3 not recorded
+    assert sharpness.same_matches(a, b) == {"against": str(b), "steps": 3, "same_share": 2 / 3}
+    assert sharpness.same_matches(out, out)["same_share"] == 1.0

@@ -95,9 +95,11 @@ def summary_table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[
                                 f"{c['mean']:+.3f}{ci}, {seeds}: {verdict}{SHORT_NOTE * (regime in short)}")
     for regime, archive in (REGIMES[0], REGIMES[2]):
         verdicts.append(h3_line(regime, REPO / archive / "vlsi_pool") + SHORT_NOTE * (regime in short))
-    # R-few's VLsI arm matches layers too (H3 is pre-registered for the full method, not for a regime)
-    if any((REPO / REGIMES[1][1] / "vlsi_few").glob("matching_stats_seed*.json")):
-        verdicts.append(h3_line(REGIMES[1][0], REPO / REGIMES[1][1] / "vlsi_few"))
+    # R-few's VLsI arm and A5 (the plain verbalizer) match layers too (H3 is pre-registered for the
+    # full method, not for a regime or a verbalizer)
+    for name, row in (("R-few", "vlsi_few"), ("R-unlabelled A5 (plain verbalizer)", "vlsi_plain")):
+        if any((REPO / REGIMES[0][1] / row).glob("matching_stats_seed*.json")):
+            verdicts.append(h3_line(name, REPO / REGIMES[0][1] / row))
     for regime in ("R-unlabelled", "R-open (content)"):  # R-few's A1 and teacher are R-unlabelled's
         verdicts.append(teacher_margin_line(regime, results[regime]))
     reported = [reported_line(regime, results[regime], *comparison) for regime, *comparison in REPORTED]

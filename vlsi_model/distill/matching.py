@@ -152,9 +152,25 @@ class LayerMatcher:
     def _sample(self, p: torch.Tensor) -> int:
         return int(torch.multinomial(p, 1, generator=self.generator).item())
 
-    def _softmax_pick(self, d: torch.Tensor, temperature: float) -> int:
-        p = torch.softmax(-d.double() / temperature, dim=0)
-        return self._sample(p)
+    def window(self, s: int, start: int, num_student: int, num_teacher: int) -> tuple[int, int]:
+        """Inclusive [lo, hi] of the teacher targets student target `s` may pick, `start` being one
+        past the previous student target's match (0 for s = 0; only "order" and "full" use it)."""
+        if self.variant in ("bottom1", "bottom3", "multinomial"):
+            return 0, num_teacher - 1
+        if self.variant == "window":
+            return static_window(s, num_student, num_teacher)
+        return start, num_teacher - num_student + s
+
+    def probabilities(self, candidates: torch.Tensor) -> torch.Tensor:
+        """The distribution a softmax variant ("multinomial", "window", "order", "full") draws a
+        candidate from, given the candidates' divergences: softmax(-d / tau), tau adaptive for
+        "full", fixed otherwise. Public so that a run's matching can be inspected afterwards (how
+        far from uniform the draws were), with the very formula the training used."""
+        if self.variant not in ("multinomial", *WINDOWED_VARIANTS):
+            raise ValueError(f"matching variant {self.variant!r} does not draw from a softmax")
+        tau = (adaptive_temperature(candidates, self.config.scale, self.config.eps) if self.variant == "full"
+               else self.config.temperature)
+        return torch.softmax(-candidates.double() / tau, dim=0)
 
     def match(self, d: torch.Tensor | None, num_student: int, num_teacher: int) -> list[int]:
         """One teacher target index per student target (a list of S ints in [0, T)).
@@ -177,12 +193,7 @@ class LayerMatcher:
         out: list[int] = []
         start = 0
         for s in range(num_student):
-            if variant in ("bottom1", "bottom3", "multinomial"):
-                lo, hi = 0, num_teacher - 1
-            elif variant == "window":
-                lo, hi = static_window(s, num_student, num_teacher)
-            else:  # order, full
-                lo, hi = start, num_teacher - num_student + s
+            lo, hi = self.window(s, start, num_student, num_teacher)
             cand = d[s, lo : hi + 1]
             if not torch.isfinite(cand).all():
                 raise ValueError(f"divergences for student target {s} (teacher {lo}..{hi}) are not all finite")
@@ -192,10 +203,8 @@ class LayerMatcher:
                 k = min(3, cand.numel())
                 best = torch.topk(-cand, k).indices  # ties resolved by torch.topk's order
                 j = int(best[int(torch.randint(k, (1,), generator=self.generator).item())].item())
-            elif variant == "full":
-                j = self._softmax_pick(cand, adaptive_temperature(cand, self.config.scale, self.config.eps))
-            else:  # multinomial, window, order
-                j = self._softmax_pick(cand, self.config.temperature)
+            else:  # multinomial, window, order, full
+                j = self._sample(self.probabilities(cand))
             t = lo + j
             out.append(t)
             start = t + 1
