@@ -99,6 +99,27 @@ def test_seed_tables_pair_arms_by_seed():
     assert lines[2:] == ["| 0 | 0.690 | 0.680 | 0.720 | 0.700 | +0.020 |", "| 1 | 0.690 | 0.680 | 0.720 | - | - |"]
 
 
+def test_sharpness_line_reads_the_inspected_runs(tmp_path):
+    """The matching_sharpness.py reports: near-uniform draws say H3 holds by construction; a run
+    whose draws followed the divergences says so; agreement split by the runs' seeds."""
+    import json
+    summary = _write_summary()
+    assert summary.sharpness_line(tmp_path) is None
+
+    def report(name, seed, p_max, against=()):
+        row = {"p_max_mean": p_max, "uniform": 0.5}
+        (tmp_path / f"{name}.json").write_text(json.dumps({
+            "run": f"runs/x/{name}/seed{seed}/distill", "stages": {"end": {"by_student_target": {"0": row}}},
+            "same_matches": [{"against": f"runs/x/{o}/seed{s}/distill", "same_share": v} for o, s, v in against]}))
+    report("a", 0, 0.503, [("b", 0, 0.998), ("c", 1, 0.35)])
+    line = summary.sharpness_line(tmp_path)
+    assert "likeliest candidate p 0.503-0.503 against uniform 0.500, so the draws were near uniform" in line
+    assert line.endswith("runs of one seed 0.998-0.998 of step-2 steps; runs of different seeds 0.350-0.350 "
+                         "of step-2 steps")
+    report("d", 2, 0.91)
+    assert "p 0.503-0.910 against uniform 0.500, so the divergences steered" in summary.sharpness_line(tmp_path)
+
+
 def test_two_workers_stop_a_driver_when_either_fails(tmp_path):
     """scripts/study/run_two_workers.sh: a driver goes on to later seeds only when both workers of
     a seed succeeded (a crashed worker used to leave the seed half done and the driver moving on)."""

@@ -104,6 +104,7 @@ def summary_table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[
         verdicts.append(teacher_margin_line(regime, results[regime]))
     reported = [reported_line(regime, results[regime], *comparison) for regime, *comparison in REPORTED]
     reported.append(train_gap_line(results["R-few"]))
+    reported.append(sharpness_line(REPO / "docs/study/matching_sharpness"))
     return "\n".join(lines), "\n".join(f"- {v}" for v in verdicts + [r for r in reported if r])
 
 
@@ -160,6 +161,34 @@ def train_gap_line(results: dict[str, list[dict[str, Any]]]) -> str | None:
     beside = (f"; A1 over its {len(a1)} seeds {gap(list(a1.values()))}" if len(a1) > len(common) else "")
     return (f"R-few train-vs-test gap (train: the arm's own 4,676 training questions, 500 VQA + 500 caption "
             f"frames), seeds {', '.join(map(str, common))}: " + "; ".join(parts) + beside)
+
+
+NEAR_UNIFORM_P_MAX = 0.6  # a 2-candidate draw whose likeliest candidate gets under 0.6 is close to a coin
+
+
+def sharpness_line(archive: Path) -> str | None:
+    """What H3's "held" is worth: how far from uniform the adaptive matching drew in the runs
+    `scripts/study/matching_sharpness.py` inspected (the likeliest candidate's probability per
+    student target, both ends of step 2), and how often runs of one matching seed drew the same
+    matches, apart from runs of another seed. None before any run was inspected."""
+    reports = [json.loads(p.read_text()) for p in sorted(archive.glob("*.json"))]
+    if not reports:
+        return None
+    rows = [row for r in reports for stage in r["stages"].values() for row in stage["by_student_target"].values()]
+    p_max, uniform = [row["p_max_mean"] for row in rows], {row["uniform"] for row in rows}
+    seeds = {r["run"]: int(Path(r["run"]).parent.name.removeprefix("seed")) for r in reports}
+    same, other = [], []
+    for r in reports:
+        for a in r.get("same_matches", []):
+            (same if int(Path(a["against"]).parent.name.removeprefix("seed")) == seeds[r["run"]] else other).append(
+                a["same_share"])
+    verdict = ("so the draws were near uniform and H3 holds by construction" if max(p_max) < NEAR_UNIFORM_P_MAX
+               else "so the divergences steered at least some draws")
+    agreement = "".join(f"; {label} {min(v):.3f}-{max(v):.3f} of step-2 steps" for label, v in (
+        ("same matches, runs of one seed", same), ("runs of different seeds", other)) if v)
+    return (f"Adaptive matching (reported; {len(reports)} runs inspected by scripts/study/matching_sharpness.py): "
+            f"likeliest candidate p {min(p_max):.3f}-{max(p_max):.3f} against uniform "
+            f"{'/'.join(f'{u:.3f}' for u in sorted(uniform))}, {verdict}{agreement}")
 
 
 TEACHER_MARGIN = 0.15  # pre-registered: the teacher >= +0.15 above every label-only arm, mean over seeds
