@@ -33,11 +33,12 @@ from vlsi_model.distill.config import (
     INTERACTION_DIR,
     STUDENT_VERBALIZED_DIR,
     TEACHER_VERBALIZERS_DIR,
+    DistillConfig,
     load_distill_config,
 )
 from vlsi_model.distill.interaction import InteractionObjective
-from vlsi_model.distill.matching import LayerMatcher
-from vlsi_model.distill.steps_common import load_dataset, load_model
+from vlsi_model.distill.matching import LayerMatcher, MatchRecorder
+from vlsi_model.distill.steps_common import check_same_tokenizer, load_dataset, load_model
 from vlsi_model.distill.verbalizer import load_verbalizers, verbalizer_dir
 from vlsi_model.training.dataset import make_collate_fn
 
@@ -81,13 +82,14 @@ def summarise(draws: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def recorded_matches(run: Path) -> dict[int, tuple[int, ...]]:
-    """Step -> the teacher target of each student target, from the run's step-2 records."""
-    by_step: dict[int, dict[int, int]] = {}
+    """Step -> the teacher target of each student target, from the run's step-2 records (read by
+    the recorder that wrote them)."""
+    recorder = MatchRecorder([], [])
     for path in sorted((run / "runs" / "interact").glob("matches_rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                by_step.setdefault(int(rec["step"]), {})[int(rec["s"])] = int(rec["t"])
+        recorder.extend_from_file(path)
+    by_step: dict[int, dict[int, int]] = {}
+    for step, s, t in recorder.records:
+        by_step.setdefault(step, {})[s] = t
     return {step: tuple(m[s] for s in sorted(m)) for step, m in by_step.items()}
 
 
@@ -103,20 +105,15 @@ def same_matches(run: Path, other: Path) -> dict[str, Any]:
             "same_share": sum(mine[s] == theirs[s] for s in steps) / len(steps)}
 
 
-def inspect_stage(run: Path, student_dir: Path, batches: int, seed: int) -> dict[str, Any]:
-    """The matcher's draws over `batches` training micro-batches with the student in `student_dir`."""
-    cfg = load_distill_config(run / "distill_config.yaml")
-    if cfg.matching.variant != "full":
-        raise SystemExit(f"{run}: matching variant {cfg.matching.variant!r}, not the adaptive 'full' one")
-    student, tokenizer, image_processor = load_model(student_dir, cfg.student.dtype)
+def inspect_stage(cfg: DistillConfig, teacher: Any, t_verbs: Any, dataset: Any, student_dir: Path, batches: int,
+                  seed: int) -> dict[str, Any]:
+    """The matcher's draws over `batches` training micro-batches with the student in `student_dir`
+    (the teacher, its verbalizers and the dataset are the run's, loaded once for both stages)."""
+    student, tokenizer, _ = load_model(student_dir, cfg.student.dtype)
     s_verbs = load_verbalizers(verbalizer_dir(student_dir),
                                expect_hidden_size=get_adapter(student).hidden_size(student))
-    teacher, _, _ = load_model(cfg.teacher.path, cfg.teacher.dtype)
-    t_verbs = load_verbalizers(run / TEACHER_VERBALIZERS_DIR,
-                               expect_hidden_size=get_adapter(teacher).hidden_size(teacher))
     matcher = InspectingMatcher(cfg.matching)
     objective = InteractionObjective(student, s_verbs, teacher, t_verbs, matcher, loss_config=cfg.loss).eval()
-    dataset = load_dataset(cfg, tokenizer, image_processor)
     collate = make_collate_fn(int(tokenizer.pad_token_id))
     size = cfg.train_config("interact", "interact").per_device_batch_size
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -139,9 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     agreement = [same_matches(args.run, other) for other in args.against]  # fail before the slow part
+    cfg = load_distill_config(args.run / "distill_config.yaml")
+    if cfg.matching.variant != "full":
+        raise SystemExit(f"{args.run}: matching variant {cfg.matching.variant!r}, not the adaptive 'full' one")
+    teacher, t_tokenizer, _ = load_model(cfg.teacher.path, cfg.teacher.dtype)
+    t_verbs = load_verbalizers(args.run / TEACHER_VERBALIZERS_DIR,
+                               expect_hidden_size=get_adapter(teacher).hidden_size(teacher))
+    # The dataset as step 2 built it: with the student's tokenizer and image processor (one dataset
+    # for both stages, the slow part on a large pool).
+    _, tokenizer, image_processor = load_model(args.run / STUDENT_VERBALIZED_DIR, cfg.student.dtype)
+    check_same_tokenizer(t_tokenizer, tokenizer)
+    dataset = load_dataset(cfg, tokenizer, image_processor)
     stages = (("start of step 2", STUDENT_VERBALIZED_DIR), ("end of step 2", INTERACTION_DIR))
-    report = {"run": str(args.run), "scale": load_distill_config(args.run / "distill_config.yaml").matching.scale,
-              "stages": {name: inspect_stage(args.run, args.run / sub, args.batches, args.seed)
+    report = {"run": str(args.run), "scale": cfg.matching.scale,
+              "stages": {name: inspect_stage(cfg, teacher, t_verbs, dataset, args.run / sub, args.batches, args.seed)
                          for name, sub in stages}, "same_matches": agreement}
     for name, stage in report["stages"].items():
         for s, row in stage["by_student_target"].items():
